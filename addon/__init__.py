@@ -1,0 +1,1 @@
+"""durable-sidecar: a mitmproxy addon that makes an agent's HTTP calls crash-safe."""

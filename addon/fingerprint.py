@@ -1,0 +1,166 @@
+"""Fingerprint v1: what makes two requests "the same call" (DESIGN.md section 2).
+
+The fingerprint is sha256 over a canonical envelope. Headers are left out unless allow-listed, because
+auth, user agents, trace ids and idempotency keys change between attempts of the same logical call.
+JSON bodies are compared by value (sorted keys), multipart bodies by their parts (the random boundary
+is ignored), anything else by its bytes. Volatile fields can be dropped per host.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A name (JSON pointer, query parameter or header) that applies to one host or, with host None, to all."""
+
+    host: str | None
+    name: str
+
+    @classmethod
+    def parse(cls, spec: str) -> "Rule":
+        """`name` or `host=name` (e.g. `api.openai.com=/metadata/ts`)."""
+        host, sep, name = spec.partition("=")
+        if not sep:
+            return cls(None, spec.strip())
+        return cls(host.strip().lower() or None, name.strip())
+
+    def applies(self, host: str) -> bool:
+        return self.host is None or self.host == host
+
+
+@dataclass(frozen=True)
+class MatchRules:
+    ignore_json: tuple[Rule, ...] = ()
+    ignore_query: tuple[Rule, ...] = ()
+    match_headers: tuple[Rule, ...] = ()
+
+    def names(self, rules: tuple[Rule, ...], host: str) -> list[str]:
+        return [r.name for r in rules if r.applies(host)]
+
+
+@dataclass(frozen=True)
+class RequestParts:
+    """The parts of a request the fingerprint reads; the body is already content-decoded."""
+
+    method: str
+    scheme: str
+    host: str
+    port: int
+    path: str  # may carry a query string
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+
+
+def canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _drop_pointer(doc: Any, pointer: str) -> None:
+    """Remove the value at an RFC 6901 pointer, if it is there."""
+    tokens = [t.replace("~1", "/").replace("~0", "~") for t in pointer.split("/")[1:]]
+    if not tokens:
+        return
+    node = doc
+    for token in tokens[:-1]:
+        if isinstance(node, dict):
+            node = node.get(token)
+        elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
+            node = node[int(token)]
+        else:
+            return
+    last = tokens[-1]
+    if isinstance(node, dict):
+        node.pop(last, None)
+    elif isinstance(node, list) and last.isdigit() and int(last) < len(node):
+        node.pop(int(last))
+
+
+def _header(headers: list[tuple[str, str]], name: str) -> str:
+    return next((v for k, v in headers if k.lower() == name), "")
+
+
+def _multipart_parts(content_type: str, body: bytes) -> list[dict[str, str]] | None:
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
+    )
+    if not message.is_multipart():
+        return None
+    parts = []
+    for part in message.iter_parts():
+        payload = part.get_payload(decode=True) or b""
+        parts.append(
+            {
+                "name": part.get_param("name", header="content-disposition") or "",
+                "filename": part.get_filename() or "",
+                "type": part.get_content_type(),
+                "sha256": _sha(payload),
+            }
+        )
+    return parts
+
+
+def body_digest(parts: RequestParts, ignore_pointers: list[str]) -> dict[str, Any]:
+    if not parts.body:
+        return {"kind": "empty"}
+    content_type = _header(parts.headers, "content-type")
+    media = content_type.split(";")[0].strip().lower()
+    if media == "application/json" or media.endswith("+json"):
+        try:
+            doc = json.loads(parts.body)
+        except ValueError:
+            pass  # not really JSON: compared by bytes below
+        else:
+            for pointer in ignore_pointers:
+                _drop_pointer(doc, pointer)
+            return {"kind": "json", "sha256": _sha(canonical_json(doc))}
+    if media.startswith("multipart/"):
+        try:
+            multipart = _multipart_parts(content_type, parts.body)
+        except Exception:  # a broken multipart body is still a body: compare its bytes
+            multipart = None
+        if multipart is not None:
+            return {"kind": "multipart", "parts": multipart}
+    return {"kind": "raw", "sha256": _sha(parts.body)}
+
+
+def envelope(parts: RequestParts, rules: MatchRules = MatchRules()) -> dict[str, Any]:
+    """The canonical, JSON-serialisable description of a request that the fingerprint hashes."""
+    host = parts.host.lower()
+    split = urlsplit(parts.path)
+    ignored_params = set(rules.names(rules.ignore_query, host))
+    query = sorted(
+        [k, v] for k, v in parse_qsl(split.query, keep_blank_values=True) if k not in ignored_params
+    )
+    wanted = {n.lower() for n in rules.names(rules.match_headers, host)}
+    headers = sorted([k.lower(), v] for k, v in parts.headers if k.lower() in wanted)
+    result: dict[str, Any] = {
+        "v": VERSION,
+        "method": parts.method.upper(),
+        "scheme": parts.scheme.lower(),
+        "host": host,
+        "port": parts.port,
+        "path": split.path or "/",
+        "query": query,
+        "body": body_digest(parts, rules.names(rules.ignore_json, host)),
+    }
+    if headers:
+        result["headers"] = headers
+    return result
+
+
+def fingerprint(env: dict[str, Any]) -> str:
+    return _sha(canonical_json(env))

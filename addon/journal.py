@@ -1,0 +1,276 @@
+"""The PostgreSQL journal: every statement the step life cycle needs, async, one round trip each.
+
+Connections come from a psycopg async pool opened lazily, so a sidecar whose database is down at
+start (or goes away later) keeps running, answers 503 meanwhile, and serves again once it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from . import database, migrations
+from .cursor import StepRef
+
+logger = logging.getLogger(__name__)
+
+
+class JournalError(RuntimeError):
+    """The journal could not be read or written; the sidecar fails closed."""
+
+
+@dataclass(frozen=True)
+class NewStep:
+    run: str
+    attempt: str
+    key: str
+    fp_version: int
+    occurrence: int
+    step_key: str | None
+    method: str
+    url: str
+    envelope: dict[str, Any]
+    request_headers: list[list[str]]
+    request_body: bytes
+    agent_idempotency_key: str | None
+    mint_idempotency_key: bool
+
+
+@dataclass(frozen=True)
+class Recorded:
+    seq: int
+    idempotency_key: str | None
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    state: str
+    status: int | None
+    reason: str | None
+    http_version: str | None
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    error: str | None
+
+
+@dataclass(frozen=True)
+class Reissue:
+    idempotency_key: str | None
+    age_s: float
+
+
+def encode_headers(fields: Any) -> list[list[str]]:
+    """Header pairs (bytes) -> JSON-safe pairs, order and duplicates kept; latin-1 is lossless."""
+    return [[k.decode("latin-1"), v.decode("latin-1")] for k, v in fields]
+
+
+def decode_headers(pairs: list[list[str]] | None) -> list[tuple[bytes, bytes]]:
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in pairs or []]
+
+
+_RECORD = """
+WITH existing AS (
+    SELECT 1 FROM durable_steps WHERE run_id = %(run)s AND fingerprint = %(key)s AND occurrence = %(occ)s
+), run AS (
+    INSERT INTO durable_runs AS r (id, last_seq) VALUES (%(run)s, 1)
+    ON CONFLICT (id) DO UPDATE SET last_seq = r.last_seq + 1, updated_at = now()
+        WHERE NOT EXISTS (SELECT 1 FROM existing)
+    RETURNING last_seq
+)
+INSERT INTO durable_steps (run_id, seq, fingerprint, fp_version, occurrence, step_key, state, attempt,
+                           method, url, envelope, request_headers, request_body, idempotency_key)
+SELECT %(run)s, run.last_seq, %(key)s, %(fpv)s, %(occ)s, %(step_key)s, 'pending', %(attempt)s,
+       %(method)s, %(url)s, %(envelope)s, %(headers)s, %(body)s,
+       COALESCE(%(agent_key)s, CASE WHEN %(mint)s THEN
+           'durable-' || left(encode(sha256(convert_to(%(run)s || ':' || run.last_seq, 'UTF8')), 'hex'), 32)
+       END)
+FROM run
+ON CONFLICT (run_id, fingerprint, occurrence) DO NOTHING
+RETURNING seq, idempotency_key
+"""
+
+
+class Journal:
+    def __init__(self, dsn: str | None, timeout_s: float = 5.0, max_connections: int = 20) -> None:
+        self._option_dsn = dsn
+        self._timeout_s = timeout_s
+        self._max_connections = max_connections
+        self._pool: AsyncConnectionPool | None = None
+        self._migrated = False
+        self._lock = asyncio.Lock()
+        self.target: database.Target | None = None
+
+    async def open(self) -> None:
+        """Find the database (starting the embedded one if needed), open the pool, migrate."""
+        async with self._lock:
+            if self._pool is None:
+                self.target = await asyncio.to_thread(database.resolve, self._option_dsn)
+                logger.info(
+                    "durable: journal in PostgreSQL via %s (%s)",
+                    self.target.origin,
+                    database.describe(self.target.dsn),
+                )
+                self._pool = AsyncConnectionPool(
+                    self.target.dsn,
+                    min_size=1,
+                    max_size=self._max_connections,
+                    kwargs={"autocommit": True},
+                    check=AsyncConnectionPool.check_connection,
+                    timeout=self._timeout_s,
+                    reconnect_timeout=0,  # never give up: Postgres may come back any time
+                    open=False,
+                )
+                await self._pool.open(wait=False)
+            if not self._migrated:
+                async with self._pool.connection() as conn:
+                    applied = await migrations.apply(conn)
+                if applied:
+                    logger.info("durable: applied journal migrations %s", applied)
+                self._migrated = True
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def _run(self, what: str, sql: str, params: Any, fetch: str = "none") -> Any:
+        try:
+            if self._pool is None or not self._migrated:
+                await self.open()
+            assert self._pool is not None
+            async with self._pool.connection() as conn:
+                cur = await conn.cursor(row_factory=dict_row).execute(sql, params)
+                if fetch == "one":
+                    return await cur.fetchone()
+                if fetch == "all":
+                    return await cur.fetchall()
+                return cur.rowcount
+        except Exception as e:  # psycopg, pool timeouts, embedded start: all mean "journal unavailable"
+            raise JournalError(f"{what}: {type(e).__name__}: {e}".strip()) from e
+
+    async def load_run(self, run: str) -> list[StepRef]:
+        rows = await self._run(
+            "load run",
+            "SELECT seq, fingerprint, occurrence, state FROM durable_steps WHERE run_id = %s ORDER BY seq",
+            (run,),
+            fetch="all",
+        )
+        return [StepRef(r["seq"], r["fingerprint"], r["occurrence"], r["state"]) for r in rows]
+
+    async def record(self, step: NewStep) -> Recorded | None:
+        """Commit a pending step; None if (run, key, occurrence) was journaled meanwhile by someone else."""
+        row = await self._run(
+            "record pending step",
+            _RECORD,
+            {
+                "run": step.run,
+                "key": step.key,
+                "occ": step.occurrence,
+                "fpv": step.fp_version,
+                "step_key": step.step_key,
+                "attempt": step.attempt,
+                "method": step.method,
+                "url": step.url,
+                "envelope": Jsonb(step.envelope),
+                "headers": Jsonb(step.request_headers),
+                "body": step.request_body,
+                "agent_key": step.agent_idempotency_key,
+                "mint": step.mint_idempotency_key,
+            },
+            fetch="one",
+        )
+        return Recorded(row["seq"], row["idempotency_key"]) if row else None
+
+    async def find(self, run: str, key: str, occurrence: int) -> StepRef | None:
+        row = await self._run(
+            "find step",
+            "SELECT seq, fingerprint, occurrence, state FROM durable_steps"
+            " WHERE run_id = %s AND fingerprint = %s AND occurrence = %s",
+            (run, key, occurrence),
+            fetch="one",
+        )
+        return StepRef(row["seq"], row["fingerprint"], row["occurrence"], row["state"]) if row else None
+
+    async def complete(
+        self,
+        run: str,
+        seq: int,
+        state: str,
+        status: int,
+        reason: str,
+        http_version: str,
+        headers: list[list[str]],
+        body: bytes,
+        duration_ms: float,
+    ) -> None:
+        updated = await self._run(
+            "journal response",
+            "UPDATE durable_steps SET state = %s, status = %s, reason = %s, http_version = %s,"
+            " response_headers = %s, response_body = %s, error = NULL, completed_at = now(),"
+            " duration_ms = %s WHERE run_id = %s AND seq = %s",
+            (state, status, reason, http_version, Jsonb(headers), body, duration_ms, run, seq),
+        )
+        if updated != 1:
+            raise JournalError(f"journal response: step {run}/{seq} is gone")
+
+    async def fail(self, run: str, seq: int, error: str, duration_ms: float) -> None:
+        await self._run(
+            "journal failure",
+            "UPDATE durable_steps SET state = 'failed', error = %s, status = NULL, response_body = NULL,"
+            " response_headers = NULL, completed_at = now(), duration_ms = %s WHERE run_id = %s AND seq = %s",
+            (error, duration_ms, run, seq),
+        )
+
+    async def replay(self, run: str, seq: int) -> StoredResponse:
+        row = await self._run(
+            "read journaled response",
+            "UPDATE durable_steps SET replay_count = replay_count + 1 WHERE run_id = %s AND seq = %s"
+            " RETURNING state, status, reason, http_version, response_headers, response_body, error",
+            (run, seq),
+            fetch="one",
+        )
+        if row is None:
+            raise JournalError(f"read journaled response: step {run}/{seq} is gone")
+        return StoredResponse(
+            state=row["state"],
+            status=row["status"],
+            reason=row["reason"],
+            http_version=row["http_version"],
+            headers=decode_headers(row["response_headers"]),
+            body=bytes(row["response_body"] or b""),
+            error=row["error"],
+        )
+
+    async def reissue(self, run: str, seq: int, attempt: str, window_s: float) -> Reissue | None:
+        """Hand a pending or failed step to this attempt to send again, with its original key.
+
+        None when the step is pending and older than `window_s`: the upstream may have forgotten its
+        idempotency key by now, so re-sending could charge twice; an operator must decide.
+        """
+        row = await self._run(
+            "take over step",
+            "UPDATE durable_steps SET state = 'pending', attempt = %s, started_at = now()"
+            " WHERE run_id = %s AND seq = %s"
+            " AND (state <> 'pending' OR created_at > now() - make_interval(secs => %s))"
+            " RETURNING idempotency_key, extract(epoch FROM now() - created_at)::float8 AS age_s",
+            (attempt, run, seq, window_s),
+            fetch="one",
+        )
+        return Reissue(row["idempotency_key"], row["age_s"]) if row else None
+
+    async def requests(self, run: str, seqs: list[int]) -> list[dict[str, Any]]:
+        """Envelopes and bodies of some steps, for divergence diffs."""
+        return await self._run(
+            "read journaled requests",
+            "SELECT seq, envelope, request_headers, request_body FROM durable_steps"
+            " WHERE run_id = %s AND seq = ANY(%s) ORDER BY seq",
+            (run, seqs),
+            fetch="all",
+        )

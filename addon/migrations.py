@@ -1,0 +1,110 @@
+"""Versioned schema migrations, applied at start under an advisory lock.
+
+Several sidecars may start at once against one database: the transaction-scoped advisory lock makes
+them apply migrations one after another, and each skips the versions already recorded.
+"""
+
+from __future__ import annotations
+
+import psycopg
+
+LOCK_ID = 0x6475726162  # "durab": one advisory lock id for the whole schema
+
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        """
+        CREATE TABLE durable_runs (
+            id          text PRIMARY KEY,
+            created_at  timestamptz NOT NULL DEFAULT now(),
+            updated_at  timestamptz NOT NULL DEFAULT now(),
+            labels      jsonb NOT NULL DEFAULT '{}',
+            forked_from text,
+            last_seq    integer NOT NULL DEFAULT 0
+        );
+
+        CREATE TABLE durable_steps (
+            run_id           text NOT NULL REFERENCES durable_runs(id) ON DELETE CASCADE,
+            seq              integer NOT NULL,
+            fingerprint      text NOT NULL,
+            fp_version       smallint NOT NULL,
+            occurrence       integer NOT NULL,
+            step_key         text,
+            state            text NOT NULL CHECK (state IN ('pending', 'completed', 'failed')),
+            attempt          text NOT NULL,
+            method           text NOT NULL,
+            url              text NOT NULL,
+            envelope         jsonb NOT NULL,
+            request_headers  jsonb NOT NULL,
+            request_body     bytea,
+            idempotency_key  text,
+            status           integer,
+            reason           text,
+            http_version     text,
+            response_headers jsonb,
+            response_body    bytea,
+            error            text,
+            streamed         boolean NOT NULL DEFAULT false,
+            truncated        boolean NOT NULL DEFAULT false,
+            created_at       timestamptz NOT NULL DEFAULT now(),
+            started_at       timestamptz NOT NULL DEFAULT now(),
+            completed_at     timestamptz,
+            duration_ms      double precision,
+            replay_count     integer NOT NULL DEFAULT 0,
+            PRIMARY KEY (run_id, seq),
+            UNIQUE (run_id, fingerprint, occurrence)
+        );
+
+        CREATE INDEX durable_steps_pending ON durable_steps (run_id) WHERE state = 'pending';
+        CREATE INDEX durable_runs_updated ON durable_runs (updated_at);
+
+        -- response_body as JSONB where it is JSON (and not content-encoded), NULL otherwise
+        CREATE FUNCTION durable_try_jsonb(body bytea, headers jsonb) RETURNS jsonb
+        LANGUAGE plpgsql IMMUTABLE AS $$
+        BEGIN
+            IF body IS NULL OR EXISTS (
+                SELECT 1 FROM jsonb_array_elements(headers) h
+                WHERE lower(h->>0) = 'content-encoding' AND lower(h->>1) <> 'identity'
+            ) THEN
+                RETURN NULL;
+            END IF;
+            RETURN convert_from(body, 'UTF8')::jsonb;
+        EXCEPTION WHEN others THEN
+            RETURN NULL;
+        END $$;
+
+        -- the seed document's table, as a view over the real journal
+        CREATE VIEW journal AS
+            SELECT run_id,
+                   seq AS step_id,
+                   fingerprint AS request_hash,
+                   durable_try_jsonb(response_body, response_headers) AS response_body,
+                   completed_at,
+                   state,
+                   method,
+                   url,
+                   status
+            FROM durable_steps;
+        """,
+    ),
+]
+
+
+async def apply(conn: psycopg.AsyncConnection) -> list[int]:
+    """Apply pending migrations; returns the versions applied by this call."""
+    applied_now = []
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_ID,))
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS durable_schema_version ("
+            " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        cur = await conn.execute("SELECT version FROM durable_schema_version")
+        done = {row[0] for row in await cur.fetchall()}
+        for version, sql in MIGRATIONS:
+            if version in done:
+                continue
+            await conn.execute(sql)
+            await conn.execute("INSERT INTO durable_schema_version (version) VALUES (%s)", (version,))
+            applied_now.append(version)
+    return applied_now

@@ -1,0 +1,94 @@
+"""Responses the sidecar makes itself: journaled answers rebuilt byte for byte, and refusals.
+
+A journaled body is stored still content-encoded (gzip stays gzip) with its header pairs in order,
+duplicates kept. Rebuilding goes through the raw constructor, never `Response.make`, which would
+re-encode the body; framing headers are dropped and Content-Length set to the stored length.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from mitmproxy import http
+
+RUN = "Durable-Run-Id"
+STEP = "Durable-Step"
+OUTCOME = "Durable-Outcome"
+
+OUTCOMES = ("recorded", "replayed", "reissued", "passthrough", "diverged", "refused")
+
+# hop-by-hop and framing headers: they describe the original connection, not the message
+_FRAMING = {
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"transfer-encoding",
+    b"te",
+    b"trailer",
+    b"upgrade",
+    b"content-length",
+}
+
+
+def _has_no_body(method: str, status: int) -> bool:
+    return method.upper() == "HEAD" or status < 200 or status in (204, 304)
+
+
+def rebuild(
+    method: str,
+    http_version: bytes,
+    status: int,
+    reason: str | None,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+) -> http.Response:
+    """A response identical in status, headers and body bytes to the journaled one.
+
+    Content-Length keeps its original name and place; other framing headers are dropped, and a
+    chunked origin gets a Content-Length for the de-chunked body it now has.
+    """
+    bodyless = _has_no_body(method, status)
+    length = str(len(body)).encode()
+    fields: list[tuple[bytes, bytes]] = []
+    has_length = False
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"content-length":
+            fields.append((name, value if bodyless else length))
+            has_length = True
+        elif lower not in _FRAMING:
+            fields.append((name, value))
+    if not has_length and not bodyless:
+        fields.append((b"content-length", length))
+    now = time.time()
+    return http.Response(
+        http_version,
+        status,
+        (reason or "").encode("latin-1", "replace"),
+        http.Headers(fields),
+        b"" if bodyless else body,
+        None,
+        now,
+        now,
+    )
+
+
+def refusal(status: int, reason: str, **details: Any) -> http.Response:
+    """A clear error for the agent: JSON saying what went wrong and where."""
+    body = {"error": "durable-sidecar", "reason": reason, **{k: v for k, v in details.items() if v is not None}}
+    return http.Response.make(
+        status,
+        json.dumps(body, indent=None).encode() + b"\n",
+        {"Content-Type": "application/json", OUTCOME: "refused"},
+    )
+
+
+def label(response: http.Response, run: str | None, seq: int | None, outcome: str) -> None:
+    """Stamp the durable headers on what the agent receives."""
+    if run is not None:
+        response.headers[RUN] = run
+    if seq is not None:
+        response.headers[STEP] = str(seq)
+    response.headers[OUTCOME] = outcome

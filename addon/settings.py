@@ -1,0 +1,116 @@
+"""The sidecar's `durable_*` mitmproxy options: declared once, validated into one immutable Settings."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mitmproxy import exceptions
+
+from .fingerprint import MatchRules, Rule
+
+IN_DOUBT_POLICIES = ("reissue", "fail")
+
+# (name, type, default, help)
+OPTIONS: list[tuple[str, Any, Any, str]] = [
+    ("durable_dsn", str, "", "PostgreSQL DSN of the journal. Empty: $DATABASE_URL, else an embedded PostgreSQL."),
+    ("durable_run", str, "", "Run id for requests that carry none (header or proxy credentials)."),
+    ("durable_attempt", str, "", "Attempt id for requests that carry none. Empty: one per proxy process."),
+    ("durable_strict", bool, False, "Answer 409 to a request that diverges from the journal instead of recording it."),
+    ("durable_ignore_hosts", Sequence[str], [], "Regexes of hosts whose traffic passes through unjournaled."),
+    ("durable_ignore_json", Sequence[str], [], "JSON pointers left out of the fingerprint, as /ptr or host=/ptr."),
+    ("durable_ignore_query", Sequence[str], [], "Query parameters left out of the fingerprint, as name or host=name."),
+    ("durable_match_headers", Sequence[str], [], "Request headers added to the fingerprint, as name or host=name."),
+    (
+        "durable_idempotency_methods",
+        Sequence[str],
+        ["POST", "PATCH"],
+        "Methods that get an idempotency key derived from (run, seq) when the agent sent none.",
+    ),
+    (
+        "durable_idempotency_header",
+        Sequence[str],
+        ["Idempotency-Key"],
+        "Idempotency header name: Name for all hosts, host=Name for one (e.g. api.paypal.com=PayPal-Request-Id).",
+    ),
+    ("durable_in_doubt", str, "reissue", "In-doubt (pending) steps on replay: reissue with the original key, or fail (409)."),
+    ("durable_in_doubt_window", str, "24h", "Pending steps older than this are not reissued automatically."),
+    (
+        "durable_transient_statuses",
+        Sequence[str],
+        ["408", "425", "429", "500", "502", "503", "504"],
+        "Response statuses journaled as failed: replayed only once the run moved past them.",
+    ),
+    ("durable_db_timeout", int, 5000, "Milliseconds to wait for a journal connection before answering 503."),
+]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '15m', '24h', '7d' -> seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 15m, 24h, 7d)")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+@dataclass(frozen=True)
+class Settings:
+    dsn: str | None
+    run: str | None
+    attempt: str | None
+    strict: bool
+    ignore_hosts: tuple[re.Pattern[str], ...]
+    rules: MatchRules
+    idempotency_methods: frozenset[str]
+    idempotency_headers: dict[str | None, str]
+    in_doubt: str
+    in_doubt_window_s: float
+    transient_statuses: frozenset[int]
+    db_timeout_s: float
+
+    def idempotency_header(self, host: str) -> str:
+        return self.idempotency_headers.get(host.lower()) or self.idempotency_headers[None]
+
+    def ignored(self, host: str) -> bool:
+        return any(p.search(host) for p in self.ignore_hosts)
+
+
+def from_options(o: Any) -> Settings:
+    """Validate the options into Settings; raises OptionsError with the offending option named."""
+    from .identity import IdentityError, validate_id
+
+    try:
+        for name in ("durable_run", "durable_attempt"):
+            if getattr(o, name):
+                validate_id(getattr(o, name), name)
+        if o.durable_in_doubt not in IN_DOUBT_POLICIES:
+            raise ValueError(f"durable_in_doubt must be one of {', '.join(IN_DOUBT_POLICIES)}")
+        headers: dict[str | None, str] = {None: "Idempotency-Key"}
+        for spec in o.durable_idempotency_header:
+            rule = Rule.parse(spec)
+            headers[rule.host] = rule.name
+        return Settings(
+            dsn=o.durable_dsn or None,
+            run=o.durable_run or None,
+            attempt=o.durable_attempt or None,
+            strict=o.durable_strict,
+            ignore_hosts=tuple(re.compile(p, re.IGNORECASE) for p in o.durable_ignore_hosts),
+            rules=MatchRules(
+                ignore_json=tuple(Rule.parse(s) for s in o.durable_ignore_json),
+                ignore_query=tuple(Rule.parse(s) for s in o.durable_ignore_query),
+                match_headers=tuple(Rule.parse(s) for s in o.durable_match_headers),
+            ),
+            idempotency_methods=frozenset(m.upper() for m in o.durable_idempotency_methods),
+            idempotency_headers=headers,
+            in_doubt=o.durable_in_doubt,
+            in_doubt_window_s=parse_duration(o.durable_in_doubt_window),
+            transient_statuses=frozenset(int(s) for s in o.durable_transient_statuses),
+            db_timeout_s=o.durable_db_timeout / 1000,
+        )
+    except (ValueError, IdentityError, re.error) as e:
+        raise exceptions.OptionsError(f"durable: {e}") from e

@@ -1,0 +1,250 @@
+#!/usr/bin/env python3
+"""A small local "paid API" for the demo and the tests: it bills every call it serves.
+
+Endpoints (all billed unless noted; every POST honours `Idempotency-Key`, like Stripe: a repeated key
+gets the stored answer back and is not billed again):
+  POST /v1/chat/completions   OpenAI-style chat completion, JSON or SSE (`"stream": true`)
+  GET  /v1/search?q=...       a search tool; gzip-encoded when the client accepts gzip
+  POST /v1/payments           a payment; `?delay_ms=N` books it, then waits before answering
+  GET  /v1/chunked            a chunked response without Content-Length
+  GET  /v1/slow?ms=N          answers after N ms
+  GET  /_books                the ledger (not billed): calls, charges, deduplicated, requests seen
+  POST /_reset                clears the ledger (not billed)
+
+Run: python scripts/paid_api.py --port 0 --port-file PORT [--cert C --key K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import ssl
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+
+class Ledger:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        self.calls = 0  # requests that reached a billed endpoint
+        self.charges: list[dict] = []  # what was booked
+        self.deduplicated = 0  # repeats answered from the idempotency store
+        self.requests: list[dict] = []  # method, path, headers of the last requests
+        self.keys: dict[str, dict] = {}  # idempotency key -> stored answer (or in flight)
+
+    def books(self) -> dict:
+        return {
+            "calls": self.calls,
+            "charges": len(self.charges),
+            "booked": self.charges,
+            "deduplicated": self.deduplicated,
+            "requests": self.requests[-500:],
+        }
+
+
+LEDGER = Ledger()
+
+
+def _completion(n: int, prompt: str, model: str) -> dict:
+    return {
+        "id": f"chatcmpl-{n}",
+        "object": "chat.completion",
+        "created": 1_700_000_000 + n,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": f"answer #{n} to: {prompt[:60]}"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20},
+    }
+
+
+def _sse(n: int, prompt: str, model: str) -> list[bytes]:
+    words = f"answer #{n} to: {prompt[:60]}".split(" ")
+    events = []
+    for i, word in enumerate(words):
+        chunk = {
+            "id": f"chatcmpl-{n}",
+            "object": "chat.completion.chunk",
+            "created": 1_700_000_000 + n,
+            "model": model,
+            "choices": [{"index": 0, "delta": {"content": word if i == 0 else " " + word}, "finish_reason": None}],
+        }
+        events.append(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+    done = {"id": f"chatcmpl-{n}", "object": "chat.completion.chunk", "created": 1_700_000_000 + n,
+            "model": model, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    events.append(b"data: " + json.dumps(done).encode() + b"\n\n")
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "PaidAPI/1.0"
+
+    def log_message(self, format: str, *args: object) -> None:  # quiet
+        pass
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _send(self, status: int, body: bytes, headers: list[tuple[str, str]]) -> None:
+        self.send_response(status)
+        for k, v in headers:
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, doc: dict, extra: list[tuple[str, str]] = ()) -> None:
+        self._send(status, json.dumps(doc).encode(), [("Content-Type", "application/json"), *extra])
+
+    def _note(self) -> None:
+        with LEDGER.lock:
+            LEDGER.calls += 1
+            LEDGER.requests.append({"method": self.command, "path": self.path, "headers": dict(self.headers.items())})
+
+    def _book(self, kind: str, amount: int, build) -> tuple[int, list[tuple[str, str]], bytes, bool]:
+        """Book a charge once per idempotency key; returns (status, headers, body, replayed_by_key)."""
+        key = self.headers.get("Idempotency-Key")
+        with LEDGER.lock:
+            if key and key in LEDGER.keys:
+                LEDGER.deduplicated += 1
+                entry = LEDGER.keys[key]
+                stored = True
+            else:
+                n = len(LEDGER.charges) + 1
+                LEDGER.charges.append({"n": n, "kind": kind, "amount": amount, "key": key})
+                entry = {"event": threading.Event(), "n": n}
+                if key:
+                    LEDGER.keys[key] = entry
+                stored = False
+        if stored:
+            entry["event"].wait(30)
+            return entry["status"], entry["headers"], entry["body"], True
+        status, headers, body = build(entry["n"])
+        entry.update(status=status, headers=headers, body=body)
+        entry["event"].set()
+        return status, headers, body, False
+
+    # -- endpoints ------------------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        url = urlsplit(self.path)
+        query = parse_qs(url.query)
+        if url.path == "/_books":
+            with LEDGER.lock:
+                return self._json(200, LEDGER.books())
+        self._note()
+        if url.path == "/v1/search":
+            q = query.get("q", [""])[0]
+            _, headers, body, _ = self._book("search", 1, lambda n: (200, [], json.dumps(
+                {"query": q, "call": n, "results": [f"result {i} for {q}" for i in range(3)]}).encode()))
+            if "gzip" in self.headers.get("Accept-Encoding", ""):
+                return self._send(200, gzip.compress(body, mtime=0), [("Content-Type", "application/json"),
+                                                                        ("Content-Encoding", "gzip"),
+                                                                        ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")])
+            return self._send(200, body, [("Content-Type", "application/json"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")])
+        if url.path == "/v1/chunked":
+            _, _, body, _ = self._book("chunked", 1, lambda n: (200, [], f"chunked call {n}\n".encode() * 3))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for piece in (body[:10], body[10:]):
+                self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        if url.path == "/v1/slow":
+            time.sleep(int(query.get("ms", ["500"])[0]) / 1000)
+            _, _, body, _ = self._book("slow", 1, lambda n: (200, [], json.dumps({"call": n}).encode()))
+            return self._send(200, body, [("Content-Type", "application/json")])
+        self._json(404, {"error": f"no route {url.path}"})
+
+    def do_POST(self) -> None:
+        url = urlsplit(self.path)
+        query = parse_qs(url.query)
+        raw = self._body()
+        if url.path == "/_reset":
+            with LEDGER.lock:
+                LEDGER.reset()
+            return self._json(200, {"reset": True})
+        self._note()
+        try:
+            doc = json.loads(raw or b"{}")
+        except ValueError:
+            return self._json(400, {"error": "body is not JSON"})
+        if url.path == "/v1/chat/completions":
+            prompt = " ".join(str(m.get("content", "")) for m in doc.get("messages", []))
+            model = doc.get("model", "demo-llm")
+            if doc.get("stream"):
+                def build(n: int):
+                    return 200, [("Content-Type", "text/event-stream")], b"".join(_sse(n, prompt, model))
+                status, headers, body, _ = self._book("llm", 1, build)
+                self.send_response(status)
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for event in body.split(b"\n\n")[:-1]:
+                    event += b"\n\n"
+                    self.wfile.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
+                    self.wfile.flush()
+                    time.sleep(0.01)
+                self.wfile.write(b"0\r\n\r\n")
+                return
+            status, headers, body, _ = self._book(
+                "llm", 1, lambda n: (200, [("Content-Type", "application/json")], json.dumps(_completion(n, prompt, model)).encode()))
+            return self._send(status, body, headers)
+        if url.path == "/v1/payments":
+            amount = int(doc.get("amount", 0))
+            delay = int(query.get("delay_ms", ["0"])[0]) / 1000
+
+            def build(n: int):
+                time.sleep(delay)  # booked, not yet answered: the window a crash must not double-charge
+                return 201, [("Content-Type", "application/json")], json.dumps(
+                    {"payment_id": f"pay_{n}", "amount": amount, "status": "succeeded"}).encode()
+            status, headers, body, _ = self._book("payment", amount, build)
+            return self._send(status, body, headers)
+        self._json(404, {"error": f"no route {url.path}"})
+
+
+def serve(port: int, cert: str | None, key: str | None, port_file: str | None) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server.daemon_threads = True
+    if cert:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    actual = server.server_address[1]
+    if port_file:
+        Path(port_file).write_text(str(actual))
+    print(f"paid API listening on {'https' if cert else 'http'}://127.0.0.1:{actual}", flush=True)
+    server.serve_forever()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--port-file")
+    parser.add_argument("--cert")
+    parser.add_argument("--key")
+    args = parser.parse_args()
+    serve(args.port, args.cert, args.key, args.port_file)
+
+
+if __name__ == "__main__":
+    main()
