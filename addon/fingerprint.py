@@ -61,6 +61,19 @@ class RequestParts:
     body: bytes = b""
 
 
+def request_parts(request: Any) -> RequestParts:
+    """RequestParts of a mitmproxy request; raises ValueError when the body lies about its encoding."""
+    return RequestParts(
+        method=request.method,
+        scheme=request.scheme,
+        host=request.host,
+        port=request.port,
+        path=request.path,
+        headers=list(request.headers.items(multi=True)),
+        body=request.get_content(strict=True) or b"",
+    )
+
+
 def canonical_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 

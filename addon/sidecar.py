@@ -169,12 +169,9 @@ class DurableSidecar:
             return
 
         try:
-            body = req.get_content(strict=True) or b""
+            parts = fingerprint.request_parts(req)
         except ValueError as e:
             raise Refused(400, f"request body does not match its Content-Encoding: {e}", run=ident.run)
-        parts = fingerprint.RequestParts(
-            req.method, req.scheme, req.host, req.port, req.path, list(req.headers.items(multi=True)), body
-        )
         env = fingerprint.envelope(parts, s.rules)
         key = f"key:{ident.step_key}" if ident.step_key else f"v{fingerprint.VERSION}:{fingerprint.fingerprint(env)}"
 
@@ -182,7 +179,7 @@ class DurableSidecar:
         claim = cursor.claim(key)
         step = claim.step
         if step is None:
-            step = await self._record(flow, ident, cursor, claim, env, body)
+            step = await self._record(flow, ident, cursor, claim, env, parts.body)
         if step is not None:
             await self._answer_journaled(flow, ident, cursor, step)
 

@@ -11,7 +11,9 @@ gets the stored answer back and is not billed again):
   GET  /_books                the ledger (not billed): calls, charges, deduplicated, requests seen
   POST /_reset                clears the ledger (not billed)
 
-Run: python scripts/paid_api.py --port 0 --port-file PORT [--cert C --key K]
+Run: python scripts/paid_api.py --port 0 --port-file PORT [--tls-dir DIR]
+With --tls-dir it serves HTTPS with a certificate for 127.0.0.1/localhost signed by its own CA,
+created in DIR on first use (DIR/ca.pem is what a client, or the sidecar, must trust).
 """
 
 from __future__ import annotations
@@ -222,17 +224,66 @@ class Handler(BaseHTTPRequestHandler):
         self._json(404, {"error": f"no route {url.path}"})
 
 
-def serve(port: int, cert: str | None, key: str | None, port_file: str | None) -> None:
+def ensure_tls(directory: Path) -> tuple[Path, Path]:
+    """A private CA and a server certificate for 127.0.0.1 and localhost, made once in `directory`."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    cert_path, key_path = directory / "server.pem", directory / "server-key.pem"
+    if cert_path.exists() and key_path.exists():
+        return cert_path, key_path
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "paid-api test CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                    x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    (directory / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.touch(mode=0o600)
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def serve(port: int, tls_dir: str | None, port_file: str | None) -> None:
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True
-    if cert:
+    if tls_dir:
+        cert, key = ensure_tls(Path(tls_dir))
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert, key)
         server.socket = context.wrap_socket(server.socket, server_side=True)
     actual = server.server_address[1]
     if port_file:
         Path(port_file).write_text(str(actual))
-    print(f"paid API listening on {'https' if cert else 'http'}://127.0.0.1:{actual}", flush=True)
+    print(f"paid API listening on {'https' if tls_dir else 'http'}://127.0.0.1:{actual}", flush=True)
     server.serve_forever()
 
 
@@ -240,10 +291,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--port-file")
-    parser.add_argument("--cert")
-    parser.add_argument("--key")
+    parser.add_argument("--tls-dir", help="serve HTTPS with a CA and certificate kept in this directory")
     args = parser.parse_args()
-    serve(args.port, args.cert, args.key, args.port_file)
+    serve(args.port, args.tls_dir, args.port_file)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,231 @@
+"""Real parts for the tests: PostgreSQL, a local paid API over HTTP and HTTPS, mitmdump sidecars.
+
+Test Postgres: `DATABASE_URL` when set, else a testcontainers Postgres when a Docker engine answers,
+else the embedded PostgreSQL. Every test session works in a database of its own, dropped at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import requests
+from psycopg.conninfo import make_conninfo
+
+from addon import database, launcher
+
+ROOT = Path(__file__).resolve().parent.parent
+PAID_API = ROOT / "scripts" / "paid_api.py"
+DEMO_AGENT = ROOT / "scripts" / "demo_agent.py"
+
+
+def docker_reachable() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=2).ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A DSN with rights to create databases."""
+    if os.environ.get("DATABASE_URL"):
+        yield os.environ["DATABASE_URL"]
+    elif docker_reachable():
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:16-alpine", driver=None) as pg:
+            yield pg.get_connection_url()
+    else:
+        yield database.start_embedded(tmp_path_factory.mktemp("embedded-pg"))
+
+
+def create_database(admin_dsn: str) -> str:
+    name = f"durable_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return make_conninfo(admin_dsn, dbname=name)
+
+
+def drop_database(admin_dsn: str, dsn: str) -> None:
+    name = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(pg_server: str) -> Iterator[str]:
+    """This session's own database; tests keep apart by using run ids of their own."""
+    dsn = create_database(pg_server)
+    yield dsn
+    drop_database(pg_server, dsn)
+
+
+@pytest.fixture
+def fresh_dsn(pg_server: str) -> Iterator[str]:
+    """An empty database for one test."""
+    dsn = create_database(pg_server)
+    yield dsn
+    drop_database(pg_server, dsn)
+
+
+def sql(dsn: str, query: str, *params: Any) -> list[tuple]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(query, params).fetchall()
+
+
+# -- the paid API ---------------------------------------------------------------------------------
+
+
+class PaidApi:
+    def __init__(self, workdir: Path, tls: bool) -> None:
+        self.workdir, self.tls = workdir, tls
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.start()
+
+    def start(self) -> None:
+        port_file = self.workdir / f"port-{uuid.uuid4().hex[:6]}"
+        args = [sys.executable, str(PAID_API), "--port", str(self.port), "--port-file", str(port_file)]
+        if self.tls:
+            args += ["--tls-dir", str(self.workdir / "tls")]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while not port_file.exists() or not port_file.read_text():
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError("paid API did not start")
+            time.sleep(0.02)
+        self.port = int(port_file.read_text())
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def ca(self) -> Path:
+        return self.workdir / "tls" / "ca.pem"
+
+    def _direct(self, method: str, path: str) -> dict:
+        r = requests.request(method, self.url + path, verify=str(self.ca) if self.tls else True,
+                             proxies={"http": "", "https": ""}, timeout=10)
+        r.raise_for_status()
+        return r.json()
+
+    def books(self) -> dict:
+        return self._direct("GET", "/_books")
+
+    def reset(self) -> None:
+        self._direct("POST", "/_reset")
+
+
+@pytest.fixture(scope="session")
+def _http_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PaidApi]:
+    api = PaidApi(tmp_path_factory.mktemp("api-http"), tls=False)
+    yield api
+    api.stop()
+
+
+@pytest.fixture(scope="session")
+def _https_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PaidApi]:
+    api = PaidApi(tmp_path_factory.mktemp("api-https"), tls=True)
+    yield api
+    api.stop()
+
+
+@pytest.fixture
+def http_api(_http_api: PaidApi) -> PaidApi:
+    _http_api.reset()
+    return _http_api
+
+
+@pytest.fixture
+def https_api(_https_api: PaidApi) -> PaidApi:
+    _https_api.reset()
+    return _https_api
+
+
+# -- sidecars -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def confdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One sidecar CA for the session (mitmproxy makes it on first start)."""
+    return tmp_path_factory.mktemp("confdir")
+
+
+class Sidecars:
+    """Starts sidecars for one test and kills whatever is left at its end."""
+
+    def __init__(self, confdir: Path, dsn: str, upstream_ca: Path) -> None:
+        self.confdir, self.dsn, self.upstream_ca = confdir, dsn, upstream_ca
+        self.started: list[launcher.Sidecar] = []
+
+    def start(self, env: dict[str, str] | None = None, **options: Any) -> launcher.Sidecar:
+        opts = {"durable_dsn": self.dsn, "ssl_verify_upstream_trusted_ca": str(self.upstream_ca)}
+        opts.update({k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in options.items()})
+        opts = {k: v for k, v in opts.items() if v != ""}
+        sidecar = launcher.start_sidecar(self.confdir, opts, env=env)
+        self.started.append(sidecar)
+        return sidecar
+
+    def close(self) -> None:
+        for sidecar in self.started:
+            sidecar.kill()
+
+
+@pytest.fixture
+def sidecars(confdir: Path, pg_dsn: str, _https_api: PaidApi) -> Iterator[Sidecars]:
+    group = Sidecars(confdir, pg_dsn, _https_api.ca)
+    yield group
+    group.close()
+
+
+@pytest.fixture
+def ca_bundle(confdir: Path, sidecars: Sidecars, tmp_path: Path) -> Path:
+    """System CAs + the sidecar CA (starting a sidecar first if none made the CA yet)."""
+    if not (confdir / launcher.CA_CERT).exists():
+        sidecars.start().stop()
+    return launcher.write_ca_bundle(confdir / launcher.CA_CERT, tmp_path / "bundle.pem")
+
+
+def new_run() -> str:
+    return f"run-{uuid.uuid4().hex[:12]}"
+
+
+def run_agent(
+    sidecar: launcher.Sidecar,
+    bundle: Path,
+    api: PaidApi,
+    run: str,
+    attempt: str,
+    *,
+    steps: int = 4,
+    crash_after: int | None = None,
+) -> tuple[int, list[dict]]:
+    """Run the demo agent through the sidecar, configured only by environment; returns (exit code, calls)."""
+    args = [sys.executable, str(DEMO_AGENT), "--api", api.url, "--steps", str(steps), "--json"]
+    if crash_after is not None:
+        args += ["--crash-after", str(crash_after)]
+    env = launcher.agent_env(sidecar.proxy_url(run, attempt), bundle)
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    calls = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode not in (0, -9):
+        raise AssertionError(f"agent failed ({proc.returncode}): {proc.stderr}\nsidecar log:\n{sidecar.log()[-3000:]}")
+    return proc.returncode, calls
