@@ -1,0 +1,66 @@
+"""The replay cursor (pure logic)."""
+
+from __future__ import annotations
+
+from addon.cursor import RunCursor, StepRef
+
+
+def journal(*keys: str) -> RunCursor:
+    occurrences: dict[str, int] = {}
+    steps = []
+    for seq, key in enumerate(keys, start=1):
+        occ = occurrences.get(key, 0)
+        occurrences[key] = occ + 1
+        steps.append(StepRef(seq, key, occ, "completed"))
+    return RunCursor.from_steps(steps)
+
+
+def test_repeated_identical_calls_match_in_journal_order() -> None:
+    cursor = journal("A", "A", "A")
+    assert [cursor.claim("A").step.seq for _ in range(3)] == [1, 2, 3]
+    fourth = cursor.claim("A")
+    assert fourth.step is None and fourth.occurrence == 3
+
+
+def test_parallel_calls_arriving_in_another_order_match_their_own_steps() -> None:
+    cursor = journal("A", "B", "C")
+    assert [cursor.claim(k).step.seq for k in ("C", "A", "B")] == [3, 1, 2]
+    assert cursor.ahead() == []
+
+
+def test_divergence_means_unconsumed_steps_ahead() -> None:
+    cursor = journal("A", "B", "C")
+    cursor.claim("A")
+    miss = cursor.claim("X")
+    assert miss.step is None
+    assert [s.seq for s in cursor.ahead()] == [2, 3]
+
+
+def test_skipped_branch_behind_the_cursor_is_not_a_divergence() -> None:
+    # attempt 1 recorded A B; attempt 2 diverged at B with B' (seq 3) and went on with C (seq 4)
+    cursor = journal("A", "B", "B'", "C")
+    for key in ("A", "B'", "C"):
+        assert cursor.claim(key).step is not None
+    assert cursor.claim("D").step is None
+    assert cursor.ahead() == []  # B (seq 2) lies behind the furthest point reached
+
+
+def test_new_steps_are_consumed_and_extend_the_run() -> None:
+    cursor = journal("A")
+    cursor.claim("A")
+    claim = cursor.claim("B")
+    cursor.add(StepRef(2, "B", claim.occurrence, "pending"))
+    assert cursor.ahead() == [] and cursor.max_seq == 2 and cursor.moved_past(1) and not cursor.moved_past(2)
+
+
+def test_release_gives_back_a_refused_claim() -> None:
+    cursor = journal("A")
+    claim = cursor.claim("X")
+    cursor.release(claim)
+    assert cursor.claim("X").occurrence == 0
+
+
+def test_explicit_keys_and_fingerprints_are_separate_spaces() -> None:
+    cursor = journal("key:pay-1", "v1:abc")
+    assert cursor.claim("v1:abc").step.seq == 2
+    assert cursor.claim("key:pay-1").step.seq == 1

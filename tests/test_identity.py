@@ -1,0 +1,75 @@
+"""Identity parsing and precedence (pure logic)."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from addon import identity
+from addon.identity import Credentials, IdentityError
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def resolve(headers=None, creds=Credentials(), run=None, attempt=None):
+    return identity.resolve(headers or {}, creds, run, attempt, "run-default", "attempt-default")
+
+
+def test_headers_win_over_everything() -> None:
+    got = resolve({"durable-run-id": "h", "durable-attempt": "ha", "durable-step-key": "k1"}, Credentials("c", "ca"), "o", "oa")
+    assert (got.run, got.attempt, got.step_key, got.source) == ("h", "ha", "k1", "header")
+
+
+def test_proxy_credentials_then_options_then_defaults() -> None:
+    got = resolve(creds=Credentials("c", "ca"), run="o", attempt="oa")
+    assert (got.run, got.attempt, got.source) == ("c", "ca", "proxy-credentials")
+    got = resolve(run="o", attempt="oa")
+    assert (got.run, got.attempt, got.source) == ("o", "oa", "options")
+    got = resolve()
+    assert (got.run, got.attempt, got.source) == ("run-default", "attempt-default", "default")
+
+
+def test_run_and_attempt_each_take_their_first_source() -> None:
+    got = resolve({"durable-run-id": "h"}, Credentials("c", "ca"))
+    assert (got.run, got.attempt) == ("h", "ca")
+    got = resolve(creds=Credentials("c", None), attempt="oa")
+    assert (got.run, got.attempt) == ("c", "oa")
+
+
+def test_proxy_authorization_parsing() -> None:
+    assert identity.parse_proxy_authorization(basic("run-1", "2")) == Credentials("run-1", "2")
+    assert identity.parse_proxy_authorization(basic("agent@host", "")) == Credentials("agent@host", None)
+    assert identity.parse_proxy_authorization(None) == Credentials()
+    with pytest.raises(IdentityError):
+        identity.parse_proxy_authorization("Bearer abc")
+    with pytest.raises(IdentityError):
+        identity.parse_proxy_authorization(basic("bad run", "1"))
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "x" * 129, "a/b", "é", "a;b", "a\nb"])
+def test_bad_ids_are_refused(bad: str) -> None:
+    with pytest.raises(IdentityError):
+        identity.validate_id(bad, "run id")
+
+
+@pytest.mark.parametrize("good", ["r", "x" * 128, "agent.v2:task-1@host_A"])
+def test_good_ids_pass(good: str) -> None:
+    assert identity.validate_id(good, "run id") == good
+
+
+def test_bad_step_key_is_refused() -> None:
+    with pytest.raises(IdentityError, match="step key"):
+        resolve({"durable-step-key": "no spaces please"})
+
+
+def test_control_headers_are_named_for_stripping() -> None:
+    names = ["Durable-Run-Id", "durable-attempt", "Proxy-Authorization", "Authorization", "X-Durable"]
+    assert identity.control_header_names(names) == ["Durable-Run-Id", "durable-attempt", "Proxy-Authorization"]
+
+
+def test_minted_ids_are_valid_and_distinct() -> None:
+    a, b = identity.mint_id("run"), identity.mint_id("run")
+    assert a != b and identity.validate_id(a, "run id")

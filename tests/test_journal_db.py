@@ -1,0 +1,66 @@
+"""The journal's database: embedded default, migrations under concurrency, failing closed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import psycopg
+import requests
+
+from addon import launcher
+from addon.journal import Journal
+from conftest import PaidApi, Sidecars, new_run, sql
+
+
+def get(sidecar: launcher.Sidecar, url: str, run: str, attempt: str) -> requests.Response:
+    proxy = f"http://{run}:{attempt}@127.0.0.1:{sidecar.port}"
+    return requests.get(url, proxies={"http": proxy, "https": proxy}, timeout=30)
+
+
+def test_embedded_postgres_is_the_default_and_survives_restarts(
+    tmp_path: Path, confdir: Path, http_api: PaidApi
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env["DURABLE_HOME"] = str(tmp_path / "home")
+    run = new_run()
+    first = launcher.start_sidecar(confdir, {}, env=env)
+    try:
+        assert get(first, f"{http_api.url}/v1/search?q=embedded", run, "a1").headers["Durable-Outcome"] == "recorded"
+        assert f"via embedded:{tmp_path / 'home' / 'pgdata'}" in first.log()
+    finally:
+        first.stop()
+    second = launcher.start_sidecar(confdir, {}, env=env)
+    try:
+        r = get(second, f"{http_api.url}/v1/search?q=embedded", run, "a2")
+        assert r.headers["Durable-Outcome"] == "replayed" and r.json()["call"] == 1
+    finally:
+        second.stop()
+    assert (tmp_path / "home" / "pgdata" / "PG_VERSION").exists()
+    assert http_api.books()["calls"] == 1
+
+
+def test_migrations_are_safe_when_several_sidecars_start_at_once(fresh_dsn: str) -> None:
+    async def open_many() -> None:
+        journals = [Journal(fresh_dsn) for _ in range(6)]
+        await asyncio.gather(*(j.open() for j in journals))
+        await asyncio.gather(*(j.close() for j in journals))
+
+    asyncio.run(open_many())
+    assert sql(fresh_dsn, "SELECT version FROM durable_schema_version") == [(1,)]
+    with psycopg.connect(fresh_dsn) as conn:
+        tables = {r[0] for r in conn.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")}
+    assert {"durable_runs", "durable_steps", "journal", "durable_schema_version"} <= tables
+
+
+def test_unreachable_database_fails_closed(sidecars: Sidecars, http_api: PaidApi) -> None:
+    dead = f"postgresql://postgres@127.0.0.1:{launcher.free_port()}/nothing?connect_timeout=1"
+    sidecar = sidecars.start(durable_dsn=dead, durable_db_timeout=1000)
+    r = requests.post(f"{http_api.url}/v1/payments", json={"amount": 9},
+                      proxies={"http": f"http://{new_run()}:a1@127.0.0.1:{sidecar.port}"}, timeout=30)
+    assert r.status_code == 503
+    body = r.json()
+    assert body["error"] == "durable-sidecar" and "journal unavailable" in body["reason"] and body["failed"]
+    assert http_api.books()["calls"] == 0
+    assert sidecar.process.poll() is None  # still up, waiting for its database

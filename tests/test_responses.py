@@ -1,0 +1,43 @@
+"""Rebuilding journaled responses byte for byte (pure logic)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+from addon import responses
+
+
+def test_gzip_body_is_kept_encoded_with_a_correct_length() -> None:
+    body = gzip.compress(b'{"a": 1}' * 50, mtime=0)
+    headers = [(b"Content-Type", b"application/json"), (b"Content-Encoding", b"gzip"), (b"Content-Length", b"999")]
+    r = responses.rebuild("GET", b"HTTP/1.1", 200, "OK", headers, body)
+    assert r.raw_content == body
+    assert r.headers.fields == ((b"Content-Type", b"application/json"), (b"Content-Encoding", b"gzip"), (b"Content-Length", str(len(body)).encode()))
+    assert r.content == b'{"a": 1}' * 50  # decodes to what the origin sent
+
+
+def test_chunked_origin_gets_content_length_and_loses_framing() -> None:
+    headers = [(b"Transfer-Encoding", b"chunked"), (b"Connection", b"keep-alive"), (b"X-A", b"1")]
+    r = responses.rebuild("GET", b"HTTP/1.1", 200, "OK", headers, b"hello")
+    assert r.headers.fields == ((b"X-A", b"1"), (b"content-length", b"5"))
+
+
+def test_duplicate_headers_keep_order_and_case() -> None:
+    headers = [(b"Set-Cookie", b"a=1"), (b"X-Other", b"x"), (b"Set-Cookie", b"b=2")]
+    r = responses.rebuild("GET", b"HTTP/1.1", 200, "OK", headers, b"")
+    assert r.headers.get_all("set-cookie") == ["a=1", "b=2"]
+    assert [k for k, _ in r.headers.fields][:3] == [b"Set-Cookie", b"X-Other", b"Set-Cookie"]
+
+
+def test_bodyless_responses() -> None:
+    r = responses.rebuild("GET", b"HTTP/1.1", 204, "No Content", [(b"X", b"1")], b"")
+    assert r.headers.fields == ((b"X", b"1"),) and r.raw_content == b""
+    head = responses.rebuild("HEAD", b"HTTP/1.1", 200, "OK", [(b"Content-Length", b"1234")], b"")
+    assert head.headers["content-length"] == "1234" and head.raw_content == b""
+
+
+def test_refusal_is_json_and_labelled() -> None:
+    r = responses.refusal(503, "journal unavailable", run="r1", step=None)
+    assert r.status_code == 503 and r.headers["Durable-Outcome"] == "refused"
+    assert json.loads(r.content) == {"error": "durable-sidecar", "reason": "journal unavailable", "run": "r1"}
