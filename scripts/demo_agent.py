@@ -37,7 +37,7 @@ class Agent:
         if self.as_json:
             print(json.dumps({"step": step, "call": call, "outcome": outcome, "seq": seq, "result": result}), flush=True)
         else:
-            print(f"  step {step} {call:<8} journal step {seq or '-':>3}  {outcome or 'no sidecar':<9}  {result}", flush=True)
+            print(f"  step {step} {call:<9} journal step {seq or '-':>3}  {outcome or 'no sidecar':<9}  {result}", flush=True)
         if self.crash_after is not None and self.calls >= self.crash_after:
             if not self.as_json:
                 print(f"  !! agent crashes (SIGKILL) after {self.calls} calls", flush=True)
