@@ -124,7 +124,6 @@ class Journal:
                     kwargs={"autocommit": True},
                     check=AsyncConnectionPool.check_connection,
                     timeout=self._timeout_s,
-                    reconnect_timeout=0,  # never give up: Postgres may come back any time
                     open=False,
                 )
                 await self._pool.open(wait=False)

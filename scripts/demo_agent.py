@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import sys
+import uuid
 
 import httpx
 import openai
@@ -23,8 +24,9 @@ import requests
 
 
 class Agent:
-    def __init__(self, api: str, crash_after: int | None, as_json: bool) -> None:
+    def __init__(self, api: str, crash_after: int | None, as_json: bool, random_keys: bool = False) -> None:
         self.api = api.rstrip("/")
+        self.random_keys = random_keys
         self.crash_after = crash_after
         self.as_json = as_json
         self.calls = 0
@@ -65,7 +67,9 @@ class Agent:
         return top
 
     def pay(self, step: int, amount: int) -> str:
-        r = self.pay_client.post(f"{self.api}/v1/payments", json={"amount": amount, "memo": f"step {step}"})
+        # Like many SDKs, --random-keys mints a fresh Idempotency-Key per call (useless across restarts).
+        headers = {"Idempotency-Key": f"sdk-{uuid.uuid4()}"} if self.random_keys else {}
+        r = self.pay_client.post(f"{self.api}/v1/payments", json={"amount": amount, "memo": f"step {step}"}, headers=headers)
         r.raise_for_status()
         payment = r.json()["payment_id"]
         self.report(step, "payment", r.headers.get("durable-outcome"), r.headers.get("durable-step"),
@@ -88,9 +92,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--crash-after", type=int, help="SIGKILL itself after this many calls")
     parser.add_argument("--json", action="store_true", help="one JSON line per call")
+    parser.add_argument("--random-keys", action="store_true", help="send a fresh Idempotency-Key on every payment")
     args = parser.parse_args()
     try:
-        Agent(args.api, args.crash_after, args.json).run(args.steps)
+        Agent(args.api, args.crash_after, args.json, args.random_keys).run(args.steps)
     except Exception as e:  # show the agent's failure plainly, like a real agent's crash log
         print(f"agent failed: {type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(1)

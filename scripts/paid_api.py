@@ -8,8 +8,10 @@ gets the stored answer back and is not billed again):
   POST /v1/payments           a payment; `?delay_ms=N` books it, then waits before answering
   GET  /v1/chunked            a chunked response without Content-Length
   GET  /v1/slow?ms=N          answers after N ms
+  GET  /v1/flaky              503 (not billed) while failures configured by /_config remain, then billed
   GET  /_books                the ledger (not billed): calls, charges, deduplicated, requests seen
   POST /_reset                clears the ledger (not billed)
+  POST /_config               {"flaky_failures": N}: the next N calls to /v1/flaky fail (not billed)
 
 Run: python scripts/paid_api.py --port 0 --port-file PORT [--tls-dir DIR]
 With --tls-dir it serves HTTPS with a certificate for 127.0.0.1/localhost signed by its own CA,
@@ -40,6 +42,7 @@ class Ledger:
         self.deduplicated = 0  # repeats answered from the idempotency store
         self.requests: list[dict] = []  # method, path, headers of the last requests
         self.keys: dict[str, dict] = {}  # idempotency key -> stored answer (or in flight)
+        self.flaky_failures = 0  # how many more /v1/flaky calls answer 503
 
     def books(self) -> dict:
         return {
@@ -170,6 +173,14 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
             self.wfile.write(b"0\r\n\r\n")
             return
+        if url.path == "/v1/flaky":
+            with LEDGER.lock:
+                failing = LEDGER.flaky_failures > 0
+                LEDGER.flaky_failures -= failing
+            if failing:
+                return self._json(503, {"error": "temporarily unavailable"})
+            _, _, body, _ = self._book("flaky", 1, lambda n: (200, [], json.dumps({"call": n}).encode()))
+            return self._send(200, body, [("Content-Type", "application/json")])
         if url.path == "/v1/slow":
             time.sleep(int(query.get("ms", ["500"])[0]) / 1000)
             _, _, body, _ = self._book("slow", 1, lambda n: (200, [], json.dumps({"call": n}).encode()))
@@ -184,6 +195,10 @@ class Handler(BaseHTTPRequestHandler):
             with LEDGER.lock:
                 LEDGER.reset()
             return self._json(200, {"reset": True})
+        if url.path == "/_config":
+            with LEDGER.lock:
+                LEDGER.flaky_failures = int(json.loads(raw or b"{}").get("flaky_failures", 0))
+            return self._json(200, {"flaky_failures": LEDGER.flaky_failures})
         self._note()
         try:
             doc = json.loads(raw or b"{}")

@@ -122,9 +122,9 @@ class PaidApi:
     def ca(self) -> Path:
         return self.workdir / "tls" / "ca.pem"
 
-    def _direct(self, method: str, path: str) -> dict:
+    def _direct(self, method: str, path: str, body: dict | None = None) -> dict:
         r = requests.request(method, self.url + path, verify=str(self.ca) if self.tls else True,
-                             proxies={"http": "", "https": ""}, timeout=10)
+                             proxies={"http": "", "https": ""}, timeout=10, json=body)
         r.raise_for_status()
         return r.json()
 
@@ -133,6 +133,10 @@ class PaidApi:
 
     def reset(self) -> None:
         self._direct("POST", "/_reset")
+
+    def fail_next(self, n: int) -> None:
+        """The next n calls to /v1/flaky answer 503."""
+        self._direct("POST", "/_config", {"flaky_failures": n})
 
 
 @pytest.fixture(scope="session")
@@ -218,14 +222,21 @@ def run_agent(
     *,
     steps: int = 4,
     crash_after: int | None = None,
+    random_keys: bool = False,
+    may_fail: bool = False,
 ) -> tuple[int, list[dict]]:
-    """Run the demo agent through the sidecar, configured only by environment; returns (exit code, calls)."""
+    """Run the demo agent through the sidecar, configured only by environment; returns (exit code, calls).
+
+    The agent may SIGKILL itself (crash_after); with may_fail it may also die of a dead sidecar.
+    """
     args = [sys.executable, str(DEMO_AGENT), "--api", api.url, "--steps", str(steps), "--json"]
     if crash_after is not None:
         args += ["--crash-after", str(crash_after)]
+    if random_keys:
+        args.append("--random-keys")
     env = launcher.agent_env(sidecar.proxy_url(run, attempt), bundle)
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
     calls = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode not in (0, -9):
+    if proc.returncode not in (0, -9) and not may_fail:
         raise AssertionError(f"agent failed ({proc.returncode}): {proc.stderr}\nsidecar log:\n{sidecar.log()[-3000:]}")
     return proc.returncode, calls
