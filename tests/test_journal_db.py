@@ -7,11 +7,12 @@ import os
 from pathlib import Path
 
 import psycopg
+import pytest
 import requests
 
 from addon import launcher
 from addon.journal import Journal
-from conftest import PaidApi, Sidecars, new_run, sql
+from conftest import PaidApi, Sidecars, docker_reachable, new_run, sql
 
 
 def get(sidecar: launcher.Sidecar, url: str, run: str, attempt: str) -> requests.Response:
@@ -64,3 +65,21 @@ def test_unreachable_database_fails_closed(sidecars: Sidecars, http_api: PaidApi
     assert body["error"] == "durable-sidecar" and "journal unavailable" in body["reason"] and body["failed"]
     assert http_api.books()["calls"] == 0
     assert sidecar.process.poll() is None  # still up, waiting for its database
+
+
+@pytest.mark.skipif(not docker_reachable(), reason="no Docker engine answers: testcontainers cannot start Postgres here")
+def test_journal_on_a_testcontainers_postgres() -> None:
+    from testcontainers.postgres import PostgresContainer
+
+    with PostgresContainer("postgres:16-alpine", driver=None) as pg:
+        dsn = pg.get_connection_url()
+
+        async def roundtrip() -> list:
+            journal = Journal(dsn)
+            await journal.open()
+            steps = await journal.load_run("nobody")
+            await journal.close()
+            return steps
+
+        assert asyncio.run(roundtrip()) == []
+        assert sql(dsn, "SELECT version FROM durable_schema_version") == [(1,)]

@@ -214,3 +214,19 @@ def test_journal_view_answers_the_seed_query(sidecars: Sidecars, http_api: PaidA
     assert step_id == 1 and request_hash.startswith("v1:") and completed_at is not None
     assert response_body["amount"] == 7 and response_body["status"] == "succeeded"
     json.dumps(response_body)
+
+
+def test_run_from_options_when_the_agent_names_none(sidecars: Sidecars, http_api: PaidApi, pg_dsn: str) -> None:
+    run = new_run()
+    sidecar = sidecars.start(durable_run=run)
+    r = proxied(sidecar).get(f"{http_api.url}/v1/search", params={"q": "anonymous agent"})
+    assert r.headers["Durable-Run-Id"] == run
+    (attempt,), = sql(pg_dsn, "SELECT attempt FROM durable_steps WHERE run_id = %s", run)
+    assert attempt.startswith("attempt-")  # the proxy's lifetime
+
+
+def test_generated_run_id_is_logged(sidecars: Sidecars, http_api: PaidApi) -> None:
+    sidecar = sidecars.start()
+    r = proxied(sidecar).get(f"{http_api.url}/v1/search", params={"q": "no id at all"})
+    assert r.headers["Durable-Run-Id"].startswith("run-")
+    assert f"go to run {r.headers['Durable-Run-Id']}" in sidecar.log()

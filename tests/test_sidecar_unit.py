@@ -1,0 +1,80 @@
+"""The addon's hooks fail closed: whatever goes wrong, the flow gets an error response and is not
+forwarded (mitmproxy forwards a flow whose hook raised). The journal is mocked: pure hook logic."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from mitmproxy.test import taddons, tflow
+
+from addon.journal import JournalError
+from addon.sidecar import META, DurableSidecar
+
+
+def flow_with_run(run: str = "r1"):
+    flow = tflow.tflow()
+    flow.request.headers["Durable-Run-Id"] = run
+    flow.request.headers["Durable-Attempt"] = "a1"
+    return flow
+
+
+@pytest.fixture
+def sidecar(mocker):
+    addon = DurableSidecar()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, durable_dsn="postgresql://unused")
+        addon.journal = mocker.Mock()
+        addon.journal.load_run = mocker.AsyncMock(return_value=[])
+        yield addon
+
+
+def test_journal_failure_on_record_answers_503(sidecar, mocker) -> None:
+    sidecar.journal.record = mocker.AsyncMock(side_effect=JournalError("record pending step: connection lost"))
+    flow = flow_with_run()
+    asyncio.run(sidecar.request(flow))
+    assert flow.response is not None and flow.response.status_code == 503
+    body = json.loads(flow.response.content)
+    assert body["reason"] == "journal unavailable: nothing was forwarded" and "connection lost" in body["failed"]
+    assert flow.metadata[META].outcome == "refused"
+
+
+def test_unexpected_error_answers_503_too(sidecar, mocker) -> None:
+    sidecar.journal.load_run = mocker.AsyncMock(side_effect=RuntimeError("boom"))
+    flow = flow_with_run()
+    asyncio.run(sidecar.request(flow))
+    assert flow.response.status_code == 503 and "RuntimeError: boom" in json.loads(flow.response.content)["failed"]
+
+
+def test_failed_cursor_load_is_retried_by_the_next_request(sidecar, mocker) -> None:
+    sidecar.journal.load_run = mocker.AsyncMock(side_effect=[JournalError("down"), []])
+    sidecar.journal.record = mocker.AsyncMock(side_effect=JournalError("still down"))
+    asyncio.run(sidecar.request(flow_with_run()))
+    asyncio.run(sidecar.request(flow_with_run()))
+    assert sidecar.journal.load_run.await_count == 2
+
+
+def test_response_not_journaled_replaces_the_answer_with_503(sidecar, mocker) -> None:
+    from addon.journal import Recorded
+
+    sidecar.journal.record = mocker.AsyncMock(return_value=Recorded(seq=1, idempotency_key=None))
+    sidecar.journal.complete = mocker.AsyncMock(side_effect=JournalError("journal response: disk full"))
+    flow = flow_with_run()
+    asyncio.run(sidecar.request(flow))
+    assert flow.response is None  # journaled as pending: free to go upstream
+    flow.response = tflow.tresp()
+    asyncio.run(sidecar.response(flow))
+    assert flow.response.status_code == 503 and flow.response.headers["Durable-Outcome"] == "refused"
+    assert "stays in doubt" in json.loads(flow.response.content)["reason"]
+
+
+def test_control_headers_are_stripped_before_forwarding(sidecar, mocker) -> None:
+    from addon.journal import Recorded
+
+    sidecar.journal.record = mocker.AsyncMock(return_value=Recorded(seq=1, idempotency_key=None))
+    flow = flow_with_run()
+    flow.request.headers["Durable-Step-Key"] = "k"
+    flow.request.headers["Proxy-Authorization"] = "Basic cjE6YTE="
+    asyncio.run(sidecar.request(flow))
+    assert not [k for k in flow.request.headers if k.lower().startswith("durable-") or k.lower() == "proxy-authorization"]
