@@ -208,13 +208,16 @@ class Journal:
         headers: list[list[str]],
         body: bytes,
         duration_ms: float,
+        streamed: bool = False,
+        truncated: bool = False,
     ) -> None:
+        """Journal the answer. A truncated one is kept for inspection but leaves the step in doubt."""
         updated = await self._run(
             "journal response",
             "UPDATE durable_steps SET state = %s, status = %s, reason = %s, http_version = %s,"
             " response_headers = %s, response_body = %s, error = NULL, completed_at = now(),"
-            " duration_ms = %s WHERE run_id = %s AND seq = %s",
-            (state, status, reason, http_version, Jsonb(headers), body, duration_ms, run, seq),
+            " duration_ms = %s, streamed = %s, truncated = %s WHERE run_id = %s AND seq = %s",
+            (state, status, reason, http_version, Jsonb(headers), body, duration_ms, streamed, truncated, run, seq),
         )
         if updated != 1:
             raise JournalError(f"journal response: step {run}/{seq} is gone")

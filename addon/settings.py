@@ -12,6 +12,7 @@ from mitmproxy import exceptions
 from .fingerprint import MatchRules, Rule
 
 IN_DOUBT_POLICIES = ("reissue", "fail")
+OVERSIZE_POLICIES = ("refuse", "passthrough")
 
 # (name, type, default, help)
 OPTIONS: list[tuple[str, Any, Any, str]] = [
@@ -44,6 +45,18 @@ OPTIONS: list[tuple[str, Any, Any, str]] = [
         "Response statuses journaled as failed: replayed only once the run moved past them.",
     ),
     ("durable_db_timeout", int, 5000, "Milliseconds to wait for a journal connection before answering 503."),
+    (
+        "durable_body_cap",
+        int,
+        16 * 1024 * 1024,
+        "Largest body journaled, in bytes. Larger responses stream through unjournaled (the step stays in doubt).",
+    ),
+    (
+        "durable_oversize_request",
+        str,
+        "refuse",
+        "Requests over durable_body_cap: refuse (413, nothing forwarded) or passthrough (forwarded unjournaled).",
+    ),
 ]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
@@ -72,6 +85,8 @@ class Settings:
     in_doubt_window_s: float
     transient_statuses: frozenset[int]
     db_timeout_s: float
+    body_cap: int
+    oversize_request: str
 
     def idempotency_header(self, host: str) -> str:
         return self.idempotency_headers.get(host.lower()) or self.idempotency_headers[None]
@@ -90,6 +105,10 @@ def from_options(o: Any) -> Settings:
                 validate_id(getattr(o, name), name)
         if o.durable_in_doubt not in IN_DOUBT_POLICIES:
             raise ValueError(f"durable_in_doubt must be one of {', '.join(IN_DOUBT_POLICIES)}")
+        if o.durable_oversize_request not in OVERSIZE_POLICIES:
+            raise ValueError(f"durable_oversize_request must be one of {', '.join(OVERSIZE_POLICIES)}")
+        if o.durable_body_cap < 0:
+            raise ValueError("durable_body_cap must be >= 0")
         headers: dict[str | None, str] = {None: "Idempotency-Key"}
         for spec in o.durable_idempotency_header:
             rule = Rule.parse(spec)
@@ -111,6 +130,8 @@ def from_options(o: Any) -> Settings:
             in_doubt_window_s=parse_duration(o.durable_in_doubt_window),
             transient_statuses=frozenset(int(s) for s in o.durable_transient_statuses),
             db_timeout_s=o.durable_db_timeout / 1000,
+            body_cap=o.durable_body_cap,
+            oversize_request=o.durable_oversize_request,
         )
     except (ValueError, IdentityError, re.error) as e:
         raise exceptions.OptionsError(f"durable: {e}") from e

@@ -18,7 +18,7 @@ from typing import Any
 
 from mitmproxy import connection, ctx, http
 
-from . import divergence, faults, fingerprint, identity, redaction, responses, settings
+from . import divergence, faults, fingerprint, identity, redaction, responses, settings, streams
 from .cursor import Claim, RunCursor, StepRef
 from .journal import Journal, JournalError, NewStep, encode_headers
 
@@ -36,6 +36,7 @@ class Step:
     outcome: str
     live: bool = False  # forwarded upstream and waiting to be journaled
     ref: StepRef | None = None
+    tee: streams.StreamTee | None = None  # set when the response streams to the agent
     started: float = field(default_factory=time.monotonic)
 
 
@@ -105,8 +106,24 @@ class DurableSidecar:
 
     # -- the step life cycle --------------------------------------------------------------------
 
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Bodies over the cap are never buffered: refused before anything is sent, or passed through."""
+        assert self.settings is not None
+        length = streams.declared_length(flow.request.headers)
+        if length is None or length <= self.settings.body_cap or flow.response is not None:
+            return
+        reason = f"request body of {length} bytes is over durable_body_cap ({self.settings.body_cap})"
+        if self.settings.oversize_request == "refuse":
+            self._refuse(flow, 413, reason + "; nothing was forwarded")
+            return
+        logger.warning("durable: %s %s passes through unjournaled: %s", flow.request.method, flow.request.pretty_url, reason)
+        for name in identity.control_header_names(list(flow.request.headers.keys())):
+            flow.request.headers.pop(name, None)
+        flow.request.stream = True
+        flow.metadata[META] = Step(None, None, "passthrough")
+
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None or flow.is_replay:
+        if flow.response is not None or flow.is_replay or META in flow.metadata:
             return
         try:
             await self._request(flow)
@@ -118,6 +135,17 @@ class DurableSidecar:
             logger.exception("durable: internal error")
             self._refuse(flow, 503, "sidecar error: nothing was forwarded", failed=f"{type(e).__name__}: {e}")
 
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """Event streams, bodies of unknown length and bodies over the cap reach the agent live."""
+        step: Step | None = flow.metadata.get(META)
+        if step is None or not step.live or flow.response is None:
+            return
+        assert self.settings is not None
+        if streams.streams(flow.response.headers, self.settings.body_cap):
+            step.tee = streams.StreamTee(self.settings.body_cap)
+            flow.response.stream = step.tee
+            responses.label(flow.response, step.run, step.seq, step.outcome)  # headers leave now
+
     async def response(self, flow: http.HTTPFlow) -> None:
         step: Step | None = flow.metadata.get(META)
         if step is None or flow.response is None:
@@ -127,6 +155,11 @@ class DurableSidecar:
                 await self._journal_response(flow, step)
             except Exception as e:
                 logger.error("durable: run=%s seq=%s response not journaled: %s", step.run, step.seq, e)
+                step.outcome = "refused"
+                if step.tee is not None:
+                    # Already streamed: withhold the end of the stream so the agent sees it cut short.
+                    flow.kill()
+                    return
                 flow.response = responses.refusal(
                     503,
                     "the upstream answered but the journal could not record it; the step stays in doubt "
@@ -135,22 +168,26 @@ class DurableSidecar:
                     step=step.seq,
                     failed=str(e),
                 )
-                step.outcome = "refused"
         responses.label(flow.response, step.run, step.seq, step.outcome)
         self._log(step, flow.response.status_code)
 
     async def error(self, flow: http.HTTPFlow) -> None:
-        """The upstream never answered (connection refused, reset, timeout): journal the step as failed."""
+        """The exchange broke. Before any answer: journal a failure. Mid-answer: the step is in doubt."""
         step: Step | None = flow.metadata.get(META)
         if step is None or not step.live or step.run is None or step.seq is None:
             return
         step.live = False
         message = flow.error.msg if flow.error else "unknown error"
+        assert self.journal is not None
         try:
-            assert self.journal is not None
-            await self.journal.fail(step.run, step.seq, message, self._elapsed_ms(step))
+            if flow.response is None:
+                await self.journal.fail(step.run, step.seq, message, self._elapsed_ms(step))
+                state = "failed"
+            else:  # the upstream began to answer: unless the answer was complete, the step is in doubt
+                finished = step.tee is not None and step.tee.finished() and not step.tee.overflowed
+                state = await self._journal_answer(flow.response, step, truncated=not finished)
             if step.ref:
-                step.ref.state = "failed"
+                step.ref.state = state
         except JournalError as e:
             logger.error("durable: run=%s seq=%s failure not journaled (%s); step stays in doubt", step.run, step.seq, e)
         self._log(step, None, note=message)
@@ -353,10 +390,32 @@ class DurableSidecar:
         flow.metadata[META] = Step(ident.run, step.seq, "reissued", live=True, ref=step)
 
     async def _journal_response(self, flow: http.HTTPFlow, step: Step) -> None:
-        assert self.settings is not None and self.journal is not None and flow.response is not None
+        assert flow.response is not None
+        truncated = step.tee is not None and (step.tee.overflowed or not step.tee.finished())
+        if step.tee is not None and step.tee.overflowed:
+            logger.warning(
+                "durable: run=%s seq=%s response of %d bytes is over durable_body_cap: streamed through, "
+                "not journaled; the step stays in doubt and a later attempt re-sends it",
+                step.run,
+                step.seq,
+                step.tee.size,
+            )
+        step.live = False  # claimed: the error hook of a client that hangs up now must not journal it again
+        state = await self._journal_answer(flow.response, step, truncated)
+        if step.ref:
+            step.ref.state = state
+
+    async def _journal_answer(self, resp: http.Response, step: Step, truncated: bool) -> str:
+        """Commit the answer; returns the step's new state (a truncated answer leaves it pending, in doubt)."""
+        assert self.settings is not None and self.journal is not None
         assert step.run is not None and step.seq is not None
-        resp = flow.response
-        state = "failed" if resp.status_code in self.settings.transient_statuses else "completed"
+        if truncated:
+            state = "pending"
+        elif resp.status_code in self.settings.transient_statuses:
+            state = "failed"
+        else:
+            state = "completed"
+        body = step.tee.recorded() if step.tee is not None else (resp.raw_content or b"")
         faults.crash_point("before-complete-commit")
         await self.journal.complete(
             step.run,
@@ -366,13 +425,13 @@ class DurableSidecar:
             resp.reason,
             resp.http_version,
             encode_headers(resp.headers.fields),
-            resp.raw_content or b"",
+            body,
             self._elapsed_ms(step),
+            streamed=step.tee is not None,
+            truncated=truncated,
         )
-        step.live = False
-        if step.ref:
-            step.ref.state = state
         faults.crash_point("after-complete-commit")
+        return state
 
     # -- helpers --------------------------------------------------------------------------------
 
