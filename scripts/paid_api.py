@@ -9,6 +9,12 @@ gets the stored answer back and is not billed again):
   GET  /v1/chunked            a chunked response without Content-Length
   GET  /v1/slow?ms=N          answers after N ms
   GET  /v1/flaky              503 (not billed) while failures configured by /_config remain, then billed
+  GET  /v1/encoded?enc=E      a JSON body sent with Content-Encoding E (gzip, deflate, br, zstd)
+  POST /v1/echo               the request body back, as application/octet-stream
+  GET  /v1/download?mb=N      N MiB of bytes, with Content-Length, written in 64 KiB pieces
+Chat streams take two extra body fields: x_event_delay_ms (pause between events) and
+x_die_after_events (drop the connection after that many events, without ending the stream).
+Request bodies sent with a Content-Encoding are decoded first.
   GET  /_books                the ledger (not billed): calls, charges, deduplicated, requests seen
   POST /_reset                clears the ledger (not billed)
   POST /_config               {"flaky_failures": N}: the next N calls to /v1/flaky fail (not billed)
@@ -30,6 +36,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from mitmproxy.net import encoding
+
 
 class Ledger:
     def __init__(self) -> None:
@@ -43,6 +51,7 @@ class Ledger:
         self.requests: list[dict] = []  # method, path, headers of the last requests
         self.keys: dict[str, dict] = {}  # idempotency key -> stored answer (or in flight)
         self.flaky_failures = 0  # how many more /v1/flaky calls answer 503
+        self.streams_finished = 0  # chat streams written to their end
 
     def books(self) -> dict:
         return {
@@ -50,6 +59,7 @@ class Ledger:
             "charges": len(self.charges),
             "booked": self.charges,
             "deduplicated": self.deduplicated,
+            "streams_finished": self.streams_finished,
             "requests": self.requests[-500:],
         }
 
@@ -104,7 +114,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def _body(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(length) if length else b""
+        raw = self.rfile.read(length) if length else b""
+        coding = self.headers.get("Content-Encoding")
+        return encoding.decode(raw, coding) if coding and raw else raw
 
     def _send(self, status: int, body: bytes, headers: list[tuple[str, str]]) -> None:
         self.send_response(status)
@@ -173,6 +185,22 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
             self.wfile.write(b"0\r\n\r\n")
             return
+        if url.path == "/v1/encoded":
+            coding = query.get("enc", ["gzip"])[0]
+            _, _, body, _ = self._book("encoded", 1, lambda n: (200, [], json.dumps({"call": n, "enc": coding}).encode()))
+            return self._send(200, encoding.encode(body, coding), [("Content-Type", "application/json"),
+                                                                    ("Content-Encoding", coding)])
+        if url.path == "/v1/download":
+            size = int(query.get("mb", ["1"])[0]) * 1024 * 1024
+            self._book("download", 1, lambda n: (200, [], b""))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            piece = bytes(range(256)) * 256  # 64 KiB
+            for offset in range(0, size, len(piece)):
+                self.wfile.write(piece[: size - offset])
+            return
         if url.path == "/v1/flaky":
             with LEDGER.lock:
                 failing = LEDGER.flaky_failures > 0
@@ -200,6 +228,9 @@ class Handler(BaseHTTPRequestHandler):
                 LEDGER.flaky_failures = int(json.loads(raw or b"{}").get("flaky_failures", 0))
             return self._json(200, {"flaky_failures": LEDGER.flaky_failures})
         self._note()
+        if url.path == "/v1/echo":
+            _, _, body, _ = self._book("echo", 1, lambda n: (200, [], raw))
+            return self._send(200, body, [("Content-Type", "application/octet-stream")])
         try:
             doc = json.loads(raw or b"{}")
         except ValueError:
@@ -210,18 +241,26 @@ class Handler(BaseHTTPRequestHandler):
             if doc.get("stream"):
                 def build(n: int):
                     return 200, [("Content-Type", "text/event-stream")], b"".join(_sse(n, prompt, model))
-                status, headers, body, _ = self._book("llm", 1, build)
+                status, headers, body, from_key_store = self._book("llm", 1, build)
                 self.send_response(status)
                 for k, v in headers:
                     self.send_header(k, v)
                 self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
-                for event in body.split(b"\n\n")[:-1]:
+                delay = int(doc.get("x_event_delay_ms", 10)) / 1000
+                die_after = None if from_key_store else doc.get("x_die_after_events")
+                for i, event in enumerate(body.split(b"\n\n")[:-1]):
+                    if die_after is not None and i >= int(die_after):
+                        self.close_connection = True  # the upstream dies mid-stream
+                        self.connection.shutdown(2)
+                        return
                     event += b"\n\n"
                     self.wfile.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
                     self.wfile.flush()
-                    time.sleep(0.01)
+                    time.sleep(delay)
                 self.wfile.write(b"0\r\n\r\n")
+                with LEDGER.lock:
+                    LEDGER.streams_finished += 1
                 return
             status, headers, body, _ = self._book(
                 "llm", 1, lambda n: (200, [("Content-Type", "application/json")], json.dumps(_completion(n, prompt, model)).encode()))

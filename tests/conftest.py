@@ -243,3 +243,11 @@ def run_agent(
     if proc.returncode not in (0, -9) and not may_fail:
         raise AssertionError(f"agent failed ({proc.returncode}): {proc.stderr}\nsidecar log:\n{sidecar.log()[-3000:]}")
     return proc.returncode, calls
+
+
+def eventually(probe, expected, timeout: float = 10.0):
+    """Poll `probe()` until it returns `expected` (journaling after a client hangs up is asynchronous)."""
+    deadline = time.monotonic() + timeout
+    while (value := probe()) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return value
