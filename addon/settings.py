@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 from mitmproxy import exceptions
@@ -135,3 +136,7 @@ def from_options(o: Any) -> Settings:
         )
     except (ValueError, IdentityError, re.error) as e:
         raise exceptions.OptionsError(f"durable: {e}") from e
+
+
+DEFAULTS = from_options(SimpleNamespace(**{name: default for name, _, default, _ in OPTIONS}))
+"""Settings with every option at its default, until mitmproxy configures the addon."""

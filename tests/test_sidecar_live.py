@@ -167,7 +167,7 @@ def test_divergence_is_recorded_and_logged(sidecars: Sidecars, http_api: PaidApi
     r = proxied(sidecar, run, "a2").post(url, json={"model": "m", "messages": [{"role": "user", "content": "hello at 10:05"}]})
     assert r.status_code == 200 and r.headers["Durable-Outcome"] == "diverged"
     assert r.headers["Durable-Step"] == "3"
-    assert "/messages/0/content" in sidecar.log() and "diverged from the journal" in sidecar.log()
+    assert "/messages/0/content" in sidecar.log() and "divergence #1" in sidecar.log()
     assert sql(pg_dsn, "SELECT count(*) FROM durable_steps WHERE run_id = %s", run) == [(3,)]
 
 

@@ -25,13 +25,13 @@ def sidecar(mocker):
     addon = DurableSidecar()
     with taddons.context(addon) as tctx:
         tctx.configure(addon, durable_dsn="postgresql://unused")
-        addon.journal = mocker.Mock()
-        addon.journal.load_run = mocker.AsyncMock(return_value=[])
+        addon.lifecycle.journal = mocker.Mock()
+        addon.lifecycle.journal.load_run = mocker.AsyncMock(return_value=[])
         yield addon
 
 
 def test_journal_failure_on_record_answers_503(sidecar, mocker) -> None:
-    sidecar.journal.record = mocker.AsyncMock(side_effect=JournalError("record pending step: connection lost"))
+    sidecar.lifecycle.journal.record = mocker.AsyncMock(side_effect=JournalError("record pending step: connection lost"))
     flow = flow_with_run()
     asyncio.run(sidecar.request(flow))
     assert flow.response is not None and flow.response.status_code == 503
@@ -41,25 +41,25 @@ def test_journal_failure_on_record_answers_503(sidecar, mocker) -> None:
 
 
 def test_unexpected_error_answers_503_too(sidecar, mocker) -> None:
-    sidecar.journal.load_run = mocker.AsyncMock(side_effect=RuntimeError("boom"))
+    sidecar.lifecycle.journal.load_run = mocker.AsyncMock(side_effect=RuntimeError("boom"))
     flow = flow_with_run()
     asyncio.run(sidecar.request(flow))
     assert flow.response.status_code == 503 and "RuntimeError: boom" in json.loads(flow.response.content)["failed"]
 
 
 def test_failed_cursor_load_is_retried_by_the_next_request(sidecar, mocker) -> None:
-    sidecar.journal.load_run = mocker.AsyncMock(side_effect=[JournalError("down"), []])
-    sidecar.journal.record = mocker.AsyncMock(side_effect=JournalError("still down"))
+    sidecar.lifecycle.journal.load_run = mocker.AsyncMock(side_effect=[JournalError("down"), []])
+    sidecar.lifecycle.journal.record = mocker.AsyncMock(side_effect=JournalError("still down"))
     asyncio.run(sidecar.request(flow_with_run()))
     asyncio.run(sidecar.request(flow_with_run()))
-    assert sidecar.journal.load_run.await_count == 2
+    assert sidecar.lifecycle.journal.load_run.await_count == 2
 
 
 def test_response_not_journaled_replaces_the_answer_with_503(sidecar, mocker) -> None:
     from addon.journal import Recorded
 
-    sidecar.journal.record = mocker.AsyncMock(return_value=Recorded(seq=1, idempotency_key=None))
-    sidecar.journal.complete = mocker.AsyncMock(side_effect=JournalError("journal response: disk full"))
+    sidecar.lifecycle.journal.record = mocker.AsyncMock(return_value=Recorded(seq=1, idempotency_key=None))
+    sidecar.lifecycle.journal.complete = mocker.AsyncMock(side_effect=JournalError("journal response: disk full"))
     flow = flow_with_run()
     asyncio.run(sidecar.request(flow))
     assert flow.response is None  # journaled as pending: free to go upstream
@@ -72,7 +72,7 @@ def test_response_not_journaled_replaces_the_answer_with_503(sidecar, mocker) ->
 def test_control_headers_are_stripped_before_forwarding(sidecar, mocker) -> None:
     from addon.journal import Recorded
 
-    sidecar.journal.record = mocker.AsyncMock(return_value=Recorded(seq=1, idempotency_key=None))
+    sidecar.lifecycle.journal.record = mocker.AsyncMock(return_value=Recorded(seq=1, idempotency_key=None))
     flow = flow_with_run()
     flow.request.headers["Durable-Step-Key"] = "k"
     flow.request.headers["Proxy-Authorization"] = "Basic cjE6YTE="

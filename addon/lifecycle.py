@@ -1,0 +1,290 @@
+"""The life of a step (DESIGN.md section 3), from a request's arrival to its journaled answer.
+
+A request that matches nothing is committed as `pending` BEFORE it is forwarded; its response is
+committed BEFORE the agent receives it. A request that matches a completed step is answered from the
+journal. A step left pending by a crash, or failed at the tail of the run, is sent again with its
+original idempotency key. The addon's hooks call `begin`, `finish` and `break_off`; everything
+here raises `Refused` or `JournalError` rather than let an unjournaled call through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from mitmproxy import http
+
+from . import divergence, faults, fingerprint, identity, redaction, responses, streams
+from .cursor import Claim, RunCursor, StepRef
+from .journal import Journal, JournalError, NewStep, encode_headers
+from .settings import Settings
+
+logger = logging.getLogger("durable")
+
+
+@dataclass
+class Step:
+    """What the sidecar knows about one flow between its request and response hooks."""
+
+    run: str | None
+    seq: int | None
+    outcome: str
+    live: bool = False  # forwarded upstream and waiting to be journaled
+    ref: StepRef | None = None
+    tee: streams.StreamTee | None = None  # set when the response streams to the agent
+    started: float = field(default_factory=time.monotonic)
+
+
+class Refused(Exception):
+    """Answer the agent with this error instead of forwarding."""
+
+    def __init__(self, status: int, reason: str, **details: Any) -> None:
+        super().__init__(reason)
+        self.status, self.reason, self.details = status, reason, details
+
+
+class Lifecycle:
+    """Steps of every run this sidecar serves: the replay cursors and the journal writes."""
+
+    def __init__(self, journal: Journal, settings: Settings) -> None:
+        self.journal = journal
+        self.settings = settings  # replaced by the addon when options change
+        self.cursors: dict[tuple[str, str], asyncio.Task[RunCursor]] = {}
+        self.divergences = 0
+
+    async def begin(self, flow: http.HTTPFlow, ident: identity.Identity) -> Step:
+        """Journal the request before it may leave, or answer it from the journal (flow.response)."""
+        s, req = self.settings, flow.request
+        try:
+            parts = fingerprint.request_parts(req)
+        except ValueError as e:
+            raise Refused(400, f"request body does not match its Content-Encoding: {e}", run=ident.run)
+        env = fingerprint.envelope(parts, s.rules)
+        key = f"key:{ident.step_key}" if ident.step_key else f"v{fingerprint.VERSION}:{fingerprint.fingerprint(env)}"
+
+        cursor = await self._cursor(ident.run, ident.attempt)
+        claim = cursor.claim(key)
+        journaled = claim.step
+        if journaled is None:
+            recorded = await self._record(flow, ident, cursor, claim, env, parts.body)
+            if isinstance(recorded, Step):
+                return recorded
+            journaled = recorded  # another sidecar or attempt journaled it meanwhile
+        return await self._answer_journaled(flow, ident, cursor, journaled)
+
+    async def finish(self, flow: http.HTTPFlow, step: Step) -> None:
+        """The upstream answered: commit the answer before the agent may have (the rest of) it."""
+        assert flow.response is not None
+        truncated = step.tee is not None and (step.tee.overflowed or not step.tee.finished())
+        if step.tee is not None and step.tee.overflowed:
+            logger.warning(
+                "durable: run=%s seq=%s response of %d bytes is over durable_body_cap: streamed through, "
+                "not journaled; the step stays in doubt and a later attempt re-sends it",
+                step.run,
+                step.seq,
+                step.tee.size,
+            )
+        step.live = False  # claimed: the error hook of a client that hangs up now must not journal it again
+        state = await self._journal_answer(flow.response, step, truncated)
+        if step.ref:
+            step.ref.state = state
+
+    async def break_off(self, flow: http.HTTPFlow, step: Step, message: str) -> None:
+        """The exchange broke. Before any answer: journal a failure. Mid-answer: the step is in doubt."""
+        assert step.run is not None and step.seq is not None
+        step.live = False
+        try:
+            if flow.response is None:
+                await self.journal.fail(step.run, step.seq, message, elapsed_ms(step))
+                state = "failed"
+            else:  # the upstream began to answer: unless the answer was complete, the step is in doubt
+                finished = step.tee is not None and step.tee.finished() and not step.tee.overflowed
+                state = await self._journal_answer(flow.response, step, truncated=not finished)
+            if step.ref:
+                step.ref.state = state
+        except JournalError as e:
+            logger.error("durable: run=%s seq=%s failure not journaled (%s); step stays in doubt", step.run, step.seq, e)
+
+    async def _cursor(self, run: str, attempt: str) -> RunCursor:
+        """The attempt's cursor, loading the run's index (no bodies) from the journal once."""
+        key = (run, attempt)
+        task = self.cursors.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._load_cursor(run))
+            self.cursors[key] = task
+        try:
+            return await task
+        except Exception:
+            if self.cursors.get(key) is task:
+                del self.cursors[key]  # let the next request try again
+            raise
+
+    async def _load_cursor(self, run: str) -> RunCursor:
+        return RunCursor.from_steps(await self.journal.load_run(run))
+
+    async def _record(
+        self,
+        flow: http.HTTPFlow,
+        ident: identity.Identity,
+        cursor: RunCursor,
+        claim: Claim,
+        env: dict[str, Any],
+        body: bytes,
+    ) -> Step | StepRef:
+        """Nothing journaled for this request: commit it as pending, then let it go upstream.
+
+        Returns the journaled step instead when another sidecar or attempt recorded it meanwhile.
+        """
+        s, req = self.settings, flow.request
+        outcome = "recorded"
+        ahead = cursor.ahead()
+        if ahead:
+            outcome = "diverged"
+            await self._report_divergence(ident, cursor, claim, ahead, env, body)
+
+        header = s.idempotency_header(req.host)
+        agent_key = req.headers.get(header)
+        faults.crash_point("before-pending-commit")
+        recorded = await self.journal.record(
+            NewStep(
+                run=ident.run,
+                attempt=ident.attempt,
+                key=claim.key,
+                fp_version=fingerprint.VERSION,
+                occurrence=claim.occurrence,
+                step_key=ident.step_key,
+                method=req.method,
+                url=req.pretty_url,
+                envelope=env,
+                request_headers=encode_headers(redaction.redact_headers(req.headers.fields)),
+                request_body=body,
+                agent_idempotency_key=agent_key,
+                mint_idempotency_key=req.method.upper() in s.idempotency_methods,
+            )
+        )
+        if recorded is None:
+            existing = await self.journal.find(ident.run, claim.key, claim.occurrence)
+            if existing is None:
+                raise JournalError(f"step {claim.key}#{claim.occurrence} neither recorded nor found")
+            cursor.add(existing)
+            return existing
+        ref = StepRef(recorded.seq, claim.key, claim.occurrence, "pending")
+        cursor.add(ref)
+        if recorded.idempotency_key and not agent_key:
+            req.headers[header] = recorded.idempotency_key
+        faults.crash_point("after-pending-commit")
+        return Step(ident.run, recorded.seq, outcome, live=True, ref=ref)
+
+    async def _report_divergence(
+        self,
+        ident: identity.Identity,
+        cursor: RunCursor,
+        claim: Claim,
+        ahead: list[StepRef],
+        env: dict[str, Any],
+        body: bytes,
+    ) -> None:
+        rows = await self.journal.requests(ident.run, [s.seq for s in ahead[: divergence.LIMIT]])
+        near = divergence.nearest(rows, env, body)
+        expected, diff = near if near else (None, [])
+        self.divergences += 1
+        logger.warning(
+            "durable: divergence #%d: run=%s attempt=%s matches nothing journaled "
+            "(%d unconsumed steps ahead, nearest seq %s): %s",
+            self.divergences,
+            ident.run,
+            ident.attempt,
+            len(ahead),
+            expected,
+            diff,
+        )
+        if self.settings.strict:
+            cursor.release(claim)
+            raise Refused(
+                409,
+                "request diverges from the journal (durable_strict)",
+                run=ident.run,
+                attempt=ident.attempt,
+                expected_step=expected,
+                diff=diff,
+            )
+
+    async def _answer_journaled(
+        self, flow: http.HTTPFlow, ident: identity.Identity, cursor: RunCursor, step: StepRef
+    ) -> Step:
+        s = self.settings
+        if step.state == "completed" or (step.state == "failed" and cursor.moved_past(step.seq)):
+            stored = await self.journal.replay(ident.run, step.seq)
+            if stored.status is None:  # a journaled connection failure
+                flow.response = responses.refusal(
+                    502, "journaled upstream failure, replayed", run=ident.run, step=step.seq, failed=stored.error
+                )
+            else:
+                flow.response = responses.rebuild(
+                    flow.request.method,
+                    flow.request.data.http_version,
+                    stored.status,
+                    stored.reason,
+                    stored.headers,
+                    stored.body,
+                )
+            return Step(ident.run, step.seq, "replayed")
+
+        # In doubt (pending) or failed at the tail of the run: send it again with its original key.
+        resolve_hint = f"durable resolve {ident.run} {step.seq} --reissue | --forget"
+        if step.state == "pending" and s.in_doubt == "fail":
+            raise Refused(
+                409,
+                "step is in doubt: it was forwarded but its answer was never journaled",
+                run=ident.run,
+                step=step.seq,
+                resolve=resolve_hint,
+            )
+        taken = await self.journal.reissue(ident.run, step.seq, ident.attempt, s.in_doubt_window_s)
+        if taken is None:
+            raise Refused(
+                409,
+                "step is in doubt for longer than durable_in_doubt_window; the upstream may have "
+                "forgotten its idempotency key, so it is not re-sent automatically",
+                run=ident.run,
+                step=step.seq,
+                resolve=resolve_hint,
+            )
+        if taken.idempotency_key:
+            flow.request.headers[s.idempotency_header(flow.request.host)] = taken.idempotency_key
+        step.state = "pending"
+        return Step(ident.run, step.seq, "reissued", live=True, ref=step)
+
+    async def _journal_answer(self, resp: http.Response, step: Step, truncated: bool) -> str:
+        """Commit the answer; returns the step's new state (a truncated answer leaves it pending, in doubt)."""
+        assert step.run is not None and step.seq is not None
+        if truncated:
+            state = "pending"
+        elif resp.status_code in self.settings.transient_statuses:
+            state = "failed"
+        else:
+            state = "completed"
+        body = step.tee.recorded() if step.tee is not None else (resp.raw_content or b"")
+        faults.crash_point("before-complete-commit")
+        await self.journal.complete(
+            step.run,
+            step.seq,
+            state,
+            resp.status_code,
+            resp.reason,
+            resp.http_version,
+            encode_headers(resp.headers.fields),
+            body,
+            elapsed_ms(step),
+            streamed=step.tee is not None,
+            truncated=truncated,
+        )
+        faults.crash_point("after-complete-commit")
+        return state
+
+
+def elapsed_ms(step: Step) -> float:
+    return (time.monotonic() - step.started) * 1000
