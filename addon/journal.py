@@ -41,6 +41,8 @@ class NewStep:
     request_body: bytes
     agent_idempotency_key: str | None
     mint_idempotency_key: bool
+    outcome: str = "recorded"  # or "diverged"
+    divergence: dict[str, Any] | None = None  # nearest journaled step and the diff against it
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,10 @@ WITH existing AS (
     RETURNING last_seq
 )
 INSERT INTO durable_steps (run_id, seq, fingerprint, fp_version, occurrence, step_key, state, attempt,
+                           last_attempt, last_outcome, divergence,
                            method, url, envelope, request_headers, request_body, idempotency_key)
 SELECT %(run)s, run.last_seq, %(key)s, %(fpv)s, %(occ)s, %(step_key)s, 'pending', %(attempt)s,
+       %(attempt)s, %(outcome)s, %(divergence)s,
        %(method)s, %(url)s, %(envelope)s, %(headers)s, %(body)s,
        COALESCE(%(agent_key)s, CASE WHEN %(mint)s THEN
            'durable-' || left(encode(sha256(convert_to(%(run)s || ':' || run.last_seq, 'UTF8')), 'hex'), 32)
@@ -182,6 +186,8 @@ class Journal:
                 "body": step.request_body,
                 "agent_key": step.agent_idempotency_key,
                 "mint": step.mint_idempotency_key,
+                "outcome": step.outcome,
+                "divergence": Jsonb(step.divergence) if step.divergence is not None else None,
             },
             fetch="one",
         )
@@ -230,12 +236,14 @@ class Journal:
             (error, duration_ms, run, seq),
         )
 
-    async def replay(self, run: str, seq: int) -> StoredResponse:
+    async def replay(self, run: str, seq: int, attempt: str) -> StoredResponse:
         row = await self._run(
             "read journaled response",
-            "UPDATE durable_steps SET replay_count = replay_count + 1 WHERE run_id = %s AND seq = %s"
+            "UPDATE durable_steps SET replay_count = replay_count + 1, replayed_at = now(), last_attempt = %s,"
+            " last_outcome = 'replayed'"
+            " WHERE run_id = %s AND seq = %s"
             " RETURNING state, status, reason, http_version, response_headers, response_body, error",
-            (run, seq),
+            (attempt, run, seq),
             fetch="one",
         )
         if row is None:
@@ -250,19 +258,24 @@ class Journal:
             error=row["error"],
         )
 
-    async def reissue(self, run: str, seq: int, attempt: str, window_s: float) -> Reissue | None:
+    async def reissue(
+        self, run: str, seq: int, attempt: str, pending_allowed: bool, window_s: float
+    ) -> Reissue | None:
         """Hand a pending or failed step to this attempt to send again, with its original key.
 
-        None when the step is pending and older than `window_s`: the upstream may have forgotten its
-        idempotency key by now, so re-sending could charge twice; an operator must decide.
+        A pending (in-doubt) step is handed over only when an operator approved it (`durable
+        resolve --reissue`) or when the policy allows it and it is younger than `window_s`: the
+        upstream may have forgotten an older idempotency key, so re-sending could charge twice.
+        None when it is not handed over.
         """
         row = await self._run(
             "take over step",
-            "UPDATE durable_steps SET state = 'pending', attempt = %s, started_at = now()"
-            " WHERE run_id = %s AND seq = %s"
-            " AND (state <> 'pending' OR created_at > now() - make_interval(secs => %s))"
+            "UPDATE durable_steps SET state = 'pending', attempt = %(attempt)s, started_at = now(),"
+            " last_attempt = %(attempt)s, last_outcome = 'reissued'"
+            " WHERE run_id = %(run)s AND seq = %(seq)s AND (state <> 'pending' OR approved"
+            "   OR (%(allowed)s AND created_at > now() - make_interval(secs => %(window)s)))"
             " RETURNING idempotency_key, extract(epoch FROM now() - created_at)::float8 AS age_s",
-            (attempt, run, seq, window_s),
+            {"attempt": attempt, "run": run, "seq": seq, "allowed": pending_allowed, "window": window_s},
             fetch="one",
         )
         return Reissue(row["idempotency_key"], row["age_s"]) if row else None

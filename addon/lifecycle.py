@@ -139,11 +139,11 @@ class Lifecycle:
         Returns the journaled step instead when another sidecar or attempt recorded it meanwhile.
         """
         s, req = self.settings, flow.request
-        outcome = "recorded"
+        outcome, diverged = "recorded", None
         ahead = cursor.ahead()
         if ahead:
             outcome = "diverged"
-            await self._report_divergence(ident, cursor, claim, ahead, env, body)
+            diverged = await self._report_divergence(ident, cursor, claim, ahead, env, body)
 
         header = s.idempotency_header(req.host)
         agent_key = req.headers.get(header)
@@ -163,6 +163,8 @@ class Lifecycle:
                 request_body=body,
                 agent_idempotency_key=agent_key,
                 mint_idempotency_key=req.method.upper() in s.idempotency_methods,
+                outcome=outcome,
+                divergence=diverged,
             )
         )
         if recorded is None:
@@ -186,7 +188,11 @@ class Lifecycle:
         ahead: list[StepRef],
         env: dict[str, Any],
         body: bytes,
-    ) -> None:
+    ) -> dict[str, Any]:
+        """Log (and count) a request that matches nothing while journaled steps lie ahead.
+
+        Returns what is journaled with the new step; raises Refused under durable_strict.
+        """
         rows = await self.journal.requests(ident.run, [s.seq for s in ahead[: divergence.LIMIT]])
         near = divergence.nearest(rows, env, body)
         expected, diff = near if near else (None, [])
@@ -211,13 +217,14 @@ class Lifecycle:
                 expected_step=expected,
                 diff=diff,
             )
+        return {"attempt": ident.attempt, "expected_step": expected, "diff": diff}
 
     async def _answer_journaled(
         self, flow: http.HTTPFlow, ident: identity.Identity, cursor: RunCursor, step: StepRef
     ) -> Step:
         s = self.settings
         if step.state == "completed" or (step.state == "failed" and cursor.moved_past(step.seq)):
-            stored = await self.journal.replay(ident.run, step.seq)
+            stored = await self.journal.replay(ident.run, step.seq, ident.attempt)
             if stored.status is None:  # a journaled connection failure
                 flow.response = responses.refusal(
                     502, "journaled upstream failure, replayed", run=ident.run, step=step.seq, failed=stored.error
@@ -234,25 +241,18 @@ class Lifecycle:
             return Step(ident.run, step.seq, "replayed")
 
         # In doubt (pending) or failed at the tail of the run: send it again with its original key.
-        resolve_hint = f"durable resolve {ident.run} {step.seq} --reissue | --forget"
-        if step.state == "pending" and s.in_doubt == "fail":
-            raise Refused(
-                409,
-                "step is in doubt: it was forwarded but its answer was never journaled",
-                run=ident.run,
-                step=step.seq,
-                resolve=resolve_hint,
-            )
-        taken = await self.journal.reissue(ident.run, step.seq, ident.attempt, s.in_doubt_window_s)
+        pending_allowed = s.in_doubt == "reissue"
+        taken = await self.journal.reissue(ident.run, step.seq, ident.attempt, pending_allowed, s.in_doubt_window_s)
         if taken is None:
-            raise Refused(
-                409,
-                "step is in doubt for longer than durable_in_doubt_window; the upstream may have "
-                "forgotten its idempotency key, so it is not re-sent automatically",
-                run=ident.run,
-                step=step.seq,
-                resolve=resolve_hint,
-            )
+            resolve_hint = f"durable resolve {ident.run} {step.seq} --reissue | --forget | --complete-from FILE"
+            if not pending_allowed:
+                reason = "step is in doubt: it was forwarded but its answer was never journaled (durable_in_doubt=fail)"
+            else:
+                reason = (
+                    "step is in doubt for longer than durable_in_doubt_window; the upstream may have "
+                    "forgotten its idempotency key, so it is not re-sent automatically"
+                )
+            raise Refused(409, reason, run=ident.run, step=step.seq, resolve=resolve_hint)
         if taken.idempotency_key:
             flow.request.headers[s.idempotency_header(flow.request.host)] = taken.idempotency_key
         step.state = "pending"

@@ -87,6 +87,21 @@ MIGRATIONS: list[tuple[int, str]] = [
             FROM durable_steps;
         """,
     ),
+    (
+        2,
+        """
+        -- who last served each step and how, for `durable run`'s summary and `durable show`
+        ALTER TABLE durable_steps ADD COLUMN last_attempt text;
+        ALTER TABLE durable_steps ADD COLUMN last_outcome text;
+        -- the field-level diff of a step recorded as a divergence, for `durable diff`
+        ALTER TABLE durable_steps ADD COLUMN divergence jsonb;
+        -- an operator's `durable resolve --reissue`: re-send this in-doubt step whatever the policy
+        ALTER TABLE durable_steps ADD COLUMN approved boolean NOT NULL DEFAULT false;
+        -- last replay: a run being replayed is alive, whatever its age
+        ALTER TABLE durable_steps ADD COLUMN replayed_at timestamptz;
+        UPDATE durable_steps SET last_attempt = attempt, last_outcome = 'recorded';
+        """,
+    ),
 ]
 
 

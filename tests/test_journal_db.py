@@ -12,6 +12,7 @@ import requests
 
 from addon import launcher
 from addon.journal import Journal
+from addon.migrations import MIGRATIONS
 from conftest import PaidApi, Sidecars, docker_reachable, new_run, sql
 
 
@@ -49,7 +50,7 @@ def test_migrations_are_safe_when_several_sidecars_start_at_once(fresh_dsn: str)
         await asyncio.gather(*(j.close() for j in journals))
 
     asyncio.run(open_many())
-    assert sql(fresh_dsn, "SELECT version FROM durable_schema_version") == [(1,)]
+    assert sql(fresh_dsn, "SELECT version FROM durable_schema_version ORDER BY 1") == [(v,) for v, _ in MIGRATIONS]
     with psycopg.connect(fresh_dsn) as conn:
         tables = {r[0] for r in conn.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")}
     assert {"durable_runs", "durable_steps", "journal", "durable_schema_version"} <= tables
@@ -82,4 +83,4 @@ def test_journal_on_a_testcontainers_postgres() -> None:
             return steps
 
         assert asyncio.run(roundtrip()) == []
-        assert sql(dsn, "SELECT version FROM durable_schema_version") == [(1,)]
+        assert sql(dsn, "SELECT version FROM durable_schema_version ORDER BY 1") == [(v,) for v, _ in MIGRATIONS]

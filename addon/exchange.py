@@ -1,0 +1,106 @@
+"""Runs in and out of the journal as mitmproxy flows: HAR 1.2 files and mitmproxy flow files.
+
+Built on mitmproxy's own writer and readers (`FlowWriter`, `SaveHar.make_har`,
+`read_flows_from_paths`, which reads both formats), so `mitmweb -r FILE` and HAR viewers show a
+run as the sidecar journaled it. Record once in development, import, replay in CI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from mitmproxy import connection, http, io
+from mitmproxy.addons.savehar import SaveHar
+
+from . import fingerprint, redaction
+from .journal import Journal, NewStep, decode_headers, encode_headers
+
+
+def _flow(row: dict[str, Any]) -> http.HTTPFlow:
+    """One journaled step as an HTTP flow; replayed steps are marked and the run and seq commented."""
+    url = urlsplit(row["url"])
+    port = url.port or (443 if url.scheme == "https" else 80)
+    started = row["started_at"].timestamp()
+    ended = (row["completed_at"] or row["started_at"]).timestamp()
+    client = connection.Client(peername=("127.0.0.1", 0), sockname=("127.0.0.1", 0), timestamp_start=started)
+    server = connection.Server(address=(url.hostname or "", port))
+    flow = http.HTTPFlow(client, server)
+    flow.request = http.Request(
+        url.hostname or "", port, row["method"].encode(), url.scheme.encode(), b"",
+        (url.path or "/").encode() + (b"?" + url.query.encode() if url.query else b""),
+        b"HTTP/1.1", http.Headers(decode_headers(row["request_headers"])), bytes(row["request_body"] or b""),
+        None, started, started,
+    )
+    if row["status"] is not None:
+        flow.response = http.Response(
+            (row["http_version"] or "HTTP/1.1").encode(), row["status"], (row["reason"] or "").encode("latin-1", "replace"),
+            http.Headers(decode_headers(row["response_headers"])), bytes(row["response_body"] or b""), None, started, ended,
+        )
+    flow.comment = f"durable run {row['run_id']} step {row['seq']}: {row['state']}, replayed {row['replay_count']}x"
+    if row["replay_count"]:
+        flow.marked = ":recycle:"
+    return flow
+
+
+def flows(rows: Iterable[dict[str, Any]]) -> list[http.HTTPFlow]:
+    return [_flow(row) for row in rows]
+
+
+def write_flows(path: Path, run_flows: list[http.HTTPFlow]) -> None:
+    with open(path, "wb") as f:
+        writer = io.FlowWriter(f)
+        for flow in run_flows:
+            writer.add(flow)
+
+
+def write_har(path: Path, run_flows: list[http.HTTPFlow]) -> None:
+    path.write_text(json.dumps(SaveHar().make_har(run_flows), indent=2))
+
+
+def read(path: Path) -> list[http.HTTPFlow]:
+    """HTTP flows with a response from a HAR or a mitmproxy flow file."""
+    return [f for f in io.read_flows_from_paths([str(path)]) if isinstance(f, http.HTTPFlow) and f.response]
+
+
+async def import_flows(
+    dsn: str | None, run: str, flows_in: list[http.HTTPFlow], progress: Callable[[int], None] = lambda n: None
+) -> int:
+    """Journal each flow as a completed step of `run`, as if the sidecar had recorded it."""
+    journal = Journal(dsn)
+    await journal.open()
+    occurrences: dict[str, int] = {}
+    try:
+        if await journal.load_run(run):
+            raise ValueError(f"run {run!r} already exists: import into a new run")
+        for n, flow in enumerate(flows_in, start=1):
+            req, resp = flow.request, flow.response
+            assert resp is not None
+            parts = fingerprint.request_parts(req)
+            env = fingerprint.envelope(parts)
+            key = f"v{fingerprint.VERSION}:{fingerprint.fingerprint(env)}"
+            occurrence = occurrences.get(key, 0)
+            occurrences[key] = occurrence + 1
+            recorded = await journal.record(NewStep(
+                run=run, attempt="import", key=key, fp_version=fingerprint.VERSION, occurrence=occurrence,
+                step_key=None, method=req.method, url=req.pretty_url, envelope=env,
+                request_headers=encode_headers(redaction.redact_headers(req.headers.fields)), request_body=parts.body,
+                agent_idempotency_key=None, mint_idempotency_key=False, outcome="imported",
+            ))
+            assert recorded is not None, "a new run holds no step yet"
+            await journal.complete(
+                run, recorded.seq, "completed", resp.status_code, resp.reason, resp.http_version,
+                encode_headers(resp.headers.fields), resp.raw_content or b"", 0.0,
+            )
+            progress(n)
+    finally:
+        await journal.close()
+    return len(flows_in)
+
+
+def import_file(dsn: str | None, run: str, path: Path, progress: Callable[[int], None] = lambda n: None) -> int:
+    return asyncio.run(import_flows(dsn, run, read(path), progress))

@@ -1,0 +1,218 @@
+"""What an operator asks of the journal: list and inspect runs, fork, resolve, edit, delete.
+
+Synchronous psycopg on purpose: these run from the `durable` CLI, one statement after another.
+Every function takes an open connection; `connect` finds the database as the sidecar does and
+applies migrations first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from . import database, migrations, usage
+from .journal import decode_headers
+
+
+class OperatorError(RuntimeError):
+    """A request the journal cannot honour (unknown run, wrong state...): one line for the user."""
+
+
+@contextmanager
+def connect(dsn: str | None) -> Iterator[psycopg.Connection]:
+    target = database.resolve(dsn)
+
+    async def migrate() -> None:
+        async with await psycopg.AsyncConnection.connect(target.dsn, autocommit=True) as conn:
+            await migrations.apply(conn)
+
+    asyncio.run(migrate())
+    with psycopg.connect(target.dsn, autocommit=True, row_factory=dict_row) as conn:
+        yield conn
+
+
+def runs(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    return conn.execute(
+        """
+        SELECT r.id AS run, r.created_at AS created,
+               greatest(r.updated_at, max(s.completed_at), max(s.replayed_at)) AS last_activity, r.forked_from,
+               count(s.seq) AS steps,
+               CASE WHEN count(s.seq) FILTER (WHERE s.state = 'pending') > 0 THEN 'in doubt'
+                    WHEN count(s.seq) FILTER (WHERE s.state = 'failed') > 0 THEN 'failed steps'
+                    ELSE 'ok' END AS state
+        FROM durable_runs r LEFT JOIN durable_steps s ON s.run_id = r.id
+        GROUP BY r.id ORDER BY last_activity DESC
+        """
+    ).fetchall()
+
+
+def _require_run(conn: psycopg.Connection, run: str) -> dict[str, Any]:
+    row = conn.execute("SELECT * FROM durable_runs WHERE id = %s", (run,)).fetchone()
+    if row is None:
+        raise OperatorError(f"no run {run!r} in the journal")
+    return row
+
+
+def steps(conn: psycopg.Connection, run: str) -> list[dict[str, Any]]:
+    """One row per step, with the tokens its answer reports (what a replay of it saves)."""
+    _require_run(conn, run)
+    rows = conn.execute(
+        """
+        SELECT seq, method, url, state, status, attempt, last_attempt, last_outcome, replay_count AS replays,
+               round(duration_ms::numeric, 1)::float8 AS duration_ms, streamed, truncated, idempotency_key,
+               response_headers, response_body
+        FROM durable_steps WHERE run_id = %s ORDER BY seq
+        """,
+        (run,),
+    ).fetchall()
+    for row in rows:
+        body, headers = row.pop("response_body"), row.pop("response_headers")
+        row["tokens"] = usage.tokens(bytes(body), decode_headers(headers)) if body else 0
+    return rows
+
+
+def step_rows(conn: psycopg.Connection, run: str) -> list[dict[str, Any]]:
+    """Whole journal rows of a run, bodies included (for export)."""
+    _require_run(conn, run)
+    return conn.execute("SELECT * FROM durable_steps WHERE run_id = %s ORDER BY seq", (run,)).fetchall()
+
+
+def attempt_summary(conn: psycopg.Connection, run: str, attempt: str) -> dict[str, int]:
+    """What one attempt did: steps per outcome, and the calls and tokens its replays did not re-spend."""
+    summary = {"recorded": 0, "replayed": 0, "reissued": 0, "diverged": 0, "tokens_saved": 0}
+    for row in conn.execute(
+        "SELECT last_outcome, response_headers, response_body FROM durable_steps"
+        " WHERE run_id = %s AND last_attempt = %s",
+        (run, attempt),
+    ):
+        outcome = row["last_outcome"]
+        summary[outcome] = summary.get(outcome, 0) + 1
+        if outcome == "replayed" and row["response_body"]:
+            summary["tokens_saved"] += usage.tokens(bytes(row["response_body"]), decode_headers(row["response_headers"]))
+    return summary
+
+
+def divergences(conn: psycopg.Connection, run: str) -> list[dict[str, Any]]:
+    _require_run(conn, run)
+    return conn.execute(
+        "SELECT seq, attempt, method, url, divergence->'expected_step' AS expected_step, divergence->'diff' AS diff"
+        " FROM durable_steps WHERE run_id = %s AND divergence IS NOT NULL ORDER BY seq",
+        (run,),
+    ).fetchall()
+
+
+def fork(conn: psycopg.Connection, run: str, at: int, to: str) -> int:
+    """A new run holding copies of the first `at` steps of `run`; returns how many were copied."""
+    _require_run(conn, run)
+    with conn.transaction():
+        if conn.execute("SELECT 1 FROM durable_runs WHERE id = %s", (to,)).fetchone():
+            raise OperatorError(f"run {to!r} already exists")
+        conn.execute(
+            "INSERT INTO durable_runs (id, forked_from, last_seq, labels) SELECT %s, id, %s, labels FROM durable_runs WHERE id = %s",
+            (to, at, run),
+        )
+        copied = conn.execute(
+            """
+            INSERT INTO durable_steps (run_id, seq, fingerprint, fp_version, occurrence, step_key, state, attempt,
+                method, url, envelope, request_headers, request_body, idempotency_key, status, reason, http_version,
+                response_headers, response_body, error, streamed, truncated, created_at, started_at, completed_at,
+                duration_ms, last_attempt, last_outcome)
+            SELECT %s, seq, fingerprint, fp_version, occurrence, step_key, state, attempt,
+                method, url, envelope, request_headers, request_body, NULL, status, reason, http_version,
+                response_headers, response_body, error, streamed, truncated, created_at, started_at, completed_at,
+                duration_ms, 'fork', 'forked'
+            FROM durable_steps WHERE run_id = %s AND seq <= %s
+            """,
+            (to, run, at),
+        ).rowcount
+    return copied
+
+
+def _require_step(conn: psycopg.Connection, run: str, seq: int) -> dict[str, Any]:
+    _require_run(conn, run)
+    row = conn.execute("SELECT * FROM durable_steps WHERE run_id = %s AND seq = %s", (run, seq)).fetchone()
+    if row is None:
+        raise OperatorError(f"run {run!r} has no step {seq}")
+    return row
+
+
+def resolve(conn: psycopg.Connection, run: str, seq: int, action: str, status: int = 200, body: bytes = b"",
+            content_type: str = "application/json") -> str:
+    """Settle an in-doubt step: re-send it (`reissue`), drop it (`forget`) or give its answer (`complete`)."""
+    step = _require_step(conn, run, seq)
+    if step["state"] == "completed" and action != "complete":
+        raise OperatorError(f"step {seq} of run {run!r} is completed, not in doubt")
+    if action == "reissue":
+        conn.execute("UPDATE durable_steps SET approved = true WHERE run_id = %s AND seq = %s", (run, seq))
+        return f"step {seq} will be re-sent with its original idempotency key {step['idempotency_key']!r} by the next attempt"
+    if action == "forget":
+        conn.execute("DELETE FROM durable_steps WHERE run_id = %s AND seq = %s", (run, seq))
+        return f"step {seq} forgotten: the next attempt records the call afresh (with a new idempotency key)"
+    _set_answer(conn, run, seq, status, body, content_type)
+    return f"step {seq} completed by hand with status {status} ({len(body)} bytes): the next attempt replays it"
+
+
+def _set_answer(conn: psycopg.Connection, run: str, seq: int, status: int, body: bytes, content_type: str) -> None:
+    from psycopg.types.json import Jsonb
+
+    headers = [["Content-Type", content_type], ["Content-Length", str(len(body))]]
+    conn.execute(
+        "UPDATE durable_steps SET state = 'completed', status = %s, reason = '', http_version = 'HTTP/1.1',"
+        " response_headers = %s, response_body = %s, truncated = false, streamed = false, error = NULL,"
+        " completed_at = now(), last_outcome = 'edited' WHERE run_id = %s AND seq = %s",
+        (status, Jsonb(headers), body, run, seq),
+    )
+
+
+def edit(conn: psycopg.Connection, run: str, seq: int, status: int | None, body: bytes | None) -> str:
+    """Change what the agent will see at one step of a forked run (the original run is never touched).
+
+    A new body is given as the agent should read it, so the old Content-Encoding is dropped with it.
+    """
+    from psycopg.types.json import Jsonb
+
+    if not _require_run(conn, run)["forked_from"]:
+        raise OperatorError(f"run {run!r} is not a fork: fork it first (durable fork {run} --at N --to NEW)")
+    step = _require_step(conn, run, seq)
+    headers = step["response_headers"] or []
+    if body is None:
+        body = bytes(step["response_body"] or b"")
+    else:
+        headers = [[k, v] for k, v in headers if k.lower() not in ("content-encoding", "content-length")]
+    status = status or step["status"] or 200
+    conn.execute(
+        "UPDATE durable_steps SET state = 'completed', status = %s, response_headers = %s, response_body = %s,"
+        " truncated = false, last_outcome = 'edited' WHERE run_id = %s AND seq = %s",
+        (status, Jsonb(headers), body, run, seq),
+    )
+    return f"step {seq} of run {run!r} now answers {status} with {len(body)} bytes"
+
+
+def remove(conn: psycopg.Connection, run: str) -> int:
+    _require_run(conn, run)
+    count = conn.execute("SELECT count(*) AS n FROM durable_steps WHERE run_id = %s", (run,)).fetchone()["n"]
+    conn.execute("DELETE FROM durable_runs WHERE id = %s", (run,))
+    return count
+
+
+def gc(conn: psycopg.Connection, older_than_s: float, dry_run: bool, batch: int = 100) -> list[str]:
+    """Delete runs with no activity for `older_than_s`, a batch per statement so traffic never stalls."""
+    doomed = [r["id"] for r in conn.execute(
+        """
+        SELECT id FROM durable_runs r
+        WHERE updated_at < now() - make_interval(secs => %(age)s)
+          AND NOT EXISTS (SELECT 1 FROM durable_steps s WHERE s.run_id = r.id
+                          AND greatest(s.started_at, s.completed_at, s.replayed_at) >= now() - make_interval(secs => %(age)s))
+        ORDER BY updated_at
+        """,
+        {"age": older_than_s},
+    )]
+    if not dry_run:
+        for start in range(0, len(doomed), batch):
+            conn.execute("DELETE FROM durable_runs WHERE id = ANY(%s)", (doomed[start:start + batch],))
+    return doomed
