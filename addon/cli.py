@@ -22,7 +22,7 @@ from rich.table import Table
 
 from . import database, exchange, explain, identity, launcher, operator, settings
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def confdir_default() -> Path:
@@ -52,7 +52,7 @@ def emit(args: argparse.Namespace, data: Any, columns: list[str], title: str) ->
         table.add_column(column)
     for row in rows:
         table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 240).print(table)  # piped: do not squeeze to 80 columns
 
 
 # -- commands ---------------------------------------------------------------------------------------

@@ -97,7 +97,8 @@ def _sse(n: int, prompt: str, model: str) -> list[bytes]:
         }
         events.append(b"data: " + json.dumps(chunk).encode() + b"\n\n")
     done = {"id": f"chatcmpl-{n}", "object": "chat.completion.chunk", "created": 1_700_000_000 + n,
-            "model": model, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+            "model": model, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 12, "completion_tokens": len(words), "total_tokens": 12 + len(words)}}
     events.append(b"data: " + json.dumps(done).encode() + b"\n\n")
     events.append(b"data: [DONE]\n\n")
     return events
