@@ -9,6 +9,7 @@ the index (no bodies) once per (run, attempt).
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 
@@ -34,6 +35,8 @@ class RunCursor:
     """Replay state of one attempt of one run."""
 
     steps: dict[tuple[str, int], StepRef] = field(default_factory=dict)
+    seqs: list[int] = field(default_factory=list)  # every known seq, sorted
+    by_seq: dict[int, StepRef] = field(default_factory=dict)
     next_occurrence: dict[str, int] = field(default_factory=dict)
     consumed: set[int] = field(default_factory=set)
     high_water: int = 0  # highest seq this attempt has reached
@@ -43,9 +46,18 @@ class RunCursor:
     def from_steps(cls, steps: list[StepRef]) -> "RunCursor":
         cursor = cls()
         for step in steps:
-            cursor.steps[(step.key, step.occurrence)] = step
-            cursor.max_seq = max(cursor.max_seq, step.seq)
+            cursor._index(step)
         return cursor
+
+    def _index(self, step: StepRef) -> None:
+        if step.seq not in self.by_seq:
+            if not self.seqs or step.seq > self.seqs[-1]:
+                self.seqs.append(step.seq)  # the usual case: steps arrive in seq order
+            else:
+                bisect.insort(self.seqs, step.seq)
+        self.by_seq[step.seq] = step
+        self.steps[(step.key, step.occurrence)] = step
+        self.max_seq = max(self.max_seq, step.seq)
 
     def claim(self, key: str) -> Claim:
         """Take the next occurrence of `key`. Synchronous, so parallel identical calls get distinct ones."""
@@ -63,8 +75,7 @@ class RunCursor:
 
     def add(self, step: StepRef) -> None:
         """A step this attempt just journaled."""
-        self.steps[(step.key, step.occurrence)] = step
-        self.max_seq = max(self.max_seq, step.seq)
+        self._index(step)
         self._consume(step.seq)
 
     def ahead(self) -> list[StepRef]:
@@ -73,10 +84,18 @@ class RunCursor:
         A request that matches nothing while such steps exist is a divergence. Steps behind the
         furthest point that were skipped (an earlier attempt's abandoned branch) do not count.
         """
-        return sorted(
-            (s for s in self.steps.values() if s.seq > self.high_water and s.seq not in self.consumed),
-            key=lambda s: s.seq,
-        )
+        start = bisect.bisect_right(self.seqs, self.high_water)
+        return [self.by_seq[seq] for seq in self.seqs[start:] if seq not in self.consumed]
+
+    def upcoming(self, after: int, limit: int) -> list[int]:
+        """Seqs of completed steps after `after` this attempt has not consumed: what it will likely replay next."""
+        found: list[int] = []
+        for seq in self.seqs[bisect.bisect_right(self.seqs, after):]:
+            if len(found) == limit:
+                break
+            if seq not in self.consumed and self.by_seq[seq].state == "completed":
+                found.append(seq)
+        return found
 
     def moved_past(self, seq: int) -> bool:
         """True when the run holds a step after `seq`: the run went on after that step."""

@@ -18,7 +18,6 @@ from mitmproxy.addons.proxyauth import parse_http_basic_auth
 RUN_HEADER = "Durable-Run-Id"
 ATTEMPT_HEADER = "Durable-Attempt"
 STEP_KEY_HEADER = "Durable-Step-Key"
-CONTROL_PREFIX = "durable-"
 PROXY_AUTH_HEADER = "Proxy-Authorization"
 
 _ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
@@ -103,8 +102,15 @@ def resolve(
     )
 
 
-def control_header_names(names: list[str]) -> list[str]:
-    """The headers that belong to the sidecar and must never reach the upstream."""
-    return [
-        n for n in names if n.lower().startswith(CONTROL_PREFIX) or n.lower() == PROXY_AUTH_HEADER.lower()
-    ]
+def split_control(fields: tuple[tuple[bytes, bytes], ...]) -> tuple[dict[str, str], tuple[tuple[bytes, bytes], ...]]:
+    """One pass over raw header pairs: the sidecar's own headers (lower-case name -> value), and the
+    pairs that may go upstream. `Durable-*` and Proxy-Authorization never reach the upstream."""
+    control: dict[str, str] = {}
+    kept = []
+    for name, value in fields:
+        lower = name.lower()
+        if lower.startswith(b"durable-") or lower == b"proxy-authorization":
+            control[lower.decode("latin-1")] = value.decode("latin-1")
+        else:
+            kept.append((name, value))
+    return control, tuple(kept) if control else fields

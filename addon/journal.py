@@ -109,6 +109,8 @@ class Journal:
         self._pool: AsyncConnectionPool | None = None
         self._migrated = False
         self._lock = asyncio.Lock()
+        self._replays: list[tuple[str, int, str]] = []
+        self._flusher: asyncio.Future[None] | None = None
         self.target: database.Target | None = None
 
     async def open(self) -> None:
@@ -126,7 +128,6 @@ class Journal:
                     min_size=1,
                     max_size=self._max_connections,
                     kwargs={"autocommit": True},
-                    check=AsyncConnectionPool.check_connection,
                     timeout=self._timeout_s,
                     open=False,
                 )
@@ -144,17 +145,31 @@ class Journal:
             self._pool = None
 
     async def _run(self, what: str, sql: str, params: Any, fetch: str = "none") -> Any:
+        """One statement on a pooled connection, in its own transaction (autocommit).
+
+        Connections are not pinged on checkout (that would double the round trips). When one turns
+        out dead (Postgres restarted), the idle ones are checked and the statement runs once more on
+        a fresh connection: safe, because every statement here is idempotent or, for a new step,
+        guarded by the (run, fingerprint, occurrence) key.
+        """
         try:
             if self._pool is None or not self._migrated:
                 await self.open()
             assert self._pool is not None
-            async with self._pool.connection() as conn:
-                cur = await conn.cursor(row_factory=dict_row).execute(sql, params)
-                if fetch == "one":
-                    return await cur.fetchone()
-                if fetch == "all":
-                    return await cur.fetchall()
-                return cur.rowcount
+            for retry in (False, True):
+                async with self._pool.connection() as conn:
+                    try:
+                        cur = await conn.cursor(row_factory=dict_row).execute(sql, params)
+                    except psycopg.OperationalError:
+                        if retry or not conn.broken:
+                            raise
+                        await self._pool.check()
+                        continue
+                    if fetch == "one":
+                        return await cur.fetchone()
+                    if fetch == "all":
+                        return await cur.fetchall()
+                    return cur.rowcount
         except Exception as e:  # psycopg, pool timeouts, embedded start: all mean "journal unavailable"
             raise JournalError(f"{what}: {type(e).__name__}: {e}".strip()) from e
 
@@ -236,27 +251,55 @@ class Journal:
             (error, duration_ms, run, seq),
         )
 
-    async def replay(self, run: str, seq: int, attempt: str) -> StoredResponse:
-        row = await self._run(
-            "read journaled response",
-            "UPDATE durable_steps SET replay_count = replay_count + 1, replayed_at = now(), last_attempt = %s,"
-            " last_outcome = 'replayed'"
-            " WHERE run_id = %s AND seq = %s"
-            " RETURNING state, status, reason, http_version, response_headers, response_body, error",
-            (attempt, run, seq),
-            fetch="one",
+    async def responses(self, run: str, seqs: list[int], max_body: int | None = None) -> dict[int, StoredResponse]:
+        """Journaled answers of some steps, by seq; with max_body, larger bodies are left out."""
+        rows = await self._run(
+            "read journaled responses",
+            "SELECT seq, state, status, reason, http_version, response_headers, response_body, error"
+            " FROM durable_steps WHERE run_id = %s AND seq = ANY(%s)"
+            " AND (%s::int IS NULL OR coalesce(octet_length(response_body), 0) <= %s::int)",
+            (run, seqs, max_body, max_body),
+            fetch="all",
         )
-        if row is None:
-            raise JournalError(f"read journaled response: step {run}/{seq} is gone")
-        return StoredResponse(
-            state=row["state"],
-            status=row["status"],
-            reason=row["reason"],
-            http_version=row["http_version"],
-            headers=decode_headers(row["response_headers"]),
-            body=bytes(row["response_body"] or b""),
-            error=row["error"],
-        )
+        return {
+            row["seq"]: StoredResponse(
+                state=row["state"],
+                status=row["status"],
+                reason=row["reason"],
+                http_version=row["http_version"],
+                headers=decode_headers(row["response_headers"]),
+                body=bytes(row["response_body"] or b""),
+                error=row["error"],
+            )
+            for row in rows
+        }
+
+    def note_replay(self, run: str, seq: int, attempt: str) -> None:
+        """Count a replay (replay_count, replayed_at, last attempt and outcome) without delaying it.
+
+        Notes are written in batches by one background task; losing the last few in a crash costs
+        nothing but a counter.
+        """
+        self._replays.append((run, seq, attempt))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush_replays())
+
+    async def _flush_replays(self) -> None:
+        while self._replays:
+            batch, self._replays = self._replays, []
+            runs, seqs, attempts = (list(column) for column in zip(*batch))
+            try:
+                await self._run(
+                    "count replays",
+                    "UPDATE durable_steps s SET replay_count = s.replay_count + n.times, replayed_at = now(),"
+                    " last_attempt = n.attempt, last_outcome = 'replayed'"
+                    " FROM (SELECT run, seq, max(attempt) AS attempt, count(*) AS times"
+                    "       FROM unnest(%s::text[], %s::int[], %s::text[]) AS u(run, seq, attempt) GROUP BY run, seq) n"
+                    " WHERE s.run_id = n.run AND s.seq = n.seq",
+                    (runs, seqs, attempts),
+                )
+            except JournalError as e:
+                logger.warning("durable: %d replay counts not written: %s", len(batch), e)
 
     async def reissue(
         self, run: str, seq: int, attempt: str, pending_allowed: bool, window_s: float

@@ -20,6 +20,7 @@ from mitmproxy import http
 from . import divergence, faults, fingerprint, identity, redaction, responses, streams
 from .cursor import Claim, RunCursor, StepRef
 from .journal import Journal, JournalError, NewStep, encode_headers
+from .prefetch import Prefetch
 from .settings import Settings
 
 logger = logging.getLogger("durable")
@@ -53,6 +54,7 @@ class Lifecycle:
         self.journal = journal
         self.settings = settings  # replaced by the addon when options change
         self.cursors: dict[tuple[str, str], asyncio.Task[RunCursor]] = {}
+        self.prefetches: dict[tuple[str, str], Prefetch] = {}
         self.divergences = 0
 
     async def begin(self, flow: http.HTTPFlow, ident: identity.Identity) -> Step:
@@ -113,7 +115,7 @@ class Lifecycle:
         key = (run, attempt)
         task = self.cursors.get(key)
         if task is None:
-            task = asyncio.ensure_future(self._load_cursor(run))
+            task = asyncio.ensure_future(self._load_cursor(run, attempt))
             self.cursors[key] = task
         try:
             return await task
@@ -122,8 +124,11 @@ class Lifecycle:
                 del self.cursors[key]  # let the next request try again
             raise
 
-    async def _load_cursor(self, run: str) -> RunCursor:
-        return RunCursor.from_steps(await self.journal.load_run(run))
+    async def _load_cursor(self, run: str, attempt: str) -> RunCursor:
+        cursor = RunCursor.from_steps(await self.journal.load_run(run))
+        prefetch = self.prefetches[(run, attempt)] = Prefetch(self.journal, run, cursor)
+        prefetch.refill()
+        return cursor
 
     async def _record(
         self,
@@ -224,7 +229,12 @@ class Lifecycle:
     ) -> Step:
         s = self.settings
         if step.state == "completed" or (step.state == "failed" and cursor.moved_past(step.seq)):
-            stored = await self.journal.replay(ident.run, step.seq, ident.attempt)
+            stored = self.prefetches[(ident.run, ident.attempt)].take(step.seq)
+            if stored is None:
+                stored = (await self.journal.responses(ident.run, [step.seq])).get(step.seq)
+            if stored is None:
+                raise JournalError(f"read journaled response: step {ident.run}/{step.seq} is gone")
+            self.journal.note_replay(ident.run, step.seq, ident.attempt)
             if stored.status is None:  # a journaled connection failure
                 flow.response = responses.refusal(
                     502, "journaled upstream failure, replayed", run=ident.run, step=step.seq, failed=stored.error

@@ -84,7 +84,7 @@ class DurableSidecar:
             self._refuse(flow, 413, reason + "; nothing was forwarded")
             return
         logger.warning("durable: %s %s passes through unjournaled: %s", flow.request.method, flow.request.pretty_url, reason)
-        strip_control_headers(flow.request)
+        _, flow.request.headers.fields = identity.split_control(flow.request.headers.fields)
         flow.request.stream = True
         flow.metadata[META] = Step(None, None, "passthrough")
 
@@ -93,7 +93,6 @@ class DurableSidecar:
             return
         try:
             ident = self._identify(flow)
-            strip_control_headers(flow.request)
             if self.settings.ignored(flow.request.host) or flow.request.headers.get("upgrade", "").lower() == "websocket":
                 flow.metadata[META] = Step(ident.run, None, "passthrough")
                 return
@@ -154,12 +153,12 @@ class DurableSidecar:
     # -- helpers --------------------------------------------------------------------------------
 
     def _identify(self, flow: http.HTTPFlow) -> identity.Identity:
-        headers = flow.request.headers
+        """Who is calling; takes the sidecar's own headers off the request on the way."""
+        control, flow.request.headers.fields = identity.split_control(flow.request.headers.fields)
         try:
-            creds = identity.parse_proxy_authorization(headers.get(identity.PROXY_AUTH_HEADER))
+            creds = identity.parse_proxy_authorization(control.get("proxy-authorization"))
             if creds == identity.Credentials():
                 creds = self.credentials.get(flow.client_conn, creds)
-            control = {k.lower(): v for k, v in headers.items() if k.lower().startswith(identity.CONTROL_PREFIX)}
             s = self.settings
             return identity.resolve(control, creds, s.run, s.attempt, self.default_run, self.default_attempt)
         except identity.IdentityError as e:
@@ -189,8 +188,3 @@ class DurableSidecar:
             f" {note}" if note else "",
         )
 
-
-def strip_control_headers(request: http.Request) -> None:
-    """`Durable-*` and Proxy-Authorization belong to the sidecar; they never reach the upstream."""
-    for name in identity.control_header_names(list(request.headers.keys())):
-        request.headers.pop(name, None)

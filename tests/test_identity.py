@@ -65,9 +65,14 @@ def test_bad_step_key_is_refused() -> None:
         resolve({"durable-step-key": "no spaces please"})
 
 
-def test_control_headers_are_named_for_stripping() -> None:
-    names = ["Durable-Run-Id", "durable-attempt", "Proxy-Authorization", "Authorization", "X-Durable"]
-    assert identity.control_header_names(names) == ["Durable-Run-Id", "durable-attempt", "Proxy-Authorization"]
+def test_control_headers_are_split_off() -> None:
+    fields = ((b"Durable-Run-Id", b"r"), (b"Authorization", b"Bearer k"), (b"durable-attempt", b"a"),
+              (b"Proxy-Authorization", b"Basic x"), (b"X-Durable", b"1"))
+    control, kept = identity.split_control(fields)
+    assert control == {"durable-run-id": "r", "durable-attempt": "a", "proxy-authorization": "Basic x"}
+    assert kept == ((b"Authorization", b"Bearer k"), (b"X-Durable", b"1"))
+    untouched = ((b"Accept", b"*/*"),)
+    assert identity.split_control(untouched) == ({}, untouched)
 
 
 def test_minted_ids_are_valid_and_distinct() -> None:
