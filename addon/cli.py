@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from . import database, exchange, explain, identity, launcher, operator, settings
+from . import crypto, database, exchange, explain, identity, launcher, operator, settings
 
 err = Console(stderr=True, soft_wrap=True)
 
@@ -74,14 +74,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     identity.validate_id(args.run, "run id")
     attempt = args.attempt or identity.mint_id("attempt")
     confdir = Path(args.confdir)
+    options = set_options(args.set, args.dsn)
+    secret = options.get("durable_auth_secret") or os.environ.get("DURABLE_AUTH_SECRET")
+    token = identity.run_token(secret, args.run) if secret else None
     sidecar = None
     if args.proxy:
         host_port = args.proxy.split("://")[-1].split("@")[-1].rstrip("/")
-        proxy_url = f"http://{args.run}:{attempt}@{host_port}"
-        ca = confdir / launcher.CA_CERT
+        proxy_url, ca = launcher.proxy_url(host_port, args.run, attempt, token), confdir / launcher.CA_CERT
     else:
-        sidecar = launcher.start_sidecar(confdir, set_options(args.set, args.dsn))
-        proxy_url, ca = sidecar.proxy_url(args.run, attempt), sidecar.ca_cert
+        sidecar = launcher.start_sidecar(confdir, options)
+        proxy_url, ca = sidecar.proxy_url(args.run, attempt, token), sidecar.ca_cert
     try:
         if not ca.exists():
             raise SystemExit(f"durable run: no CA certificate at {ca} (use --confdir of the sidecar at --proxy)")
@@ -214,6 +216,18 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    print(crypto.new_key_spec(args.kid))
+    return 0
+
+
+def cmd_rekey(args: argparse.Namespace) -> int:
+    with operator.connect(args.dsn) as conn:
+        count = operator.rekey(conn)
+    print(f"re-encrypted {count} steps with key {operator.keyring().active!r}")
+    return 0
+
+
 def cmd_ca(args: argparse.Namespace) -> int:
     from mitmproxy import certs
 
@@ -327,6 +341,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("file")
     s.add_argument("--run", required=True)
     s.set_defaults(func=cmd_import)
+
+    s = sub.add_parser("keygen", parents=[common], help="a new encryption key, KID:BASE64 (for DURABLE_ENCRYPTION_KEY)")
+    s.add_argument("--kid", default="k1")
+    s.set_defaults(func=cmd_keygen)
+
+    sub.add_parser("rekey", parents=[common], help="re-encrypt the journal with the first key of DURABLE_ENCRYPTION_KEY"
+                   ).set_defaults(func=cmd_rekey)
 
     s = sub.add_parser("ca", parents=[common, certs], help="the sidecar's CA: path | bundle FILE | install")
     s.add_argument("action", choices=["path", "bundle", "install"])

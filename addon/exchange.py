@@ -17,7 +17,8 @@ from urllib.parse import urlsplit
 from mitmproxy import connection, http, io
 from mitmproxy.addons.savehar import SaveHar
 
-from . import fingerprint, redaction
+from . import database, fingerprint, redaction
+from .crypto import Keyring
 from .journal import Journal, NewStep, decode_headers, encode_headers
 
 
@@ -71,7 +72,8 @@ async def import_flows(
     dsn: str | None, run: str, flows_in: list[http.HTTPFlow], progress: Callable[[int], None] = lambda n: None
 ) -> int:
     """Journal each flow as a completed step of `run`, as if the sidecar had recorded it."""
-    journal = Journal(dsn)
+    journal = Journal(dsn, keyring=Keyring.from_option(""))
+    redactor = redaction.Redactor(redaction.load_key("", database.durable_home()))
     await journal.open()
     occurrences: dict[str, int] = {}
     try:
@@ -87,8 +89,8 @@ async def import_flows(
             occurrences[key] = occurrence + 1
             recorded = await journal.record(NewStep(
                 run=run, attempt="import", key=key, fp_version=fingerprint.VERSION, occurrence=occurrence,
-                step_key=None, method=req.method, url=req.pretty_url, envelope=env,
-                request_headers=encode_headers(redaction.redact_headers(req.headers.fields)), request_body=parts.body,
+                step_key=None, method=req.method, url=redactor.url(req.pretty_url), envelope=env,
+                request_headers=encode_headers(redactor.headers(req.headers.fields)), request_body=parts.body,
                 agent_idempotency_key=None, mint_idempotency_key=False, outcome="imported",
             ))
             assert recorded is not None, "a new run holds no step yet"

@@ -8,6 +8,9 @@ Each of run and attempt is taken from the first source that has it.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import re
 import secrets
 import time
@@ -18,6 +21,7 @@ from mitmproxy.addons.proxyauth import parse_http_basic_auth
 RUN_HEADER = "Durable-Run-Id"
 ATTEMPT_HEADER = "Durable-Attempt"
 STEP_KEY_HEADER = "Durable-Step-Key"
+TOKEN_HEADER = "Durable-Token"
 PROXY_AUTH_HEADER = "Proxy-Authorization"
 
 _ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
@@ -29,10 +33,11 @@ class IdentityError(ValueError):
 
 @dataclass(frozen=True)
 class Credentials:
-    """Run and attempt carried by proxy credentials (either may be absent)."""
+    """Run, attempt and run token carried by proxy credentials `RUN:ATTEMPT[~TOKEN]` (any may be absent)."""
 
     run: str | None = None
     attempt: str | None = None
+    token: str | None = None
 
 
 @dataclass(frozen=True)
@@ -65,10 +70,22 @@ def parse_proxy_authorization(value: str | None) -> Credentials:
         _, user, password = parse_http_basic_auth(value)
     except ValueError as e:
         raise IdentityError(f"unreadable Proxy-Authorization ({e}); expected Basic RUN:ATTEMPT")
+    attempt, _, token = password.partition("~")
     return Credentials(
         run=validate_id(user, "run id (proxy user name)") if user else None,
-        attempt=validate_id(password, "attempt id (proxy password)") if password else None,
+        attempt=validate_id(attempt, "attempt id (proxy password)") if attempt else None,
+        token=token or None,
     )
+
+
+def run_token(secret: str, run: str) -> str:
+    """The token that opens `run` when the sidecar has `durable_auth_secret`: HMAC-SHA256, base64url."""
+    digest = hmac.new(secret.encode(), run.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).decode()[:32]
+
+
+def token_ok(secret: str, run: str, token: str | None) -> bool:
+    return token is not None and hmac.compare_digest(token, run_token(secret, run))
 
 
 def resolve(

@@ -17,6 +17,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from . import database, migrations
+from .crypto import Keyring, open_row, seal_json
 from .cursor import StepRef
 
 logger = logging.getLogger(__name__)
@@ -87,10 +88,10 @@ WITH existing AS (
     RETURNING last_seq
 )
 INSERT INTO durable_steps (run_id, seq, fingerprint, fp_version, occurrence, step_key, state, attempt,
-                           last_attempt, last_outcome, divergence,
+                           last_attempt, last_outcome, divergence, key_id,
                            method, url, envelope, request_headers, request_body, idempotency_key)
 SELECT %(run)s, run.last_seq, %(key)s, %(fpv)s, %(occ)s, %(step_key)s, 'pending', %(attempt)s,
-       %(attempt)s, %(outcome)s, %(divergence)s,
+       %(attempt)s, %(outcome)s, %(divergence)s, %(key_id)s,
        %(method)s, %(url)s, %(envelope)s, %(headers)s, %(body)s,
        COALESCE(%(agent_key)s, CASE WHEN %(mint)s THEN
            'durable-' || left(encode(sha256(convert_to(%(run)s || ':' || run.last_seq, 'UTF8')), 'hex'), 32)
@@ -102,8 +103,11 @@ RETURNING seq, idempotency_key
 
 
 class Journal:
-    def __init__(self, dsn: str | None, timeout_s: float = 5.0, max_connections: int = 20) -> None:
+    def __init__(
+        self, dsn: str | None, timeout_s: float = 5.0, max_connections: int = 20, keyring: Keyring | None = None
+    ) -> None:
         self._option_dsn = dsn
+        self.keyring = keyring or Keyring("")
         self._timeout_s = timeout_s
         self._max_connections = max_connections
         self._pool: AsyncConnectionPool | None = None
@@ -197,8 +201,9 @@ class Journal:
                 "method": step.method,
                 "url": step.url,
                 "envelope": Jsonb(step.envelope),
-                "headers": Jsonb(step.request_headers),
-                "body": step.request_body,
+                "headers": Jsonb(seal_json(self.keyring, step.request_headers)),
+                "body": self.keyring.seal(step.request_body),
+                "key_id": self.keyring.active,
                 "agent_key": step.agent_idempotency_key,
                 "mint": step.mint_idempotency_key,
                 "outcome": step.outcome,
@@ -237,8 +242,9 @@ class Journal:
             "journal response",
             "UPDATE durable_steps SET state = %s, status = %s, reason = %s, http_version = %s,"
             " response_headers = %s, response_body = %s, error = NULL, completed_at = now(),"
-            " duration_ms = %s, streamed = %s, truncated = %s WHERE run_id = %s AND seq = %s",
-            (state, status, reason, http_version, Jsonb(headers), body, duration_ms, streamed, truncated, run, seq),
+            " duration_ms = %s, streamed = %s, truncated = %s, key_id = %s WHERE run_id = %s AND seq = %s",
+            (state, status, reason, http_version, Jsonb(seal_json(self.keyring, headers)), self.keyring.seal(body),
+             duration_ms, streamed, truncated, self.keyring.active, run, seq),
         )
         if updated != 1:
             raise JournalError(f"journal response: step {run}/{seq} is gone")
@@ -261,6 +267,10 @@ class Journal:
             (run, seqs, max_body, max_body),
             fetch="all",
         )
+        try:
+            rows = [open_row(self.keyring, row) for row in rows]
+        except ValueError as e:  # KeyringError: a missing or wrong key
+            raise JournalError(f"read journaled responses of run {run}: {e}") from e
         return {
             row["seq"]: StoredResponse(
                 state=row["state"],
@@ -325,10 +335,14 @@ class Journal:
 
     async def requests(self, run: str, seqs: list[int]) -> list[dict[str, Any]]:
         """Envelopes and bodies of some steps, for divergence diffs."""
-        return await self._run(
+        rows = await self._run(
             "read journaled requests",
             "SELECT seq, envelope, request_headers, request_body FROM durable_steps"
             " WHERE run_id = %s AND seq = ANY(%s) ORDER BY seq",
             (run, seqs),
             fetch="all",
         )
+        try:
+            return [open_row(self.keyring, row) for row in rows]
+        except ValueError as e:
+            raise JournalError(f"read journaled requests of run {run}: {e}") from e

@@ -45,8 +45,8 @@ class Sidecar:
     confdir: Path
     log_path: Path
 
-    def proxy_url(self, run: str, attempt: str) -> str:
-        return f"http://{quote(run, safe='')}:{quote(attempt, safe='')}@127.0.0.1:{self.port}"
+    def proxy_url(self, run: str, attempt: str, token: str | None = None) -> str:
+        return proxy_url(f"127.0.0.1:{self.port}", run, attempt, token)
 
     @property
     def ca_cert(self) -> Path:
@@ -69,6 +69,12 @@ class Sidecar:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
+
+
+def proxy_url(host_port: str, run: str, attempt: str, token: str | None = None) -> str:
+    """`http://RUN:ATTEMPT[~TOKEN]@HOST:PORT`: the credentials carry the identity (and the run's token)."""
+    password = attempt + (f"~{token}" if token else "")
+    return f"http://{quote(run, safe='')}:{quote(password, safe='~')}@{host_port}"
 
 
 def start_sidecar(

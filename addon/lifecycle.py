@@ -50,9 +50,10 @@ class Refused(Exception):
 class Lifecycle:
     """Steps of every run this sidecar serves: the replay cursors and the journal writes."""
 
-    def __init__(self, journal: Journal, settings: Settings) -> None:
+    def __init__(self, journal: Journal, settings: Settings, redactor: redaction.Redactor) -> None:
         self.journal = journal
         self.settings = settings  # replaced by the addon when options change
+        self.redactor = redactor
         self.cursors: dict[tuple[str, str], asyncio.Task[RunCursor]] = {}
         self.prefetches: dict[tuple[str, str], Prefetch] = {}
         self.divergences = 0
@@ -148,7 +149,9 @@ class Lifecycle:
         ahead = cursor.ahead()
         if ahead:
             outcome = "diverged"
-            diverged = await self._report_divergence(ident, cursor, claim, ahead, env, body)
+            diverged = await self._report_divergence(
+                ident, cursor, claim, ahead, env, self.redactor.body(body, req.headers.get("content-type", ""))
+            )
 
         header = s.idempotency_header(req.host)
         agent_key = req.headers.get(header)
@@ -162,10 +165,10 @@ class Lifecycle:
                 occurrence=claim.occurrence,
                 step_key=ident.step_key,
                 method=req.method,
-                url=req.pretty_url,
+                url=self.redactor.url(req.pretty_url),
                 envelope=env,
-                request_headers=encode_headers(redaction.redact_headers(req.headers.fields)),
-                request_body=body,
+                request_headers=encode_headers(self.redactor.headers(req.headers.fields)),
+                request_body=self.redactor.body(body, req.headers.get("content-type", "")),
                 agent_idempotency_key=agent_key,
                 mint_idempotency_key=req.method.upper() in s.idempotency_methods,
                 outcome=outcome,

@@ -102,6 +102,14 @@ MIGRATIONS: list[tuple[int, str]] = [
         UPDATE durable_steps SET last_attempt = attempt, last_outcome = 'recorded';
         """,
     ),
+    (
+        3,
+        """
+        -- encryption at rest: which key sealed this row's bodies and headers (NULL: not encrypted)
+        ALTER TABLE durable_steps ADD COLUMN key_id text;
+        CREATE INDEX durable_steps_key_id ON durable_steps (key_id) WHERE key_id IS NOT NULL;
+        """,
+    ),
 ]
 
 

@@ -16,7 +16,13 @@ import psycopg
 from psycopg.rows import dict_row
 
 from . import database, migrations, usage
+from .crypto import Keyring, open_row, seal_json
 from .journal import decode_headers
+
+
+def keyring() -> Keyring:
+    """The CLI's keys: $DURABLE_ENCRYPTION_KEY (the sidecar may also take them by option)."""
+    return Keyring.from_option("")
 
 
 class OperatorError(RuntimeError):
@@ -70,7 +76,9 @@ def steps(conn: psycopg.Connection, run: str) -> list[dict[str, Any]]:
         """,
         (run,),
     ).fetchall()
+    keys = keyring()
     for row in rows:
+        open_row(keys, row)
         body, headers = row.pop("response_body"), row.pop("response_headers")
         row["tokens"] = usage.tokens(bytes(body), decode_headers(headers)) if body else 0
     return rows
@@ -79,12 +87,14 @@ def steps(conn: psycopg.Connection, run: str) -> list[dict[str, Any]]:
 def step_rows(conn: psycopg.Connection, run: str) -> list[dict[str, Any]]:
     """Whole journal rows of a run, bodies included (for export)."""
     _require_run(conn, run)
-    return conn.execute("SELECT * FROM durable_steps WHERE run_id = %s ORDER BY seq", (run,)).fetchall()
+    keys = keyring()
+    return [open_row(keys, row) for row in conn.execute("SELECT * FROM durable_steps WHERE run_id = %s ORDER BY seq", (run,))]
 
 
 def attempt_summary(conn: psycopg.Connection, run: str, attempt: str) -> dict[str, int]:
     """What one attempt did: steps per outcome, and the calls and tokens its replays did not re-spend."""
     summary = {"recorded": 0, "replayed": 0, "reissued": 0, "diverged": 0, "tokens_saved": 0}
+    keys = keyring()
     for row in conn.execute(
         "SELECT last_outcome, response_headers, response_body FROM durable_steps"
         " WHERE run_id = %s AND last_attempt = %s",
@@ -93,6 +103,7 @@ def attempt_summary(conn: psycopg.Connection, run: str, attempt: str) -> dict[st
         outcome = row["last_outcome"]
         summary[outcome] = summary.get(outcome, 0) + 1
         if outcome == "replayed" and row["response_body"]:
+            open_row(keys, row)
             summary["tokens_saved"] += usage.tokens(bytes(row["response_body"]), decode_headers(row["response_headers"]))
     return summary
 
@@ -161,11 +172,12 @@ def _set_answer(conn: psycopg.Connection, run: str, seq: int, status: int, body:
     from psycopg.types.json import Jsonb
 
     headers = [["Content-Type", content_type], ["Content-Length", str(len(body))]]
+    keys = keyring()
     conn.execute(
         "UPDATE durable_steps SET state = 'completed', status = %s, reason = '', http_version = 'HTTP/1.1',"
         " response_headers = %s, response_body = %s, truncated = false, streamed = false, error = NULL,"
-        " completed_at = now(), last_outcome = 'edited' WHERE run_id = %s AND seq = %s",
-        (status, Jsonb(headers), body, run, seq),
+        " completed_at = now(), last_outcome = 'edited', key_id = %s WHERE run_id = %s AND seq = %s",
+        (status, Jsonb(seal_json(keys, headers)), keys.seal(body), keys.active, run, seq),
     )
 
 
@@ -178,7 +190,8 @@ def edit(conn: psycopg.Connection, run: str, seq: int, status: int | None, body:
 
     if not _require_run(conn, run)["forked_from"]:
         raise OperatorError(f"run {run!r} is not a fork: fork it first (durable fork {run} --at N --to NEW)")
-    step = _require_step(conn, run, seq)
+    keys = keyring()
+    step = open_row(keys, _require_step(conn, run, seq))
     headers = step["response_headers"] or []
     if body is None:
         body = bytes(step["response_body"] or b"")
@@ -187,10 +200,40 @@ def edit(conn: psycopg.Connection, run: str, seq: int, status: int | None, body:
     status = status or step["status"] or 200
     conn.execute(
         "UPDATE durable_steps SET state = 'completed', status = %s, response_headers = %s, response_body = %s,"
-        " truncated = false, last_outcome = 'edited' WHERE run_id = %s AND seq = %s",
-        (status, Jsonb(headers), body, run, seq),
+        " truncated = false, last_outcome = 'edited', key_id = %s WHERE run_id = %s AND seq = %s",
+        (status, Jsonb(seal_json(keys, headers)), keys.seal(body), keys.active, run, seq),
     )
     return f"step {seq} of run {run!r} now answers {status} with {len(body)} bytes"
+
+
+def rekey(conn: psycopg.Connection, batch: int = 200) -> int:
+    """Re-encrypt every row not sealed with the active key (plaintext rows included) with it."""
+    from psycopg.types.json import Jsonb
+
+    keys = keyring()
+    if not keys.enabled:
+        raise OperatorError("no encryption key: set DURABLE_ENCRYPTION_KEY=NEWKID:KEY,OLDKID:KEY (new key first)")
+    done = 0
+    while True:
+        rows = conn.execute(
+            "SELECT run_id, seq, request_headers, request_body, response_headers, response_body FROM durable_steps"
+            " WHERE key_id IS DISTINCT FROM %s LIMIT %s",
+            (keys.active, batch),
+        ).fetchall()
+        if not rows:
+            return done
+        with conn.transaction():
+            for row in rows:
+                open_row(keys, row)
+                conn.execute(
+                    "UPDATE durable_steps SET request_headers = %s, request_body = %s, response_headers = %s,"
+                    " response_body = %s, key_id = %s WHERE run_id = %s AND seq = %s",
+                    (Jsonb(seal_json(keys, row["request_headers"])), keys.seal(bytes(row["request_body"] or b"")),
+                     Jsonb(seal_json(keys, row["response_headers"])) if row["response_headers"] is not None else None,
+                     keys.seal(bytes(row["response_body"])) if row["response_body"] is not None else None,
+                     keys.active, row["run_id"], row["seq"]),
+                )
+        done += len(rows)
 
 
 def remove(conn: psycopg.Connection, run: str) -> int:

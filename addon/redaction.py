@@ -1,32 +1,103 @@
-"""What never reaches the journal in clear: credential headers are stored as a hash of their value."""
+"""What never reaches the journal (or a log) in clear: credentials in headers, query strings and
+chosen JSON body fields are stored as a keyed hash (HMAC-SHA256) of their value.
+
+The hash lets an operator tell two keys apart without the journal holding either; being keyed, it
+cannot be brute-forced from a dump of the journal alone. The key: option `durable_redact_key`, else
+$DURABLE_REDACT_KEY, else a random key kept in $DURABLE_HOME/redact.key (0600), made on first use.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-SECRET_HEADERS = frozenset(
-    {
-        "authorization",
-        "proxy-authorization",
-        "cookie",
-        "x-api-key",
-        "api-key",
-        "x-goog-api-key",
-        "openai-api-key",
-        "anthropic-api-key",
-    }
+# header and query parameter names that carry credentials (matched anywhere in the lower-case name)
+SECRET_NAMES = re.compile(
+    r"authorization|api[-_]?key|secret|passw(or)?d|cookie|signature|credential"
+    r"|(^|[-_])(session|token|key|auth|sig)($|[-_])"
 )
+MARK = "redacted:"
 
 
-def redact_headers(fields: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """Header pairs with every credential value replaced by `redacted:sha256:<16 hex>`.
+def load_key(option: str, home: Path) -> bytes:
+    if option or os.environ.get("DURABLE_REDACT_KEY"):
+        return (option or os.environ["DURABLE_REDACT_KEY"]).encode()
+    path = home / "redact.key"
+    if not path.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    return path.read_text().strip().encode()
 
-    The short hash lets an operator tell two keys apart without the journal holding either.
-    """
-    return [
-        (name, b"redacted:sha256:" + hashlib.sha256(value).hexdigest()[:16].encode())
-        if name.decode("latin-1").lower() in SECRET_HEADERS
-        else (name, value)
-        for name, value in fields
-    ]
+
+class Redactor:
+    def __init__(self, key: bytes, extra_headers: Iterable[str] = (), json_pointers: Iterable[str] = ()) -> None:
+        self.key = key
+        self.extra = {h.lower() for h in extra_headers}
+        self.pointers = list(json_pointers)
+
+    def digest(self, value: bytes) -> str:
+        return MARK + "hmac-sha256:" + hmac.new(self.key, value, hashlib.sha256).hexdigest()[:16]
+
+    def secret_name(self, name: str) -> bool:
+        lower = name.lower()
+        return lower in self.extra or (bool(SECRET_NAMES.search(lower)) and "idempotency" not in lower)
+
+    def headers(self, fields: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        return [
+            (name, self.digest(value).encode()) if self.secret_name(name.decode("latin-1")) else (name, value)
+            for name, value in fields
+        ]
+
+    def url(self, url: str) -> str:
+        """The URL with credential-looking query parameters (`?key=`, `access_token=`...) hashed."""
+        split = urlsplit(url)
+        if not split.query:
+            return url
+        pairs = parse_qsl(split.query, keep_blank_values=True)
+        if not any(self.secret_name(k) for k, _ in pairs):
+            return url
+        redacted = [(k, self.digest(v.encode()) if self.secret_name(k) else v) for k, v in pairs]
+        return urlunsplit(split._replace(query=urlencode(redacted)))
+
+    def body(self, body: bytes, content_type: str) -> bytes:
+        """A JSON body with the configured pointers hashed; anything else unchanged."""
+        if not self.pointers or "json" not in content_type.lower():
+            return body
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            return body
+        changed = False
+        for pointer in self.pointers:
+            changed |= _replace_at(doc, pointer, lambda v: self.digest(json.dumps(v).encode()))
+        return json.dumps(doc).encode() if changed else body
+
+
+def _replace_at(doc: Any, pointer: str, replace: Any) -> bool:
+    tokens = [t.replace("~1", "/").replace("~0", "~") for t in pointer.split("/")[1:]]
+    node = doc
+    for token in tokens[:-1]:
+        if isinstance(node, dict) and token in node:
+            node = node[token]
+        elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
+            node = node[int(token)]
+        else:
+            return False
+    last = tokens[-1] if tokens else None
+    if isinstance(node, dict) and last in node:
+        node[last] = replace(node[last])
+        return True
+    if isinstance(node, list) and last is not None and last.isdigit() and int(last) < len(node):
+        node[int(last)] = replace(node[int(last)])
+        return True
+    return False

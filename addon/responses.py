@@ -78,11 +78,10 @@ def rebuild(
 def refusal(status: int, reason: str, **details: Any) -> http.Response:
     """A clear error for the agent: JSON saying what went wrong and where."""
     body = {"error": "durable-sidecar", "reason": reason, **{k: v for k, v in details.items() if v is not None}}
-    return http.Response.make(
-        status,
-        json.dumps(body, indent=None).encode() + b"\n",
-        {"Content-Type": "application/json", OUTCOME: "refused"},
-    )
+    headers = {"Content-Type": "application/json", OUTCOME: "refused"}
+    if status == 407:
+        headers["Proxy-Authenticate"] = 'Basic realm="durable-sidecar"'
+    return http.Response.make(status, json.dumps(body, indent=None).encode() + b"\n", headers)
 
 
 def label(response: http.Response, run: str | None, seq: int | None, outcome: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,6 +11,8 @@ from typing import Any
 
 from mitmproxy import exceptions
 
+from . import crypto
+from .crypto import Keyring
 from .fingerprint import MatchRules, Rule
 
 IN_DOUBT_POLICIES = ("reissue", "fail")
@@ -58,6 +61,22 @@ OPTIONS: list[tuple[str, Any, Any, str]] = [
         "refuse",
         "Requests over durable_body_cap: refuse (413, nothing forwarded) or passthrough (forwarded unjournaled).",
     ),
+    ("durable_redact_headers", Sequence[str], [], "More request headers stored only as a keyed hash."),
+    ("durable_redact_json", Sequence[str], [], "JSON pointers of request body fields stored only as a keyed hash."),
+    ("durable_redact_key", str, "", "Key of the redaction hash. Empty: $DURABLE_REDACT_KEY, else $DURABLE_HOME/redact.key."),
+    (
+        "durable_encryption_key",
+        str,
+        "",
+        "Encrypt journaled bodies and headers: KID:BASE64KEY[,KID:BASE64KEY...], first active. "
+        "Empty: $DURABLE_ENCRYPTION_KEY, else no encryption.",
+    ),
+    (
+        "durable_auth_secret",
+        str,
+        "",
+        "Require a per-run token in the proxy credentials (RUN:ATTEMPT~TOKEN). Empty: $DURABLE_AUTH_SECRET, else open.",
+    ),
 ]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
@@ -88,6 +107,11 @@ class Settings:
     db_timeout_s: float
     body_cap: int
     oversize_request: str
+    redact_headers: tuple[str, ...]
+    redact_json: tuple[str, ...]
+    redact_key: str
+    encryption_key: str
+    auth_secret: str
 
     def idempotency_header(self, host: str) -> str:
         return self.idempotency_headers.get(host.lower()) or self.idempotency_headers[None]
@@ -110,6 +134,8 @@ def from_options(o: Any) -> Settings:
             raise ValueError(f"durable_oversize_request must be one of {', '.join(OVERSIZE_POLICIES)}")
         if o.durable_body_cap < 0:
             raise ValueError("durable_body_cap must be >= 0")
+        encryption_key = o.durable_encryption_key or os.environ.get(crypto.ENV, "")
+        Keyring(encryption_key)  # a malformed key fails here, at start, not on the first call
         headers: dict[str | None, str] = {None: "Idempotency-Key"}
         for spec in o.durable_idempotency_header:
             rule = Rule.parse(spec)
@@ -133,8 +159,13 @@ def from_options(o: Any) -> Settings:
             db_timeout_s=o.durable_db_timeout / 1000,
             body_cap=o.durable_body_cap,
             oversize_request=o.durable_oversize_request,
+            redact_headers=tuple(o.durable_redact_headers),
+            redact_json=tuple(o.durable_redact_json),
+            redact_key=o.durable_redact_key,
+            encryption_key=encryption_key,
+            auth_secret=o.durable_auth_secret or os.environ.get("DURABLE_AUTH_SECRET", ""),
         )
-    except (ValueError, IdentityError, re.error) as e:
+    except (ValueError, IdentityError, re.error, crypto.KeyringError) as e:
         raise exceptions.OptionsError(f"durable: {e}") from e
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from mitmproxy import connection, ctx, http
 
-from . import identity, responses, settings, streams
+from . import crypto, database, identity, redaction, responses, settings, streams
 from .journal import Journal, JournalError
 from .lifecycle import Lifecycle, Refused, Step, elapsed_ms
 
@@ -44,10 +44,14 @@ class DurableSidecar:
             return
         new = settings.from_options(ctx.options)
         old = self.lifecycle.settings if self.lifecycle else None
-        if old is None or (new.dsn, new.db_timeout_s) != (old.dsn, old.db_timeout_s):
-            self.lifecycle = Lifecycle(Journal(new.dsn, timeout_s=new.db_timeout_s), new)
-        else:
-            self.lifecycle.settings = new  # keep the journal and every attempt's replay position
+        redactor = redaction.Redactor(
+            redaction.load_key(new.redact_key, database.durable_home()), new.redact_headers, new.redact_json
+        )
+        if old is None or (new.dsn, new.db_timeout_s, new.encryption_key) != (old.dsn, old.db_timeout_s, old.encryption_key):
+            journal = Journal(new.dsn, timeout_s=new.db_timeout_s, keyring=crypto.Keyring(new.encryption_key))
+            self.lifecycle = Lifecycle(journal, new, redactor)
+        else:  # keep the journal and every attempt's replay position
+            self.lifecycle.settings, self.lifecycle.redactor = new, redactor
         self.settings = new
 
     async def running(self) -> None:
@@ -67,9 +71,15 @@ class DurableSidecar:
         """HTTPS: the run credentials arrive on CONNECT and hold for the whole client connection."""
         try:
             creds = identity.parse_proxy_authorization(flow.request.headers.get(identity.PROXY_AUTH_HEADER))
+            if creds.run and self.settings.auth_secret:
+                self._authorize(creds.run, creds.token)
         except identity.IdentityError as e:
             logger.warning("durable: CONNECT refused: %s", e)
             flow.response = responses.refusal(400, str(e))
+            return
+        except Refused as e:
+            logger.warning("durable: CONNECT refused: %s", e.reason)
+            flow.response = responses.refusal(e.status, e.reason, **e.details)
             return
         self.credentials[flow.client_conn] = creds
 
@@ -83,7 +93,8 @@ class DurableSidecar:
         if self.settings.oversize_request == "refuse":
             self._refuse(flow, 413, reason + "; nothing was forwarded")
             return
-        logger.warning("durable: %s %s passes through unjournaled: %s", flow.request.method, flow.request.pretty_url, reason)
+        url = self.lifecycle.redactor.url(flow.request.pretty_url) if self.lifecycle else flow.request.host
+        logger.warning("durable: %s %s passes through unjournaled: %s", flow.request.method, url, reason)
         _, flow.request.headers.fields = identity.split_control(flow.request.headers.fields)
         flow.request.stream = True
         flow.metadata[META] = Step(None, None, "passthrough")
@@ -160,15 +171,29 @@ class DurableSidecar:
             if creds == identity.Credentials():
                 creds = self.credentials.get(flow.client_conn, creds)
             s = self.settings
-            return identity.resolve(control, creds, s.run, s.attempt, self.default_run, self.default_attempt)
+            ident = identity.resolve(control, creds, s.run, s.attempt, self.default_run, self.default_attempt)
         except identity.IdentityError as e:
             raise Refused(400, str(e))
+        if self.settings.auth_secret:
+            self._authorize(ident.run, control.get(identity.TOKEN_HEADER.lower()) or creds.token)
+        return ident
+
+    def _authorize(self, run: str, token: str | None) -> None:
+        """With durable_auth_secret, a run is opened only by its token: no token, no journal, no upstream."""
+        if not identity.token_ok(self.settings.auth_secret, run, token):
+            raise Refused(
+                407,
+                f"run {run!r} needs its token: proxy credentials RUN:ATTEMPT~TOKEN or a Durable-Token header "
+                "(durable run computes it)",
+                run=run,
+            )
 
     def _refuse(self, flow: http.HTTPFlow, status: int, reason: str, **details: Any) -> None:
+        url = self.lifecycle.redactor.url(flow.request.pretty_url) if self.lifecycle else flow.request.host
         logger.warning(
             "durable: refused %s %s (%d): %s %s",
             flow.request.method,
-            flow.request.pretty_url,
+            url,
             status,
             reason,
             details.get("failed", ""),

@@ -1,0 +1,111 @@
+"""Encryption at rest for journaled bodies and headers: AES-256-GCM with a key id per value.
+
+Keys come as `KID:BASE64KEY[,KID:BASE64KEY...]` (option `durable_encryption_key` or the environment
+variable DURABLE_ENCRYPTION_KEY); the first is the active key, the others are only read, so keys
+can be rotated (`durable rekey`). A sealed value is `DSE1 | len(kid) | kid | nonce | ciphertext+tag`,
+so every row says which key it needs, and a wrong key gives a clear error, never garbage.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import secrets
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+MAGIC = b"DSE1"
+ENV = "DURABLE_ENCRYPTION_KEY"
+
+
+class KeyringError(ValueError):
+    """A key that cannot be parsed, or a sealed value this keyring cannot open."""
+
+
+def new_key_spec(kid: str = "k1") -> str:
+    """A fresh `KID:BASE64KEY` for `durable keygen`."""
+    return f"{kid}:{base64.b64encode(secrets.token_bytes(32)).decode()}"
+
+
+class Keyring:
+    def __init__(self, spec: str) -> None:
+        self.keys: dict[str, AESGCM] = {}
+        self.active: str | None = None
+        for item in filter(None, (part.strip() for part in spec.split(","))):
+            kid, sep, b64 = item.partition(":")
+            try:
+                key = base64.b64decode(b64, validate=True)
+            except binascii.Error:
+                key = b""
+            if not sep or not kid or len(key) != 32:
+                raise KeyringError(f"encryption key {kid or '?'!r}: expected KID:BASE64 of 32 bytes (durable keygen makes one)")
+            self.keys[kid] = AESGCM(key)
+            self.active = self.active or kid
+
+    @classmethod
+    def from_option(cls, option: str) -> "Keyring":
+        return cls(option or os.environ.get(ENV, ""))
+
+    @property
+    def enabled(self) -> bool:
+        return self.active is not None
+
+    def seal(self, data: bytes) -> bytes:
+        if self.active is None:
+            return data
+        kid = self.active.encode()
+        nonce = secrets.token_bytes(12)
+        return MAGIC + bytes([len(kid)]) + kid + nonce + self.keys[self.active].encrypt(nonce, data, MAGIC + kid)
+
+    def open(self, data: bytes) -> bytes:
+        if not is_sealed(data):
+            return data
+        kid = sealed_kid(data)
+        if kid not in self.keys:
+            raise KeyringError(f"journal entry is encrypted with key {kid!r}, which this process was not given "
+                               f"(--set durable_encryption_key or ${ENV})")
+        start = len(MAGIC) + 1 + len(kid.encode())
+        nonce, ciphertext = data[start:start + 12], data[start + 12:]
+        try:
+            return self.keys[kid].decrypt(nonce, ciphertext, MAGIC + kid.encode())
+        except InvalidTag:
+            raise KeyringError(f"journal entry does not decrypt with key {kid!r}: wrong key for that key id")
+
+
+def is_sealed(data: bytes) -> bool:
+    return data[:4] == MAGIC
+
+
+def sealed_kid(data: bytes) -> str:
+    return data[5:5 + data[4]].decode()
+
+
+def seal_json(keyring: Keyring, value: object) -> object:
+    """A JSON value as stored: itself, or {"sealed": base64} when encryption is on."""
+    if not keyring.enabled:
+        return value
+    return {"sealed": base64.b64encode(keyring.seal(json.dumps(value).encode())).decode()}
+
+
+def open_json(keyring: Keyring, value: object) -> object:
+    if isinstance(value, dict) and set(value) == {"sealed"}:
+        return json.loads(keyring.open(base64.b64decode(value["sealed"])))
+    return value
+
+
+SEALED_COLUMNS = ("request_body", "response_body")
+SEALED_JSON_COLUMNS = ("request_headers", "response_headers")
+
+
+def open_row(keyring: Keyring, row: dict) -> dict:
+    """A journal row with its sealed columns opened (those present in the row)."""
+    for column in SEALED_COLUMNS:
+        if row.get(column) is not None:
+            row[column] = keyring.open(bytes(row[column]))
+    for column in SEALED_JSON_COLUMNS:
+        if row.get(column) is not None:
+            row[column] = open_json(keyring, row[column])
+    return row
