@@ -89,7 +89,7 @@ async def import_flows(
             occurrences[key] = occurrence + 1
             recorded = await journal.record(NewStep(
                 run=run, attempt="import", key=key, fp_version=fingerprint.VERSION, occurrence=occurrence,
-                step_key=None, method=req.method, url=redactor.url(req.pretty_url), envelope=env,
+                step_key=None, method=req.method, url=redactor.url(req.pretty_url), envelope=redactor.envelope(env),
                 request_headers=encode_headers(redactor.headers(req.headers.fields)), request_body=parts.body,
                 agent_idempotency_key=None, mint_idempotency_key=False, outcome="imported",
             ))

@@ -150,7 +150,8 @@ class Lifecycle:
         if ahead:
             outcome = "diverged"
             diverged = await self._report_divergence(
-                ident, cursor, claim, ahead, env, self.redactor.body(body, req.headers.get("content-type", ""))
+                ident, cursor, claim, ahead, self.redactor.envelope(env),
+                self.redactor.body(body, req.headers.get("content-type", "")),
             )
 
         header = s.idempotency_header(req.host)
@@ -166,7 +167,7 @@ class Lifecycle:
                 step_key=ident.step_key,
                 method=req.method,
                 url=self.redactor.url(req.pretty_url),
-                envelope=env,
+                envelope=self.redactor.envelope(env),
                 request_headers=encode_headers(self.redactor.headers(req.headers.fields)),
                 request_body=self.redactor.body(body, req.headers.get("content-type", "")),
                 agent_idempotency_key=agent_key,

@@ -69,6 +69,15 @@ class Redactor:
         redacted = [(k, self.digest(v.encode()) if self.secret_name(k) else v) for k, v in pairs]
         return urlunsplit(split._replace(query=urlencode(redacted)))
 
+    def envelope(self, env: dict[str, Any]) -> dict[str, Any]:
+        """A fingerprint envelope as stored: credential-looking query values and headers hashed.
+        (The fingerprint itself is taken before, so matching is unaffected.)"""
+        redacted = dict(env)
+        redacted["query"] = [[k, self.digest(v.encode()) if self.secret_name(k) else v] for k, v in env.get("query", [])]
+        if "headers" in env:
+            redacted["headers"] = [[k, self.digest(v.encode()) if self.secret_name(k) else v] for k, v in env["headers"]]
+        return redacted
+
     def body(self, body: bytes, content_type: str) -> bytes:
         """A JSON body with the configured pointers hashed; anything else unchanged."""
         if not self.pointers or "json" not in content_type.lower():

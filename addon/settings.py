@@ -62,6 +62,13 @@ OPTIONS: list[tuple[str, Any, Any, str]] = [
         "Requests over durable_body_cap: refuse (413, nothing forwarded) or passthrough (forwarded unjournaled).",
     ),
     ("durable_redact_headers", Sequence[str], [], "More request headers stored only as a keyed hash."),
+    (
+        "durable_log_secrets",
+        bool,
+        False,
+        "Keep mitmproxy's own flow dump (flow_detail), which prints URLs, headers and bodies with their "
+        "credentials. Off: the sidecar sets flow_detail=0 and logs one redacted line per flow instead.",
+    ),
     ("durable_redact_json", Sequence[str], [], "JSON pointers of request body fields stored only as a keyed hash."),
     ("durable_redact_key", str, "", "Key of the redaction hash. Empty: $DURABLE_REDACT_KEY, else $DURABLE_HOME/redact.key."),
     (
@@ -112,6 +119,7 @@ class Settings:
     redact_key: str
     encryption_key: str
     auth_secret: str
+    log_secrets: bool
 
     def idempotency_header(self, host: str) -> str:
         return self.idempotency_headers.get(host.lower()) or self.idempotency_headers[None]
@@ -164,6 +172,7 @@ def from_options(o: Any) -> Settings:
             redact_key=o.durable_redact_key,
             encryption_key=encryption_key,
             auth_secret=o.durable_auth_secret or os.environ.get("DURABLE_AUTH_SECRET", ""),
+            log_secrets=o.durable_log_secrets,
         )
     except (ValueError, IdentityError, re.error, crypto.KeyringError) as e:
         raise exceptions.OptionsError(f"durable: {e}") from e

@@ -58,6 +58,11 @@ class DurableSidecar:
         if ctx.options.connection_strategy != "lazy":
             # replay must not need the upstream: no eager connection at CONNECT time
             ctx.options.update(connection_strategy="lazy")
+        if not self.settings.log_secrets and ctx.options.flow_detail:
+            # mitmproxy's flow dump prints URLs, headers and bodies with the agent's credentials
+            ctx.options.update(flow_detail=0)
+            logger.info("durable: mitmproxy's flow dump is off (it prints credentials); one redacted line per flow "
+                        "replaces it (--set durable_log_secrets=true keeps it)")
         logger.info("durable: runs without an id go to run %s, attempt %s", self.default_run, self.default_attempt)
         assert self.lifecycle is not None
         try:
@@ -150,7 +155,7 @@ class DurableSidecar:
                     failed=str(e),
                 )
         responses.label(flow.response, step.run, step.seq, step.outcome)
-        self._log(step, flow.response.status_code)
+        self._log(flow, step, flow.response.status_code)
 
     async def error(self, flow: http.HTTPFlow) -> None:
         step: Step | None = flow.metadata.get(META)
@@ -159,7 +164,7 @@ class DurableSidecar:
         message = flow.error.msg if flow.error else "unknown error"
         assert self.lifecycle is not None
         await self.lifecycle.break_off(flow, step, message)
-        self._log(step, None, note=message)
+        self._log(flow, step, None, note=message)
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -201,15 +206,17 @@ class DurableSidecar:
         flow.response = responses.refusal(status, reason, **details)
         flow.metadata[META] = Step(details.get("run"), details.get("step"), "refused")
 
-    @staticmethod
-    def _log(step: Step, status: int | None, note: str = "") -> None:
+    def _log(self, flow: http.HTTPFlow, step: Step, status: int | None, note: str = "") -> None:
+        assert self.lifecycle is not None
         logger.info(
-            "durable run=%s seq=%s outcome=%s status=%s ms=%.1f%s",
+            "durable run=%s seq=%s outcome=%s status=%s ms=%.1f %s %s%s",
             step.run,
             step.seq,
             step.outcome,
             status,
             elapsed_ms(step),
+            flow.request.method,
+            self.lifecycle.redactor.url(flow.request.pretty_url),
             f" {note}" if note else "",
         )
 

