@@ -13,7 +13,7 @@ import bisect
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(slots=True)
 class StepRef:
     """What matching needs to know about one journaled step."""
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +104,17 @@ RETURNING seq, idempotency_key
 """
 
 
+# runs with no activity (recorded, completed or replayed step) for %(age)s seconds
+IDLE_RUNS = """
+SELECT id FROM durable_runs r
+WHERE updated_at < now() - make_interval(secs => %(age)s)
+  AND NOT EXISTS (SELECT 1 FROM durable_steps s WHERE s.run_id = r.id
+                  AND greatest(s.started_at, s.completed_at, s.replayed_at) >= now() - make_interval(secs => %(age)s))
+ORDER BY updated_at
+"""
+DELETE_RUNS = "DELETE FROM durable_runs WHERE id = ANY(%s)"
+
+
 class Journal:
     def __init__(
         self, dsn: str | None, timeout_s: float = 5.0, max_connections: int = 20, keyring: Keyring | None = None
@@ -114,6 +127,7 @@ class Journal:
         self._migrated = False
         self._lock = asyncio.Lock()
         self._replays: list[tuple[str, int, str]] = []
+        self.observe: Callable[[str, float, bool], None] = lambda what, seconds, ok: None  # metrics hook
         self._flusher: asyncio.Future[None] | None = None
         self.target: database.Target | None = None
 
@@ -160,6 +174,7 @@ class Journal:
             if self._pool is None or not self._migrated:
                 await self.open()
             assert self._pool is not None
+            started = time.perf_counter()
             for retry in (False, True):
                 async with self._pool.connection() as conn:
                     try:
@@ -169,13 +184,21 @@ class Journal:
                             raise
                         await self._pool.check()
                         continue
-                    if fetch == "one":
-                        return await cur.fetchone()
-                    if fetch == "all":
-                        return await cur.fetchall()
-                    return cur.rowcount
+                    result = (await cur.fetchone() if fetch == "one" else await cur.fetchall() if fetch == "all"
+                              else cur.rowcount)
+                    self.observe(what, time.perf_counter() - started, True)
+                    return result
         except Exception as e:  # psycopg, pool timeouts, embedded start: all mean "journal unavailable"
+            self.observe(what, 0.0, False)
             raise JournalError(f"{what}: {type(e).__name__}: {e}".strip()) from e
+
+    async def gc(self, older_than_s: float, batch: int = 100) -> int:
+        """Delete idle runs, a batch per statement, yielding between batches so traffic never waits."""
+        doomed = [row["id"] for row in await self._run("find idle runs", IDLE_RUNS, {"age": older_than_s}, fetch="all")]
+        for start in range(0, len(doomed), batch):
+            await self._run("delete idle runs", DELETE_RUNS, (doomed[start:start + batch],))
+            await asyncio.sleep(0)
+        return len(doomed)
 
     async def load_run(self, run: str) -> list[StepRef]:
         rows = await self._run(

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from mitmproxy import http
@@ -33,6 +34,7 @@ class Step:
     run: str | None
     seq: int | None
     outcome: str
+    attempt: str | None = None
     live: bool = False  # forwarded upstream and waiting to be journaled
     ref: StepRef | None = None
     tee: streams.StreamTee | None = None  # set when the response streams to the agent
@@ -57,6 +59,7 @@ class Lifecycle:
         self.cursors: dict[tuple[str, str], asyncio.Task[RunCursor]] = {}
         self.prefetches: dict[tuple[str, str], Prefetch] = {}
         self.divergences = 0
+        self.on_divergence: Callable[[], None] = lambda: None  # metrics hook
 
     async def begin(self, flow: http.HTTPFlow, ident: identity.Identity) -> Step:
         """Journal the request before it may leave, or answer it from the journal (flow.response)."""
@@ -187,7 +190,7 @@ class Lifecycle:
         if recorded.idempotency_key and not agent_key:
             req.headers[header] = recorded.idempotency_key
         faults.crash_point("after-pending-commit")
-        return Step(ident.run, recorded.seq, outcome, live=True, ref=ref)
+        return Step(ident.run, recorded.seq, outcome, ident.attempt, live=True, ref=ref)
 
     async def _report_divergence(
         self,
@@ -206,6 +209,7 @@ class Lifecycle:
         near = divergence.nearest(rows, env, body)
         expected, diff = near if near else (None, [])
         self.divergences += 1
+        self.on_divergence()
         logger.warning(
             "durable: divergence #%d: run=%s attempt=%s matches nothing journaled "
             "(%d unconsumed steps ahead, nearest seq %s): %s",
@@ -252,7 +256,7 @@ class Lifecycle:
                     stored.headers,
                     stored.body,
                 )
-            return Step(ident.run, step.seq, "replayed")
+            return Step(ident.run, step.seq, "replayed", ident.attempt)
 
         # In doubt (pending) or failed at the tail of the run: send it again with its original key.
         pending_allowed = s.in_doubt == "reissue"
@@ -270,7 +274,7 @@ class Lifecycle:
         if taken.idempotency_key:
             flow.request.headers[s.idempotency_header(flow.request.host)] = taken.idempotency_key
         step.state = "pending"
-        return Step(ident.run, step.seq, "reissued", live=True, ref=step)
+        return Step(ident.run, step.seq, "reissued", ident.attempt, live=True, ref=step)
 
     async def _journal_answer(self, resp: http.Response, step: Step, truncated: bool) -> str:
         """Commit the answer; returns the step's new state (a truncated answer leaves it pending, in doubt)."""

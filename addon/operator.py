@@ -17,7 +17,7 @@ from psycopg.rows import dict_row
 
 from . import database, migrations, usage
 from .crypto import Keyring, open_row, seal_json
-from .journal import decode_headers
+from .journal import DELETE_RUNS, IDLE_RUNS, decode_headers
 
 
 def keyring() -> Keyring:
@@ -245,17 +245,8 @@ def remove(conn: psycopg.Connection, run: str) -> int:
 
 def gc(conn: psycopg.Connection, older_than_s: float, dry_run: bool, batch: int = 100) -> list[str]:
     """Delete runs with no activity for `older_than_s`, a batch per statement so traffic never stalls."""
-    doomed = [r["id"] for r in conn.execute(
-        """
-        SELECT id FROM durable_runs r
-        WHERE updated_at < now() - make_interval(secs => %(age)s)
-          AND NOT EXISTS (SELECT 1 FROM durable_steps s WHERE s.run_id = r.id
-                          AND greatest(s.started_at, s.completed_at, s.replayed_at) >= now() - make_interval(secs => %(age)s))
-        ORDER BY updated_at
-        """,
-        {"age": older_than_s},
-    )]
+    doomed = [r["id"] for r in conn.execute(IDLE_RUNS, {"age": older_than_s})]
     if not dry_run:
         for start in range(0, len(doomed), batch):
-            conn.execute("DELETE FROM durable_runs WHERE id = ANY(%s)", (doomed[start:start + batch],))
+            conn.execute(DELETE_RUNS, (doomed[start:start + batch],))
     return doomed

@@ -61,6 +61,14 @@ OPTIONS: list[tuple[str, Any, Any, str]] = [
         "refuse",
         "Requests over durable_body_cap: refuse (413, nothing forwarded) or passthrough (forwarded unjournaled).",
     ),
+    ("durable_metrics_listen", str, "", "Serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9464)."),
+    ("durable_log_json", bool, False, "Log one JSON object per flow instead of a text line."),
+    (
+        "durable_retention",
+        str,
+        "30d",
+        "Delete runs idle for longer than this (checked every 10 minutes, in small batches); 0 keeps everything.",
+    ),
     ("durable_redact_headers", Sequence[str], [], "More request headers stored only as a keyed hash."),
     (
         "durable_log_secrets",
@@ -120,6 +128,9 @@ class Settings:
     encryption_key: str
     auth_secret: str
     log_secrets: bool
+    metrics_listen: str
+    log_json: bool
+    retention_s: float
 
     def idempotency_header(self, host: str) -> str:
         return self.idempotency_headers.get(host.lower()) or self.idempotency_headers[None]
@@ -140,6 +151,8 @@ def from_options(o: Any) -> Settings:
             raise ValueError(f"durable_in_doubt must be one of {', '.join(IN_DOUBT_POLICIES)}")
         if o.durable_oversize_request not in OVERSIZE_POLICIES:
             raise ValueError(f"durable_oversize_request must be one of {', '.join(OVERSIZE_POLICIES)}")
+        if o.durable_metrics_listen and not re.fullmatch(r"[^:]*:\d+", o.durable_metrics_listen):
+            raise ValueError("durable_metrics_listen must be HOST:PORT")
         if o.durable_body_cap < 0:
             raise ValueError("durable_body_cap must be >= 0")
         encryption_key = o.durable_encryption_key or os.environ.get(crypto.ENV, "")
@@ -173,6 +186,9 @@ def from_options(o: Any) -> Settings:
             encryption_key=encryption_key,
             auth_secret=o.durable_auth_secret or os.environ.get("DURABLE_AUTH_SECRET", ""),
             log_secrets=o.durable_log_secrets,
+            metrics_listen=o.durable_metrics_listen,
+            log_json=o.durable_log_json,
+            retention_s=parse_duration(o.durable_retention),
         )
     except (ValueError, IdentityError, re.error, crypto.KeyringError) as e:
         raise exceptions.OptionsError(f"durable: {e}") from e

@@ -8,15 +8,19 @@ flow whose hook raised, so every path catches and answers (fail closed).
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import weakref
 from typing import Any
 
+import psycopg
 from mitmproxy import connection, ctx, http
 
-from . import crypto, database, identity, redaction, responses, settings, streams
+from . import crypto, database, identity, redaction, responses, settings, streams, usage
 from .journal import Journal, JournalError
 from .lifecycle import Lifecycle, Refused, Step, elapsed_ms
+from .metrics import Metrics
 
 logger = logging.getLogger("durable")
 
@@ -26,6 +30,8 @@ META = "durable"
 class DurableSidecar:
     def __init__(self) -> None:
         self.lifecycle: Lifecycle | None = None
+        self.metrics: Metrics | None = None
+        self._retention: asyncio.Future[None] | None = None
         self.settings: settings.Settings = settings.DEFAULTS
         self.default_run = identity.mint_id("run")
         self.default_attempt = identity.mint_id("attempt")
@@ -53,6 +59,11 @@ class DurableSidecar:
         else:  # keep the journal and every attempt's replay position
             self.lifecycle.settings, self.lifecycle.redactor = new, redactor
         self.settings = new
+        if new.metrics_listen and self.metrics is None:
+            self.metrics = Metrics()
+        if self.metrics is not None:
+            self.lifecycle.journal.observe = self._observe_journal
+            self.lifecycle.on_divergence = self.metrics.divergences.inc
 
     async def running(self) -> None:
         if ctx.options.connection_strategy != "lazy":
@@ -69,6 +80,10 @@ class DurableSidecar:
             await self.lifecycle.journal.open()
         except Exception as e:
             logger.warning("durable: journal not reachable yet (%s); answering 503 until it is", e)
+        if self.metrics is not None and self.settings.metrics_listen:
+            self.metrics.serve(self.settings.metrics_listen, self._in_doubt_steps)
+        if self.settings.retention_s and self._retention is None:
+            self._retention = asyncio.ensure_future(self._enforce_retention())
 
     # -- hooks ----------------------------------------------------------------------------------
 
@@ -110,7 +125,7 @@ class DurableSidecar:
         try:
             ident = self._identify(flow)
             if self.settings.ignored(flow.request.host) or flow.request.headers.get("upgrade", "").lower() == "websocket":
-                flow.metadata[META] = Step(ident.run, None, "passthrough")
+                flow.metadata[META] = Step(ident.run, None, "passthrough", ident.attempt)
                 return
             assert self.lifecycle is not None
             flow.metadata[META] = await self.lifecycle.begin(flow, ident)
@@ -166,6 +181,46 @@ class DurableSidecar:
         await self.lifecycle.break_off(flow, step, message)
         self._log(flow, step, None, note=message)
 
+    # -- operations -----------------------------------------------------------------------------
+
+    async def _enforce_retention(self, every_s: float = 600) -> None:
+        """Never let the journal grow without bound: delete idle runs now and then, in small batches."""
+        while True:
+            assert self.lifecycle is not None
+            try:
+                deleted = await self.lifecycle.journal.gc(self.settings.retention_s)
+                if deleted:
+                    logger.info("durable: retention: deleted %d runs idle for more than %ss", deleted, self.settings.retention_s)
+            except JournalError as e:
+                logger.warning("durable: retention pass failed: %s", e)
+            await asyncio.sleep(every_s)
+
+    def _observe_journal(self, what: str, seconds: float, ok: bool) -> None:
+        assert self.metrics is not None
+        if ok:
+            self.metrics.journal_writes.labels(what).observe(seconds)
+        else:
+            self.metrics.journal_errors.inc()
+
+    def _in_doubt_steps(self) -> float:
+        """Scraped from the metrics thread: a short synchronous query of its own."""
+        target = self.lifecycle.journal.target if self.lifecycle else None
+        if target is None:
+            return float("nan")
+        try:
+            with psycopg.connect(target.dsn, connect_timeout=2) as conn:
+                return conn.execute("SELECT count(*) FROM durable_steps WHERE state = 'pending'").fetchone()[0]
+        except psycopg.Error:
+            return float("nan")
+
+    def _count(self, flow: http.HTTPFlow, step: Step) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.steps.labels(step.outcome).inc()
+        if step.outcome == "replayed" and flow.response is not None:
+            self.metrics.calls_avoided.inc()
+            self.metrics.tokens_avoided.inc(usage.tokens(flow.response.raw_content or b"", list(flow.response.headers.fields)))
+
     # -- helpers --------------------------------------------------------------------------------
 
     def _identify(self, flow: http.HTTPFlow) -> identity.Identity:
@@ -207,16 +262,22 @@ class DurableSidecar:
         flow.metadata[META] = Step(details.get("run"), details.get("step"), "refused")
 
     def _log(self, flow: http.HTTPFlow, step: Step, status: int | None, note: str = "") -> None:
+        """One line per flow (JSON with durable_log_json); the URL redacted, never a secret."""
         assert self.lifecycle is not None
-        logger.info(
-            "durable run=%s seq=%s outcome=%s status=%s ms=%.1f %s %s%s",
-            step.run,
-            step.seq,
-            step.outcome,
-            status,
-            elapsed_ms(step),
-            flow.request.method,
-            self.lifecycle.redactor.url(flow.request.pretty_url),
-            f" {note}" if note else "",
-        )
-
+        self._count(flow, step)
+        fields = {
+            "run": step.run,
+            "attempt": step.attempt,
+            "seq": step.seq,
+            "outcome": step.outcome,
+            "status": status,
+            "ms": round(elapsed_ms(step), 1),
+            "method": flow.request.method,
+            "url": self.lifecycle.redactor.url(flow.request.pretty_url),
+        }
+        if note:
+            fields["note"] = note
+        if self.settings.log_json:
+            logger.info(json.dumps(fields))
+        else:
+            logger.info("durable " + " ".join(f"{k}={v}" for k, v in fields.items()))

@@ -1,0 +1,46 @@
+"""Prometheus metrics, served at /metrics with `--set durable_metrics_listen=HOST:PORT` (off by default).
+
+Counters live in a registry of the sidecar's own, so two sidecars in one process (tests) or a
+script reload never collide. Everything here is cheap and synchronous: recording never awaits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from .responses import OUTCOMES
+
+logger = logging.getLogger("durable")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.steps = Counter("durable_steps", "Flows by what the sidecar did with them", ["outcome"], registry=self.registry)
+        for outcome in OUTCOMES:
+            self.steps.labels(outcome)  # every outcome shows, at 0 until it happens
+        self.journal_writes = Histogram(
+            "durable_journal_write_seconds", "Latency of journal statements", ["statement"],
+            buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5), registry=self.registry,
+        )
+        self.journal_errors = Counter("durable_journal_errors", "Journal statements that failed (PostgreSQL errors)",
+                                      registry=self.registry)
+        self.divergences = Counter("durable_divergences", "Requests that matched nothing while steps lay ahead",
+                                   registry=self.registry)
+        self.calls_avoided = Counter("durable_upstream_calls_avoided", "Upstream calls answered from the journal",
+                                     registry=self.registry)
+        self.tokens_avoided = Counter("durable_llm_tokens_avoided", "LLM tokens in answers replayed from the journal",
+                                      registry=self.registry)
+        self.in_doubt = Gauge("durable_in_doubt_steps", "Steps journaled as pending (in doubt) in the journal",
+                              registry=self.registry)
+        self._server: object | None = None
+
+    def serve(self, listen: str, in_doubt: Callable[[], float]) -> None:
+        """Start the /metrics endpoint (a thread of prometheus_client's); `in_doubt` is read on each scrape."""
+        host, _, port = listen.rpartition(":")
+        self.in_doubt.set_function(in_doubt)
+        self._server = start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
+        logger.info("durable: metrics at http://%s:%s/metrics", host or "127.0.0.1", port)
