@@ -23,9 +23,11 @@ def scrape(port: int) -> dict[str, float]:
     return samples
 
 
-def test_metrics_agree_with_a_crash_resume_run(sidecars: Sidecars, ca_bundle: Path, https_api: PaidApi) -> None:
+def test_metrics_agree_with_a_crash_resume_run(
+    sidecars: Sidecars, ca_bundle: Path, https_api: PaidApi, fresh_dsn: str
+) -> None:
     port = launcher.free_port()
-    sidecar = sidecars.start(durable_metrics_listen=f"127.0.0.1:{port}")
+    sidecar = sidecars.start(durable_metrics_listen=f"127.0.0.1:{port}", durable_dsn=fresh_dsn)  # in-doubt: this journal only
     run = new_run()
     code, _ = run_agent(sidecar, ca_bundle, https_api, run, "a1", steps=4, crash_after=6)  # crash after step 2
     assert code == -9
