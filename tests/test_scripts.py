@@ -17,3 +17,22 @@ def test_download_benchmark_smoke(pg_dsn: str) -> None:
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith(("bare", "durable"))]
     assert len(rows) == 3 and all(" True " in row for row in rows)
+
+
+def test_bench_smoke(pg_dsn: str, tmp_path) -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--dsn", pg_dsn, "--chart", str(tmp_path / "c.png")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "sidecar replay" in out.stdout and (tmp_path / "c.png").exists()
+
+
+def test_fleet_benchmark_smoke(pg_dsn: str) -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_fleet.py"), "--sidecars", "2", "--agents-per-sidecar", "2",
+         "--calls", "10", "--dsn", pg_dsn],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "steps journaled: 40" in out.stdout and "seqs dense per run: True" in out.stdout
