@@ -60,6 +60,8 @@ class Redactor:
 
     def url(self, url: str) -> str:
         """The URL with credential-looking query parameters (`?key=`, `access_token=`...) hashed."""
+        if "?" not in url:
+            return url
         split = urlsplit(url)
         if not split.query:
             return url
