@@ -229,3 +229,13 @@ def test_ca_path_bundle_and_install_dry_run(tmp_path: Path) -> None:
     assert path.read_text() in bundle.read_text() and bundle.read_text().count("BEGIN CERTIFICATE") > 1
     dry = durable("ca", "install", "--dry-run", "--confdir", str(confdir)).stdout
     assert "would run:" in dry and ("update-ca-certificates" in dry or "add-trusted-cert" in dry)
+
+
+def test_durable_run_wraps_a_curl_agent(https_api: PaidApi, pg_dsn: str, confdir: Path) -> None:
+    run = new_run()
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and k != "CURL_CA_BUNDLE"}
+    for expected in ("recorded", "replayed"):
+        out = durable("run", "--run", run, "--dsn", pg_dsn, "--confdir", str(confdir), "--set", "ssl_insecure=true",
+                      "--", "curl", "-s", "-D", "-", f"{https_api.url}/v1/search?q=curl", env=env)
+        assert f"durable-outcome: {expected}" in out.stdout.lower() and '"query": "curl"' in out.stdout
+    assert https_api.books()["calls"] == 1

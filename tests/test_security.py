@@ -48,7 +48,8 @@ def agent_calls(sidecar, ca_bundle: Path, api: PaidApi, run: str, attempt: str) 
 def test_no_secret_in_the_journal_or_the_logs_and_no_control_data_upstream(
     sidecars: Sidecars, ca_bundle: Path, https_api: PaidApi, fresh_dsn: str
 ) -> None:
-    sidecar = sidecars.start(durable_dsn=fresh_dsn, durable_redact_json="/password", flow_detail="4")
+    sidecar = sidecars.start(durable_dsn=fresh_dsn, durable_redact_json="/password", flow_detail="4",
+                             termlog_verbosity="debug")
     run = new_run()
     first = agent_calls(sidecar, ca_bundle, https_api, run, "a1")
     assert [r.status_code for r in first] == [200, 200, 201]
