@@ -63,6 +63,7 @@ class StoredResponse:
     headers: list[tuple[bytes, bytes]]
     body: bytes
     error: str | None
+    chunk_timing: list[list[float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -259,15 +260,18 @@ class Journal:
         duration_ms: float,
         streamed: bool = False,
         truncated: bool = False,
+        chunk_timing: list[tuple[float, int]] | None = None,
     ) -> None:
         """Journal the answer. A truncated one is kept for inspection but leaves the step in doubt."""
         updated = await self._run(
             "journal response",
             "UPDATE durable_steps SET state = %s, status = %s, reason = %s, http_version = %s,"
             " response_headers = %s, response_body = %s, error = NULL, completed_at = now(),"
-            " duration_ms = %s, streamed = %s, truncated = %s, key_id = %s WHERE run_id = %s AND seq = %s",
+            " duration_ms = %s, streamed = %s, truncated = %s, key_id = %s, chunk_timing = %s"
+            " WHERE run_id = %s AND seq = %s",
             (state, status, reason, http_version, Jsonb(seal_json(self.keyring, headers)), self.keyring.seal(body),
-             duration_ms, streamed, truncated, self.keyring.active, run, seq),
+             duration_ms, streamed, truncated, self.keyring.active,
+             Jsonb(chunk_timing) if chunk_timing is not None else None, run, seq),
         )
         if updated != 1:
             raise JournalError(f"journal response: step {run}/{seq} is gone")
@@ -284,7 +288,7 @@ class Journal:
         """Journaled answers of some steps, by seq; with max_body, larger bodies are left out."""
         rows = await self._run(
             "read journaled responses",
-            "SELECT seq, state, status, reason, http_version, response_headers, response_body, error"
+            "SELECT seq, state, status, reason, http_version, response_headers, response_body, error, chunk_timing"
             " FROM durable_steps WHERE run_id = %s AND seq = ANY(%s)"
             " AND (%s::int IS NULL OR coalesce(octet_length(response_body), 0) <= %s::int)",
             (run, seqs, max_body, max_body),
@@ -303,6 +307,7 @@ class Journal:
                 headers=decode_headers(row["response_headers"]),
                 body=bytes(row["response_body"] or b""),
                 error=row["error"],
+                chunk_timing=row["chunk_timing"],
             )
             for row in rows
         }

@@ -21,6 +21,7 @@ from mitmproxy import http
 from . import divergence, faults, fingerprint, identity, redaction, responses, streams
 from .cursor import Claim, RunCursor, StepRef
 from .journal import Journal, JournalError, NewStep, encode_headers
+from .pacing import Pacer
 from .prefetch import Prefetch
 from .settings import Settings
 
@@ -38,6 +39,7 @@ class Step:
     live: bool = False  # forwarded upstream and waiting to be journaled
     ref: StepRef | None = None
     tee: streams.StreamTee | None = None  # set when the response streams to the agent
+    paced: bool = False  # replayed through the pacer, at the recorded pace
     started: float = field(default_factory=time.monotonic)
 
 
@@ -60,6 +62,7 @@ class Lifecycle:
         self.prefetches: dict[tuple[str, str], Prefetch] = {}
         self.divergences = 0
         self.on_divergence: Callable[[], None] = lambda: None  # metrics hook
+        self.pacer: Pacer | None = None  # set by the addon with durable_replay_pacing
 
     async def begin(self, flow: http.HTTPFlow, ident: identity.Identity) -> Step:
         """Journal the request before it may leave, or answer it from the journal (flow.response)."""
@@ -243,6 +246,9 @@ class Lifecycle:
             if stored is None:
                 raise JournalError(f"read journaled response: step {ident.run}/{step.seq} is gone")
             self.journal.note_replay(ident.run, step.seq, ident.attempt)
+            if self.pacer is not None and s.replay_pacing and stored.chunk_timing and stored.status is not None:
+                self.pacer.stage(flow, stored)
+                return Step(ident.run, step.seq, "replayed", ident.attempt, paced=True)
             if stored.status is None:  # a journaled connection failure
                 flow.response = responses.refusal(
                     502, "journaled upstream failure, replayed", run=ident.run, step=step.seq, failed=stored.error
@@ -299,6 +305,7 @@ class Lifecycle:
             elapsed_ms(step),
             streamed=step.tee is not None,
             truncated=truncated,
+            chunk_timing=step.tee.timings if step.tee is not None and not truncated else None,
         )
         faults.crash_point("after-complete-commit")
         return state

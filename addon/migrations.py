@@ -110,6 +110,13 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX durable_steps_key_id ON durable_steps (key_id) WHERE key_id IS NOT NULL;
         """,
     ),
+    (
+        4,
+        """
+        -- a streamed answer's chunks as [ms since its headers, bytes], for paced replay
+        ALTER TABLE durable_steps ADD COLUMN chunk_timing jsonb;
+        """,
+    ),
 ]
 
 

@@ -20,7 +20,7 @@ OUTCOME = "Durable-Outcome"
 OUTCOMES = ("recorded", "replayed", "reissued", "passthrough", "diverged", "refused")
 
 # hop-by-hop and framing headers: they describe the original connection, not the message
-_FRAMING = {
+FRAMING = {
     b"connection",
     b"keep-alive",
     b"proxy-connection",
@@ -58,7 +58,7 @@ def rebuild(
         if lower == b"content-length":
             fields.append((name, value if bodyless else length))
             has_length = True
-        elif lower not in _FRAMING:
+        elif lower not in FRAMING:
             fields.append((name, value))
     if not has_length and not bodyless:
         fields.append((b"content-length", length))

@@ -61,6 +61,12 @@ OPTIONS: list[tuple[str, Any, Any, str]] = [
         "refuse",
         "Requests over durable_body_cap: refuse (413, nothing forwarded) or passthrough (forwarded unjournaled).",
     ),
+    (
+        "durable_replay_pacing",
+        bool,
+        False,
+        "Replay journaled streams with their recorded inter-chunk timing instead of all at once.",
+    ),
     ("durable_metrics_listen", str, "", "Serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9464)."),
     ("durable_log_json", bool, False, "Log one JSON object per flow instead of a text line."),
     (
@@ -129,6 +135,7 @@ class Settings:
     auth_secret: str
     log_secrets: bool
     metrics_listen: str
+    replay_pacing: bool
     log_json: bool
     retention_s: float
 
@@ -187,6 +194,7 @@ def from_options(o: Any) -> Settings:
             auth_secret=o.durable_auth_secret or os.environ.get("DURABLE_AUTH_SECRET", ""),
             log_secrets=o.durable_log_secrets,
             metrics_listen=o.durable_metrics_listen,
+            replay_pacing=o.durable_replay_pacing,
             log_json=o.durable_log_json,
             retention_s=parse_duration(o.durable_retention),
         )

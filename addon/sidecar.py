@@ -21,6 +21,7 @@ from . import crypto, database, identity, redaction, responses, settings, stream
 from .journal import Journal, JournalError
 from .lifecycle import Lifecycle, Refused, Step, elapsed_ms
 from .metrics import Metrics
+from .pacing import Pacer
 
 logger = logging.getLogger("durable")
 
@@ -61,6 +62,8 @@ class DurableSidecar:
         self.settings = new
         if new.metrics_listen and self.metrics is None:
             self.metrics = Metrics()
+        if new.replay_pacing and self.lifecycle.pacer is None:
+            self.lifecycle.pacer = Pacer()
         if self.metrics is not None:
             self.lifecycle.journal.observe = self._observe_journal
             self.lifecycle.on_divergence = self.metrics.divergences.inc
@@ -80,6 +83,8 @@ class DurableSidecar:
             await self.lifecycle.journal.open()
         except Exception as e:
             logger.warning("durable: journal not reachable yet (%s); answering 503 until it is", e)
+        if self.lifecycle.pacer is not None and self.lifecycle.pacer.port is None:
+            await self.lifecycle.pacer.start()
         if self.metrics is not None and self.settings.metrics_listen:
             self.metrics.serve(self.settings.metrics_listen, self._in_doubt_steps)
         if self.settings.retention_s and self._retention is None:
@@ -140,9 +145,13 @@ class DurableSidecar:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """Event streams, bodies of unknown length and bodies over the cap reach the agent live."""
         step: Step | None = flow.metadata.get(META)
-        if step is None or not step.live or flow.response is None:
+        if step is None or flow.response is None:
             return
-        if streams.streams(flow.response.headers, self.settings.body_cap):
+        if step.paced:  # the pacer's chunks go to the agent as they come
+            flow.response.stream = True
+            responses.label(flow.response, step.run, step.seq, step.outcome)
+            return
+        if step.live and streams.streams(flow.response.headers, self.settings.body_cap):
             step.tee = streams.StreamTee(self.settings.body_cap)
             flow.response.stream = step.tee
             responses.label(flow.response, step.run, step.seq, step.outcome)  # the headers leave now

@@ -19,6 +19,7 @@ STREAM_TYPES = ("text/event-stream", "application/x-ndjson", "application/stream
 # closes it: the openai SDK stops reading at `data: [DONE]` and closes the connection.
 END_MARKERS = (b"data: [DONE]", b"event: message_stop", b"event: response.completed", b"event: done")
 _TAIL = 512
+MAX_TIMINGS = 10_000  # chunk timings kept per stream, for paced replay
 
 
 class StreamTee:
@@ -32,6 +33,7 @@ class StreamTee:
         self.ended = False
         self.first_byte_ms: float | None = None
         self.tail = b""  # the last bytes seen, kept even past the cap
+        self.timings: list[tuple[float, int]] | None = []  # (ms since the headers, bytes) per chunk
         self._start = time.monotonic()
 
     @property
@@ -46,6 +48,10 @@ class StreamTee:
             self.first_byte_ms = (time.monotonic() - self._start) * 1000
         self.size += len(chunk)
         self.chunks += 1
+        if self.timings is not None:
+            self.timings.append((round((time.monotonic() - self._start) * 1000, 1), len(chunk)))
+            if len(self.timings) > MAX_TIMINGS:
+                self.timings = None
         self.tail = (self.tail + chunk)[-_TAIL:]
         if self.overflowed:
             self.buffer = bytearray()  # bounded memory: drop what we had, stream on

@@ -228,3 +228,32 @@ def test_websocket_echo_passes_through(sidecars: Sidecars, tmp_path: Path, pg_ds
 
     assert asyncio.run(scenario()) == ["echo: one", "echo: two"]
     assert sql(pg_dsn, "SELECT count(*) FROM durable_steps WHERE run_id = %s", run) == [(0,)]
+
+
+def test_paced_replay_keeps_the_recorded_rhythm(sidecars: Sidecars, https_api: PaidApi, ca_bundle: Path, pg_dsn: str) -> None:
+    """With durable_replay_pacing, a journaled stream is replayed event by event at the recorded pace.
+    (The lower bound cannot flake: the pacer sleeps; what it checks is that it does.)"""
+    import time
+
+    sidecar = sidecars.start(durable_replay_pacing=True)
+    run = new_run()
+    extra = {"x_event_delay_ms": 120}
+    recorded = "".join(c.choices[0].delta.content or "" for c in sdk(sidecar, run, "a1", https_api, ca_bundle)
+                       .chat.completions.create(model="m", messages=MESSAGES, stream=True, extra_body=extra) if c.choices)
+    timing = lambda: sql(pg_dsn, "SELECT chunk_timing IS NOT NULL FROM durable_steps WHERE run_id = %s", run)  # noqa: E731
+    assert eventually(timing, [(True,)]) == [(True,)]
+    (chunks,), = sql(pg_dsn, "SELECT chunk_timing FROM durable_steps WHERE run_id = %s", run)
+    recorded_span_s = chunks[-1][0] / 1000
+    assert len(chunks) > 5 and recorded_span_s > 0.6
+
+    started = time.monotonic()
+    stream = sdk(sidecar, run, "a2", https_api, ca_bundle).chat.completions.create(
+        model="m", messages=MESSAGES, stream=True, extra_body=extra)
+    arrivals = []
+    text = ""
+    for chunk in stream:
+        arrivals.append(time.monotonic() - started)
+        text += (chunk.choices[0].delta.content or "") if chunk.choices else ""
+    assert stream.response.headers["durable-outcome"] == "replayed" and text == recorded
+    assert arrivals[-1] - arrivals[0] >= 0.5 * recorded_span_s  # spread out, not delivered at once
+    assert https_api.books()["calls"] == 1
