@@ -140,6 +140,16 @@ def client_loop(proxy_port: int, upstream: int, run: str, attempt: str, ids: ran
     return latencies
 
 
+def run_threads(threads: list[threading.Thread]) -> float:
+    """Start them all, wait for them all; the seconds it took."""
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
+
+
 def drive(
     proxy_port: int, upstream: int, run: str, attempt: str, requests: int, clients: int = 1, offset: int = 0
 ) -> dict[str, float]:
@@ -150,13 +160,7 @@ def drive(
         results[c] = client_loop(proxy_port, upstream, f"{run}-{c}" if clients > 1 else run, attempt,
                                  range(offset + c * per_client, offset + (c + 1) * per_client))
 
-    threads = [threading.Thread(target=work, args=(c,)) for c in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - start
+    elapsed = run_threads([threading.Thread(target=work, args=(c,)) for c in range(clients)])
     latencies = sorted(x for r in results for x in r)
     return {
         "rps": len(latencies) / elapsed,

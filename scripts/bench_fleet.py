@@ -15,7 +15,6 @@ import statistics
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -53,13 +52,9 @@ def main() -> None:
                 with lock:
                     results.append({"p50": statistics.median(latencies), "n": len(latencies)})
 
-            threads = [threading.Thread(target=agent, args=(p.port,)) for p in proxies for _ in range(args.agents_per_sidecar)]
-            start = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            elapsed = time.perf_counter() - start
+            elapsed = bench.run_threads(
+                [threading.Thread(target=agent, args=(p.port,)) for p in proxies for _ in range(args.agents_per_sidecar)]
+            )
             for p in proxies:
                 p.stop()
         with psycopg.connect(dsn) as conn:

@@ -251,3 +251,15 @@ def eventually(probe, expected, timeout: float = 10.0):
     while (value := probe()) != expected and time.monotonic() < deadline:
         time.sleep(0.05)
     return value
+
+
+def idle_and_live_runs(sidecar: launcher.Sidecar, api: PaidApi, dsn: str, idle_days: int) -> tuple[str, str]:
+    """Two recorded runs, the first made to look idle for `idle_days` (for gc and retention)."""
+    idle, live = new_run(), new_run()
+    for run in (idle, live):
+        requests.get(f"{api.url}/v1/search?q=idle", proxies={"http": sidecar.proxy_url(run, "a1")}, timeout=30)
+    sql(dsn, "UPDATE durable_runs SET updated_at = now() - make_interval(days => %s) WHERE id = %s RETURNING 1",
+        idle_days, idle)
+    sql(dsn, "UPDATE durable_steps SET started_at = now() - make_interval(days => %s),"
+        " completed_at = now() - make_interval(days => %s) WHERE run_id = %s RETURNING 1", idle_days, idle_days, idle)
+    return idle, live

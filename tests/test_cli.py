@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 from mitmproxy import io as mitmio
 
-from conftest import DEMO_AGENT, PaidApi, Sidecars, new_run, run_agent, sql
+from conftest import DEMO_AGENT, PaidApi, Sidecars, idle_and_live_runs, new_run, run_agent, sql
 
 DURABLE = str(Path(sys.executable).with_name("durable"))
 STEPS = 4
@@ -169,15 +169,7 @@ def test_resolve_in_doubt_steps(sidecars: Sidecars, http_api: PaidApi, pg_dsn: s
 
 
 def test_gc_rm_and_one_line_errors(sidecars: Sidecars, http_api: PaidApi, pg_dsn: str) -> None:
-    import requests
-
-    sidecar = sidecars.start()
-    old, fresh = new_run(), new_run()
-    for run in (old, fresh):
-        requests.get(f"{http_api.url}/v1/search?q=gc", proxies={"http": sidecar.proxy_url(run, "a1")}, timeout=30)
-    sql(pg_dsn, "UPDATE durable_runs SET updated_at = now() - interval '10 days' WHERE id = %s RETURNING 1", old)
-    sql(pg_dsn, "UPDATE durable_steps SET started_at = now() - interval '10 days', completed_at = now() - interval '10 days'"
-        " WHERE run_id = %s RETURNING 1", old)
+    old, fresh = idle_and_live_runs(sidecars.start(), http_api, pg_dsn, idle_days=10)
     planned = json.loads(durable("gc", "--older-than", "7d", "--dry-run", "--json", "--dsn", pg_dsn).stdout)
     assert old in planned["would_delete"] and fresh not in planned["would_delete"]
     assert sql(pg_dsn, "SELECT count(*) FROM durable_runs WHERE id = %s", old) == [(1,)]

@@ -10,7 +10,7 @@ import requests
 from ruamel.yaml import YAML
 
 from addon import launcher
-from conftest import ROOT, PaidApi, Sidecars, eventually, new_run, run_agent, sql
+from conftest import ROOT, PaidApi, Sidecars, eventually, idle_and_live_runs, new_run, run_agent, sql
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -56,13 +56,7 @@ def test_json_logs_parse_and_hold_no_secret(sidecars: Sidecars, ca_bundle: Path,
 
 
 def test_retention_deletes_idle_runs_and_keeps_live_ones(sidecars: Sidecars, http_api: PaidApi, pg_dsn: str) -> None:
-    recorder = sidecars.start()
-    old, live = new_run(), new_run()
-    for run in (old, live):
-        requests.get(f"{http_api.url}/v1/search?q=retention", proxies={"http": recorder.proxy_url(run, "a1")}, timeout=30)
-    sql(pg_dsn, "UPDATE durable_runs SET updated_at = now() - interval '9 days' WHERE id = %s RETURNING 1", old)
-    sql(pg_dsn, "UPDATE durable_steps SET started_at = now() - interval '9 days', completed_at = now() - interval '9 days'"
-        " WHERE run_id = %s RETURNING 1", old)
+    old, live = idle_and_live_runs(sidecars.start(), http_api, pg_dsn, idle_days=9)
     sidecars.start(durable_retention="7d")  # its first retention pass runs at start
     count = lambda: sql(pg_dsn, "SELECT count(*) FROM durable_runs WHERE id = ANY(%s)", [old, live])  # noqa: E731
     assert eventually(count, [(1,)]) == [(1,)]
