@@ -85,12 +85,13 @@ def start_sidecar(
     port: int | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 60,
+    listen_host: str = "127.0.0.1",
 ) -> Sidecar:
     """Start mitmdump with the durable addon and wait until it accepts connections."""
     confdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     log_path = log_path or confdir / f"sidecar-{port}.log"
-    args = [mitmdump(), "-s", str(SCRIPT), "--listen-host", "127.0.0.1", "-p", str(port), "--set", f"confdir={confdir}"]
+    args = [mitmdump(), "-s", str(SCRIPT), "--listen-host", listen_host, "-p", str(port), "--set", f"confdir={confdir}"]
     for key, value in (options or {}).items():
         args += ["--set", f"{key}={value}"]
     with open(log_path, "ab") as log:
@@ -100,9 +101,9 @@ def start_sidecar(
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"sidecar exited with {process.returncode}:\n{sidecar.log()[-3000:]}")
-        if "proxy listening" in sidecar.log():
+        if "proxy listening" in sidecar.log().lower():
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                socket.create_connection((listen_host, port), timeout=1).close()
                 return sidecar
             except OSError:
                 pass

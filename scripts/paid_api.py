@@ -327,8 +327,8 @@ def ensure_tls(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def serve(port: int, tls_dir: str | None, port_file: str | None) -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+def serve(port: int, tls_dir: str | None, port_file: str | None, host: str = "127.0.0.1") -> None:
+    server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
     if tls_dir:
         cert, key = ensure_tls(Path(tls_dir))
@@ -338,17 +338,18 @@ def serve(port: int, tls_dir: str | None, port_file: str | None) -> None:
     actual = server.server_address[1]
     if port_file:
         Path(port_file).write_text(str(actual))
-    print(f"paid API listening on {'https' if tls_dir else 'http'}://127.0.0.1:{actual}", flush=True)
+    print(f"paid API listening on {'https' if tls_dir else 'http'}://{host}:{actual}", flush=True)
     server.serve_forever()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--port-file")
     parser.add_argument("--tls-dir", help="serve HTTPS with a CA and certificate kept in this directory")
     args = parser.parse_args()
-    serve(args.port, args.tls_dir, args.port_file)
+    serve(args.port, args.tls_dir, args.port_file, args.host)
 
 
 if __name__ == "__main__":
