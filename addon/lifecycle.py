@@ -70,7 +70,7 @@ class Lifecycle:
         try:
             parts = fingerprint.request_parts(req)
         except ValueError as e:
-            raise Refused(400, f"request body does not match its Content-Encoding: {e}", run=ident.run)
+            raise Refused(400, f"request body does not match its Content-Encoding: {e}", run=ident.run) from e
         env = fingerprint.envelope(parts, s.rules)
         key = f"key:{ident.step_key}" if ident.step_key else f"v{fingerprint.VERSION}:{fingerprint.fingerprint(env)}"
 

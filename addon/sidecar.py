@@ -242,7 +242,7 @@ class DurableSidecar:
             s = self.settings
             ident = identity.resolve(control, creds, s.run, s.attempt, self.default_run, self.default_attempt)
         except identity.IdentityError as e:
-            raise Refused(400, str(e))
+            raise Refused(400, str(e)) from e
         if self.settings.auth_secret:
             self._authorize(ident.run, control.get(identity.TOKEN_HEADER.lower()) or creds.token)
         return ident

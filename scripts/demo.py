@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import psycopg
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,16 +63,11 @@ def run_agent(sidecar: launcher.Sidecar, bundle: Path, api: str, run: str, attem
     return subprocess.run(args, env=launcher.agent_env(sidecar.proxy_url(run, attempt), bundle)).returncode
 
 
-def journal_summary(dsn: str, run: str) -> None:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT seq, method, url, state, status, replay_count, attempt FROM durable_steps"
-            " WHERE run_id = %s ORDER BY seq",
-            (run,),
-        ).fetchall()
-    print(f"   {'seq':>3}  {'method':<6} {'state':<9} {'status':>6} {'replays':>7}  {'attempt':<10} url")
-    for seq, method, url, state, status, replays, attempt in rows:
-        print(f"   {seq:>3}  {method:<6} {state:<9} {status or '-':>6} {replays:>7}  {attempt:<10} {url}")
+def show_journal(run: str, dsn: str | None, env: dict[str, str]) -> None:
+    """The operator's view of the run: `durable show RUN` (replay counts are written in the background)."""
+    time.sleep(0.5)
+    durable = Path(sys.executable).with_name("durable")
+    subprocess.run([str(durable), "show", run] + (["--dsn", dsn] if dsn else []), env=env, check=True)
 
 
 def main() -> None:
@@ -121,8 +115,8 @@ def main() -> None:
             print(f"   {ledger['charges']} charges booked, not {naive}: "
                   f"{charged} calls before the crash were answered from the journal on resume")
             print(f"   upstream requests received: {ledger['calls']} (deduplicated by key: {ledger['deduplicated']})")
-            say(f"the journal of run {run}")
-            journal_summary(args.dsn or database.start_embedded(database.durable_home()), run)
+            say(f"the journal of run {run}: durable show {run}")
+            show_journal(run, args.dsn, env)
             if ledger["charges"] != total:
                 raise SystemExit(f"expected {total} charges, got {ledger['charges']}")
             say("done: every logical call was billed exactly once")
