@@ -277,6 +277,10 @@ class Lifecycle:
                     "forgotten its idempotency key, so it is not re-sent automatically"
                 )
             raise Refused(409, reason, run=ident.run, step=step.seq, resolve=resolve_hint)
+        logger.info(
+            "durable: run=%s seq=%s %s %.0fs ago: re-sent with its original idempotency key",
+            ident.run, step.seq, "in doubt since" if step.state == "pending" else "failed at the tail,", taken.age_s,
+        )
         if taken.idempotency_key:
             flow.request.headers[s.idempotency_header(flow.request.host)] = taken.idempotency_key
         step.state = "pending"

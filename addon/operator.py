@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 from . import database, migrations, usage
 from .crypto import Keyring, open_row, seal_json
@@ -169,8 +170,6 @@ def resolve(conn: psycopg.Connection, run: str, seq: int, action: str, status: i
 
 
 def _set_answer(conn: psycopg.Connection, run: str, seq: int, status: int, body: bytes, content_type: str) -> None:
-    from psycopg.types.json import Jsonb
-
     headers = [["Content-Type", content_type], ["Content-Length", str(len(body))]]
     keys = keyring()
     conn.execute(
@@ -186,8 +185,6 @@ def edit(conn: psycopg.Connection, run: str, seq: int, status: int | None, body:
 
     A new body is given as the agent should read it, so the old Content-Encoding is dropped with it.
     """
-    from psycopg.types.json import Jsonb
-
     if not _require_run(conn, run)["forked_from"]:
         raise OperatorError(f"run {run!r} is not a fork: fork it first (durable fork {run} --at N --to NEW)")
     keys = keyring()
@@ -208,8 +205,6 @@ def edit(conn: psycopg.Connection, run: str, seq: int, status: int | None, body:
 
 def rekey(conn: psycopg.Connection, batch: int = 200) -> int:
     """Re-encrypt every row not sealed with the active key (plaintext rows included) with it."""
-    from psycopg.types.json import Jsonb
-
     keys = keyring()
     if not keys.enabled:
         raise OperatorError("no encryption key: set DURABLE_ENCRYPTION_KEY=NEWKID:KEY,OLDKID:KEY (new key first)")

@@ -29,9 +29,7 @@ class StreamTee:
         self.cap = cap
         self.buffer = bytearray()
         self.size = 0
-        self.chunks = 0
         self.ended = False
-        self.first_byte_ms: float | None = None
         self.tail = b""  # the last bytes seen, kept even past the cap
         self.timings: list[tuple[float, int]] | None = []  # (ms since the headers, bytes) per chunk
         self._start = time.monotonic()
@@ -44,10 +42,7 @@ class StreamTee:
         if not chunk:  # mitmproxy's end-of-stream call
             self.ended = True
             return b""
-        if self.first_byte_ms is None:
-            self.first_byte_ms = (time.monotonic() - self._start) * 1000
         self.size += len(chunk)
-        self.chunks += 1
         if self.timings is not None:
             self.timings.append((round((time.monotonic() - self._start) * 1000, 1), len(chunk)))
             if len(self.timings) > MAX_TIMINGS:
