@@ -60,6 +60,7 @@ class Lifecycle:
         self.redactor = redactor
         self.cursors: dict[tuple[str, str], asyncio.Task[RunCursor]] = {}
         self.prefetches: dict[tuple[str, str], Prefetch] = {}
+        self.last_used: dict[tuple[str, str], float] = {}
         self.divergences = 0
         self.on_divergence: Callable[[], None] = lambda: None  # metrics hook
         self.pacer: Pacer | None = None  # set by the addon with durable_replay_pacing
@@ -120,6 +121,7 @@ class Lifecycle:
     async def _cursor(self, run: str, attempt: str) -> RunCursor:
         """The attempt's cursor, loading the run's index (no bodies) from the journal once."""
         key = (run, attempt)
+        self.last_used[key] = time.monotonic()
         task = self.cursors.get(key)
         if task is None:
             task = asyncio.ensure_future(self._load_cursor(run, attempt))
@@ -130,6 +132,20 @@ class Lifecycle:
             if self.cursors.get(key) is task:
                 del self.cursors[key]  # let the next request try again
             raise
+
+    def forget_idle(self, idle_s: float) -> int:
+        """Drop the cursors of attempts unheard of for `idle_s`, so a long-lived sidecar's memory stays flat.
+
+        An attempt that calls again after that is treated as starting over (it would replay its own
+        steps), so the idle time must be far longer than any pause inside one life of an agent.
+        """
+        cutoff = time.monotonic() - idle_s
+        stale = [key for key, used in self.last_used.items() if used < cutoff]
+        for key in stale:
+            self.cursors.pop(key, None)
+            self.prefetches.pop(key, None)
+            del self.last_used[key]
+        return len(stale)
 
     async def _load_cursor(self, run: str, attempt: str) -> RunCursor:
         cursor = RunCursor.from_steps(await self.journal.load_run(run))

@@ -75,6 +75,13 @@ OPTIONS: list[tuple[str, Any, Any, str]] = [
         "30d",
         "Delete runs idle for longer than this (checked every 10 minutes, in small batches); 0 keeps everything.",
     ),
+    (
+        "durable_attempt_idle",
+        str,
+        "24h",
+        "Forget the replay position of an attempt unheard of for this long (memory); it must outlast any "
+        "pause within one life of an agent.",
+    ),
     ("durable_redact_headers", Sequence[str], [], "More request headers stored only as a keyed hash."),
     (
         "durable_log_secrets",
@@ -138,6 +145,7 @@ class Settings:
     replay_pacing: bool
     log_json: bool
     retention_s: float
+    attempt_idle_s: float
 
     def idempotency_header(self, host: str) -> str:
         return self.idempotency_headers.get(host.lower()) or self.idempotency_headers[None]
@@ -197,6 +205,7 @@ def from_options(o: Any) -> Settings:
             replay_pacing=o.durable_replay_pacing,
             log_json=o.durable_log_json,
             retention_s=parse_duration(o.durable_retention),
+            attempt_idle_s=parse_duration(o.durable_attempt_idle),
         )
     except (ValueError, IdentityError, re.error, crypto.KeyringError) as e:
         raise exceptions.OptionsError(f"durable: {e}") from e

@@ -87,8 +87,8 @@ class DurableSidecar:
             await self.lifecycle.pacer.start()
         if self.metrics is not None and self.settings.metrics_listen:
             self.metrics.serve(self.settings.metrics_listen, self._in_doubt_steps)
-        if self.settings.retention_s and self._retention is None:
-            self._retention = asyncio.ensure_future(self._enforce_retention())
+        if self._retention is None:
+            self._retention = asyncio.ensure_future(self._housekeeping())
 
     # -- hooks ----------------------------------------------------------------------------------
 
@@ -192,16 +192,22 @@ class DurableSidecar:
 
     # -- operations -----------------------------------------------------------------------------
 
-    async def _enforce_retention(self, every_s: float = 600) -> None:
-        """Never let the journal grow without bound: delete idle runs now and then, in small batches."""
+    async def _housekeeping(self, every_s: float = 600) -> None:
+        """Neither the journal nor the sidecar's memory grows without bound: every 10 minutes, delete
+        runs idle past the retention (small batches) and forget long-idle attempts' cursors."""
         while True:
             assert self.lifecycle is not None
-            try:
-                deleted = await self.lifecycle.journal.gc(self.settings.retention_s)
-                if deleted:
-                    logger.info("durable: retention: deleted %d runs idle for more than %ss", deleted, self.settings.retention_s)
-            except JournalError as e:
-                logger.warning("durable: retention pass failed: %s", e)
+            forgotten = self.lifecycle.forget_idle(self.settings.attempt_idle_s)
+            if forgotten:
+                logger.info("durable: forgot the replay position of %d idle attempts", forgotten)
+            if self.settings.retention_s:
+                try:
+                    deleted = await self.lifecycle.journal.gc(self.settings.retention_s)
+                    if deleted:
+                        logger.info("durable: retention: deleted %d runs idle for more than %ss",
+                                    deleted, self.settings.retention_s)
+                except JournalError as e:
+                    logger.warning("durable: retention pass failed: %s", e)
             await asyncio.sleep(every_s)
 
     def _observe_journal(self, what: str, seconds: float, ok: bool) -> None:

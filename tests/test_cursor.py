@@ -64,3 +64,16 @@ def test_explicit_keys_and_fingerprints_are_separate_spaces() -> None:
     cursor = journal("key:pay-1", "v1:abc")
     assert cursor.claim("v1:abc").step.seq == 2
     assert cursor.claim("key:pay-1").step.seq == 1
+
+
+def test_idle_attempts_are_forgotten(mocker) -> None:
+    from addon.lifecycle import Lifecycle
+
+    lifecycle = Lifecycle(mocker.Mock(), mocker.Mock(), mocker.Mock())
+    clock = mocker.patch("addon.lifecycle.time.monotonic", return_value=1000.0)
+    lifecycle.last_used = {("r", "old"): 0.0, ("r", "new"): 990.0}
+    lifecycle.cursors = {("r", "old"): mocker.Mock(), ("r", "new"): mocker.Mock()}
+    assert lifecycle.forget_idle(idle_s=100) == 1
+    assert set(lifecycle.cursors) == {("r", "new")} and set(lifecycle.last_used) == {("r", "new")}
+    clock.return_value = 2000.0
+    assert lifecycle.forget_idle(idle_s=100) == 1 and not lifecycle.cursors
