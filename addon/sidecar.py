@@ -32,7 +32,7 @@ class DurableSidecar:
     def __init__(self) -> None:
         self.lifecycle: Lifecycle | None = None
         self.metrics: Metrics | None = None
-        self._retention: asyncio.Future[None] | None = None
+        self._housekeeper: asyncio.Future[None] | None = None
         self.settings: settings.Settings = settings.DEFAULTS
         self.default_run = identity.mint_id("run")
         self.default_attempt = identity.mint_id("attempt")
@@ -87,8 +87,8 @@ class DurableSidecar:
             await self.lifecycle.pacer.start()
         if self.metrics is not None and self.settings.metrics_listen:
             self.metrics.serve(self.settings.metrics_listen, self._in_doubt_steps)
-        if self._retention is None:
-            self._retention = asyncio.ensure_future(self._housekeeping())
+        if self._housekeeper is None:
+            self._housekeeper = asyncio.ensure_future(self._housekeeping())
 
     # -- hooks ----------------------------------------------------------------------------------
 
@@ -118,8 +118,7 @@ class DurableSidecar:
         if self.settings.oversize_request == "refuse":
             self._refuse(flow, 413, reason + "; nothing was forwarded")
             return
-        url = self.lifecycle.redactor.url(flow.request.pretty_url) if self.lifecycle else flow.request.host
-        logger.warning("durable: %s %s passes through unjournaled: %s", flow.request.method, url, reason)
+        logger.warning("durable: %s %s passes through unjournaled: %s", flow.request.method, self._url(flow), reason)
         _, flow.request.headers.fields = identity.split_control(flow.request.headers.fields)
         flow.request.stream = True
         flow.metadata[META] = Step(None, None, "passthrough")
@@ -264,11 +263,10 @@ class DurableSidecar:
             )
 
     def _refuse(self, flow: http.HTTPFlow, status: int, reason: str, **details: Any) -> None:
-        url = self.lifecycle.redactor.url(flow.request.pretty_url) if self.lifecycle else flow.request.host
         logger.warning(
             "durable: refused %s %s (%d): %s %s",
             flow.request.method,
-            url,
+            self._url(flow),
             status,
             reason,
             details.get("failed", ""),
@@ -276,9 +274,13 @@ class DurableSidecar:
         flow.response = responses.refusal(status, reason, **details)
         flow.metadata[META] = Step(details.get("run"), details.get("step"), "refused")
 
+    def _url(self, flow: http.HTTPFlow) -> str:
+        """The request's URL as it may be logged: credential-looking query parameters hashed."""
+        assert self.lifecycle is not None
+        return self.lifecycle.redactor.url(flow.request.pretty_url)
+
     def _log(self, flow: http.HTTPFlow, step: Step, status: int | None, note: str = "") -> None:
         """One line per flow (JSON with durable_log_json); the URL redacted, never a secret."""
-        assert self.lifecycle is not None
         self._count(flow, step)
         fields = {
             "run": step.run,
@@ -288,7 +290,7 @@ class DurableSidecar:
             "status": status,
             "ms": round(elapsed_ms(step), 1),
             "method": flow.request.method,
-            "url": self.lifecycle.redactor.url(flow.request.pretty_url),
+            "url": self._url(flow),
         }
         if note:
             fields["note"] = note
