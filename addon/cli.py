@@ -13,6 +13,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from . import crypto, database, exchange, explain, identity, launcher, operator, settings
+from .journal import REPLAY_FLUSH_S
 
 err = Console(stderr=True, soft_wrap=True)
 
@@ -92,6 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         code = subprocess.run(args.command, env=launcher.agent_env(proxy_url, bundle)).returncode
     finally:
         if sidecar:
+            time.sleep(2 * REPLAY_FLUSH_S)  # the sidecar writes its last replay counts in the background
             sidecar.stop()
     with operator.connect(args.dsn) as conn:
         s = operator.attempt_summary(conn, args.run, attempt)

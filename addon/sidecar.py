@@ -280,21 +280,32 @@ class DurableSidecar:
         return self.lifecycle.redactor.url(flow.request.pretty_url)
 
     def _log(self, flow: http.HTTPFlow, step: Step, status: int | None, note: str = "") -> None:
-        """One line per flow (JSON with durable_log_json); the URL redacted, never a secret."""
+        """One line per flow (JSON with durable_log_json); the URL redacted, never a secret.
+        Formatted only if a handler emits it: the hot path pays for a log record, not a string."""
         self._count(flow, step)
+        logger.info("%s", FlowLine(self, flow, step, status, note))
+
+
+class FlowLine:
+    """A flow's log line, rendered when (and only if) logging formats it."""
+
+    def __init__(self, sidecar: DurableSidecar, flow: http.HTTPFlow, step: Step, status: int | None, note: str) -> None:
+        self.sidecar, self.flow, self.step, self.status, self.note = sidecar, flow, step, status, note
+        self.ms = round(elapsed_ms(step), 1)
+
+    def __str__(self) -> str:
         fields = {
-            "run": step.run,
-            "attempt": step.attempt,
-            "seq": step.seq,
-            "outcome": step.outcome,
-            "status": status,
-            "ms": round(elapsed_ms(step), 1),
-            "method": flow.request.method,
-            "url": self._url(flow),
+            "run": self.step.run,
+            "attempt": self.step.attempt,
+            "seq": self.step.seq,
+            "outcome": self.step.outcome,
+            "status": self.status,
+            "ms": self.ms,
+            "method": self.flow.request.method,
+            "url": self.sidecar._url(self.flow),
         }
-        if note:
-            fields["note"] = note
-        if self.settings.log_json:
-            logger.info(json.dumps(fields))
-        else:
-            logger.info("durable " + " ".join(f"{k}={v}" for k, v in fields.items()))
+        if self.note:
+            fields["note"] = self.note
+        if self.sidecar.settings.log_json:
+            return json.dumps(fields)
+        return "durable " + " ".join(f"{k}={v}" for k, v in fields.items())
