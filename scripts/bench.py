@@ -202,21 +202,23 @@ def sequential(dsn: str, upstream: int, work: Path, requests: int, rounds: int) 
     return {k: median_of(v) for k, v in results.items()}
 
 
-def concurrency(dsn: str, upstream: int, work: Path, requests: int, levels: list[int]) -> dict[str, dict[int, float]]:
-    out: dict[str, dict[int, float]] = {"bare": {}, "sidecar record": {}, "sidecar replay": {}}
+def concurrency(dsn: str, upstream: int, work: Path, requests: int, levels: list[int], rounds: int) -> dict[str, dict[int, float]]:
+    """Throughput at each level of concurrency, median of `rounds` interleaved rounds."""
+    samples: dict[str, dict[int, list[float]]] = {k: {c: [] for c in levels} for k in ("bare", "sidecar record", "sidecar replay")}
     bare = start_proxy([], work / "conf", work / "bare-c.log")
     sidecar = start_proxy(sidecar_args(dsn), work / "conf", work / "sidecar-c.log")
     try:
-        for clients in levels:
-            n = max(requests, clients * 20)
-            out["bare"][clients] = drive(bare.port, upstream, "bench", "x", n, clients)["rps"]
-            run = f"conc-{uuid.uuid4().hex[:8]}"
-            out["sidecar record"][clients] = drive(sidecar.port, upstream, run, "record", n, clients)["rps"]
-            out["sidecar replay"][clients] = drive(sidecar.port, upstream, run, "replay", n, clients)["rps"]
+        for _ in range(rounds):
+            for clients in levels:
+                n = max(requests, clients * 25)
+                samples["bare"][clients].append(drive(bare.port, upstream, "bench", "x", n, clients)["rps"])
+                run = f"conc-{uuid.uuid4().hex[:8]}"
+                samples["sidecar record"][clients].append(drive(sidecar.port, upstream, run, "record", n, clients)["rps"])
+                samples["sidecar replay"][clients].append(drive(sidecar.port, upstream, run, "replay", n, clients)["rps"])
     finally:
         bare.stop()
         sidecar.stop()
-    return out
+    return {k: {c: statistics.median(v) for c, v in series.items()} for k, series in samples.items()}
 
 
 def fill_run(dsn: str, run: str, steps: int, upstream: int) -> None:
@@ -330,7 +332,7 @@ def main() -> None:
             work = Path(tmp)
             floor = journal_write_floor(dsn)
             seq = sequential(dsn, upstream, work, args.requests, args.rounds)
-            conc = concurrency(dsn, upstream, work, args.requests, [int(c) for c in args.concurrency.split(",")])
+            conc = concurrency(dsn, upstream, work, args.requests, [int(c) for c in args.concurrency.split(",")], args.rounds)
             sizes = [int(s) for s in args.scale.split(",")]
             scaled = scale(dsn, upstream, work, sizes, min(args.requests, min(sizes)) - 1)
     finally:
@@ -347,7 +349,7 @@ def main() -> None:
           f"sidecar recording adds {seq['sidecar record']['p50'] - bare['p50']:.2f} ms to bare mitmdump's p50 "
           f"(two commits per call)")
 
-    print("\nthroughput, req/s, by concurrent clients (each client its own run)")
+    print(f"\nthroughput, req/s, by concurrent clients (each client its own run; median of {args.rounds} rounds)")
     levels = sorted(conc["bare"])
     print(f"{'path':<18} " + " ".join(f"{c:>9}" for c in levels))
     for name, series in conc.items():
