@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from . import jsonpointer
+
 VERSION = 1
 
 
@@ -82,26 +84,6 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _drop_pointer(doc: Any, pointer: str) -> None:
-    """Remove the value at an RFC 6901 pointer, if it is there."""
-    tokens = [t.replace("~1", "/").replace("~0", "~") for t in pointer.split("/")[1:]]
-    if not tokens:
-        return
-    node = doc
-    for token in tokens[:-1]:
-        if isinstance(node, dict):
-            node = node.get(token)
-        elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
-            node = node[int(token)]
-        else:
-            return
-    last = tokens[-1]
-    if isinstance(node, dict):
-        node.pop(last, None)
-    elif isinstance(node, list) and last.isdigit() and int(last) < len(node):
-        node.pop(int(last))
-
-
 def _header(headers: list[tuple[str, str]], name: str) -> str:
     return next((v for k, v in headers if k.lower() == name), "")
 
@@ -138,7 +120,9 @@ def body_digest(parts: RequestParts, ignore_pointers: list[str]) -> dict[str, An
             pass  # not really JSON: compared by bytes below
         else:
             for pointer in ignore_pointers:
-                _drop_pointer(doc, pointer)
+                if found := jsonpointer.locate(doc, pointer):
+                    container, key = found
+                    del container[key]
             return {"kind": "json", "sha256": _sha(canonical_json(doc))}
     if media.startswith("multipart/"):
         try:

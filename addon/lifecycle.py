@@ -88,7 +88,7 @@ class Lifecycle:
     async def finish(self, flow: http.HTTPFlow, step: Step) -> None:
         """The upstream answered: commit the answer before the agent may have (the rest of) it."""
         assert flow.response is not None
-        truncated = step.tee is not None and (step.tee.overflowed or not step.tee.finished())
+        truncated = step.tee is not None and not step.tee.complete()
         if step.tee is not None and step.tee.overflowed:
             logger.warning(
                 "durable: run=%s seq=%s response of %d bytes is over durable_body_cap: streamed through, "
@@ -111,8 +111,8 @@ class Lifecycle:
                 await self.journal.fail(step.run, step.seq, message, elapsed_ms(step))
                 state = "failed"
             else:  # the upstream began to answer: unless the answer was complete, the step is in doubt
-                finished = step.tee is not None and step.tee.finished() and not step.tee.overflowed
-                state = await self._journal_answer(flow.response, step, truncated=not finished)
+                truncated = step.tee is None or not step.tee.complete()
+                state = await self._journal_answer(flow.response, step, truncated)
             if step.ref:
                 step.ref.state = state
         except JournalError as e:
@@ -167,14 +167,14 @@ class Lifecycle:
         Returns the journaled step instead when another sidecar or attempt recorded it meanwhile.
         """
         s, req = self.settings, flow.request
+        # what is stored, and what a divergence is diffed on: credentials hashed
+        stored_env = self.redactor.envelope(env)
+        stored_body = self.redactor.body(body, req.headers.get("content-type", ""))
         outcome, diverged = "recorded", None
         ahead = cursor.ahead()
         if ahead:
             outcome = "diverged"
-            diverged = await self._report_divergence(
-                ident, cursor, claim, ahead, self.redactor.envelope(env),
-                self.redactor.body(body, req.headers.get("content-type", "")),
-            )
+            diverged = await self._report_divergence(ident, cursor, claim, ahead, stored_env, stored_body)
 
         header = s.idempotency_header(req.host)
         agent_key = req.headers.get(header)
@@ -189,9 +189,9 @@ class Lifecycle:
                 step_key=ident.step_key,
                 method=req.method,
                 url=self.redactor.url(req.pretty_url),
-                envelope=self.redactor.envelope(env),
+                envelope=stored_env,
                 request_headers=encode_headers(self.redactor.headers(req.headers.fields)),
-                request_body=self.redactor.body(body, req.headers.get("content-type", "")),
+                request_body=stored_body,
                 agent_idempotency_key=agent_key,
                 mint_idempotency_key=req.method.upper() in s.idempotency_methods,
                 outcome=outcome,

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from . import jsonpointer
+
 # header and query parameter names that carry credentials (matched anywhere in the lower-case name)
 SECRET_NAMES = re.compile(
     r"authorization|api[-_]?key|secret|passw(or)?d|cookie|signature|credential"
@@ -90,25 +92,9 @@ class Redactor:
             return body
         changed = False
         for pointer in self.pointers:
-            changed |= _replace_at(doc, pointer, lambda v: self.digest(json.dumps(v).encode()))
+            if found := jsonpointer.locate(doc, pointer):
+                container, key = found
+                container[key] = self.digest(json.dumps(container[key]).encode())
+                changed = True
         return json.dumps(doc).encode() if changed else body
 
-
-def _replace_at(doc: Any, pointer: str, replace: Any) -> bool:
-    tokens = [t.replace("~1", "/").replace("~0", "~") for t in pointer.split("/")[1:]]
-    node = doc
-    for token in tokens[:-1]:
-        if isinstance(node, dict) and token in node:
-            node = node[token]
-        elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
-            node = node[int(token)]
-        else:
-            return False
-    last = tokens[-1] if tokens else None
-    if isinstance(node, dict) and last in node:
-        node[last] = replace(node[last])
-        return True
-    if isinstance(node, list) and last is not None and last.isdigit() and int(last) < len(node):
-        node[int(last)] = replace(node[int(last)])
-        return True
-    return False

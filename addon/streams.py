@@ -61,6 +61,10 @@ class StreamTee:
         """The upstream ended the stream, or its last event says the answer is complete."""
         return self.ended or ends_with_marker(self.tail)
 
+    def complete(self) -> bool:
+        """Finished and wholly recorded: the journal holds the entire answer."""
+        return self.finished() and not self.overflowed
+
 
 def ends_with_marker(tail: bytes) -> bool:
     events = [e for e in tail.replace(b"\r\n", b"\n").split(b"\n\n") if e.strip()]

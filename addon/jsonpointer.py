@@ -1,0 +1,21 @@
+"""RFC 6901 JSON pointers, as far as the sidecar needs them: find the container holding a value."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def locate(doc: Any, pointer: str) -> tuple[dict | list, str | int] | None:
+    """(container, key or index) of the value `pointer` names in `doc`, or None when it is not there."""
+    tokens = [t.replace("~1", "/").replace("~0", "~") for t in pointer.split("/")[1:]]
+    if not tokens:
+        return None
+    node = doc
+    for token in tokens:
+        if isinstance(node, dict) and token in node:
+            container, key, node = node, token, node[token]
+        elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
+            container, key, node = node, int(token), node[int(token)]
+        else:
+            return None
+    return container, key
