@@ -165,12 +165,12 @@ def resolve(conn: psycopg.Connection, run: str, seq: int, action: str, status: i
     if action == "forget":
         conn.execute("DELETE FROM durable_steps WHERE run_id = %s AND seq = %s", (run, seq))
         return f"step {seq} forgotten: the next attempt records the call afresh (with a new idempotency key)"
-    _set_answer(conn, run, seq, status, body, content_type)
+    _write_answer(conn, run, seq, status, [["Content-Type", content_type], ["Content-Length", str(len(body))]], body)
     return f"step {seq} completed by hand with status {status} ({len(body)} bytes): the next attempt replays it"
 
 
-def _set_answer(conn: psycopg.Connection, run: str, seq: int, status: int, body: bytes, content_type: str) -> None:
-    headers = [["Content-Type", content_type], ["Content-Length", str(len(body))]]
+def _write_answer(conn: psycopg.Connection, run: str, seq: int, status: int, headers: list, body: bytes) -> None:
+    """Make a step completed with this answer, as an operator gave it (sealed when encryption is on)."""
     keys = keyring()
     conn.execute(
         "UPDATE durable_steps SET state = 'completed', status = %s, reason = '', http_version = 'HTTP/1.1',"
@@ -187,19 +187,14 @@ def edit(conn: psycopg.Connection, run: str, seq: int, status: int | None, body:
     """
     if not _require_run(conn, run)["forked_from"]:
         raise OperatorError(f"run {run!r} is not a fork: fork it first (durable fork {run} --at N --to NEW)")
-    keys = keyring()
-    step = open_row(keys, _require_step(conn, run, seq))
+    step = open_row(keyring(), _require_step(conn, run, seq))
     headers = step["response_headers"] or []
     if body is None:
         body = bytes(step["response_body"] or b"")
     else:
         headers = [[k, v] for k, v in headers if k.lower() not in ("content-encoding", "content-length")]
     status = status or step["status"] or 200
-    conn.execute(
-        "UPDATE durable_steps SET state = 'completed', status = %s, response_headers = %s, response_body = %s,"
-        " truncated = false, last_outcome = 'edited', key_id = %s WHERE run_id = %s AND seq = %s",
-        (status, Jsonb(seal_json(keys, headers)), keys.seal(body), keys.active, run, seq),
-    )
+    _write_answer(conn, run, seq, status, headers, body)
     return f"step {seq} of run {run!r} now answers {status} with {len(body)} bytes"
 
 
