@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 
 
@@ -79,11 +82,22 @@ def resolve(option_dsn: str | None) -> Target:
 
 def describe(dsn: str) -> str:
     """The DSN without its password, for logs."""
-    from psycopg.conninfo import conninfo_to_dict
-
     try:
         parts = conninfo_to_dict(dsn)
     except Exception:
         return "<unparseable dsn>"
     parts.pop("password", None)
     return " ".join(f"{k}={v}" for k, v in sorted(parts.items()))
+
+
+def create_database(server_dsn: str, prefix: str) -> str:
+    """A new, empty database on the server behind `server_dsn` (for tests and benchmarks); its DSN."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return make_conninfo(server_dsn, dbname=name)
+
+
+def drop_database(server_dsn: str, dsn: str) -> None:
+    with psycopg.connect(server_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{conninfo_to_dict(dsn)["dbname"]}" WITH (FORCE)')

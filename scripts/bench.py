@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -275,18 +274,6 @@ def journal_write_floor(dsn: str, n: int = 300) -> float:
 # -- main -----------------------------------------------------------------------------------------
 
 
-def bench_database(server_dsn: str) -> str:
-    name = f"durable_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(server_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return make_conninfo(server_dsn, dbname=name)
-
-
-def drop_database(server_dsn: str, dsn: str) -> None:
-    with psycopg.connect(server_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{conninfo_to_dict(dsn)["dbname"]}" WITH (FORCE)')
-
-
 def chart(path: Path, seq: dict[str, dict[str, float]], conc: dict[str, dict[int, float]]) -> None:
     import matplotlib
 
@@ -325,7 +312,7 @@ def main() -> None:
         args.requests, args.rounds, args.concurrency, args.scale = 20, 1, "1,2", "10,50"
 
     server = database.resolve(args.dsn).dsn
-    dsn = bench_database(server)
+    dsn = database.create_database(server, "durable_bench")
     upstream = start_upstream()
     try:
         with tempfile.TemporaryDirectory(prefix="durable-bench-") as tmp:
@@ -336,7 +323,7 @@ def main() -> None:
             sizes = [int(s) for s in args.scale.split(",")]
             scaled = scale(dsn, upstream, work, sizes, min(args.requests, min(sizes)) - 1)
     finally:
-        drop_database(server, dsn)
+        database.drop_database(server, dsn)
 
     bare = seq["bare"]
     print(f"\nsequential keep-alive POSTs ({args.requests} per round, median of {args.rounds} interleaved rounds)")

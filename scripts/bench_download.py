@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from addon import launcher  # noqa: E402
+from scripts import paid_api  # noqa: E402
 
 PIECE = bytes(range(256)) * 256  # what the paid API's /v1/download repeats
 
@@ -93,13 +94,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="durable-bench-") as tmp:
         workdir = Path(tmp)
-        port_file = workdir / "api-port"
-        api = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "paid_api.py"), "--port-file", str(port_file)],
-                               stdout=subprocess.DEVNULL)
+        api, api_port = paid_api.spawn(workdir)
         try:
-            while not (port_file.exists() and port_file.read_text()):
-                time.sleep(0.05)
-            url = f"http://127.0.0.1:{port_file.read_text()}/v1/download?mb={args.mb}"
+            url = f"http://127.0.0.1:{api_port}/v1/download?mb={args.mb}"
             base = [launcher.mitmdump(), "--set", f"confdir={workdir / 'conf'}"]
             sidecar = base + ["-s", str(launcher.SCRIPT)] + (["--set", f"durable_dsn={args.dsn}"] if args.dsn else [])
             rows = [

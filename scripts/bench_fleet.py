@@ -37,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
 
     server = database.resolve(args.dsn).dsn
-    dsn = bench.bench_database(server)
+    dsn = database.create_database(server, "durable_fleet")
     upstream = bench.start_upstream()
     try:
         with tempfile.TemporaryDirectory(prefix="durable-fleet-") as tmp:
@@ -67,7 +67,7 @@ def main() -> None:
                 "SELECT bool_and(n = m) FROM (SELECT count(*) AS n, max(seq) AS m FROM durable_steps GROUP BY run_id) x"
             ).fetchone()
     finally:
-        bench.drop_database(server, dsn)
+        database.drop_database(server, dsn)
 
     agents = len(results)
     rate = steps / elapsed

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from addon import database, launcher  # noqa: E402
+from scripts import paid_api  # noqa: E402
 
 STEPS = 4
 CALLS_PER_STEP = 3
@@ -37,18 +38,8 @@ def say(text: str) -> None:
 
 
 def start_paid_api(workdir: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
-    port_file = workdir / "port"
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "scripts" / "paid_api.py"), "--port", "0", "--port-file", str(port_file),
-         "--tls-dir", str(workdir / "tls")],
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 20
-    while not (port_file.exists() and port_file.read_text()):
-        if time.monotonic() > deadline or proc.poll() is not None:
-            raise SystemExit("the paid API did not start")
-        time.sleep(0.05)
-    return proc, f"https://127.0.0.1:{port_file.read_text()}", workdir / "tls" / "ca.pem"
+    proc, port = paid_api.spawn(workdir, tls=True)
+    return proc, f"https://127.0.0.1:{port}", workdir / "tls" / "ca.pem"
 
 
 def books(api: str, ca: Path) -> dict:

@@ -29,7 +29,10 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import secrets
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -340,6 +343,23 @@ def serve(port: int, tls_dir: str | None, port_file: str | None, host: str = "12
         Path(port_file).write_text(str(actual))
     print(f"paid API listening on {'https' if tls_dir else 'http'}://{host}:{actual}", flush=True)
     server.serve_forever()
+
+
+def spawn(workdir: Path, *, tls: bool = False, host: str = "127.0.0.1", port: int = 0,
+          timeout: float = 20) -> tuple[subprocess.Popen[bytes], int]:
+    """Start this API in a process of its own (TLS material in workdir/tls) and wait for its port."""
+    port_file = workdir / f"paid-api-port-{secrets.token_hex(4)}"
+    args = [sys.executable, __file__, "--host", host, "--port", str(port), "--port-file", str(port_file)]
+    if tls:
+        args += ["--tls-dir", str(workdir / "tls")]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while not (port_file.exists() and port_file.read_text()):
+        if time.monotonic() > deadline or process.poll() is not None:
+            process.kill()
+            raise RuntimeError("the paid API did not start")
+        time.sleep(0.02)
+    return process, int(port_file.read_text())
 
 
 def main() -> None:

@@ -20,13 +20,13 @@ from typing import Any
 import psycopg
 import pytest
 import requests
-from psycopg.conninfo import make_conninfo
 
 from addon import database, launcher
 
 ROOT = Path(__file__).resolve().parent.parent
-PAID_API = ROOT / "scripts" / "paid_api.py"
 DEMO_AGENT = ROOT / "scripts" / "demo_agent.py"
+sys.path.insert(0, str(ROOT / "scripts"))
+import paid_api  # noqa: E402  (the upstream the tests bill against, run as a process of its own)
 
 
 def docker_reachable() -> bool:
@@ -54,33 +54,20 @@ def pg_server() -> Iterator[str]:
         yield database.start_embedded(Path(tempfile.mkdtemp(prefix="durable-test-pg-")), cleanup="delete")
 
 
-def create_database(admin_dsn: str) -> str:
-    name = f"durable_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return make_conninfo(admin_dsn, dbname=name)
-
-
-def drop_database(admin_dsn: str, dsn: str) -> None:
-    name = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @pytest.fixture(scope="session")
 def pg_dsn(pg_server: str) -> Iterator[str]:
     """This session's own database; tests keep apart by using run ids of their own."""
-    dsn = create_database(pg_server)
+    dsn = database.create_database(pg_server, "durable_test")
     yield dsn
-    drop_database(pg_server, dsn)
+    database.drop_database(pg_server, dsn)
 
 
 @pytest.fixture
 def fresh_dsn(pg_server: str) -> Iterator[str]:
     """An empty database for one test."""
-    dsn = create_database(pg_server)
+    dsn = database.create_database(pg_server, "durable_test")
     yield dsn
-    drop_database(pg_server, dsn)
+    database.drop_database(pg_server, dsn)
 
 
 def sql(dsn: str, query: str, *params: Any) -> list[tuple]:
@@ -100,17 +87,7 @@ class PaidApi:
             self.start()
 
     def start(self) -> None:
-        port_file = self.workdir / f"port-{uuid.uuid4().hex[:6]}"
-        args = [sys.executable, str(PAID_API), "--port", str(self.port), "--port-file", str(port_file)]
-        if self.tls:
-            args += ["--tls-dir", str(self.workdir / "tls")]
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while not port_file.exists() or not port_file.read_text():
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise RuntimeError("paid API did not start")
-            time.sleep(0.02)
-        self.port = int(port_file.read_text())
+        self.process, self.port = paid_api.spawn(self.workdir, tls=self.tls, port=self.port)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

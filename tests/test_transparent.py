@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from addon import launcher
-from conftest import PAID_API, new_run
+from conftest import new_run, paid_api
 
 
 def sh(*args: str) -> None:
@@ -70,16 +68,12 @@ def test_transparent_mode_records_and_replays_a_proxy_unaware_client(
     namespace: tuple[str, str, str], confdir: Path, pg_dsn: str, tmp_path: Path
 ) -> None:
     ns, host_ip, host_if = namespace
-    port_file = tmp_path / "port"
-    api = subprocess.Popen([sys.executable, str(PAID_API), "--host", host_ip, "--port-file", str(port_file)],
-                           stdout=subprocess.DEVNULL)
+    api, api_port = paid_api.spawn(tmp_path, host=host_ip)
     sidecar_port = launcher.free_port()
     rule = ["PREROUTING", "-i", host_if, "-p", "tcp", "-j", "REDIRECT", "--to-port", str(sidecar_port)]
     started: list[launcher.Sidecar] = []
     try:
-        while not (port_file.exists() and port_file.read_text()):
-            time.sleep(0.02)
-        url = f"http://{host_ip}:{port_file.read_text()}/v1/search?q=transparent"
+        url = f"http://{host_ip}:{api_port}/v1/search?q=transparent"
         sh("iptables", "-t", "nat", "-A", *rule)
         run = new_run()
         outcomes = []
