@@ -9,6 +9,7 @@ Each of run and attempt is taken from the first source that has it.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import re
@@ -62,8 +63,11 @@ def mint_id(prefix: str) -> str:
     return f"{prefix}-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}"
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_proxy_authorization(value: str | None) -> Credentials:
-    """`Basic base64(run:attempt)` -> Credentials. Anything else is an IdentityError."""
+    """`Basic base64(run:attempt)` -> Credentials. Anything else is an IdentityError.
+
+    Cached: an agent sends the same header on every call of a run, and this sits on every call's path."""
     if not value:
         return Credentials()
     try:

@@ -29,8 +29,9 @@ class Prefetch:
     def take(self, seq: int) -> StoredResponse | None:
         """The answer of `seq` if it was read ahead; either way, keep the window full."""
         stored = self.ready.pop(seq, None)
-        for stale in [s for s in self.ready if s in self.cursor.consumed]:  # consumed another way
-            del self.ready[stale]
+        if stored is None:  # a miss: drop answers consumed another way, so they do not hold the window
+            for stale in [s for s in self.ready if s in self.cursor.consumed]:
+                del self.ready[stale]
         self.refill()
         return stored
 
@@ -44,6 +45,8 @@ class Prefetch:
 
     async def _fetch(self, seqs: list[int]) -> None:
         try:
-            self.ready.update(await self.journal.responses(self.run, seqs, MAX_BODY))
+            fetched = await self.journal.responses(self.run, seqs, MAX_BODY)
+            consumed = self.cursor.consumed  # meanwhile, some may have been answered another way
+            self.ready.update((seq, stored) for seq, stored in fetched.items() if seq not in consumed)
         except JournalError as e:  # replay falls back to reading each answer when it is needed
             logger.warning("durable: read-ahead of run %s failed: %s", self.run, e)

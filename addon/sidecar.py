@@ -34,6 +34,7 @@ class DurableSidecar:
         self.metrics: Metrics | None = None
         self._housekeeper: asyncio.Future[None] | None = None
         self.settings: settings.Settings = settings.DEFAULTS
+        self.flow_lines = True  # one log line per flow, when the terminal log shows INFO
         self.default_run = identity.mint_id("run")
         self.default_attempt = identity.mint_id("attempt")
         self.credentials: weakref.WeakKeyDictionary[connection.Client, identity.Credentials] = (
@@ -47,6 +48,8 @@ class DurableSidecar:
             loader.add_option(name, typespec, default, help_text)
 
     def configure(self, updated: set[str]) -> None:
+        if "termlog_verbosity" in updated or self.lifecycle is None:
+            self.flow_lines = flow_lines_shown()
         if self.lifecycle is not None and not any(name.startswith("durable_") for name in updated):
             return
         new = settings.from_options(ctx.options)
@@ -281,9 +284,19 @@ class DurableSidecar:
 
     def _log(self, flow: http.HTTPFlow, step: Step, status: int | None, note: str = "") -> None:
         """One line per flow (JSON with durable_log_json); the URL redacted, never a secret.
-        Formatted only if a handler emits it: the hot path pays for a log record, not a string."""
+        Formatted only if a handler emits it: the hot path pays for a log record, not a string,
+        and for nothing when the terminal log would not show it."""
         self._count(flow, step)
-        logger.info("%s", FlowLine(self, flow, step, status, note))
+        if self.flow_lines:
+            logger.info("%s", FlowLine(self, flow, step, status, note))
+
+
+def flow_lines_shown() -> bool:
+    """Whether mitmproxy's terminal log shows INFO. Every record costs mitmproxy a formatted
+    `add_log` event whether or not it is shown, so at `--set termlog_verbosity=warn` the per-flow
+    lines are not emitted at all (they would never be printed)."""
+    verbosity = getattr(ctx.options, "termlog_verbosity", "info")
+    return logging.getLevelName(str(verbosity).upper()) in (logging.DEBUG, logging.INFO)
 
 
 class FlowLine:

@@ -41,3 +41,14 @@ def test_refusal_is_json_and_labelled() -> None:
     r = responses.refusal(503, "journal unavailable", run="r1", step=None)
     assert r.status_code == 503 and r.headers["Durable-Outcome"] == "refused"
     assert json.loads(r.content) == {"error": "durable-sidecar", "reason": "journal unavailable", "run": "r1"}
+
+
+def test_unchecked_response_equals_the_checked_constructor() -> None:
+    """The fast path skips mitmproxy's type check; it must build exactly what the constructor builds."""
+    from mitmproxy import http
+
+    headers = http.Headers([(b"Content-Type", b"application/json"), (b"Content-Length", b"2")])
+    fast = responses.unchecked_response(b"HTTP/1.1", 201, b"Created", headers, b"{}", 12.5)
+    checked = http.Response(b"HTTP/1.1", 201, b"Created", headers, b"{}", None, 12.5, 12.5)
+    assert fast.get_state() == checked.get_state()
+    assert fast.status_code == 201 and fast.text == "{}" and fast.stream is False
