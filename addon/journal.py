@@ -72,6 +72,23 @@ class Reissue:
     age_s: float
 
 
+@dataclass(frozen=True)
+class Statement:
+    what: str  # for errors and metrics
+    sql: str
+    params: Any
+    fetch: str = "none"  # none (row count) | one | all
+    run: str = ""  # the run a write belongs to: a batch's order
+
+
+async def _fetch(cursor: Any, fetch: str) -> Any:
+    if fetch == "one":
+        return await cursor.fetchone()
+    if fetch == "all":
+        return await cursor.fetchall()
+    return cursor.rowcount
+
+
 def encode_headers(fields: Any) -> list[list[str]]:
     """Header pairs (bytes) -> JSON-safe pairs, order and duplicates kept; latin-1 is lossless."""
     return [[k.decode("latin-1"), v.decode("latin-1")] for k, v in fields]
@@ -115,6 +132,8 @@ ORDER BY updated_at
 """
 DELETE_RUNS = "DELETE FROM durable_runs WHERE id = ANY(%s)"
 REPLAY_FLUSH_S = 0.1
+WRITERS = 2  # writes in flight at once before new ones queue into a batch
+MAX_BATCH = 64
 
 
 class Journal:
@@ -130,7 +149,10 @@ class Journal:
         self._lock = asyncio.Lock()
         self._replays: list[tuple[str, int, str]] = []
         self.observe: Callable[[str, float, bool], None] = lambda what, seconds, ok: None  # metrics hook
+        self.on_commit: Callable[[int], None] = lambda writes: None  # metrics hook: writes per group commit
         self._flusher: asyncio.Future[None] | None = None
+        self._writing = 0  # writes (single or batched) in flight
+        self._queued: list[tuple[Statement, asyncio.Future[Any]]] = []
         self.target: database.Target | None = None
 
     async def open(self) -> None:
@@ -165,13 +187,19 @@ class Journal:
             self._pool = None
 
     async def _run(self, what: str, sql: str, params: Any, fetch: str = "none") -> Any:
-        """One statement on a pooled connection, in its own transaction (autocommit).
+        """One statement on a pooled connection, in its own transaction (autocommit)."""
+        return (await self._execute([Statement(what, sql, params, fetch)]))[0]
+
+    async def _execute(self, batch: list["Statement"]) -> list[Any]:
+        """Statements on one pooled connection: one alone in its own transaction (autocommit), several
+        pipelined in ONE transaction, so they cost one round trip and one commit, all or none.
 
         Connections are not pinged on checkout (that would double the round trips). When one turns
-        out dead (Postgres restarted), the idle ones are checked and the statement runs once more on
-        a fresh connection: safe, because every statement here is idempotent or, for a new step,
+        out dead (Postgres restarted), the idle ones are checked and the batch runs once more on a
+        fresh connection: safe, because every statement here is idempotent or, for a new step,
         guarded by the (run, fingerprint, occurrence) key.
         """
+        what = batch[0].what if len(batch) == 1 else f"{len(batch)} journal writes"
         try:
             if self._pool is None or not self._migrated:
                 await self.open()
@@ -180,19 +208,69 @@ class Journal:
             for retry in (False, True):
                 async with self._pool.connection() as conn:
                     try:
-                        cur = await conn.cursor(row_factory=dict_row).execute(sql, params)
+                        if len(batch) == 1:
+                            cursors = [await conn.cursor(row_factory=dict_row).execute(batch[0].sql, batch[0].params)]
+                        else:
+                            async with conn.pipeline(), conn.transaction():
+                                cursors = [await conn.cursor(row_factory=dict_row).execute(s.sql, s.params) for s in batch]
                     except psycopg.OperationalError:
                         if retry or not conn.broken:
                             raise
                         await self._pool.check()
                         continue
-                    result = (await cur.fetchone() if fetch == "one" else await cur.fetchall() if fetch == "all"
-                              else cur.rowcount)
-                    self.observe(what, time.perf_counter() - started, True)
-                    return result
+                    results = [await _fetch(cur, s.fetch) for cur, s in zip(cursors, batch)]
+                    elapsed = time.perf_counter() - started
+                    for s in batch:
+                        self.observe(s.what, elapsed, True)
+                    return results
+            raise AssertionError("unreachable")
         except Exception as e:  # psycopg, pool timeouts, embedded start: all mean "journal unavailable"
             self.observe(what, 0.0, False)
             raise JournalError(f"{what}: {type(e).__name__}: {e}".strip()) from e
+
+    async def _write(self, what: str, run: str, sql: str, params: Any, fetch: str = "none") -> Any:
+        """A write on an agent's path. Alone, it goes at once. While WRITERS writes are in flight, new
+        ones queue and then go together in one transaction: group commit, so 32 agents recording at
+        once cost a few commits per round trip instead of 32.
+
+        A batch is ordered by run (stable: a run's writes keep their order), so two batches always
+        take the runs' row locks in the same order and cannot deadlock.
+        """
+        statement = Statement(what, sql, params, fetch, run)
+        if self._writing < WRITERS:
+            self._writing += 1
+            try:
+                result = (await self._execute([statement]))[0]
+                self.on_commit(1)
+                return result
+            finally:
+                self._writing -= 1
+                self._next_batch()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queued.append((statement, future))
+        return await future
+
+    def _next_batch(self) -> None:
+        if self._queued and self._writing < WRITERS:
+            batch, self._queued = self._queued[:MAX_BATCH], self._queued[MAX_BATCH:]
+            batch.sort(key=lambda queued: queued[0].run)
+            self._writing += 1
+            asyncio.ensure_future(self._write_batch(batch))
+
+    async def _write_batch(self, batch: list[tuple["Statement", asyncio.Future[Any]]]) -> None:
+        try:
+            results = await self._execute([statement for statement, _ in batch])
+            self.on_commit(len(batch))
+            for (_, future), result in zip(batch, results):
+                if not future.done():  # the agent may have hung up meanwhile
+                    future.set_result(result)
+        except JournalError as e:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(e)
+        finally:
+            self._writing -= 1
+            self._next_batch()
 
     async def gc(self, older_than_s: float, batch: int = 100) -> int:
         """Delete idle runs, a batch per statement, yielding between batches so traffic never waits."""
@@ -213,8 +291,9 @@ class Journal:
 
     async def record(self, step: NewStep) -> Recorded | None:
         """Commit a pending step; None if (run, key, occurrence) was journaled meanwhile by someone else."""
-        row = await self._run(
+        row = await self._write(
             "record pending step",
+            step.run,
             _RECORD,
             {
                 "run": step.run,
@@ -264,8 +343,9 @@ class Journal:
         chunk_timing: list[tuple[float, int]] | None = None,
     ) -> None:
         """Journal the answer. A truncated one is kept for inspection but leaves the step in doubt."""
-        updated = await self._run(
+        updated = await self._write(
             "journal response",
+            run,
             "UPDATE durable_steps SET state = %s, status = %s, reason = %s, http_version = %s,"
             " response_headers = %s, response_body = %s, error = NULL, completed_at = now(),"
             " duration_ms = %s, streamed = %s, truncated = %s, key_id = %s, chunk_timing = %s"
@@ -278,8 +358,9 @@ class Journal:
             raise JournalError(f"journal response: step {run}/{seq} is gone")
 
     async def fail(self, run: str, seq: int, error: str, duration_ms: float) -> None:
-        await self._run(
+        await self._write(
             "journal failure",
+            run,
             "UPDATE durable_steps SET state = 'failed', error = %s, status = NULL, response_body = NULL,"
             " response_headers = NULL, completed_at = now(), duration_ms = %s WHERE run_id = %s AND seq = %s",
             (error, duration_ms, run, seq),

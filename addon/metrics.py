@@ -26,6 +26,10 @@ class Metrics:
             "durable_journal_write_seconds", "Latency of journal statements", ["statement"],
             buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5), registry=self.registry,
         )
+        self.commit_writes = Histogram(
+            "durable_journal_commit_writes", "Journal writes per commit: above 1 when agents' writes share one (group commit)",
+            buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry,
+        )
         self.journal_errors = Counter("durable_journal_errors", "Journal statements that failed (PostgreSQL errors)",
                                       registry=self.registry)
         self.divergences = Counter("durable_divergences", "Requests that matched nothing while steps lay ahead",

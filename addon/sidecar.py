@@ -69,6 +69,7 @@ class DurableSidecar:
             self.lifecycle.pacer = Pacer()
         if self.metrics is not None:
             self.lifecycle.journal.observe = self._observe_journal
+            self.lifecycle.journal.on_commit = self.metrics.commit_writes.observe
             self.lifecycle.on_divergence = self.metrics.divergences.inc
 
     async def running(self) -> None:

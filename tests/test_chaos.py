@@ -11,10 +11,12 @@ import os
 import ssl
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import httpx
 import pytest
+import requests
 
 from addon import faults, launcher
 from conftest import PaidApi, Sidecars, new_run, run_agent, sql
@@ -110,3 +112,61 @@ def test_sidecar_killed_while_the_upstream_holds_a_booked_charge(
     books = https_api.books()
     assert books["charges"] == 1 and books["deduplicated"] == 1
     assert books["requests"][-1]["headers"]["Idempotency-Key"] == "sdk-random-1"  # the original key, not the new one
+
+
+def test_sidecar_killed_during_a_burst_of_group_commits(sidecars: Sidecars, http_api: PaidApi, pg_dsn: str) -> None:
+    """24 agents pay at once, so journal writes share commits; the sidecar is SIGKILLed mid-burst.
+
+    On resume, every payment is booked exactly once and every step ends completed: a batch is one
+    transaction, committed before any of its requests leaves or any of its answers is delivered.
+    """
+    agents, calls = 24, 8
+    port = launcher.free_port()
+    doomed = sidecars.start(durable_metrics_listen=f"127.0.0.1:{port}")
+    runs = [new_run() for _ in range(agents)]
+    first: dict[tuple[int, int], bytes] = {}
+
+    def agent(sidecar: launcher.Sidecar, attempt: str, i: int, answers: dict[tuple[int, int], bytes]) -> None:
+        proxy = sidecar.proxy_url(runs[i], attempt)
+        with requests.Session() as session:
+            session.trust_env = False
+            session.proxies = {"http": proxy, "https": proxy}
+            for k in range(calls):
+                try:
+                    r = session.post(f"{http_api.url}/v1/payments", json={"amount": i * 100 + k},
+                                     headers={"Idempotency-Key": f"sdk-{uuid.uuid4().hex}"}, timeout=30)
+                except requests.RequestException:
+                    return  # the sidecar died under this agent
+                assert r.status_code == 201, r.text
+                answers[(i, k)] = r.content
+
+    threads = [threading.Thread(target=agent, args=(doomed, "a1", i, first)) for i in range(agents)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while http_api.books()["charges"] < agents * calls // 3:
+        assert time.monotonic() < deadline, "the burst never got going"
+        time.sleep(0.01)
+    metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    doomed.kill()
+    for t in threads:
+        t.join()
+    shared = [line for line in metrics.splitlines() if line.startswith("durable_journal_commit_writes_bucket")]
+    alone = next(float(line.split()[-1]) for line in shared if 'le="1.0"' in line)
+    total = next(float(line.split()[-1]) for line in shared if 'le="+Inf"' in line)
+    assert total > alone, f"no two journal writes shared a commit: {shared}"
+    assert len(first) < agents * calls, "the sidecar died after the burst: nothing was in flight"
+
+    sidecar = sidecars.start()
+    second: dict[tuple[int, int], bytes] = {}
+    threads = [threading.Thread(target=agent, args=(sidecar, "a2", i, second)) for i in range(agents)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(second) == agents * calls
+    assert all(second[key] == body for key, body in first.items()), "a delivered answer changed on resume"
+    assert http_api.books()["charges"] == agents * calls  # nothing charged twice, nothing lost
+    assert sql(pg_dsn, "SELECT count(*), bool_and(state = 'completed') FROM durable_steps WHERE run_id = ANY(%s)", runs) == [
+        (agents * calls, True)
+    ]
