@@ -132,7 +132,7 @@ ORDER BY updated_at
 """
 DELETE_RUNS = "DELETE FROM durable_runs WHERE id = ANY(%s)"
 REPLAY_FLUSH_S = 0.1
-WRITERS = 2  # writes in flight at once before new ones queue into a batch
+WRITERS = 2  # batches of writes in flight at once; further writes queue into the next batch
 MAX_BATCH = 64
 
 
@@ -151,7 +151,7 @@ class Journal:
         self.observe: Callable[[str, float, bool], None] = lambda what, seconds, ok: None  # metrics hook
         self.on_commit: Callable[[int], None] = lambda writes: None  # metrics hook: writes per group commit
         self._flusher: asyncio.Future[None] | None = None
-        self._writing = 0  # writes (single or batched) in flight
+        self._batches: set[asyncio.Future[None]] = set()  # batches of writes in flight
         self._queued: list[tuple[Statement, asyncio.Future[Any]]] = []
         self.target: database.Target | None = None
 
@@ -190,7 +190,7 @@ class Journal:
         """One statement on a pooled connection, in its own transaction (autocommit)."""
         return (await self._execute([Statement(what, sql, params, fetch)]))[0]
 
-    async def _execute(self, batch: list["Statement"]) -> list[Any]:
+    async def _execute(self, batch: list[Statement]) -> list[Any]:
         """Statements on one pooled connection: one alone in its own transaction (autocommit), several
         pipelined in ONE transaction, so they cost one round trip and one commit, all or none.
 
@@ -223,41 +223,36 @@ class Journal:
                     for s in batch:
                         self.observe(s.what, elapsed, True)
                     return results
-            raise AssertionError("unreachable")
         except Exception as e:  # psycopg, pool timeouts, embedded start: all mean "journal unavailable"
             self.observe(what, 0.0, False)
             raise JournalError(f"{what}: {type(e).__name__}: {e}".strip()) from e
 
     async def _write(self, what: str, run: str, sql: str, params: Any, fetch: str = "none") -> Any:
-        """A write on an agent's path. Alone, it goes at once. While WRITERS writes are in flight, new
-        ones queue and then go together in one transaction: group commit, so 32 agents recording at
-        once cost a few commits per round trip instead of 32.
+        """A write on an agent's path. Alone, it goes at once (a batch of one). While WRITERS batches
+        are in flight, new writes queue and then go together in one transaction: group commit, so 32
+        agents recording at once cost a few commits per round trip instead of 32.
 
         A batch is ordered by run (stable: a run's writes keep their order), so two batches always
         take the runs' row locks in the same order and cannot deadlock.
         """
-        statement = Statement(what, sql, params, fetch, run)
-        if self._writing < WRITERS:
-            self._writing += 1
-            try:
-                result = (await self._execute([statement]))[0]
-                self.on_commit(1)
-                return result
-            finally:
-                self._writing -= 1
-                self._next_batch()
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queued.append((statement, future))
+        self._queued.append((Statement(what, sql, params, fetch, run), future))
+        self._next_batch()
         return await future
 
     def _next_batch(self) -> None:
-        if self._queued and self._writing < WRITERS:
+        if self._queued and len(self._batches) < WRITERS:
             batch, self._queued = self._queued[:MAX_BATCH], self._queued[MAX_BATCH:]
             batch.sort(key=lambda queued: queued[0].run)
-            self._writing += 1
-            asyncio.ensure_future(self._write_batch(batch))
+            task = asyncio.ensure_future(self._write_batch(batch))
+            self._batches.add(task)  # the loop holds tasks weakly
+            task.add_done_callback(self._batch_done)
 
-    async def _write_batch(self, batch: list[tuple["Statement", asyncio.Future[Any]]]) -> None:
+    def _batch_done(self, task: asyncio.Future[None]) -> None:
+        self._batches.discard(task)
+        self._next_batch()
+
+    async def _write_batch(self, batch: list[tuple[Statement, asyncio.Future[Any]]]) -> None:
         try:
             results = await self._execute([statement for statement, _ in batch])
             self.on_commit(len(batch))
@@ -268,9 +263,6 @@ class Journal:
             for _, future in batch:
                 if not future.done():
                     future.set_exception(e)
-        finally:
-            self._writing -= 1
-            self._next_batch()
 
     async def gc(self, older_than_s: float, batch: int = 100) -> int:
         """Delete idle runs, a batch per statement, yielding between batches so traffic never waits."""
