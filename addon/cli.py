@@ -256,7 +256,8 @@ def install_commands(ca: Path) -> list[list[str]]:
     if platform.system() == "Darwin":
         return [["sudo", "security", "add-trusted-cert", "-d", "-r", "trustRoot",
                  "-k", "/Library/Keychains/System.keychain", str(ca)]]
-    if shutil.which("update-ca-certificates"):
+    # a non-root Debian user's PATH has no /usr/sbin, where update-ca-certificates lives
+    if shutil.which("update-ca-certificates", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])):
         sudo = [] if os.geteuid() == 0 else ["sudo"]
         return [sudo + ["cp", str(ca), "/usr/local/share/ca-certificates/durable-sidecar.crt"],
                 sudo + ["update-ca-certificates"]]
