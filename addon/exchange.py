@@ -77,7 +77,7 @@ async def import_flows(
     await journal.open()
     occurrences: dict[str, int] = {}
     try:
-        if await journal.load_run(run):
+        if await journal.has_steps(run):
             raise ValueError(f"run {run!r} already exists: import into a new run")
         for n, flow in enumerate(flows_in, start=1):
             req, resp = flow.request, flow.response

@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.rows import dict_row
@@ -20,9 +20,10 @@ from psycopg_pool import AsyncConnectionPool
 
 from . import database, migrations
 from .crypto import Keyring, open_row, seal_json
-from .cursor import StepRef
+from .cursor import RunCursor, StepRef
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class JournalError(RuntimeError):
@@ -64,6 +65,8 @@ class StoredResponse:
     body: bytes
     error: str | None
     chunk_timing: list[list[float]] | None = None
+    key: str = ""  # the match key and occurrence it answers: the check on the index's digest
+    occurrence: int = 0
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,11 @@ ON CONFLICT (run_id, fingerprint, occurrence) DO NOTHING
 RETURNING seq, idempotency_key
 """
 
+
+# cursor.digest(fingerprint, occurrence) in SQL: the replay index arrives sorted by it
+DIGEST = "('x' || encode(substr(sha256(convert_to(occurrence || ':' || fingerprint, 'UTF8')), 1, 8), 'hex'))::bit(64)::bigint"
+INDEX = f"SELECT {DIGEST} AS digest, seq, state FROM durable_steps WHERE run_id = %s ORDER BY digest"
+INDEX_PAGE = 4096  # rows turned into Python objects at a time while the index loads
 
 # runs with no activity (recorded, completed or replayed step) for %(age)s seconds
 IDLE_RUNS = """
@@ -192,14 +200,27 @@ class Journal:
 
     async def _execute(self, batch: list[Statement]) -> list[Any]:
         """Statements on one pooled connection: one alone in its own transaction (autocommit), several
-        pipelined in ONE transaction, so they cost one round trip and one commit, all or none.
+        pipelined in ONE transaction, so they cost one round trip and one commit, all or none."""
+
+        async def execute(conn: psycopg.AsyncConnection) -> list[Any]:
+            if len(batch) == 1:
+                cursors = [await conn.cursor(row_factory=dict_row).execute(batch[0].sql, batch[0].params)]
+            else:
+                async with conn.pipeline(), conn.transaction():
+                    cursors = [await conn.cursor(row_factory=dict_row).execute(s.sql, s.params) for s in batch]
+            return [await _fetch(cur, s.fetch) for cur, s in zip(cursors, batch)]
+
+        return await self._on_connection([s.what for s in batch], execute)
+
+    async def _on_connection(self, whats: list[str], work: Callable[[psycopg.AsyncConnection], Awaitable[T]]) -> T:
+        """`work` on one pooled connection, timed as each of `whats`; any failure is a JournalError.
 
         Connections are not pinged on checkout (that would double the round trips). When one turns
-        out dead (Postgres restarted), the idle ones are checked and the batch runs once more on a
+        out dead (Postgres restarted), the idle ones are checked and `work` runs once more on a
         fresh connection: safe, because every statement here is idempotent or, for a new step,
         guarded by the (run, fingerprint, occurrence) key.
         """
-        what = batch[0].what if len(batch) == 1 else f"{len(batch)} journal writes"
+        what = whats[0] if len(whats) == 1 else f"{len(whats)} journal writes"
         try:
             if self._pool is None or not self._migrated:
                 await self.open()
@@ -208,21 +229,17 @@ class Journal:
             for retry in (False, True):
                 async with self._pool.connection() as conn:
                     try:
-                        if len(batch) == 1:
-                            cursors = [await conn.cursor(row_factory=dict_row).execute(batch[0].sql, batch[0].params)]
-                        else:
-                            async with conn.pipeline(), conn.transaction():
-                                cursors = [await conn.cursor(row_factory=dict_row).execute(s.sql, s.params) for s in batch]
+                        result = await work(conn)
                     except psycopg.OperationalError:
                         if retry or not conn.broken:
                             raise
                         await self._pool.check()
                         continue
-                    results = [await _fetch(cur, s.fetch) for cur, s in zip(cursors, batch)]
                     elapsed = time.perf_counter() - started
-                    for s in batch:
-                        self.observe(s.what, elapsed, True)
-                    return results
+                    for each in whats:
+                        self.observe(each, elapsed, True)
+                    return result
+            raise AssertionError("unreachable: the retry returns or raises")
         except Exception as e:  # psycopg, pool timeouts, embedded start: all mean "journal unavailable"
             self.observe(what, 0.0, False)
             raise JournalError(f"{what}: {type(e).__name__}: {e}".strip()) from e
@@ -272,14 +289,24 @@ class Journal:
             await asyncio.sleep(0)
         return len(doomed)
 
-    async def load_run(self, run: str) -> list[StepRef]:
-        rows = await self._run(
-            "load run",
-            "SELECT seq, fingerprint, occurrence, state FROM durable_steps WHERE run_id = %s ORDER BY seq",
-            (run,),
-            fetch="all",
-        )
-        return [StepRef(r["seq"], r["fingerprint"], r["occurrence"], r["state"]) for r in rows]
+    async def load_cursor(self, run: str) -> RunCursor:
+        """The run's replay index, streamed from a server-side cursor a page at a time, so a long
+        journal never sits in memory as rows (neither as Python objects nor in libpq)."""
+
+        async def load(conn: psycopg.AsyncConnection) -> RunCursor:
+            cursor = RunCursor()
+            async with conn.transaction(), conn.cursor("durable_index") as rows:
+                await rows.execute(INDEX, (run,))
+                while page := await rows.fetchmany(INDEX_PAGE):
+                    cursor.load(page)
+            return cursor
+
+        return await self._on_connection(["load run"], load)
+
+    async def has_steps(self, run: str) -> bool:
+        row = await self._run("find run", "SELECT EXISTS (SELECT 1 FROM durable_steps WHERE run_id = %s) AS found",
+                              (run,), fetch="one")
+        return bool(row["found"])
 
     async def record(self, step: NewStep) -> Recorded | None:
         """Commit a pending step; None if (run, key, occurrence) was journaled meanwhile by someone else."""
@@ -362,8 +389,8 @@ class Journal:
         """Journaled answers of some steps, by seq; with max_body, larger bodies are left out."""
         rows = await self._run(
             "read journaled responses",
-            "SELECT seq, state, status, reason, http_version, response_headers, response_body, error, chunk_timing"
-            " FROM durable_steps WHERE run_id = %s AND seq = ANY(%s)"
+            "SELECT seq, state, status, reason, http_version, response_headers, response_body, error, chunk_timing,"
+            " fingerprint, occurrence FROM durable_steps WHERE run_id = %s AND seq = ANY(%s)"
             " AND (%s::int IS NULL OR coalesce(octet_length(response_body), 0) <= %s::int)",
             (run, seqs, max_body, max_body),
             fetch="all",
@@ -382,6 +409,8 @@ class Journal:
                 body=bytes(row["response_body"] or b""),
                 error=row["error"],
                 chunk_timing=row["chunk_timing"],
+                key=row["fingerprint"],
+                occurrence=row["occurrence"],
             )
             for row in rows
         }
@@ -416,23 +445,26 @@ class Journal:
                 logger.warning("durable: %d replay counts not written: %s", len(batch), e)
 
     async def reissue(
-        self, run: str, seq: int, attempt: str, pending_allowed: bool, window_s: float
+        self, run: str, step: StepRef, attempt: str, pending_allowed: bool, window_s: float
     ) -> Reissue | None:
         """Hand a pending or failed step to this attempt to send again, with its original key.
 
         A pending (in-doubt) step is handed over only when an operator approved it (`durable
         resolve --reissue`) or when the policy allows it and it is younger than `window_s`: the
         upstream may have forgotten an older idempotency key, so re-sending could charge twice.
-        None when it is not handed over.
+        None when it is not handed over (or, should the index's digest ever name the wrong step,
+        when the row's key is not this request's: its idempotency key is never lent out).
         """
         row = await self._run(
             "take over step",
             "UPDATE durable_steps SET state = 'pending', attempt = %(attempt)s, started_at = now(),"
             " last_attempt = %(attempt)s, last_outcome = 'reissued'"
-            " WHERE run_id = %(run)s AND seq = %(seq)s AND (state <> 'pending' OR approved"
+            " WHERE run_id = %(run)s AND seq = %(seq)s AND fingerprint = %(key)s AND occurrence = %(occ)s"
+            " AND (state <> 'pending' OR approved"
             "   OR (%(allowed)s AND created_at > now() - make_interval(secs => %(window)s)))"
             " RETURNING idempotency_key, extract(epoch FROM now() - created_at)::float8 AS age_s",
-            {"attempt": attempt, "run": run, "seq": seq, "allowed": pending_allowed, "window": window_s},
+            {"attempt": attempt, "run": run, "seq": step.seq, "key": step.key, "occ": step.occurrence,
+             "allowed": pending_allowed, "window": window_s},
             fetch="one",
         )
         return Reissue(row["idempotency_key"], row["age_s"]) if row else None

@@ -37,7 +37,7 @@ class Step:
     outcome: str
     attempt: str | None = None
     live: bool = False  # forwarded upstream and waiting to be journaled
-    ref: StepRef | None = None
+    cursor: RunCursor | None = None  # the attempt's cursor, told the step's state once it is journaled
     tee: streams.StreamTee | None = None  # set when the response streams to the agent
     paced: bool = False  # replayed through the pacer, at the recorded pace
     started: float = field(default_factory=time.monotonic)
@@ -99,8 +99,8 @@ class Lifecycle:
             )
         step.live = False  # claimed: the error hook of a client that hangs up now must not journal it again
         state = await self._journal_answer(flow.response, step, truncated)
-        if step.ref:
-            step.ref.state = state
+        if step.cursor:
+            step.cursor.mark(step.seq, state)
 
     async def break_off(self, flow: http.HTTPFlow, step: Step, message: str) -> None:
         """The exchange broke. Before any answer: journal a failure. Mid-answer: the step is in doubt."""
@@ -113,8 +113,8 @@ class Lifecycle:
             else:  # the upstream began to answer: unless the answer was complete, the step is in doubt
                 truncated = step.tee is None or not step.tee.complete()
                 state = await self._journal_answer(flow.response, step, truncated)
-            if step.ref:
-                step.ref.state = state
+            if step.cursor:
+                step.cursor.mark(step.seq, state)
         except JournalError as e:
             logger.error("durable: run=%s seq=%s failure not journaled (%s); step stays in doubt", step.run, step.seq, e)
 
@@ -148,7 +148,7 @@ class Lifecycle:
         return len(stale)
 
     async def _load_cursor(self, run: str, attempt: str) -> RunCursor:
-        cursor = RunCursor.from_steps(await self.journal.load_run(run))
+        cursor = await self.journal.load_cursor(run)
         prefetch = self.prefetches[(run, attempt)] = Prefetch(self.journal, run, cursor)
         prefetch.refill()
         return cursor
@@ -171,8 +171,8 @@ class Lifecycle:
         stored_env = self.redactor.envelope(env)
         stored_body = self.redactor.body(body, req.headers.get("content-type", ""))
         outcome, diverged = "recorded", None
-        ahead = cursor.ahead()
-        if ahead:
+        ahead = cursor.ahead(divergence.LIMIT)
+        if ahead[1]:
             outcome = "diverged"
             diverged = await self._report_divergence(ident, cursor, claim, ahead, stored_env, stored_body)
 
@@ -204,19 +204,18 @@ class Lifecycle:
                 raise JournalError(f"step {claim.key}#{claim.occurrence} neither recorded nor found")
             cursor.add(existing)
             return existing
-        ref = StepRef(recorded.seq, claim.key, claim.occurrence, "pending")
-        cursor.add(ref)
+        cursor.add(StepRef(recorded.seq, claim.key, claim.occurrence, "pending"))
         if recorded.idempotency_key and not agent_key:
             req.headers[header] = recorded.idempotency_key
         faults.crash_point("after-pending-commit")
-        return Step(ident.run, recorded.seq, outcome, ident.attempt, live=True, ref=ref)
+        return Step(ident.run, recorded.seq, outcome, ident.attempt, live=True, cursor=cursor)
 
     async def _report_divergence(
         self,
         ident: identity.Identity,
         cursor: RunCursor,
         claim: Claim,
-        ahead: list[StepRef],
+        ahead: tuple[list[int], int],
         env: dict[str, Any],
         body: bytes,
     ) -> dict[str, Any]:
@@ -224,7 +223,8 @@ class Lifecycle:
 
         Returns what is journaled with the new step; raises Refused under durable_strict.
         """
-        rows = await self.journal.requests(ident.run, [s.seq for s in ahead[: divergence.LIMIT]])
+        seqs, count = ahead
+        rows = await self.journal.requests(ident.run, seqs)
         near = divergence.nearest(rows, env, body)
         expected, diff = near if near else (None, [])
         self.divergences += 1
@@ -235,7 +235,7 @@ class Lifecycle:
             self.divergences,
             ident.run,
             ident.attempt,
-            len(ahead),
+            count,
             expected,
             diff,
         )
@@ -261,6 +261,8 @@ class Lifecycle:
                 stored = (await self.journal.responses(ident.run, [step.seq])).get(step.seq)
             if stored is None:
                 raise JournalError(f"read journaled response: step {ident.run}/{step.seq} is gone")
+            if (stored.key, stored.occurrence) != (step.key, step.occurrence):  # two keys share an index digest
+                raise JournalError(f"read journaled response: step {ident.run}/{step.seq} answers another request")
             self.journal.note_replay(ident.run, step.seq, ident.attempt)
             if self.pacer is not None and s.replay_pacing and stored.chunk_timing and stored.status is not None:
                 self.pacer.stage(flow, stored)
@@ -282,7 +284,7 @@ class Lifecycle:
 
         # In doubt (pending) or failed at the tail of the run: send it again with its original key.
         pending_allowed = s.in_doubt == "reissue"
-        taken = await self.journal.reissue(ident.run, step.seq, ident.attempt, pending_allowed, s.in_doubt_window_s)
+        taken = await self.journal.reissue(ident.run, step, ident.attempt, pending_allowed, s.in_doubt_window_s)
         if taken is None:
             resolve_hint = f"durable resolve {ident.run} {step.seq} --reissue | --forget | --complete-from FILE"
             if not pending_allowed:
@@ -299,8 +301,8 @@ class Lifecycle:
         )
         if taken.idempotency_key:
             flow.request.headers[s.idempotency_header(flow.request.host)] = taken.idempotency_key
-        step.state = "pending"
-        return Step(ident.run, step.seq, "reissued", ident.attempt, live=True, ref=step)
+        cursor.mark(step.seq, "pending")
+        return Step(ident.run, step.seq, "reissued", ident.attempt, live=True, cursor=cursor)
 
     async def _journal_answer(self, resp: http.Response, step: Step, truncated: bool) -> str:
         """Commit the answer; returns the step's new state (a truncated answer leaves it pending, in doubt)."""

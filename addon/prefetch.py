@@ -30,7 +30,7 @@ class Prefetch:
         """The answer of `seq` if it was read ahead; either way, keep the window full."""
         stored = self.ready.pop(seq, None)
         if stored is None:  # a miss: drop answers consumed another way, so they do not hold the window
-            for stale in [s for s in self.ready if s in self.cursor.consumed]:
+            for stale in [s for s in self.ready if self.cursor.consumed(s)]:
                 del self.ready[stale]
         self.refill()
         return stored
@@ -46,7 +46,7 @@ class Prefetch:
     async def _fetch(self, seqs: list[int]) -> None:
         try:
             fetched = await self.journal.responses(self.run, seqs, MAX_BODY)
-            consumed = self.cursor.consumed  # meanwhile, some may have been answered another way
-            self.ready.update((seq, stored) for seq, stored in fetched.items() if seq not in consumed)
+            # meanwhile, some may have been answered another way
+            self.ready.update((seq, stored) for seq, stored in fetched.items() if not self.cursor.consumed(seq))
         except JournalError as e:  # replay falls back to reading each answer when it is needed
             logger.warning("durable: read-ahead of run %s failed: %s", self.run, e)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from addon.cursor import RunCursor, StepRef
+import hashlib
+
+from addon.cursor import RunCursor, StepRef, digest
 
 
 def journal(*keys: str) -> RunCursor:
@@ -25,7 +27,7 @@ def test_repeated_identical_calls_match_in_journal_order() -> None:
 def test_parallel_calls_arriving_in_another_order_match_their_own_steps() -> None:
     cursor = journal("A", "B", "C")
     assert [cursor.claim(k).step.seq for k in ("C", "A", "B")] == [3, 1, 2]
-    assert cursor.ahead() == []
+    assert cursor.ahead(20) == ([], 0)
 
 
 def test_divergence_means_unconsumed_steps_ahead() -> None:
@@ -33,7 +35,7 @@ def test_divergence_means_unconsumed_steps_ahead() -> None:
     cursor.claim("A")
     miss = cursor.claim("X")
     assert miss.step is None
-    assert [s.seq for s in cursor.ahead()] == [2, 3]
+    assert cursor.ahead(20) == ([2, 3], 2) and cursor.ahead(1) == ([2], 2)
 
 
 def test_skipped_branch_behind_the_cursor_is_not_a_divergence() -> None:
@@ -42,7 +44,7 @@ def test_skipped_branch_behind_the_cursor_is_not_a_divergence() -> None:
     for key in ("A", "B'", "C"):
         assert cursor.claim(key).step is not None
     assert cursor.claim("D").step is None
-    assert cursor.ahead() == []  # B (seq 2) lies behind the furthest point reached
+    assert cursor.ahead(20) == ([], 0)  # B (seq 2) lies behind the furthest point reached
 
 
 def test_new_steps_are_consumed_and_extend_the_run() -> None:
@@ -50,7 +52,7 @@ def test_new_steps_are_consumed_and_extend_the_run() -> None:
     cursor.claim("A")
     claim = cursor.claim("B")
     cursor.add(StepRef(2, "B", claim.occurrence, "pending"))
-    assert cursor.ahead() == [] and cursor.max_seq == 2 and cursor.moved_past(1) and not cursor.moved_past(2)
+    assert cursor.ahead(20) == ([], 0) and cursor.max_seq == 2 and cursor.moved_past(1) and not cursor.moved_past(2)
 
 
 def test_release_gives_back_a_refused_claim() -> None:
@@ -77,3 +79,31 @@ def test_idle_attempts_are_forgotten(mocker) -> None:
     assert set(lifecycle.cursors) == {("r", "new")} and set(lifecycle.last_used) == {("r", "new")}
     clock.return_value = 2000.0
     assert lifecycle.forget_idle(idle_s=100) == 1 and not lifecycle.cursors
+
+
+def test_states_follow_the_journal_and_consumption() -> None:
+    cursor = journal("A", "B", "C")
+    assert cursor.upcoming(0, 10) == [1, 2, 3]
+    step = cursor.claim("B").step
+    assert step.state == "completed" and cursor.consumed(2) and not cursor.consumed(1)
+    assert cursor.upcoming(0, 10) == [1, 3]
+    cursor.mark(2, "pending")
+    assert cursor.state(2) == "pending" and cursor.consumed(2)  # marking keeps the consumed flag
+    assert cursor.upcoming(0, 1) == [1]
+
+
+def test_the_index_holds_digests_not_keys() -> None:
+    # out of digest order (load sorts), a long explicit key, and a non-ASCII one
+    keys = [f"key:{'x' * 500}-{n}" for n in range(200)] + ["key:paiement-é"]
+    cursor = RunCursor.from_steps(StepRef(seq, key, 0, "completed") for seq, key in enumerate(reversed(keys), start=1))
+    assert list(cursor._digests) == sorted(cursor._digests)
+    assert cursor._digests.itemsize == 8 and len(cursor._digests) == len(keys)
+    assert cursor.claim("key:paiement-é").step.seq == 1
+    assert cursor.claim(keys[0]).step.seq == len(keys)
+    assert cursor.claim("key:unknown").step is None
+
+
+def test_a_digest_is_stable_and_names_key_and_occurrence() -> None:
+    # the journal's SQL computes the same value (tests/test_journal_db.py checks it against PostgreSQL)
+    assert digest("v1:abc", 0) == int.from_bytes(hashlib.sha256(b"0:v1:abc").digest()[:8], "big", signed=True)
+    assert digest("v1:abc", 0) != digest("v1:abc", 1) != digest("v1:abd", 1)

@@ -9,6 +9,7 @@ import json
 import pytest
 from mitmproxy.test import taddons, tflow
 
+from addon.cursor import RunCursor
 from addon.journal import JournalError
 from addon.sidecar import META, DurableSidecar
 
@@ -26,7 +27,7 @@ def sidecar(mocker):
     with taddons.context(addon) as tctx:
         tctx.configure(addon, durable_dsn="postgresql://unused")
         addon.lifecycle.journal = mocker.Mock()
-        addon.lifecycle.journal.load_run = mocker.AsyncMock(return_value=[])
+        addon.lifecycle.journal.load_cursor = mocker.AsyncMock(return_value=RunCursor())
         yield addon
 
 
@@ -41,18 +42,18 @@ def test_journal_failure_on_record_answers_503(sidecar, mocker) -> None:
 
 
 def test_unexpected_error_answers_503_too(sidecar, mocker) -> None:
-    sidecar.lifecycle.journal.load_run = mocker.AsyncMock(side_effect=RuntimeError("boom"))
+    sidecar.lifecycle.journal.load_cursor = mocker.AsyncMock(side_effect=RuntimeError("boom"))
     flow = flow_with_run()
     asyncio.run(sidecar.request(flow))
     assert flow.response.status_code == 503 and "RuntimeError: boom" in json.loads(flow.response.content)["failed"]
 
 
 def test_failed_cursor_load_is_retried_by_the_next_request(sidecar, mocker) -> None:
-    sidecar.lifecycle.journal.load_run = mocker.AsyncMock(side_effect=[JournalError("down"), []])
+    sidecar.lifecycle.journal.load_cursor = mocker.AsyncMock(side_effect=[JournalError("down"), RunCursor()])
     sidecar.lifecycle.journal.record = mocker.AsyncMock(side_effect=JournalError("still down"))
     asyncio.run(sidecar.request(flow_with_run()))
     asyncio.run(sidecar.request(flow_with_run()))
-    assert sidecar.lifecycle.journal.load_run.await_count == 2
+    assert sidecar.lifecycle.journal.load_cursor.await_count == 2
 
 
 def test_response_not_journaled_replaces_the_answer_with_503(sidecar, mocker) -> None:
@@ -78,3 +79,21 @@ def test_control_headers_are_stripped_before_forwarding(sidecar, mocker) -> None
     flow.request.headers["Proxy-Authorization"] = "Basic cjE6YTE="
     asyncio.run(sidecar.request(flow))
     assert not [k for k in flow.request.headers if k.lower().startswith("durable-") or k.lower() == "proxy-authorization"]
+
+
+def test_a_digest_shared_by_two_keys_is_refused_not_answered_with_the_other_step(sidecar, mocker) -> None:
+    """The replay index names steps by a 64-bit digest of (key, occurrence). Were two keys to share
+    one, the journaled row (which names its own key) shows it: 503, never another call's answer."""
+    from addon import cursor as cursor_module
+    from addon.journal import StoredResponse
+
+    mocker.patch.object(cursor_module, "digest", lambda key, occurrence: 7)  # every key collides
+    index = RunCursor()
+    index.load([(7, 1, "completed")])
+    sidecar.lifecycle.journal.load_cursor = mocker.AsyncMock(return_value=index)
+    other = StoredResponse("completed", 200, "OK", "HTTP/1.1", [], b"someone else's answer", None, key="v1:other")
+    sidecar.lifecycle.journal.responses = mocker.AsyncMock(return_value={1: other})
+    flow = flow_with_run()
+    asyncio.run(sidecar.request(flow))
+    assert flow.response.status_code == 503 and b"someone else" not in flow.response.content
+    assert "answers another request" in json.loads(flow.response.content)["failed"]
