@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import psycopg
@@ -93,6 +94,41 @@ def test_the_index_loads_from_sql_digests_that_match_the_cursors(fresh_dsn: str)
     assert asyncio.run(journal_and_load()) == list(range(1, 2 * len(keys) + 1))
     in_sql = sql(fresh_dsn, f"SELECT {DIGEST}, fingerprint, occurrence FROM durable_steps")
     assert all(d == digest(key, occurrence) for d, key, occurrence in in_sql) and len(in_sql) == 2 * len(keys)
+
+
+def test_recording_a_step_does_not_scan_its_run(fresh_dsn: str) -> None:
+    """A new step is checked against its run through the (run, fingerprint, occurrence) index, so
+    recording costs the same at step 10 and at step 10,000. Probing by run alone reads the whole run
+    each time: ~n^2/2 index entries for n steps."""
+    steps = 400
+
+    async def record_run() -> None:
+        journal = Journal(fresh_dsn)
+        await journal.open()
+        try:
+            for n in range(steps):
+                await journal.record(NewStep(
+                    run="long", attempt="a1", key=f"v1:{n:064x}", fp_version=1, occurrence=0, step_key=None,
+                    method="POST", url="http://x/", envelope={}, request_headers=[], request_body=b"",
+                    agent_idempotency_key=None, mint_idempotency_key=False,
+                ))
+        finally:
+            await journal.close()  # its backends exit, flushing their statistics
+
+    def index_use() -> tuple[int, int]:
+        """(scans, entries read) of durable_steps' indexes"""
+        return sql(fresh_dsn, "SELECT coalesce(sum(idx_scan), 0), coalesce(sum(idx_tup_read), 0)"
+                              " FROM pg_stat_user_indexes WHERE relname = 'durable_steps'")[0]
+
+    scans_before, read_before = index_use()
+    asyncio.run(record_run())
+    deadline = time.monotonic() + 10
+    while (use := index_use())[0] - scans_before < steps and time.monotonic() < deadline:
+        time.sleep(0.1)  # the statistics arrive when the journal's backends have exited
+    scans, read = use[0] - scans_before, use[1] - read_before
+    assert scans >= steps, "the statistics of the journal's backends never arrived"
+    print("READ", read, scans)
+    assert read < 5 * steps, f"{read} index entries read to record {steps} steps (a scan of the run per step)"
 
 
 @pytest.mark.skipif(not docker_reachable(), reason="no Docker engine answers: testcontainers cannot start Postgres here")
