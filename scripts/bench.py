@@ -118,6 +118,10 @@ def sidecar_args(dsn: str) -> list[str]:
     return ["-s", str(launcher.SCRIPT), "--set", f"durable_dsn={dsn}"]
 
 
+def floor_args(dsn: str) -> list[str]:
+    return ["-s", str(ROOT / "scripts" / "floor_addon.py"), "--set", f"floor_dsn={dsn}"]
+
+
 # -- clients --------------------------------------------------------------------------------------
 
 
@@ -181,8 +185,7 @@ def sequential(dsn: str, upstream: int, work: Path, requests: int, rounds: int) 
     results: dict[str, list[dict[str, float]]] = {k: [] for k in (
         "bare", "mitmdump -w", "two-commit floor", "sidecar record", "--server-replay", "sidecar replay")}
     bare = start_proxy([], work / "conf", work / "bare.log")
-    floor = start_proxy(["-s", str(ROOT / "scripts" / "floor_addon.py"), "--set", f"floor_dsn={dsn}"],
-                        work / "conf", work / "floor.log")
+    floor = start_proxy(floor_args(dsn), work / "conf", work / "floor.log")
     sidecar = start_proxy(sidecar_args(dsn), work / "conf", work / "sidecar.log")
     try:
         for r in range(rounds):
@@ -208,19 +211,23 @@ def sequential(dsn: str, upstream: int, work: Path, requests: int, rounds: int) 
 
 def concurrency(dsn: str, upstream: int, work: Path, requests: int, levels: list[int], rounds: int) -> dict[str, dict[int, float]]:
     """Throughput at each level of concurrency, median of `rounds` interleaved rounds."""
-    samples: dict[str, dict[int, list[float]]] = {k: {c: [] for c in levels} for k in ("bare", "sidecar record", "sidecar replay")}
+    paths = ("bare", "two-commit floor", "sidecar record", "sidecar replay")
+    samples: dict[str, dict[int, list[float]]] = {k: {c: [] for c in levels} for k in paths}
     bare = start_proxy([], work / "conf", work / "bare-c.log")
+    floor = start_proxy(floor_args(dsn), work / "conf", work / "floor-c.log")
     sidecar = start_proxy(sidecar_args(dsn), work / "conf", work / "sidecar-c.log")
     try:
         for _ in range(rounds):
             for clients in levels:
                 n = max(requests, clients * 25)
                 samples["bare"][clients].append(drive(bare.port, upstream, "bench", "x", n, clients)["rps"])
+                samples["two-commit floor"][clients].append(drive(floor.port, upstream, "bench", "x", n, clients)["rps"])
                 run = f"conc-{uuid.uuid4().hex[:8]}"
                 samples["sidecar record"][clients].append(drive(sidecar.port, upstream, run, "record", n, clients)["rps"])
                 samples["sidecar replay"][clients].append(drive(sidecar.port, upstream, run, "replay", n, clients)["rps"])
     finally:
         bare.stop()
+        floor.stop()
         sidecar.stop()
     return {k: {c: statistics.median(v) for c, v in series.items()} for k, series in samples.items()}
 
@@ -348,6 +355,7 @@ def main() -> None:
     print(f"{'path':<18} " + " ".join(f"{c:>9}" for c in levels))
     for name, series in conc.items():
         print(f"{name:<18} " + " ".join(f"{series[c]:>9.0f}" for c in levels))
+    print(f"{'floor / bare':<18} " + " ".join(f"{conc['two-commit floor'][c] / conc['bare'][c]:>9.2f}" for c in levels))
     print(f"{'record / bare':<18} " + " ".join(f"{conc['sidecar record'][c] / conc['bare'][c]:>9.2f}" for c in levels))
     print(f"{'replay / bare':<18} " + " ".join(f"{conc['sidecar replay'][c] / conc['bare'][c]:>9.2f}" for c in levels))
 

@@ -25,7 +25,8 @@ def test_bench_smoke(pg_dsn: str, tmp_path) -> None:
         capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    assert "sidecar replay" in out.stdout and "two-commit floor" in out.stdout and (tmp_path / "c.png").exists()
+    assert "sidecar replay" in out.stdout and "two-commit floor" in out.stdout and "floor / bare" in out.stdout
+    assert (tmp_path / "c.png").exists()
 
 
 def test_fleet_benchmark_smoke(pg_dsn: str) -> None:
