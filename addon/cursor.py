@@ -61,12 +61,6 @@ class RunCursor:
         self.next_occurrence: dict[str, int] = {}
         self.high_water = 0  # highest seq this attempt has reached
 
-    @classmethod
-    def from_steps(cls, steps: Iterable[StepRef]) -> "RunCursor":
-        cursor = cls()
-        cursor.load((digest(s.key, s.occurrence), s.seq, s.state) for s in steps)
-        return cursor
-
     def load(self, rows: Iterable[tuple[int, int, str]]) -> None:
         """Add journaled steps as (digest, seq, state), cheapest in digest order (what the journal sends)."""
         for d, seq, state in rows:

@@ -14,7 +14,13 @@ def journal(*keys: str) -> RunCursor:
         occ = occurrences.get(key, 0)
         occurrences[key] = occ + 1
         steps.append(StepRef(seq, key, occ, "completed"))
-    return RunCursor.from_steps(steps)
+    return indexed(steps)
+
+
+def indexed(steps) -> RunCursor:
+    cursor = RunCursor()
+    cursor.load((digest(s.key, s.occurrence), s.seq, s.state) for s in steps)
+    return cursor
 
 
 def test_repeated_identical_calls_match_in_journal_order() -> None:
@@ -95,7 +101,7 @@ def test_states_follow_the_journal_and_consumption() -> None:
 def test_the_index_holds_digests_not_keys() -> None:
     # out of digest order (load sorts), a long explicit key, and a non-ASCII one
     keys = [f"key:{'x' * 500}-{n}" for n in range(200)] + ["key:paiement-é"]
-    cursor = RunCursor.from_steps(StepRef(seq, key, 0, "completed") for seq, key in enumerate(reversed(keys), start=1))
+    cursor = indexed(StepRef(seq, key, 0, "completed") for seq, key in enumerate(reversed(keys), start=1))
     assert list(cursor._digests) == sorted(cursor._digests)
     assert cursor._digests.itemsize == 8 and len(cursor._digests) == len(keys)
     assert cursor.claim("key:paiement-é").step.seq == 1
