@@ -170,3 +170,46 @@ def test_sidecar_killed_during_a_burst_of_group_commits(sidecars: Sidecars, http
     assert sql(pg_dsn, "SELECT count(*), bool_and(state = 'completed') FROM durable_steps WHERE run_id = ANY(%s)", runs) == [
         (agents * calls, True)
     ]
+
+
+def test_identical_payment_in_doubt_deep_in_a_run_is_resent_as_its_own_occurrence(
+    sidecars: Sidecars, http_api: PaidApi, pg_dsn: str
+) -> None:
+    """60 searches, then the same payment three times; the sidecar is SIGKILLed after the third was
+    booked upstream, before its answer was journaled.
+
+    On resume the run's index (digests of key and occurrence) matches the first two payments to
+    their journaled answers and re-sends the third, the only one in doubt, with its own original
+    key: no search or payment is charged twice, and a fourth identical payment is a new one.
+    """
+    run, searches = new_run(), 60
+
+    def agent(sidecar: launcher.Sidecar, attempt: str, payments: int) -> list[requests.Response]:
+        out = []
+        with requests.Session() as session:
+            session.trust_env = False
+            session.proxies = {"http": sidecar.proxy_url(run, attempt)}
+            try:
+                for i in range(searches):
+                    out.append(session.get(f"{http_api.url}/v1/search", params={"q": f"query {i}"}, timeout=30))
+                for _ in range(payments):
+                    out.append(session.post(f"{http_api.url}/v1/payments", json={"amount": 5},
+                                            headers={"Idempotency-Key": f"sdk-{uuid.uuid4().hex}"}, timeout=30))
+            except requests.ConnectionError:
+                pass  # the sidecar died under this agent
+        return out
+
+    doomed = sidecars.start(env={**os.environ, "DURABLE_FAULT": f"before-complete-commit:{searches + 3}"})
+    first = agent(doomed, "a1", payments=3)
+    assert doomed.process.wait(10) == -9 and len(first) == searches + 2
+    third_key = http_api.books()["requests"][-1]["headers"]["Idempotency-Key"]
+    assert http_api.books()["charges"] == searches + 3  # every call is paid, the third payment too
+
+    second = agent(sidecars.start(), "a2", payments=4)
+    assert [r.headers["Durable-Outcome"] for r in second] == ["replayed"] * (searches + 2) + ["reissued", "recorded"]
+    assert [r.content for r in second[: searches + 2]] == [r.content for r in first]
+    books = http_api.books()
+    assert books["charges"] == searches + 4 and books["deduplicated"] == 1
+    assert books["requests"][-2]["headers"]["Idempotency-Key"] == third_key  # its own key, not the 1st's or 2nd's
+    assert sql(pg_dsn, "SELECT array_agg(occurrence ORDER BY seq), bool_and(state = 'completed') FROM durable_steps"
+                       " WHERE run_id = %s AND method = 'POST'", run) == [([0, 1, 2, 3], True)]

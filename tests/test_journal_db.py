@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from addon import launcher
-from addon.cursor import digest
+from addon.cursor import StepRef, digest
 from addon.journal import DIGEST, Journal, NewStep
 from addon.migrations import MIGRATIONS
 from conftest import PaidApi, Sidecars, docker_reachable, new_run, sql
@@ -94,6 +94,29 @@ def test_the_index_loads_from_sql_digests_that_match_the_cursors(fresh_dsn: str)
     assert asyncio.run(journal_and_load()) == list(range(1, 2 * len(keys) + 1))
     in_sql = sql(fresh_dsn, f"SELECT {DIGEST}, fingerprint, occurrence FROM durable_steps")
     assert all(d == digest(key, occurrence) for d, key, occurrence in in_sql) and len(in_sql) == 2 * len(keys)
+
+
+def test_a_step_is_handed_over_for_a_resend_only_to_its_own_request(fresh_dsn: str) -> None:
+    """The re-send of an in-doubt step carries its idempotency key; should the index's digest ever
+    name the wrong step, the row's own (key, occurrence) keeps that key from being lent out."""
+
+    async def resend(who: StepRef) -> object:
+        journal = Journal(fresh_dsn)
+        await journal.open()
+        try:
+            if not await journal.has_steps("r"):
+                await journal.record(NewStep(
+                    run="r", attempt="a1", key="v1:pay", fp_version=1, occurrence=1, step_key=None, method="POST",
+                    url="http://x/", envelope={}, request_headers=[], request_body=b"", agent_idempotency_key="k-1",
+                    mint_idempotency_key=True,
+                ))
+            return await journal.reissue("r", who, "a2", pending_allowed=True, window_s=3600)
+        finally:
+            await journal.close()
+
+    assert asyncio.run(resend(StepRef(1, "v1:other", 1, "pending"))) is None
+    assert asyncio.run(resend(StepRef(1, "v1:pay", 0, "pending"))) is None
+    assert asyncio.run(resend(StepRef(1, "v1:pay", 1, "pending"))).idempotency_key == "k-1"
 
 
 def test_recording_a_step_does_not_scan_its_run(fresh_dsn: str) -> None:
