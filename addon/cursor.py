@@ -29,7 +29,7 @@ COMPLETED = bytes([CODES["completed"]])  # an unconsumed completed step
 def digest(key: str, occurrence: int) -> int:
     """The index's 64-bit name of (key, occurrence): the first 8 bytes of SHA-256, signed.
 
-    The journal computes the same in SQL (journal.INDEX_DIGEST), so the index arrives sorted.
+    The journal computes the same in SQL (journal.DIGEST), so the index arrives sorted.
     """
     return int.from_bytes(hashlib.sha256(f"{occurrence}:{key}".encode()).digest()[:8], "big", signed=True)
 
@@ -103,7 +103,7 @@ class RunCursor:
 
     def mark(self, seq: int, state: str) -> None:
         """A step's new state, once its answer (or failure) is journaled."""
-        self._states[seq] = (self._states[seq] & CONSUMED) | CODES[state]
+        self._set(seq, CODES[state])
 
     def consumed(self, seq: int) -> bool:
         return seq < len(self._states) and bool(self._states[seq] & CONSUMED)
@@ -115,14 +115,15 @@ class RunCursor:
         A request that matches nothing while such steps exist is a divergence. Steps behind the
         furthest point that were skipped (an earlier attempt's abandoned branch) do not count.
         """
-        tail = self._states[self.high_water + 1:]
-        count = sum(tail.count(code) for code in CODES.values())
+        start = self.high_water + 1
+        tail = self._states[start:]
+        count = sum(tail.count(code) for code in CODES.values())  # unconsumed codes lack the flag
         seqs: list[int] = []
         for offset, code in enumerate(tail):
-            if len(seqs) == min(limit, count):
+            if len(seqs) == min(limit, count):  # stop early: the tail may be a long run
                 break
             if code and not code & CONSUMED:
-                seqs.append(self.high_water + 1 + offset)
+                seqs.append(start + offset)
         return seqs, count
 
     def upcoming(self, after: int, limit: int) -> list[int]:

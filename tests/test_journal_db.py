@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -70,6 +72,14 @@ def test_unreachable_database_fails_closed(sidecars: Sidecars, http_api: PaidApi
     assert sidecar.process.poll() is None  # still up, waiting for its database
 
 
+def bare_step(run: str, key: str, occurrence: int = 0, **fields: Any) -> NewStep:
+    """A pending step with nothing but its identity, for tests of the journal's own statements."""
+    step = NewStep(run=run, attempt="a1", key=key, fp_version=1, occurrence=occurrence, step_key=None, method="POST",
+                   url="http://x/", envelope={}, request_headers=[], request_body=b"", agent_idempotency_key=None,
+                   mint_idempotency_key=False)
+    return dataclasses.replace(step, **fields)
+
+
 def test_the_index_loads_from_sql_digests_that_match_the_cursors(fresh_dsn: str) -> None:
     """The journal sorts the replay index by a digest computed in SQL; the cursor looks keys up by
     the same digest computed in Python. Were they to differ, every replay would miss and re-send."""
@@ -81,11 +91,7 @@ def test_the_index_loads_from_sql_digests_that_match_the_cursors(fresh_dsn: str)
         try:
             for key in keys:
                 for occurrence in (0, 1):
-                    await journal.record(NewStep(
-                        run="r", attempt="a1", key=key, fp_version=1, occurrence=occurrence, step_key=None,
-                        method="POST", url="http://x/", envelope={}, request_headers=[], request_body=b"",
-                        agent_idempotency_key=None, mint_idempotency_key=False,
-                    ))
+                    await journal.record(bare_step("r", key, occurrence))
             cursor = await journal.load_cursor("r")
             return [cursor.claim(key).step.seq for key in keys for _ in (0, 1)]
         finally:
@@ -105,11 +111,7 @@ def test_a_step_is_handed_over_for_a_resend_only_to_its_own_request(fresh_dsn: s
         await journal.open()
         try:
             if not await journal.has_steps("r"):
-                await journal.record(NewStep(
-                    run="r", attempt="a1", key="v1:pay", fp_version=1, occurrence=1, step_key=None, method="POST",
-                    url="http://x/", envelope={}, request_headers=[], request_body=b"", agent_idempotency_key="k-1",
-                    mint_idempotency_key=True,
-                ))
+                await journal.record(bare_step("r", "v1:pay", 1, agent_idempotency_key="k-1"))
             return await journal.reissue("r", who, "a2", pending_allowed=True, window_s=3600)
         finally:
             await journal.close()
@@ -130,11 +132,7 @@ def test_recording_a_step_does_not_scan_its_run(fresh_dsn: str) -> None:
         await journal.open()
         try:
             for n in range(steps):
-                await journal.record(NewStep(
-                    run="long", attempt="a1", key=f"v1:{n:064x}", fp_version=1, occurrence=0, step_key=None,
-                    method="POST", url="http://x/", envelope={}, request_headers=[], request_body=b"",
-                    agent_idempotency_key=None, mint_idempotency_key=False,
-                ))
+                await journal.record(bare_step("long", f"v1:{n:064x}"))
         finally:
             await journal.close()  # its backends exit, flushing their statistics
 
