@@ -17,6 +17,7 @@ import asyncio
 import base64
 import http.client
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -35,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from addon import database, launcher  # noqa: E402
 
 BODY = b'{"model": "bench", "messages": [{"role": "user", "content": "%d"}]}'
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 ANSWER = b'{"id": "x", "choices": [{"message": {"content": "ok"}}], "usage": {"total_tokens": 3}}'
 
 
@@ -89,9 +91,30 @@ class Proxy:
                 return int(line.split()[1]) / 1024
         return 0.0
 
+    def cpu_s(self) -> float:
+        return process_cpu_s(self.process.pid)
+
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(15)
+
+
+def process_cpu_s(pid: int | str) -> float:
+    """User + system CPU seconds a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def postgres_cpu_s() -> float:
+    """CPU seconds used by this machine's PostgreSQL processes (the journal is on loopback)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "comm").read_text().strip() == "postgres":
+                total += process_cpu_s(entry.name)
+        except OSError:
+            pass  # exited meanwhile
+    return total
 
 
 def start_proxy(args: list[str], confdir: Path, log: Path) -> Proxy:
@@ -155,21 +178,27 @@ def run_threads(threads: list[threading.Thread]) -> float:
 
 
 def drive(
-    proxy_port: int, upstream: int, run: str, attempt: str, requests: int, clients: int = 1, offset: int = 0
+    proxy: Proxy, upstream: int, run: str, attempt: str, requests: int, clients: int = 1, offset: int = 0
 ) -> dict[str, float]:
+    """Requests through `proxy`: req/s, p50 and p99 ms, and the CPU ms per request that the proxy
+    process and PostgreSQL spent (what bounds throughput on a machine this size)."""
     per_client = requests // clients
     results: list[list[float]] = [[] for _ in range(clients)]
 
     def work(c: int) -> None:
-        results[c] = client_loop(proxy_port, upstream, f"{run}-{c}" if clients > 1 else run, attempt,
+        results[c] = client_loop(proxy.port, upstream, f"{run}-{c}" if clients > 1 else run, attempt,
                                  range(offset + c * per_client, offset + (c + 1) * per_client))
 
+    proxy_cpu, pg_cpu = proxy.cpu_s(), postgres_cpu_s()
     elapsed = run_threads([threading.Thread(target=work, args=(c,)) for c in range(clients)])
+    proxy_cpu, pg_cpu = proxy.cpu_s() - proxy_cpu, postgres_cpu_s() - pg_cpu
     latencies = sorted(x for r in results for x in r)
     return {
         "rps": len(latencies) / elapsed,
         "p50": latencies[len(latencies) // 2],
         "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+        "proxy_cpu_ms": proxy_cpu * 1000 / len(latencies),
+        "pg_cpu_ms": pg_cpu * 1000 / len(latencies),
     }
 
 
@@ -190,18 +219,18 @@ def sequential(dsn: str, upstream: int, work: Path, requests: int, rounds: int) 
     try:
         for r in range(rounds):
             flows = work / f"round{r}.flows"
-            results["bare"].append(drive(bare.port, upstream, "bench", "x", requests))
+            results["bare"].append(drive(bare, upstream, "bench", "x", requests))
             recorder = start_proxy(["-w", str(flows)], work / "conf", work / "recorder.log")
-            results["mitmdump -w"].append(drive(recorder.port, upstream, "bench", "x", requests))
+            results["mitmdump -w"].append(drive(recorder, upstream, "bench", "x", requests))
             recorder.stop()
-            results["two-commit floor"].append(drive(floor.port, upstream, "bench", "x", requests))
+            results["two-commit floor"].append(drive(floor, upstream, "bench", "x", requests))
             run = f"bench-{uuid.uuid4().hex[:8]}"
-            results["sidecar record"].append(drive(sidecar.port, upstream, run, "record", requests))
+            results["sidecar record"].append(drive(sidecar, upstream, run, "record", requests))
             replayer = start_proxy(["--server-replay", str(flows), "--set", "server_replay_extra=500"],
                                    work / "conf", work / "replayer.log")
-            results["--server-replay"].append(drive(replayer.port, upstream, "bench", "x", requests))
+            results["--server-replay"].append(drive(replayer, upstream, "bench", "x", requests))
             replayer.stop()
-            results["sidecar replay"].append(drive(sidecar.port, upstream, run, "replay", requests))
+            results["sidecar replay"].append(drive(sidecar, upstream, run, "replay", requests))
     finally:
         bare.stop()
         floor.stop()
@@ -209,10 +238,12 @@ def sequential(dsn: str, upstream: int, work: Path, requests: int, rounds: int) 
     return {k: median_of(v) for k, v in results.items()}
 
 
-def concurrency(dsn: str, upstream: int, work: Path, requests: int, levels: list[int], rounds: int) -> dict[str, dict[int, float]]:
-    """Throughput at each level of concurrency, median of `rounds` interleaved rounds."""
+def concurrency(
+    dsn: str, upstream: int, work: Path, requests: int, levels: list[int], rounds: int
+) -> dict[str, dict[int, dict[str, float]]]:
+    """drive() at each level of concurrency, median of `rounds` interleaved rounds."""
     paths = ("bare", "two-commit floor", "sidecar record", "sidecar replay")
-    samples: dict[str, dict[int, list[float]]] = {k: {c: [] for c in levels} for k in paths}
+    samples: dict[str, dict[int, list[dict[str, float]]]] = {k: {c: [] for c in levels} for k in paths}
     bare = start_proxy([], work / "conf", work / "bare-c.log")
     floor = start_proxy(floor_args(dsn), work / "conf", work / "floor-c.log")
     sidecar = start_proxy(sidecar_args(dsn), work / "conf", work / "sidecar-c.log")
@@ -220,16 +251,16 @@ def concurrency(dsn: str, upstream: int, work: Path, requests: int, levels: list
         for _ in range(rounds):
             for clients in levels:
                 n = max(requests, clients * 25)
-                samples["bare"][clients].append(drive(bare.port, upstream, "bench", "x", n, clients)["rps"])
-                samples["two-commit floor"][clients].append(drive(floor.port, upstream, "bench", "x", n, clients)["rps"])
+                samples["bare"][clients].append(drive(bare, upstream, "bench", "x", n, clients))
+                samples["two-commit floor"][clients].append(drive(floor, upstream, "bench", "x", n, clients))
                 run = f"conc-{uuid.uuid4().hex[:8]}"
-                samples["sidecar record"][clients].append(drive(sidecar.port, upstream, run, "record", n, clients)["rps"])
-                samples["sidecar replay"][clients].append(drive(sidecar.port, upstream, run, "replay", n, clients)["rps"])
+                samples["sidecar record"][clients].append(drive(sidecar, upstream, run, "record", n, clients))
+                samples["sidecar replay"][clients].append(drive(sidecar, upstream, run, "replay", n, clients))
     finally:
         bare.stop()
         floor.stop()
         sidecar.stop()
-    return {k: {c: statistics.median(v) for c, v in series.items()} for k, series in samples.items()}
+    return {k: {c: median_of(v) for c, v in series.items()} for k, series in samples.items()}
 
 
 def fill_run(dsn: str, run: str, steps: int, upstream: int) -> None:
@@ -264,7 +295,7 @@ def scale(dsn: str, upstream: int, work: Path, sizes: list[int], sample: int) ->
             run = f"scale-{size}-{uuid.uuid4().hex[:6]}"
             fill_run(dsn, run, size, upstream)
             first = client_loop(sidecar.port, upstream, run, "replay", range(0, 1))[0]  # includes loading the index
-            rest = drive(sidecar.port, upstream, run, "replay", sample, offset=1)
+            rest = drive(sidecar, upstream, run, "replay", sample, offset=1)
             out[size] = {"first_ms": first, "p50": rest["p50"], "rss_mib": sidecar.rss_mib()}
     finally:
         sidecar.stop()
@@ -288,7 +319,7 @@ def journal_write_floor(dsn: str, n: int = 300) -> float:
 # -- main -----------------------------------------------------------------------------------------
 
 
-def chart(path: Path, seq: dict[str, dict[str, float]], conc: dict[str, dict[int, float]]) -> None:
+def chart(path: Path, seq: dict[str, dict[str, float]], conc: dict[str, dict[int, dict[str, float]]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -302,7 +333,7 @@ def chart(path: Path, seq: dict[str, dict[str, float]], conc: dict[str, dict[int
     left.tick_params(axis="x", rotation=20)
     for name, series in conc.items():
         levels = sorted(series)
-        right.plot(levels, [series[c] for c in levels], marker="o", label=name)
+        right.plot(levels, [series[c]["rps"] for c in levels], marker="o", label=name)
     right.set_xlabel("concurrent clients")
     right.set_ylabel("requests/s (higher is better)")
     right.set_title("throughput under concurrency")
@@ -341,10 +372,11 @@ def main() -> None:
 
     bare = seq["bare"]
     print(f"\nsequential keep-alive POSTs ({args.requests} per round, median of {args.rounds} interleaved rounds)")
-    print(f"{'path':<18} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p50 / bare':>11} {'req/s / bare':>13}")
+    print(f"{'path':<18} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p50 / bare':>11} {'req/s / bare':>13}"
+          f" {'proxy CPU':>10} {'pg CPU':>8}  (CPU: ms per request)")
     for name, r in seq.items():
         print(f"{name:<18} {r['rps']:>8.0f} {r['p50']:>8.2f} {r['p99']:>8.2f} {r['p50'] / bare['p50']:>11.2f} "
-              f"{r['rps'] / bare['rps']:>13.2f}")
+              f"{r['rps'] / bare['rps']:>13.2f} {r['proxy_cpu_ms']:>10.2f} {r['pg_cpu_ms']:>8.2f}")
     print(f"sidecar replay req/s / --server-replay req/s: {seq['sidecar replay']['rps'] / seq['--server-replay']['rps']:.2f}")
     print(f"one journal write (INSERT commit on this PostgreSQL), p50: {floor:.2f} ms; "
           f"over bare mitmdump's p50, sidecar recording adds {seq['sidecar record']['p50'] - bare['p50']:.2f} ms, "
@@ -354,10 +386,13 @@ def main() -> None:
     levels = sorted(conc["bare"])
     print(f"{'path':<18} " + " ".join(f"{c:>9}" for c in levels))
     for name, series in conc.items():
-        print(f"{name:<18} " + " ".join(f"{series[c]:>9.0f}" for c in levels))
-    print(f"{'floor / bare':<18} " + " ".join(f"{conc['two-commit floor'][c] / conc['bare'][c]:>9.2f}" for c in levels))
-    print(f"{'record / bare':<18} " + " ".join(f"{conc['sidecar record'][c] / conc['bare'][c]:>9.2f}" for c in levels))
-    print(f"{'replay / bare':<18} " + " ".join(f"{conc['sidecar replay'][c] / conc['bare'][c]:>9.2f}" for c in levels))
+        print(f"{name:<18} " + " ".join(f"{series[c]['rps']:>9.0f}" for c in levels))
+    for name in ("two-commit floor", "sidecar record", "sidecar replay"):
+        label = name.split()[-1] if name != "two-commit floor" else "floor"
+        print(f"{label + ' / bare':<18} " + " ".join(f"{conc[name][c]['rps'] / conc['bare'][c]['rps']:>9.2f}" for c in levels))
+    print("proxy CPU, ms per request (mitmdump runs on one core: at saturation, req/s ~ 1000 / this)")
+    for name, series in conc.items():
+        print(f"{name:<18} " + " ".join(f"{series[c]['proxy_cpu_ms']:>9.2f}" for c in levels))
 
     print("\njournal scale: replaying a run of N steps (first request loads the run's index)")
     print(f"{'steps':>8} {'first ms':>9} {'p50 ms':>8} {'RSS MiB':>8}")

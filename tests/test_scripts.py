@@ -26,6 +26,7 @@ def test_bench_smoke(pg_dsn: str, tmp_path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "sidecar replay" in out.stdout and "two-commit floor" in out.stdout and "floor / bare" in out.stdout
+    assert "proxy CPU" in out.stdout and "pg CPU" in out.stdout
     assert (tmp_path / "c.png").exists()
 
 
