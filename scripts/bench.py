@@ -2,7 +2,9 @@
 """Side by side, in one run: bare mitmdump, `mitmdump -w` (recorder), the two-commit floor (an addon
 doing only the two trivial commits per call the design needs: scripts/floor_addon.py), the sidecar
 recording, `mitmdump --server-replay` (replayer) and the sidecar replaying, plus concurrency,
-journal scale and the cost of one journal write. Prints ratios against bare mitmdump and writes a PNG chart.
+journal scale and the cost of one journal write. Prints ratios against bare mitmdump, the CPU per
+request of each proxy and of PostgreSQL (read from /proc, so PostgreSQL must run on this machine to
+be counted), and writes a PNG chart.
 
 Usage: .venv/bin/python scripts/bench.py [--requests 400] [--rounds 5] [--scale 100,10000,100000]
        [--concurrency 1,8,32] [--dsn DSN] [--chart docs/bench.png] [--quick]
