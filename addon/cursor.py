@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import heapq
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ class RunCursor:
         self._seqs = array("q")  # the seq of each digest
         self._states = bytearray(1)  # by seq: a STATES code, | CONSUMED once this attempt has it
         self.next_occurrence: dict[str, int] = {}
+        self.returned: dict[str, list[int]] = {}  # occurrences given back (a heap per key), taken first
         self.high_water = 0  # highest seq this attempt has reached
 
     def load(self, rows: Iterable[tuple[int, int, str]]) -> None:
@@ -79,19 +81,26 @@ class RunCursor:
         return len(self._states) - 1
 
     def claim(self, key: str) -> Claim:
-        """Take the next occurrence of `key`. Synchronous, so parallel identical calls get distinct ones."""
-        occurrence = self.next_occurrence.get(key, 0)
-        self.next_occurrence[key] = occurrence + 1
+        """Take the next occurrence of `key` (the lowest one given back first). Synchronous, so
+        parallel identical calls get distinct ones."""
+        returned = self.returned.get(key)
+        if returned:
+            occurrence = heapq.heappop(returned)
+        else:
+            occurrence = self.next_occurrence.get(key, 0)
+            self.next_occurrence[key] = occurrence + 1
         seq = self._find(digest(key, occurrence))
         if seq is None:
             return Claim(key, occurrence, None)
         self._consume(seq)
         return Claim(key, occurrence, StepRef(seq, key, occurrence, self.state(seq)))
 
-    def release(self, claim: Claim) -> None:
-        """Give back a claim that was refused before anything was journaled (strict divergence)."""
-        if claim.step is None and self.next_occurrence.get(claim.key) == claim.occurrence + 1:
-            self.next_occurrence[claim.key] = claim.occurrence
+    def release(self, key: str, occurrence: int, seq: int | None) -> None:
+        """Give back an occurrence whose answer the agent did not get (the sidecar answered an error,
+        or the exchange broke off): the agent's retry in this attempt matches the same step again."""
+        heapq.heappush(self.returned.setdefault(key, []), occurrence)
+        if seq is not None and seq < len(self._states):
+            self._states[seq] &= ~CONSUMED
 
     def add(self, step: StepRef) -> None:
         """A step this attempt just journaled (or found journaled by another)."""

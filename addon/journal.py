@@ -18,7 +18,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from . import database, migrations
+from . import database, lease, migrations
 from .crypto import Keyring, open_row, seal_json
 from .cursor import RunCursor, StepRef
 
@@ -47,6 +47,7 @@ class NewStep:
     mint_idempotency_key: bool
     outcome: str = "recorded"  # or "diverged"
     divergence: dict[str, Any] | None = None  # nearest journaled step and the diff against it
+    owner: int | None = None  # the lease id of the sidecar that sends it (None: nobody, e.g. an import)
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,15 @@ class StoredResponse:
 
 
 @dataclass(frozen=True)
-class Reissue:
-    idempotency_key: str | None
-    age_s: float
+class TakeOver:
+    """What `take_over` found: the step handed to this sidecar, or why not."""
+
+    state: str | None  # the step's state as found (None: the step is gone)
+    in_flight: bool  # another live sidecar is sending it now
+    taken: bool
+    idempotency_key: str | None = None
+    age_s: float = 0.0  # since the step was first journaled
+    approved: bool = False  # an operator's `durable resolve --reissue`
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,7 @@ class Statement:
     params: Any
     fetch: str = "none"  # none (row count) | one | all
     run: str = ""  # the run a write belongs to: a batch's order
+    prelude: str = ""  # SQL run just before it, in the same transaction (same params)
 
 
 async def _fetch(cursor: Any, fetch: str) -> Any:
@@ -101,20 +109,25 @@ def decode_headers(pairs: list[list[str]] | None) -> list[tuple[bytes, bytes]]:
     return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in pairs or []]
 
 
+# Recording a step takes the run's row lock first (the prelude), and only then, in a statement of
+# its own with a fresh snapshot, checks that (run, key, occurrence) is not journaled yet and takes the
+# next seq. Checked under the lock, the seq is never taken in vain: seqs stay dense when two sidecars
+# race to record the same step.
+_LOCK_RUN = """
+INSERT INTO durable_runs AS r (id) VALUES (%(run)s) ON CONFLICT (id) DO UPDATE SET updated_at = now()
+"""
 _RECORD = """
-WITH existing AS (
-    SELECT 1 FROM durable_steps WHERE run_id = %(run)s AND fingerprint = %(key)s AND occurrence = %(occ)s
-), run AS (
-    INSERT INTO durable_runs AS r (id, last_seq) VALUES (%(run)s, 1)
-    ON CONFLICT (id) DO UPDATE SET last_seq = r.last_seq + 1, updated_at = now()
-        WHERE NOT EXISTS (SELECT 1 FROM existing)
+WITH run AS (
+    UPDATE durable_runs SET last_seq = last_seq + 1, updated_at = now()
+    WHERE id = %(run)s AND NOT EXISTS (
+        SELECT 1 FROM durable_steps WHERE run_id = %(run)s AND fingerprint = %(key)s AND occurrence = %(occ)s)
     RETURNING last_seq
 )
 INSERT INTO durable_steps (run_id, seq, fingerprint, fp_version, occurrence, step_key, state, attempt,
-                           last_attempt, last_outcome, divergence, key_id,
+                           last_attempt, last_outcome, divergence, key_id, owner,
                            method, url, envelope, request_headers, request_body, idempotency_key)
 SELECT %(run)s, run.last_seq, %(key)s, %(fpv)s, %(occ)s, %(step_key)s, 'pending', %(attempt)s,
-       %(attempt)s, %(outcome)s, %(divergence)s, %(key_id)s,
+       %(attempt)s, %(outcome)s, %(divergence)s, %(key_id)s, %(owner)s,
        %(method)s, %(url)s, %(envelope)s, %(headers)s, %(body)s,
        COALESCE(%(agent_key)s, CASE WHEN %(mint)s THEN
            'durable-' || left(encode(sha256(convert_to(%(run)s || ':' || run.last_seq, 'UTF8')), 'hex'), 32)
@@ -124,6 +137,26 @@ ON CONFLICT (run_id, fingerprint, occurrence) DO NOTHING
 RETURNING seq, idempotency_key
 """
 
+# Hand a pending or failed step to this sidecar (owner), atomically: the row lock and PostgreSQL's
+# re-check of the WHERE clause on the newest row version mean two sidecars never both take it.
+# Never a completed step; never one whose owner is alive (in flight there); a pending one only if
+# an operator approved it or the policy allows it and it is younger than the window.
+_TAKE_OVER = f"""
+WITH taken AS (
+    UPDATE durable_steps SET state = 'pending', owner = %(me)s, attempt = %(attempt)s, started_at = now(),
+                             last_attempt = %(attempt)s, last_outcome = 'reissued'
+    WHERE run_id = %(run)s AND seq = %(seq)s AND fingerprint = %(key)s AND occurrence = %(occ)s
+      AND NOT (owner IS NOT NULL AND owner <> %(me)s AND {lease.ALIVE})
+      AND (state = 'failed' OR (state = 'pending' AND (approved
+           OR (%(allowed)s AND created_at > now() - make_interval(secs => %(window)s)))))
+    RETURNING idempotency_key
+)
+SELECT s.state, (s.owner IS NOT NULL AND s.owner <> %(me)s AND {lease.ALIVE}) AS in_flight,
+       EXISTS (SELECT 1 FROM taken) AS taken, (SELECT idempotency_key FROM taken) AS idempotency_key,
+       extract(epoch FROM now() - s.created_at)::float8 AS age_s, s.approved
+FROM durable_steps s
+WHERE s.run_id = %(run)s AND s.seq = %(seq)s AND s.fingerprint = %(key)s AND s.occurrence = %(occ)s
+"""
 
 # cursor.digest(fingerprint, occurrence) in SQL: the replay index arrives sorted by it
 DIGEST = "('x' || encode(substr(sha256(convert_to(occurrence || ':' || fingerprint, 'UTF8')), 1, 8), 'hex'))::bit(64)::bigint"
@@ -162,6 +195,7 @@ class Journal:
         self._batches: set[asyncio.Future[None]] = set()  # batches of writes in flight
         self._queued: list[tuple[Statement, asyncio.Future[Any]]] = []
         self.target: database.Target | None = None
+        self.lease = lease.Lease()
 
     async def open(self) -> None:
         """Find the database (starting the embedded one if needed), open the pool, migrate."""
@@ -189,7 +223,19 @@ class Journal:
                     logger.info("durable: applied journal migrations %s", applied)
                 self._migrated = True
 
+    async def owner(self) -> int:
+        """This sidecar's lease id, which every step it sends carries; the lease is (re)taken if needed."""
+        if self.target is None:
+            await self.open()
+        assert self.target is not None
+        try:
+            return await self.lease.ensure(self.target.dsn, self._timeout_s)
+        except Exception as e:
+            self.observe("take lease", 0.0, False)
+            raise JournalError(f"take lease: {type(e).__name__}: {e}".strip()) from e
+
     async def close(self) -> None:
+        await self.lease.close()
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
@@ -203,11 +249,15 @@ class Journal:
         pipelined in ONE transaction, so they cost one round trip and one commit, all or none."""
 
         async def execute(conn: psycopg.AsyncConnection) -> list[Any]:
-            if len(batch) == 1:
+            if len(batch) == 1 and not batch[0].prelude:
                 cursors = [await conn.cursor(row_factory=dict_row).execute(batch[0].sql, batch[0].params)]
             else:
+                cursors = []
                 async with conn.pipeline(), conn.transaction():
-                    cursors = [await conn.cursor(row_factory=dict_row).execute(s.sql, s.params) for s in batch]
+                    for s in batch:
+                        if s.prelude:
+                            await conn.execute(s.prelude, s.params)
+                        cursors.append(await conn.cursor(row_factory=dict_row).execute(s.sql, s.params))
             return [await _fetch(cur, s.fetch) for cur, s in zip(cursors, batch)]
 
         return await self._on_connection([s.what for s in batch], execute)
@@ -244,7 +294,7 @@ class Journal:
             self.observe(what, 0.0, False)
             raise JournalError(f"{what}: {type(e).__name__}: {e}".strip()) from e
 
-    async def _write(self, what: str, run: str, sql: str, params: Any, fetch: str = "none") -> Any:
+    async def _write(self, what: str, run: str, sql: str, params: Any, fetch: str = "none", prelude: str = "") -> Any:
         """A write on an agent's path. Alone, it goes at once (a batch of one). While WRITERS batches
         are in flight, new writes queue and then go together in one transaction: group commit, so 32
         agents recording at once cost a few commits per round trip instead of 32.
@@ -253,7 +303,7 @@ class Journal:
         take the runs' row locks in the same order and cannot deadlock.
         """
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queued.append((Statement(what, sql, params, fetch, run), future))
+        self._queued.append((Statement(what, sql, params, fetch, run, prelude), future))
         self._next_batch()
         return await future
 
@@ -315,6 +365,7 @@ class Journal:
             step.run,
             _RECORD,
             {
+                "owner": step.owner,
                 "run": step.run,
                 "key": step.key,
                 "occ": step.occurrence,
@@ -333,6 +384,7 @@ class Journal:
                 "divergence": Jsonb(step.divergence) if step.divergence is not None else None,
             },
             fetch="one",
+            prelude=_LOCK_RUN,
         )
         return Recorded(row["seq"], row["idempotency_key"]) if row else None
 
@@ -360,30 +412,60 @@ class Journal:
         streamed: bool = False,
         truncated: bool = False,
         chunk_timing: list[tuple[float, int]] | None = None,
+        owner: int | None = None,
     ) -> None:
-        """Journal the answer. A truncated one is kept for inspection but leaves the step in doubt."""
+        """Journal the answer of a step this sidecar has in flight (`owner`), and let go of it.
+
+        A truncated answer is kept for inspection but leaves the step in doubt. The step must still
+        be pending and ours: a completed answer is never overwritten, and a step deleted or taken
+        over meanwhile raises instead.
+        """
         updated = await self._write(
             "journal response",
             run,
             "UPDATE durable_steps SET state = %s, status = %s, reason = %s, http_version = %s,"
             " response_headers = %s, response_body = %s, error = NULL, completed_at = now(),"
-            " duration_ms = %s, streamed = %s, truncated = %s, key_id = %s, chunk_timing = %s"
-            " WHERE run_id = %s AND seq = %s",
+            " duration_ms = %s, streamed = %s, truncated = %s, key_id = %s, chunk_timing = %s, owner = NULL"
+            " WHERE run_id = %s AND seq = %s AND state = 'pending' AND owner IS NOT DISTINCT FROM %s",
             (state, status, reason, http_version, Jsonb(seal_json(self.keyring, headers)), self.keyring.seal(body),
              duration_ms, streamed, truncated, self.keyring.active,
-             Jsonb(chunk_timing) if chunk_timing is not None else None, run, seq),
+             Jsonb(chunk_timing) if chunk_timing is not None else None, run, seq, owner),
         )
         if updated != 1:
-            raise JournalError(f"journal response: step {run}/{seq} is gone")
+            raise JournalError(f"journal response: step {run}/{seq} is gone or no longer this sidecar's")
 
-    async def fail(self, run: str, seq: int, error: str, duration_ms: float) -> None:
+    async def fail(self, run: str, seq: int, error: str, duration_ms: float, owner: int | None) -> None:
+        """The request provably never left (or the upstream answered a transient status): `failed`."""
         await self._write(
             "journal failure",
             run,
             "UPDATE durable_steps SET state = 'failed', error = %s, status = NULL, response_body = NULL,"
-            " response_headers = NULL, completed_at = now(), duration_ms = %s WHERE run_id = %s AND seq = %s",
-            (error, duration_ms, run, seq),
+            " response_headers = NULL, completed_at = now(), duration_ms = %s, owner = NULL"
+            " WHERE run_id = %s AND seq = %s AND state = 'pending' AND owner IS NOT DISTINCT FROM %s",
+            (error, duration_ms, run, seq, owner),
         )
+
+    async def let_go(self, run: str, seq: int, owner: int) -> None:
+        """The exchange ended without an answer to journal: the step stays pending, in doubt, and
+        nobody has it in flight any more, so a later attempt may take it over at once."""
+        await self._write(
+            "leave step in doubt",
+            run,
+            "UPDATE durable_steps SET owner = NULL WHERE run_id = %s AND seq = %s AND state = 'pending' AND owner = %s",
+            (run, seq, owner),
+        )
+
+    async def step_state(self, run: str, step: StepRef) -> tuple[str | None, bool]:
+        """(state, in flight in another live sidecar) of a journaled step; (None, False) when it is gone."""
+        row = await self._run(
+            "read step state",
+            f"SELECT state, (owner IS NOT NULL AND owner <> %(me)s AND {lease.ALIVE}) AS in_flight"
+            " FROM durable_steps WHERE run_id = %(run)s AND seq = %(seq)s AND fingerprint = %(key)s"
+            " AND occurrence = %(occ)s",
+            {"me": self.lease.id, "run": run, "seq": step.seq, "key": step.key, "occ": step.occurrence},
+            fetch="one",
+        )
+        return (row["state"], row["in_flight"]) if row else (None, False)
 
     async def responses(self, run: str, seqs: list[int], max_body: int | None = None) -> dict[int, StoredResponse]:
         """Journaled answers of some steps, by seq; with max_body, larger bodies are left out."""
@@ -444,30 +526,28 @@ class Journal:
             except JournalError as e:
                 logger.warning("durable: %d replay counts not written: %s", len(batch), e)
 
-    async def reissue(
+    async def take_over(
         self, run: str, step: StepRef, attempt: str, pending_allowed: bool, window_s: float
-    ) -> Reissue | None:
-        """Hand a pending or failed step to this attempt to send again, with its original key.
+    ) -> TakeOver:
+        """Hand a pending or failed step to this sidecar to send again, with its original key.
 
-        A pending (in-doubt) step is handed over only when an operator approved it (`durable
-        resolve --reissue`) or when the policy allows it and it is younger than `window_s`: the
-        upstream may have forgotten an older idempotency key, so re-sending could charge twice.
-        None when it is not handed over (or, should the index's digest ever name the wrong step,
-        when the row's key is not this request's: its idempotency key is never lent out).
+        Not taken: a completed step (replay it), a step in flight in another live sidecar (wait for
+        it), an in-doubt step the policy keeps (`pending_allowed` false, or older than `window_s`: the
+        upstream may have forgotten its key) unless an operator approved it (`durable resolve
+        --reissue`), and a row whose key is not this request's (should the index's digest ever name
+        the wrong step, its idempotency key is never lent out).
         """
+        me = await self.owner()
         row = await self._run(
             "take over step",
-            "UPDATE durable_steps SET state = 'pending', attempt = %(attempt)s, started_at = now(),"
-            " last_attempt = %(attempt)s, last_outcome = 'reissued'"
-            " WHERE run_id = %(run)s AND seq = %(seq)s AND fingerprint = %(key)s AND occurrence = %(occ)s"
-            " AND (state <> 'pending' OR approved"
-            "   OR (%(allowed)s AND created_at > now() - make_interval(secs => %(window)s)))"
-            " RETURNING idempotency_key, extract(epoch FROM now() - created_at)::float8 AS age_s",
-            {"attempt": attempt, "run": run, "seq": step.seq, "key": step.key, "occ": step.occurrence,
+            _TAKE_OVER,
+            {"me": me, "attempt": attempt, "run": run, "seq": step.seq, "key": step.key, "occ": step.occurrence,
              "allowed": pending_allowed, "window": window_s},
             fetch="one",
         )
-        return Reissue(row["idempotency_key"], row["age_s"]) if row else None
+        if row is None:
+            return TakeOver(None, False, False)
+        return TakeOver(row["state"], row["in_flight"], row["taken"], row["idempotency_key"], row["age_s"], row["approved"])
 
     async def requests(self, run: str, seqs: list[int]) -> list[dict[str, Any]]:
         """Envelopes and bodies of some steps, for divergence diffs."""

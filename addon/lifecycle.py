@@ -20,6 +20,7 @@ from mitmproxy import http
 
 from . import divergence, faults, fingerprint, identity, redaction, responses, streams
 from .cursor import Claim, RunCursor, StepRef
+from .inflight import InFlight, Slot
 from .journal import Journal, JournalError, NewStep, encode_headers
 from .pacing import Pacer
 from .prefetch import Prefetch
@@ -41,6 +42,9 @@ class Step:
     tee: streams.StreamTee | None = None  # set when the response streams to the agent
     paced: bool = False  # replayed through the pacer, at the recorded pace
     started: float = field(default_factory=time.monotonic)
+    claim: Claim | None = None  # the attempt's claim on the step: given back if the agent gets no answer
+    slot: Slot | None = None  # held while this flow sends the step (single flight)
+    owner: int | None = None  # the lease id the journal row names while the step is in flight
 
 
 class Refused(Exception):
@@ -49,6 +53,9 @@ class Refused(Exception):
     def __init__(self, status: int, reason: str, **details: Any) -> None:
         super().__init__(reason)
         self.status, self.reason, self.details = status, reason, details
+
+
+POLL_S = 0.2  # how often a step in flight in another sidecar is looked at
 
 
 class Lifecycle:
@@ -61,12 +68,17 @@ class Lifecycle:
         self.cursors: dict[tuple[str, str], asyncio.Task[RunCursor]] = {}
         self.prefetches: dict[tuple[str, str], Prefetch] = {}
         self.last_used: dict[tuple[str, str], float] = {}
+        self.in_flight = InFlight()
         self.divergences = 0
         self.on_divergence: Callable[[], None] = lambda: None  # metrics hook
         self.pacer: Pacer | None = None  # set by the addon with durable_replay_pacing
 
     async def begin(self, flow: http.HTTPFlow, ident: identity.Identity) -> Step:
-        """Journal the request before it may leave, or answer it from the journal (flow.response)."""
+        """Journal the request before it may leave, or answer it from the journal (flow.response).
+
+        Whatever the sidecar answers itself instead (an error) does not consume the step: the
+        attempt's claim is given back, so the agent's retry matches the same step.
+        """
         s, req = self.settings, flow.request
         try:
             parts = fingerprint.request_parts(req)
@@ -77,13 +89,40 @@ class Lifecycle:
 
         cursor = await self._cursor(ident.run, ident.attempt)
         claim = cursor.claim(key)
+        try:
+            step = await self._serve(flow, ident, cursor, claim, env, parts.body)
+        except BaseException:
+            cursor.release(claim.key, claim.occurrence, claim.step.seq if claim.step else None)
+            raise
+        step.claim = claim
+        return step
+
+    async def _serve(
+        self, flow: http.HTTPFlow, ident: identity.Identity, cursor: RunCursor, claim: Claim,
+        env: dict[str, Any], body: bytes,
+    ) -> Step:
         journaled = claim.step
-        if journaled is None:
-            recorded = await self._record(flow, ident, cursor, claim, env, parts.body)
-            if isinstance(recorded, Step):
-                return recorded
-            journaled = recorded  # another sidecar or attempt journaled it meanwhile
-        return await self._answer_journaled(flow, ident, cursor, journaled)
+        if journaled is not None and self._replayable(cursor, journaled):
+            return await self._replay(flow, ident, journaled)
+        slot = (ident.run, claim.key, claim.occurrence)
+        if not await self.in_flight.enter(slot, self.settings.in_flight_wait_s):
+            raise self._still_in_flight(ident, journaled)
+        try:
+            if journaled is None:
+                recorded = await self._record(flow, ident, cursor, claim, env, body)
+                if isinstance(recorded, Step):
+                    recorded.slot = slot
+                    return recorded
+                journaled = recorded  # another sidecar or attempt journaled it meanwhile
+            step = await self._settle(flow, ident, cursor, journaled)
+        except BaseException:
+            self.in_flight.leave(slot)
+            raise
+        if step.live:
+            step.slot = slot
+        else:
+            self.in_flight.leave(slot)
+        return step
 
     async def finish(self, flow: http.HTTPFlow, step: Step) -> None:
         """The upstream answered: commit the answer before the agent may have (the rest of) it."""
@@ -98,25 +137,56 @@ class Lifecycle:
                 step.tee.size,
             )
         step.live = False  # claimed: the error hook of a client that hangs up now must not journal it again
-        state = await self._journal_answer(flow.response, step, truncated)
+        try:
+            state = await self._journal_answer(flow.response, step, truncated)
+        except BaseException:
+            self.abandon(step)
+            raise
         if step.cursor:
             step.cursor.mark(step.seq, state)
+        self.in_flight.leave(step.slot)
+        if truncated and step.tee is not None and not step.tee.finished():
+            self._give_back(step)  # the agent saw the stream cut: its retry is this step again
 
     async def break_off(self, flow: http.HTTPFlow, step: Step, message: str) -> None:
-        """The exchange broke. Before any answer: journal a failure. Mid-answer: the step is in doubt."""
+        """The exchange broke. Journal `failed` only if the request provably never left (no
+        connection to the upstream); otherwise the upstream may have it: the step is in doubt."""
         assert step.run is not None and step.seq is not None
         step.live = False
+        state = "pending"
         try:
-            if flow.response is None:
-                await self.journal.fail(step.run, step.seq, message, elapsed_ms(step))
-                state = "failed"
-            else:  # the upstream began to answer: unless the answer was complete, the step is in doubt
+            if flow.response is not None:  # the upstream began to answer: unless it was complete, in doubt
                 truncated = step.tee is None or not step.tee.complete()
                 state = await self._journal_answer(flow.response, step, truncated)
+            elif never_left(flow):
+                await self.journal.fail(step.run, step.seq, message, elapsed_ms(step), step.owner)
+                state = "failed"
+            else:
+                await self.journal.let_go(step.run, step.seq, step.owner or 0)
+                logger.warning(
+                    "durable: run=%s seq=%s in doubt: %s after the request may have reached the upstream",
+                    step.run, step.seq, message,
+                )
             if step.cursor:
                 step.cursor.mark(step.seq, state)
         except JournalError as e:
             logger.error("durable: run=%s seq=%s failure not journaled (%s); step stays in doubt", step.run, step.seq, e)
+        finally:
+            self.in_flight.leave(step.slot)
+            if state == "pending":
+                self._give_back(step)
+
+    def abandon(self, step: Step) -> None:
+        """The sidecar answers the agent with an error for a step it sent (its answer could not be
+        journaled): nobody sends it now, and the agent's retry matches it again (and reissues it)."""
+        step.live = False
+        self.in_flight.leave(step.slot)
+        self._give_back(step)
+
+    def _give_back(self, step: Step) -> None:
+        if step.cursor is not None and step.claim is not None:
+            step.cursor.release(step.claim.key, step.claim.occurrence, step.seq)
+            step.claim = None
 
     async def _cursor(self, run: str, attempt: str) -> RunCursor:
         """The attempt's cursor, loading the run's index (no bodies) from the journal once."""
@@ -178,6 +248,7 @@ class Lifecycle:
 
         header = s.idempotency_header(req.host)
         agent_key = req.headers.get(header)
+        owner = await self.journal.owner()
         faults.crash_point("before-pending-commit")
         recorded = await self.journal.record(
             NewStep(
@@ -196,6 +267,7 @@ class Lifecycle:
                 mint_idempotency_key=req.method.upper() in s.idempotency_methods,
                 outcome=outcome,
                 divergence=diverged,
+                owner=owner,
             )
         )
         if recorded is None:
@@ -208,7 +280,7 @@ class Lifecycle:
         if recorded.idempotency_key and not agent_key:
             req.headers[header] = recorded.idempotency_key
         faults.crash_point("after-pending-commit")
-        return Step(ident.run, recorded.seq, outcome, ident.attempt, live=True, cursor=cursor)
+        return Step(ident.run, recorded.seq, outcome, ident.attempt, live=True, cursor=cursor, owner=owner)
 
     async def _report_divergence(
         self,
@@ -240,7 +312,6 @@ class Lifecycle:
             diff,
         )
         if self.settings.strict:
-            cursor.release(claim)
             raise Refused(
                 409,
                 "request diverges from the journal (durable_strict)",
@@ -251,58 +322,95 @@ class Lifecycle:
             )
         return {"attempt": ident.attempt, "expected_step": expected, "diff": diff}
 
-    async def _answer_journaled(
-        self, flow: http.HTTPFlow, ident: identity.Identity, cursor: RunCursor, step: StepRef
-    ) -> Step:
-        s = self.settings
-        if step.state == "completed" or (step.state == "failed" and cursor.moved_past(step.seq)):
-            stored = self.prefetches[(ident.run, ident.attempt)].take(step.seq)
-            if stored is None:
-                stored = (await self.journal.responses(ident.run, [step.seq])).get(step.seq)
-            if stored is None:
-                raise JournalError(f"read journaled response: step {ident.run}/{step.seq} is gone")
-            if (stored.key, stored.occurrence) != (step.key, step.occurrence):  # two keys share an index digest
-                raise JournalError(f"read journaled response: step {ident.run}/{step.seq} answers another request")
-            self.journal.note_replay(ident.run, step.seq, ident.attempt)
-            if self.pacer is not None and s.replay_pacing and stored.chunk_timing and stored.status is not None:
-                self.pacer.stage(flow, stored)
-                return Step(ident.run, step.seq, "replayed", ident.attempt, paced=True)
-            if stored.status is None:  # a journaled connection failure
-                flow.response = responses.refusal(
-                    502, "journaled upstream failure, replayed", run=ident.run, step=step.seq, failed=stored.error
-                )
-            else:
-                flow.response = responses.rebuild(
-                    flow.request.method,
-                    flow.request.data.http_version,
-                    stored.status,
-                    stored.reason,
-                    stored.headers,
-                    stored.body,
-                )
-            return Step(ident.run, step.seq, "replayed", ident.attempt)
+    @staticmethod
+    def _replayable(cursor: RunCursor, step: StepRef) -> bool:
+        """Answered from the journal: a completed step, or a failed one the run moved past (the
+        agent handled that failure then)."""
+        return step.state == "completed" or (step.state == "failed" and cursor.moved_past(step.seq))
 
-        # In doubt (pending) or failed at the tail of the run: send it again with its original key.
-        pending_allowed = s.in_doubt == "reissue"
-        taken = await self.journal.reissue(ident.run, step, ident.attempt, pending_allowed, s.in_doubt_window_s)
-        if taken is None:
-            resolve_hint = f"durable resolve {ident.run} {step.seq} --reissue | --forget | --complete-from FILE"
-            if not pending_allowed:
-                reason = "step is in doubt: it was forwarded but its answer was never journaled (durable_in_doubt=fail)"
-            else:
-                reason = (
-                    "step is in doubt for longer than durable_in_doubt_window; the upstream may have "
-                    "forgotten its idempotency key, so it is not re-sent automatically"
-                )
-            raise Refused(409, reason, run=ident.run, step=step.seq, resolve=resolve_hint)
+    async def _replay(self, flow: http.HTTPFlow, ident: identity.Identity, step: StepRef) -> Step:
+        stored = self.prefetches[(ident.run, ident.attempt)].take(step.seq)
+        if stored is None:
+            stored = (await self.journal.responses(ident.run, [step.seq])).get(step.seq)
+        if stored is None:
+            raise JournalError(f"read journaled response: step {ident.run}/{step.seq} is gone")
+        if (stored.key, stored.occurrence) != (step.key, step.occurrence):  # two keys share an index digest
+            raise JournalError(f"read journaled response: step {ident.run}/{step.seq} answers another request")
+        self.journal.note_replay(ident.run, step.seq, ident.attempt)
+        if self.pacer is not None and self.settings.replay_pacing and stored.chunk_timing and stored.status is not None:
+            self.pacer.stage(flow, stored)
+            return Step(ident.run, step.seq, "replayed", ident.attempt, paced=True)
+        if stored.status is None:  # a journaled connection failure
+            flow.response = responses.refusal(
+                502, "journaled upstream failure, replayed", run=ident.run, step=step.seq, failed=stored.error
+            )
+        else:
+            flow.response = responses.rebuild(
+                flow.request.method,
+                flow.request.data.http_version,
+                stored.status,
+                stored.reason,
+                stored.headers,
+                stored.body,
+            )
+        return Step(ident.run, step.seq, "replayed", ident.attempt)
+
+    async def _settle(self, flow: http.HTTPFlow, ident: identity.Identity, cursor: RunCursor, step: StepRef) -> Step:
+        """A journaled step that is not (known to be) complete: replay it if it completed meanwhile,
+        wait while another sidecar has it in flight, else send it again with its original key when
+        the in-doubt policy allows (or it failed at the tail of the run)."""
+        s = self.settings
+        policy = s.in_doubt_policy(flow.request.host)
+        deadline = time.monotonic() + s.in_flight_wait_s
+        while True:
+            if step.state == "completed":
+                return await self._replay(flow, ident, step)
+            taken = await self.journal.take_over(ident.run, step, ident.attempt, policy == "reissue", s.in_doubt_window_s)
+            if taken.state is None:
+                raise JournalError(f"step {ident.run}/{step.seq} is gone")
+            if taken.taken:
+                break
+            step.state = taken.state
+            cursor.mark(step.seq, taken.state)
+            if taken.state == "completed":
+                continue
+            if taken.in_flight or (taken.state == "failed"):  # failed and not taken: someone took it just now
+                if time.monotonic() > deadline or client_gone(flow):
+                    raise self._still_in_flight(ident, step)
+                await asyncio.sleep(POLL_S)
+                continue
+            if policy == "reissue" and taken.age_s < s.in_doubt_window_s:
+                await asyncio.sleep(POLL_S)  # taken by another sidecar between our look and our update
+                continue
+            raise self._in_doubt_refusal(ident, step, policy, taken.approved)
         logger.info(
             "durable: run=%s seq=%s %s %.0fs ago: re-sent with its original idempotency key",
-            ident.run, step.seq, "in doubt since" if step.state == "pending" else "failed at the tail,", taken.age_s,
+            ident.run, step.seq, "in doubt since" if step.state == "pending" else "failed,", taken.age_s,
         )
         if taken.idempotency_key:
             flow.request.headers[s.idempotency_header(flow.request.host)] = taken.idempotency_key
         cursor.mark(step.seq, "pending")
-        return Step(ident.run, step.seq, "reissued", ident.attempt, live=True, cursor=cursor)
+        return Step(ident.run, step.seq, "reissued", ident.attempt, live=True, cursor=cursor, owner=self.journal.lease.id)
+
+    def _in_doubt_refusal(self, ident: identity.Identity, step: StepRef, policy: str, approved: bool) -> Refused:
+        resolve_hint = f"durable resolve {ident.run} {step.seq} --reissue | --forget | --complete-from FILE"
+        if policy != "reissue":
+            reason = "step is in doubt: it was forwarded but its answer was never journaled (durable_in_doubt=fail)"
+        else:
+            reason = (
+                "step is in doubt for longer than durable_in_doubt_window; the upstream may have "
+                "forgotten its idempotency key, so it is not re-sent automatically"
+            )
+        return Refused(409, reason, run=ident.run, step=step.seq, resolve=resolve_hint)
+
+    def _still_in_flight(self, ident: identity.Identity, step: StepRef | None) -> Refused:
+        return Refused(
+            503,
+            "this step is in flight in another attempt or sidecar and did not finish within "
+            "durable_in_flight_wait; nothing was forwarded, retry to wait again",
+            run=ident.run,
+            step=step.seq if step else None,
+        )
 
     async def _journal_answer(self, resp: http.Response, step: Step, truncated: bool) -> str:
         """Commit the answer; returns the step's new state (a truncated answer leaves it pending, in doubt)."""
@@ -328,6 +436,7 @@ class Lifecycle:
             streamed=step.tee is not None,
             truncated=truncated,
             chunk_timing=step.tee.timings if step.tee is not None and not truncated else None,
+            owner=step.owner,
         )
         faults.crash_point("after-complete-commit")
         return state
@@ -335,3 +444,13 @@ class Lifecycle:
 
 def elapsed_ms(step: Step) -> float:
     return (time.monotonic() - step.started) * 1000
+
+
+def never_left(flow: http.HTTPFlow) -> bool:
+    """The request provably never reached the upstream: no TCP connection, or its TLS handshake failed."""
+    server = flow.server_conn
+    return server.timestamp_tcp_setup is None or (server.tls and server.timestamp_tls_setup is None)
+
+
+def client_gone(flow: http.HTTPFlow) -> bool:
+    return flow.client_conn.timestamp_end is not None

@@ -117,6 +117,14 @@ MIGRATIONS: list[tuple[int, str]] = [
         ALTER TABLE durable_steps ADD COLUMN chunk_timing jsonb;
         """,
     ),
+    (
+        5,
+        """
+        -- single flight: the lease id (lease.py) of the sidecar that has this pending step in flight;
+        -- NULL once it is answered, failed, or left in doubt with nobody sending it
+        ALTER TABLE durable_steps ADD COLUMN owner integer;
+        """,
+    ),
 ]
 
 

@@ -40,8 +40,20 @@ OPTIONS: list[tuple[str, Any, Any, str]] = [
         ["Idempotency-Key"],
         "Idempotency header name: Name for all hosts, host=Name for one (e.g. api.paypal.com=PayPal-Request-Id).",
     ),
-    ("durable_in_doubt", str, "reissue", "In-doubt (pending) steps on replay: reissue with the original key, or fail (409)."),
+    (
+        "durable_in_doubt",
+        Sequence[str],
+        ["reissue"],
+        "In-doubt steps reached again: reissue (re-send with the original idempotency key) or fail (409, an "
+        "operator resolves it); policy for all hosts, or host=policy for one (e.g. api.openai.com=fail).",
+    ),
     ("durable_in_doubt_window", str, "24h", "Pending steps older than this are not reissued automatically."),
+    (
+        "durable_in_flight_wait",
+        str,
+        "10m",
+        "How long a request waits for its step while another attempt or sidecar has it in flight, before a 503.",
+    ),
     (
         "durable_transient_statuses",
         Sequence[str],
@@ -129,8 +141,9 @@ class Settings:
     rules: MatchRules
     idempotency_methods: frozenset[str]
     idempotency_headers: dict[str | None, str]
-    in_doubt: str
+    in_doubt: dict[str | None, str]  # policy by host; None: every other host
     in_doubt_window_s: float
+    in_flight_wait_s: float
     transient_statuses: frozenset[int]
     db_timeout_s: float
     body_cap: int
@@ -150,8 +163,24 @@ class Settings:
     def idempotency_header(self, host: str) -> str:
         return self.idempotency_headers.get(host.lower()) or self.idempotency_headers[None]
 
+    def in_doubt_policy(self, host: str) -> str:
+        return self.in_doubt.get(host.lower()) or self.in_doubt[None]
+
     def ignored(self, host: str) -> bool:
         return any(p.search(host) for p in self.ignore_hosts)
+
+
+def per_host(
+    specs: Sequence[str], default: str, option: str, allowed: Sequence[str] | None = None
+) -> dict[str | None, str]:
+    """`value` for every host, `host=value` for one -> {host or None: value}."""
+    values: dict[str | None, str] = {None: default}
+    for spec in specs:
+        rule = Rule.parse(spec)
+        if allowed is not None and rule.name not in allowed:
+            raise ValueError(f"{option}: {spec!r} is not one of {', '.join(allowed)} (or host=one of them)")
+        values[rule.host] = rule.name
+    return values
 
 
 def from_options(o: Any) -> Settings:
@@ -162,8 +191,7 @@ def from_options(o: Any) -> Settings:
         for name in ("durable_run", "durable_attempt"):
             if getattr(o, name):
                 validate_id(getattr(o, name), name)
-        if o.durable_in_doubt not in IN_DOUBT_POLICIES:
-            raise ValueError(f"durable_in_doubt must be one of {', '.join(IN_DOUBT_POLICIES)}")
+        in_doubt = per_host(o.durable_in_doubt, "reissue", "durable_in_doubt", IN_DOUBT_POLICIES)
         if o.durable_oversize_request not in OVERSIZE_POLICIES:
             raise ValueError(f"durable_oversize_request must be one of {', '.join(OVERSIZE_POLICIES)}")
         if o.durable_metrics_listen and not re.fullmatch(r"[^:]*:\d+", o.durable_metrics_listen):
@@ -172,10 +200,7 @@ def from_options(o: Any) -> Settings:
             raise ValueError("durable_body_cap must be >= 0")
         encryption_key = o.durable_encryption_key or os.environ.get(crypto.ENV, "")
         Keyring(encryption_key)  # a malformed key fails here, at start, not on the first call
-        headers: dict[str | None, str] = {None: "Idempotency-Key"}
-        for spec in o.durable_idempotency_header:
-            rule = Rule.parse(spec)
-            headers[rule.host] = rule.name
+        headers = per_host(o.durable_idempotency_header, "Idempotency-Key", "durable_idempotency_header")
         return Settings(
             dsn=o.durable_dsn or None,
             run=o.durable_run or None,
@@ -189,8 +214,9 @@ def from_options(o: Any) -> Settings:
             ),
             idempotency_methods=frozenset(m.upper() for m in o.durable_idempotency_methods),
             idempotency_headers=headers,
-            in_doubt=o.durable_in_doubt,
+            in_doubt=in_doubt,
             in_doubt_window_s=parse_duration(o.durable_in_doubt_window),
+            in_flight_wait_s=parse_duration(o.durable_in_flight_wait),
             transient_statuses=frozenset(int(s) for s in o.durable_transient_statuses),
             db_timeout_s=o.durable_db_timeout / 1000,
             body_cap=o.durable_body_cap,

@@ -169,7 +169,7 @@ class DurableSidecar:
                 await self.lifecycle.finish(flow, step)
             except Exception as e:
                 logger.error("durable: run=%s seq=%s response not journaled: %s", step.run, step.seq, e)
-                step.outcome = "refused"
+                step.outcome = "refused"  # the step is given back: the agent's retry re-sends it
                 if step.tee is not None:
                     flow.kill()  # already streamed: withhold the end so the agent sees the stream cut short
                     return

@@ -64,8 +64,19 @@ def test_new_steps_are_consumed_and_extend_the_run() -> None:
 def test_release_gives_back_a_refused_claim() -> None:
     cursor = journal("A")
     claim = cursor.claim("X")
-    cursor.release(claim)
+    cursor.release(claim.key, claim.occurrence, None)
     assert cursor.claim("X").occurrence == 0
+
+
+def test_a_released_step_is_matched_again_before_later_occurrences() -> None:
+    """The sidecar answered an error for the 1st of 3 identical calls: the agent's retry is that step, not a 4th."""
+    cursor = journal("P", "P", "P")
+    first, second = cursor.claim("P"), cursor.claim("P")
+    cursor.release(first.key, first.occurrence, first.step.seq)
+    assert not cursor.consumed(1) and cursor.consumed(2)
+    retry = cursor.claim("P")
+    assert (retry.occurrence, retry.step.seq) == (0, 1) and cursor.consumed(1)
+    assert cursor.claim("P").step.seq == 3 and second.step.seq == 2
 
 
 def test_explicit_keys_and_fingerprints_are_separate_spaces() -> None:

@@ -112,13 +112,14 @@ def test_a_step_is_handed_over_for_a_resend_only_to_its_own_request(fresh_dsn: s
         try:
             if not await journal.has_steps("r"):
                 await journal.record(bare_step("r", "v1:pay", 1, agent_idempotency_key="k-1"))
-            return await journal.reissue("r", who, "a2", pending_allowed=True, window_s=3600)
+            return await journal.take_over("r", who, "a2", pending_allowed=True, window_s=3600)
         finally:
             await journal.close()
 
-    assert asyncio.run(resend(StepRef(1, "v1:other", 1, "pending"))) is None
-    assert asyncio.run(resend(StepRef(1, "v1:pay", 0, "pending"))) is None
-    assert asyncio.run(resend(StepRef(1, "v1:pay", 1, "pending"))).idempotency_key == "k-1"
+    assert not asyncio.run(resend(StepRef(1, "v1:other", 1, "pending"))).taken
+    assert not asyncio.run(resend(StepRef(1, "v1:pay", 0, "pending"))).taken
+    taken = asyncio.run(resend(StepRef(1, "v1:pay", 1, "pending")))
+    assert taken.taken and taken.idempotency_key == "k-1"
 
 
 def test_recording_a_step_does_not_scan_its_run(fresh_dsn: str) -> None:

@@ -28,6 +28,7 @@ def sidecar(mocker):
         tctx.configure(addon, durable_dsn="postgresql://unused")
         addon.lifecycle.journal = mocker.Mock()
         addon.lifecycle.journal.load_cursor = mocker.AsyncMock(return_value=RunCursor())
+        addon.lifecycle.journal.owner = mocker.AsyncMock(return_value=7)
         yield addon
 
 
@@ -68,6 +69,10 @@ def test_response_not_journaled_replaces_the_answer_with_503(sidecar, mocker) ->
     asyncio.run(sidecar.response(flow))
     assert flow.response.status_code == 503 and flow.response.headers["Durable-Outcome"] == "refused"
     assert "stays in doubt" in json.loads(flow.response.content)["reason"]
+    # the error is the sidecar's: the step is given back, so the agent's retry is the same occurrence
+    cursor = sidecar.lifecycle.cursors[("r1", "a1")].result()
+    (key, given_back), = cursor.returned.items()
+    assert given_back == [0] and cursor.claim(key).occurrence == 0
 
 
 def test_control_headers_are_stripped_before_forwarding(sidecar, mocker) -> None:

@@ -1,0 +1,44 @@
+"""Single flight inside one sidecar: at most one flow at a time sends a given step.
+
+Keyed by (run, match key, occurrence), which is known before the step is journaled, so a flow that
+is about to record a step and a flow of another attempt that found it pending cannot both send it.
+Across sidecars the journal decides (the step's owner and its lease, see lease.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+Slot = tuple[str, str, int]  # (run, match key, occurrence)
+
+
+class InFlight:
+    def __init__(self) -> None:
+        self._slots: dict[Slot, asyncio.Future[None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def busy(self, slot: Slot) -> bool:
+        return slot in self._slots
+
+    async def enter(self, slot: Slot, timeout_s: float) -> bool:
+        """Take `slot`, first waiting while another flow holds it; False if it is still held after `timeout_s`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (held := self._slots.get(slot)) is not None:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(asyncio.shield(held), remaining)
+            except TimeoutError:
+                return False
+        self._slots[slot] = loop.create_future()
+        return True
+
+    def leave(self, slot: Slot | None) -> None:
+        """Let go of `slot` (idempotent), waking the flows waiting for it."""
+        held = self._slots.pop(slot, None) if slot is not None else None
+        if held is not None and not held.done():
+            held.set_result(None)
