@@ -46,7 +46,8 @@ class Identity:
     run: str
     attempt: str
     step_key: str | None = None
-    source: str = "default"
+    source: str = "default"  # where the run came from
+    attempt_source: str = "default"
 
 
 def validate_id(value: str, what: str) -> str:
@@ -114,12 +115,13 @@ def resolve(
         ("default", default_run, default_attempt),
     ]
     run_source, run = next((s, r) for s, r, _ in candidates if r)
-    attempt = next(a for _, _, a in candidates if a)
+    attempt_source, attempt = next((s, a) for s, _, a in candidates if a)
     return Identity(
         run=validate_id(run, "run id"),
         attempt=validate_id(attempt, "attempt id"),
         step_key=validate_id(step_key, "step key") if step_key else None,
         source=run_source,
+        attempt_source=attempt_source,
     )
 
 

@@ -15,12 +15,15 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
 SCRIPT = Path(__file__).with_name("durable.py")
 CA_CERT = "mitmproxy-ca-cert.pem"
+HEALTH_URL = "http://durable.sidecar/health"  # answered by the addon itself (sidecar.HEALTH_HOST)
 
 
 def free_port() -> int:
@@ -86,8 +89,11 @@ def start_sidecar(
     env: dict[str, str] | None = None,
     timeout: float = 60,
     listen_host: str = "127.0.0.1",
+    journal_required: bool = True,
 ) -> Sidecar:
-    """Start mitmdump with the durable addon and wait until it accepts connections."""
+    """Start mitmdump with the durable addon and wait until it serves: listening, with the addon
+    loaded, the journal reachable and its lease held (its health answer), or raise saying why not.
+    With `journal_required` false, an addon answering that its journal is down counts as started."""
     confdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     log_path = log_path or confdir / f"sidecar-{port}.log"
@@ -98,18 +104,33 @@ def start_sidecar(
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     sidecar = Sidecar(process, port, confdir, log_path)
     deadline = time.monotonic() + timeout
+    why = "not listening yet"
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"sidecar exited with {process.returncode}:\n{sidecar.log()[-3000:]}")
         if "proxy listening" in sidecar.log().lower():
-            try:
-                socket.create_connection((listen_host, port), timeout=1).close()
+            ready, why = health(f"{listen_host}:{port}")
+            if ready or (not journal_required and "durable-sidecar" in why):
                 return sidecar
-            except OSError:
-                pass
         time.sleep(0.05)
     sidecar.kill()
-    raise TimeoutError(f"sidecar did not listen on {port} within {timeout}s:\n{sidecar.log()[-3000:]}")
+    raise TimeoutError(f"sidecar on {port} did not serve within {timeout}s ({why}):\n{sidecar.log()[-3000:]}")
+
+
+def health(host_port: str, timeout: float = 10) -> tuple[bool, str]:
+    """Ask a sidecar whether it serves: (ready, why not)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": f"http://{host_port}"}))
+    try:
+        with opener.open(HEALTH_URL, timeout=timeout) as answer:
+            return answer.status == 200, ""
+    except urllib.error.HTTPError as e:
+        try:
+            body = e.read().decode(errors="replace")
+        finally:
+            e.close()
+        return False, f"{e.code}: {body.strip()[:300]}"
+    except OSError as e:
+        return False, str(e)
 
 
 def system_ca_file() -> Path | None:

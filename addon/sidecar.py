@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import sys
 import weakref
 from typing import Any
 
 import psycopg
-from mitmproxy import connection, ctx, http
+from mitmproxy import connection, ctx, exceptions, http
 
 from . import crypto, database, identity, redaction, responses, settings, streams, usage
 from .journal import Journal, JournalError
@@ -26,6 +28,8 @@ from .pacing import Pacer
 logger = logging.getLogger("durable")
 
 META = "durable"
+HEALTH_HOST = "durable.sidecar"  # http://durable.sidecar/health through the proxy: is it serving?
+WARNED_RUNS_MAX = 10_000
 
 
 class DurableSidecar:
@@ -40,19 +44,26 @@ class DurableSidecar:
         self.credentials: weakref.WeakKeyDictionary[connection.Client, identity.Credentials] = (
             weakref.WeakKeyDictionary()
         )
+        self.warned_runs: set[str] = set()  # runs told once that their requests name no attempt
 
     # -- mitmproxy life cycle ---------------------------------------------------------------
 
     def load(self, loader: Any) -> None:
         for name, typespec, default, help_text in settings.OPTIONS:
             loader.add_option(name, typespec, default, help_text)
+        apply_deferred(loader.master.options)
 
     def configure(self, updated: set[str]) -> None:
         if "termlog_verbosity" in updated or self.lifecycle is None:
             self.flow_lines = flow_lines_shown()
         if self.lifecycle is not None and not any(name.startswith("durable_") for name in updated):
             return
-        new = settings.from_options(ctx.options)
+        try:
+            new = settings.from_options(ctx.options)
+        except exceptions.OptionsError as e:
+            if self.lifecycle is None:
+                fatal(str(e))
+            raise  # while running, mitmproxy refuses the new value and keeps the old configuration
         old = self.lifecycle.settings if self.lifecycle else None
         redactor = redaction.Redactor(
             redaction.load_key(new.redact_key, database.durable_home()), new.redact_headers, new.redact_json
@@ -130,6 +141,9 @@ class DurableSidecar:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.is_replay or META in flow.metadata:
             return
+        if flow.request.host == HEALTH_HOST:
+            await self._health(flow)
+            return
         try:
             ident = self._identify(flow)
             if self.settings.ignored(flow.request.host) or flow.request.headers.get("upgrade", "").lower() == "websocket":
@@ -195,6 +209,22 @@ class DurableSidecar:
 
     # -- operations -----------------------------------------------------------------------------
 
+    async def _health(self, flow: http.HTTPFlow) -> None:
+        """Serving means journaling: the answer is 200 only once the journal is reachable and this
+        sidecar holds its lease (the launcher starts no agent before that)."""
+        assert self.lifecycle is not None
+        journal = self.lifecycle.journal
+        try:
+            lease_id = await journal.owner()
+        except JournalError as e:
+            flow.response = responses.refusal(503, "journal unavailable", failed=str(e))
+        else:
+            target = journal.target
+            body = {"ready": True, "journal": target.origin if target else None, "lease": lease_id,
+                    "in_flight": len(self.lifecycle.in_flight)}
+            flow.response = http.Response.make(200, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        flow.metadata[META] = Step(None, None, "refused" if flow.response.status_code != 200 else "passthrough")
+
     async def _housekeeping(self, every_s: float = 600) -> None:
         """Neither the journal nor the sidecar's memory grows without bound: every 10 minutes, delete
         runs idle past the retention (small batches) and forget long-idle attempts' cursors."""
@@ -252,9 +282,23 @@ class DurableSidecar:
             ident = identity.resolve(control, creds, s.run, s.attempt, self.default_run, self.default_attempt)
         except identity.IdentityError as e:
             raise Refused(400, str(e)) from e
+        if ident.attempt_source in ("options", "default") and ident.run not in self.warned_runs:
+            self._warn_no_attempt(ident)
         if self.settings.auth_secret:
             self._authorize(ident.run, control.get(identity.TOKEN_HEADER.lower()) or creds.token)
         return ident
+
+    def _warn_no_attempt(self, ident: identity.Identity) -> None:
+        if len(self.warned_runs) >= WARNED_RUNS_MAX:
+            self.warned_runs.clear()
+        self.warned_runs.add(ident.run)
+        logger.warning(
+            "durable: run %s: its requests name no attempt, so they share attempt %s (from %s) for as long as "
+            "this sidecar runs; if the agent restarts meanwhile, its calls are recorded (and paid) again instead "
+            "of replayed. Give each start of the agent its own attempt: http://RUN:ATTEMPT@proxy, a "
+            "Durable-Attempt header, or `durable run`",
+            ident.run, ident.attempt, "--set durable_attempt" if ident.attempt_source == "options" else "the proxy's start",
+        )
 
     def _authorize(self, run: str, token: str | None) -> None:
         """With durable_auth_secret, a run is opened only by its token: no token, no journal, no upstream."""
@@ -290,6 +334,33 @@ class DurableSidecar:
         self._count(flow, step)
         if self.flow_lines:
             logger.info("%s", FlowLine(self, flow, step, status, note))
+
+
+def apply_deferred(options: Any) -> None:
+    """`--set durable_*` values given before the addon declared its options are applied here, so a
+    misspelt name or a malformed value stops the sidecar instead of being dropped with the addon
+    (mitmproxy would then run without it: every call forwarded unjournaled)."""
+    names = [name for name in options.deferred if name.startswith("durable_")]
+    unknown = [name for name in names if name not in options]
+    if unknown:
+        known = ", ".join(name for name, *_ in settings.OPTIONS)
+        fatal(f"unknown option {', '.join(sorted(unknown))} (durable options: {known})")
+    specs: list[str] = []
+    for name in names:
+        value = options.deferred.pop(name)
+        specs += [f"{name}={v}" for v in getattr(value, "val", [value])] or [name]
+    try:
+        options.set(*specs)
+    except exceptions.OptionsError as e:
+        fatal(str(e))
+
+
+def fatal(reason: str) -> None:
+    """A configuration error at start: one line saying why, and the process exits (status 2)
+    before it serves anything; it never serves unjournaled because an option was wrong."""
+    reason = reason.removeprefix("durable: ")
+    print(f"durable: configuration error: {reason}; the sidecar did not start", file=sys.stderr, flush=True)
+    os._exit(2)
 
 
 def flow_lines_shown() -> bool:

@@ -6,6 +6,9 @@ gets the stored answer back and is not billed again):
   POST /v1/chat/completions   OpenAI-style chat completion, JSON or SSE (`"stream": true`)
   GET  /v1/search?q=...       a search tool; gzip-encoded when the client accepts gzip
   POST /v1/payments           a payment; `?delay_ms=N` books it, then waits before answering
+  POST /v1/generate           an LLM generation that IGNORES Idempotency-Key (as the LLM APIs document
+                              none): every call is booked; `?delay_ms=N` books it, then waits; with
+                              `"stream": true` an event stream (x_event_delay_ms between events)
   GET  /v1/chunked            a chunked response without Content-Length
   GET  /v1/slow?ms=N          answers after N ms
   GET  /v1/flaky              503 (not billed) while failures configured by /_config remain, then billed
@@ -138,9 +141,10 @@ class Handler(BaseHTTPRequestHandler):
             LEDGER.calls += 1
             LEDGER.requests.append({"method": self.command, "path": self.path, "headers": dict(self.headers.items())})
 
-    def _book(self, kind: str, amount: int, build) -> tuple[int, list[tuple[str, str]], bytes, bool]:
-        """Book a charge once per idempotency key; returns (status, headers, body, replayed_by_key)."""
-        key = self.headers.get("Idempotency-Key")
+    def _book(self, kind: str, amount: int, build, honour_key: bool = True) -> tuple[int, list[tuple[str, str]], bytes, bool]:
+        """Book a charge once per idempotency key (every time if not `honour_key`);
+        returns (status, headers, body, replayed_by_key)."""
+        key = self.headers.get("Idempotency-Key") if honour_key else None
         with LEDGER.lock:
             if key and key in LEDGER.keys:
                 LEDGER.deduplicated += 1
@@ -269,6 +273,30 @@ class Handler(BaseHTTPRequestHandler):
             status, headers, body, _ = self._book(
                 "llm", 1, lambda n: (200, [("Content-Type", "application/json")], json.dumps(_completion(n, prompt, model)).encode()))
             return self._send(status, body, headers)
+        if url.path == "/v1/generate":
+            prompt = str(doc.get("prompt", ""))
+            delay = int(query.get("delay_ms", ["0"])[0]) / 1000
+
+            def generate(n: int):
+                time.sleep(delay)  # booked, still generating: an agent killed now must not pay twice
+                if doc.get("stream"):
+                    return 200, [("Content-Type", "text/event-stream")], b"".join(_sse(n, prompt, "gen-llm"))
+                return 200, [("Content-Type", "application/json")], json.dumps(_completion(n, prompt, "gen-llm")).encode()
+            status, headers, body, _ = self._book("generation", 1, generate, honour_key=False)
+            if not doc.get("stream"):
+                return self._send(status, body, headers)
+            self.send_response(status)
+            for k, v in headers:
+                self.send_header(k, v)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for event in body.split(b"\n\n")[:-1]:
+                event += b"\n\n"
+                self.wfile.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
+                self.wfile.flush()
+                time.sleep(int(doc.get("x_event_delay_ms", 10)) / 1000)
+            self.wfile.write(b"0\r\n\r\n")
+            return
         if url.path == "/v1/payments":
             amount = int(doc.get("amount", 0))
             delay = int(query.get("delay_ms", ["0"])[0]) / 1000

@@ -161,11 +161,11 @@ class Sidecars:
         self.confdir, self.dsn, self.upstream_ca = confdir, dsn, upstream_ca
         self.started: list[launcher.Sidecar] = []
 
-    def start(self, env: dict[str, str] | None = None, **options: Any) -> launcher.Sidecar:
+    def start(self, env: dict[str, str] | None = None, journal_required: bool = True, **options: Any) -> launcher.Sidecar:
         opts = {"durable_dsn": self.dsn, "ssl_verify_upstream_trusted_ca": str(self.upstream_ca)}
         opts.update({k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in options.items()})
         opts = {k: v for k, v in opts.items() if v != ""}
-        sidecar = launcher.start_sidecar(self.confdir, opts, env=env)
+        sidecar = launcher.start_sidecar(self.confdir, opts, env=env, journal_required=journal_required)
         self.started.append(sidecar)
         return sidecar
 

@@ -62,7 +62,7 @@ def test_migrations_are_safe_when_several_sidecars_start_at_once(fresh_dsn: str)
 
 def test_unreachable_database_fails_closed(sidecars: Sidecars, http_api: PaidApi) -> None:
     dead = f"postgresql://postgres@127.0.0.1:{launcher.free_port()}/nothing?connect_timeout=1"
-    sidecar = sidecars.start(durable_dsn=dead, durable_db_timeout=1000)
+    sidecar = sidecars.start(durable_dsn=dead, durable_db_timeout=1000, journal_required=False)
     r = requests.post(f"{http_api.url}/v1/payments", json={"amount": 9},
                       proxies={"http": f"http://{new_run()}:a1@127.0.0.1:{sidecar.port}"}, timeout=30)
     assert r.status_code == 503
@@ -169,3 +169,91 @@ def test_journal_on_a_testcontainers_postgres() -> None:
 
         assert asyncio.run(roundtrip()) is False
         assert sql(dsn, "SELECT version FROM durable_schema_version ORDER BY 1") == [(v,) for v, _ in MIGRATIONS]
+
+
+def test_racing_records_of_one_step_keep_seqs_dense(fresh_dsn: str) -> None:
+    """Two sidecars (two pools) record the same 30 steps of a run at the same moment: each step is
+    journaled once, and no seq is taken in vain (a gap would make Durable-Step lie about position)."""
+
+    async def race() -> list[list[object]]:
+        journals = [Journal(fresh_dsn), Journal(fresh_dsn)]
+        for journal in journals:
+            await journal.open()
+        try:
+            return await asyncio.gather(*(
+                asyncio.gather(*(j.record(bare_step("race", f"v1:{n}")) for n in range(30)))
+                for j in journals
+            ))
+        finally:
+            for journal in journals:
+                await journal.close()
+
+    first, second = asyncio.run(race())
+    recorded = [r for r in first + second if r is not None]
+    assert len(recorded) == 30
+    assert sql(fresh_dsn, "SELECT array_agg(seq ORDER BY seq) FROM durable_steps WHERE run_id = 'race'") == [(list(range(1, 31)),)]
+    assert sql(fresh_dsn, "SELECT last_seq FROM durable_runs WHERE id = 'race'") == [(30,)]
+
+
+def test_a_batch_of_group_committed_writes_is_all_or_nothing(fresh_dsn: str) -> None:
+    """Writes that share a commit share its fate: one failing statement leaves none of the batch."""
+    from addon.journal import JournalError, Statement
+
+    async def batch() -> None:
+        journal = Journal(fresh_dsn)
+        await journal.open()
+        try:
+            await journal.record(bare_step("batch", "v1:a"))
+            ok = Statement("complete", "UPDATE durable_steps SET state = 'completed' WHERE run_id = 'batch'", ())
+            bad = Statement("broken", "UPDATE durable_steps SET state = 'no such state' WHERE run_id = 'batch'", ())
+            with pytest.raises(JournalError):
+                await journal._execute([ok, bad])
+        finally:
+            await journal.close()
+
+    asyncio.run(batch())
+    assert sql(fresh_dsn, "SELECT state FROM durable_steps WHERE run_id = 'batch'") == [("pending",)]
+
+
+def test_take_over_follows_the_single_flight_rules(fresh_dsn: str) -> None:
+    """A completed step is never taken (nor its answer overwritten); a step whose sender is alive is
+    not taken; one whose sender is gone is taken by exactly one of two sidecars racing for it."""
+
+    async def scenario() -> dict[str, object]:
+        sender, first, second, third = (Journal(fresh_dsn) for _ in range(4))
+        for journal in (sender, first, second, third):
+            await journal.open()
+        seen: dict[str, object] = {}
+        try:
+            owner = await sender.owner()
+            done = await sender.record(bare_step("tk", "v1:done", owner=owner))
+            await sender.complete("tk", done.seq, "completed", 200, "OK", "HTTP/1.1", [], b"paid", 1.0, owner=owner)
+            busy = await sender.record(bare_step("tk", "v1:busy", owner=owner))
+            ref = lambda seq, key: StepRef(seq, key, 0, "pending")  # noqa: E731
+            seen["completed"] = await first.take_over("tk", ref(done.seq, "v1:done"), "a2", True, 3600)
+            seen["alive"] = await first.take_over("tk", ref(busy.seq, "v1:busy"), "a2", True, 3600)
+            await sender.lease.close()  # the sender dies: PostgreSQL drops its lease at once
+            seen["race"] = await asyncio.gather(
+                first.take_over("tk", ref(busy.seq, "v1:busy"), "a2", True, 3600),
+                second.take_over("tk", ref(busy.seq, "v1:busy"), "a3", True, 3600),
+            )
+            seen["fail-policy"] = await third.take_over("tk", ref(busy.seq, "v1:busy"), "a4", False, 3600)
+            with pytest.raises(JournalError):  # not ours any more: the late sender's answer is refused
+                await sender.complete("tk", busy.seq, "completed", 200, "OK", "HTTP/1.1", [], b"late", 1.0, owner=owner)
+        finally:
+            for journal in (sender, first, second, third):
+                await journal.close()
+        return seen
+
+    from addon.journal import JournalError
+
+    seen = asyncio.run(scenario())
+    assert (seen["completed"].state, seen["completed"].taken) == ("completed", False)
+    assert (seen["alive"].in_flight, seen["alive"].taken) == (True, False)
+    assert sorted(t.taken for t in seen["race"]) == [False, True]
+    loser = next(t for t in seen["race"] if not t.taken)
+    assert loser.in_flight  # the winner is alive: the loser waits for it
+    assert seen["fail-policy"].in_flight and not seen["fail-policy"].taken
+    assert sql(fresh_dsn, "SELECT state, response_body FROM durable_steps WHERE run_id = 'tk' AND fingerprint = 'v1:done'") == [
+        ("completed", b"paid")
+    ]
