@@ -70,6 +70,12 @@ def cmd_proxy(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def why(failure: Exception) -> str:
+    """The one line of a sidecar's failed start that says why (its configuration error, else the first)."""
+    lines = [line.strip() for line in str(failure).splitlines() if line.strip()]
+    return next((line for line in lines if "configuration error" in line), lines[0] if lines else "unknown")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if not args.command:
         raise SystemExit("durable run: give the agent's command after --")
@@ -84,7 +90,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         host_port = args.proxy.split("://")[-1].split("@")[-1].rstrip("/")
         proxy_url, ca = launcher.proxy_url(host_port, args.run, attempt, token), confdir / launcher.CA_CERT
     else:
-        sidecar = launcher.start_sidecar(confdir, options)
+        try:
+            sidecar = launcher.start_sidecar(confdir, options)
+        except (RuntimeError, TimeoutError) as e:
+            raise SystemExit(f"durable run: the sidecar is not serving, so the agent was not started: {why(e)}") from e
         proxy_url, ca = sidecar.proxy_url(args.run, attempt, token), sidecar.ca_cert
     try:
         if not ca.exists():

@@ -198,3 +198,28 @@ def test_in_doubt_steps_past_the_window_are_not_reissued(sidecars: Sidecars, htt
     r = via(sidecar, run, "a2").post(f"{http_api.url}/v1/payments", json={"amount": 5})
     assert r.status_code == 409 and "durable_in_doubt_window" in r.json()["reason"]
     assert http_api.books()["calls"] == 0
+
+
+def test_a_step_forgotten_while_its_request_is_in_flight(sidecars: Sidecars, http_api: PaidApi, pg_dsn: str) -> None:
+    """An operator forgets a pending step while the upstream works on it: the late answer is not
+    written back into a row that is gone (nothing resurrected), the agent gets a 503 saying so, and
+    the next attempt records the call afresh."""
+    from addon import operator
+
+    sidecar = sidecars.start()
+    run, url = new_run(), f"{http_api.url}/v1/generate?delay_ms=1500"
+    answer: dict[str, requests.Response] = {}
+    thread = threading.Thread(target=lambda: answer.update(r=via(sidecar, run, "a1").post(url, json={"prompt": "p"})))
+    thread.start()
+    deadline = time.monotonic() + 20
+    while http_api.books()["calls"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    with operator.connect(pg_dsn) as conn:
+        operator.resolve(conn, run, 1, "forget")
+    thread.join()
+    assert answer["r"].status_code == 503 and "no longer this sidecar's" in answer["r"].json()["failed"]
+    assert sql(pg_dsn, "SELECT count(*) FROM durable_steps WHERE run_id = %s", run) == [(0,)]
+    again = via(sidecar, run, "a2").post(url, json={"prompt": "p"})
+    assert again.status_code == 200 and again.headers["Durable-Outcome"] == "recorded"
+    assert http_api.books()["calls"] == 2 and sidecar.process.poll() is None
