@@ -124,19 +124,25 @@ class DurableSidecar:
         self.credentials[flow.client_conn] = creds
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        """Bodies over the cap are never buffered: refused before anything is sent, or passed through."""
+        """Bodies over the cap are never buffered: refused before anything is sent, or passed
+        through; either way only after the caller is known and, with durable_auth_secret, allowed."""
         length = streams.declared_length(flow.request.headers)
         cap = self.settings.body_cap
-        if length is None or length <= cap or flow.response is not None:
+        if length is None or length <= cap or flow.response is not None or flow.request.host == HEALTH_HOST:
+            return
+        try:
+            ident = self._identify(flow)  # checks the run's token; takes the control headers off
+        except Refused as e:
+            self._refuse(flow, e.status, e.reason, **e.details)
             return
         reason = f"request body of {length} bytes is over durable_body_cap ({cap})"
         if self.settings.oversize_request == "refuse":
-            self._refuse(flow, 413, reason + "; nothing was forwarded")
+            self._refuse(flow, 413, reason + "; nothing was forwarded", run=ident.run, attempt=ident.attempt)
             return
-        logger.warning("durable: %s %s passes through unjournaled: %s", flow.request.method, self._url(flow), reason)
-        _, flow.request.headers.fields = identity.split_control(flow.request.headers.fields)
+        logger.warning("durable: run=%s attempt=%s %s %s passes through unjournaled: %s",
+                       ident.run, ident.attempt, flow.request.method, self._url(flow), reason)
         flow.request.stream = True
-        flow.metadata[META] = Step(None, None, "passthrough")
+        flow.metadata[META] = Step(ident.run, None, "passthrough", ident.attempt)
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.is_replay or META in flow.metadata:

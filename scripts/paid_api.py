@@ -11,6 +11,7 @@ gets the stored answer back and is not billed again):
                               `"stream": true` an event stream (x_event_delay_ms between events)
   GET  /v1/chunked            a chunked response without Content-Length
   GET  /v1/slow?ms=N          answers after N ms
+  GET  /v1/cut                announces a Content-Length of 1000 bytes, sends 400, and hangs up
   GET  /v1/flaky              503 (not billed) while failures configured by /_config remain, then billed
   GET  /v1/encoded?enc=E      a JSON body sent with Content-Encoding E (gzip, deflate, br, zstd)
   POST /v1/echo               the request body back, as application/octet-stream
@@ -217,6 +218,17 @@ class Handler(BaseHTTPRequestHandler):
                 return self._json(503, {"error": "temporarily unavailable"})
             _, _, body, _ = self._book("flaky", 1, lambda n: (200, [], json.dumps({"call": n}).encode()))
             return self._send(200, body, [("Content-Type", "application/json")])
+        if url.path == "/v1/cut":
+            self._book("cut", 1, lambda n: (200, [], b""))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"[" + b"1," * 199 + b"1")  # 400 bytes of 1000
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
         if url.path == "/v1/slow":
             time.sleep(int(query.get("ms", ["500"])[0]) / 1000)
             _, _, body, _ = self._book("slow", 1, lambda n: (200, [], json.dumps({"call": n}).encode()))

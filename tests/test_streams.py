@@ -257,3 +257,21 @@ def test_paced_replay_keeps_the_recorded_rhythm(sidecars: Sidecars, https_api: P
     assert stream.response.headers["durable-outcome"] == "replayed" and text == recorded
     assert arrivals[-1] - arrivals[0] >= 0.5 * recorded_span_s  # spread out, not delivered at once
     assert https_api.books()["calls"] == 1
+
+
+def test_a_response_cut_mid_body_stays_in_doubt(sidecars: Sidecars, http_api: PaidApi, pg_dsn: str) -> None:
+    """Not streamed (a Content-Length under the cap): the upstream dies after 400 of 1000 bytes. The
+    agent gets no complete answer, and the step is neither completed nor replayed as if it were."""
+    sidecar = sidecars.start()
+    run = new_run()
+    try:
+        first = via(sidecar, run, "a1").get(f"{http_api.url}/v1/cut")
+        whole = first.status_code == 200 and len(first.content) == 1000
+    except requests.RequestException:
+        whole = False
+    assert not whole
+    state = eventually(lambda: sql(pg_dsn, "SELECT state FROM durable_steps WHERE run_id = %s", run), [("pending",)])
+    assert state == [("pending",)]
+    again = via(sidecar, run, "a2").get(f"{http_api.url}/v1/cut")
+    assert again.headers.get("Durable-Outcome") != "replayed"
+    assert http_api.books()["calls"] == 2

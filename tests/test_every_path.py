@@ -1,0 +1,75 @@
+"""Every path a request can take through the sidecar (journaled, oversize passthrough, ignored
+host, WebSocket) checks the run's token first and never lets the sidecar's own headers upstream."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import requests
+
+from addon import identity
+from conftest import PaidApi, Sidecars, new_run
+
+SECRET = "s3cret-for-tests"
+PATHS = {
+    "journaled": ({}, "GET", "/v1/search?q=path", None),
+    "oversize-passthrough": ({"durable_body_cap": 1024, "durable_oversize_request": "passthrough"}, "POST", "/v1/echo",
+                             b"x" * 5000),
+    "ignored-host": ({"durable_ignore_hosts": r"^127\.0\.0\.1$"}, "GET", "/v1/search?q=path", None),
+}
+
+
+def send(sidecar, api: PaidApi, run: str, token: str | None, path: str) -> requests.Response:
+    _, method, target, body = PATHS[path]
+    proxy = sidecar.proxy_url(run, "a1", token)
+    return requests.request(method, f"{api.url}{target}", data=body, proxies={"http": proxy}, timeout=30,
+                            headers={"Durable-Step-Key": "k1", "Durable-Note": "mine"})
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_no_token_no_upstream(path: str, sidecars: Sidecars, http_api: PaidApi) -> None:
+    sidecar = sidecars.start(durable_auth_secret=SECRET, **PATHS[path][0])
+    r = send(sidecar, http_api, new_run(), None, path)
+    assert r.status_code == 407 and "needs its token" in r.json()["reason"]
+    assert http_api.books()["calls"] == 0
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_control_headers_never_reach_the_upstream(path: str, sidecars: Sidecars, http_api: PaidApi) -> None:
+    sidecar = sidecars.start(durable_auth_secret=SECRET, **PATHS[path][0])
+    run = new_run()
+    r = send(sidecar, http_api, run, identity.run_token(SECRET, run), path)
+    assert r.status_code == 200
+    seen = {name.lower() for name in http_api.books()["requests"][-1]["headers"]}
+    assert not {name for name in seen if name.startswith("durable-") or name == "proxy-authorization"}
+
+
+def test_websocket_needs_the_token_and_gets_no_control_headers(sidecars: Sidecars) -> None:
+    import websockets.asyncio.client
+    import websockets.asyncio.server
+
+    sidecar = sidecars.start(durable_auth_secret=SECRET)
+    run = new_run()
+    handshakes: list[dict[str, str]] = []
+
+    async def scenario(token: str | None) -> str:
+        async def echo(ws) -> None:
+            handshakes.append({k.lower(): v for k, v in ws.request.headers.raw_items()})
+            async for message in ws:
+                await ws.send(f"echo: {message}")
+
+        async with websockets.asyncio.server.serve(echo, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            async with websockets.asyncio.client.connect(
+                f"ws://127.0.0.1:{port}/chat", proxy=sidecar.proxy_url(run, "a1", token),
+                additional_headers={"Durable-Note": "mine"},
+            ) as ws:
+                await ws.send("hi")
+                return await ws.recv()
+
+    with pytest.raises(Exception, match="407"):
+        asyncio.run(scenario(None))
+    assert handshakes == []
+    assert asyncio.run(scenario(identity.run_token(SECRET, run))) == "echo: hi"
+    assert not [k for k in handshakes[0] if k.startswith("durable-") or k == "proxy-authorization"]
