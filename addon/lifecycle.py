@@ -353,6 +353,7 @@ class Lifecycle:
                 stored.headers,
                 stored.body,
             )
+            responses.fit_encoding(flow.response, flow.request.headers.get("accept-encoding", ""))
         return Step(ident.run, step.seq, "replayed", ident.attempt)
 
     async def _settle(self, flow: http.HTTPFlow, ident: identity.Identity, cursor: RunCursor, step: StepRef) -> Step:

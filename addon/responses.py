@@ -68,6 +68,39 @@ def rebuild(
     )
 
 
+def accepts(accept_encoding: str, coding: str) -> bool:
+    """Does an Accept-Encoding header accept `coding`? No header accepts nothing but identity (what
+    a client that sends none, plain curl say, can read)."""
+    for item in accept_encoding.split(","):
+        name, _, params = item.partition(";")
+        q = 1.0
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key.lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if name.strip().lower() in (coding, "*") and q > 0:
+            return True
+    return False
+
+
+def fit_encoding(response: http.Response, accept_encoding: str) -> None:
+    """A journaled answer in an encoding this client did not ask for (recorded by a client that
+    accepted gzip, replayed to one that does not) is decoded, with its headers fixed up; any other
+    answer stays byte-identical. An answer that does not decode is left as journaled."""
+    coding = response.headers.get("content-encoding", "").strip().lower()
+    if not coding or coding == "identity" or accepts(accept_encoding, coding):
+        return
+    try:
+        response.decode(strict=True)
+    except ValueError:
+        return
+    if "content-length" not in response.headers:
+        response.headers["content-length"] = str(len(response.raw_content or b""))
+
+
 def unchecked_response(
     http_version: bytes, status: int, reason: bytes, headers: http.Headers, body: bytes, timestamp: float
 ) -> http.Response:

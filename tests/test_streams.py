@@ -4,6 +4,7 @@ WebSockets, bodies over the cap."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import ssl
 import subprocess
@@ -102,13 +103,36 @@ def test_compressed_responses_replay_byte_identically(
     sidecar = sidecars.start()
     run = new_run()
     url = f"{http_api.url}/v1/encoded?enc={coding}"
-    first = via(sidecar, run, "a1").get(url, stream=True)
+    accepting = {"Accept-Encoding": coding}
+    first = via(sidecar, run, "a1").get(url, stream=True, headers=accepting)
     first_raw = first.raw.read(decode_content=False)
-    second = via(sidecar, run, "a2").get(url, stream=True)
+    second = via(sidecar, run, "a2").get(url, stream=True, headers=accepting)
     second_raw = second.raw.read(decode_content=False)
     assert second.headers["Durable-Outcome"] == "replayed" and second.headers["Content-Encoding"] == coding
     assert second_raw == first_raw and int(second.headers["Content-Length"]) == len(second_raw)
     assert encoding.decode(second_raw, coding) == b'{"call": 1, "enc": "%s"}' % coding.encode()
+    assert http_api.books()["calls"] == 1
+
+
+def test_a_client_that_does_not_accept_the_journaled_encoding_gets_it_decoded(
+    sidecars: Sidecars, http_api: PaidApi
+) -> None:
+    """Recorded by `curl --compressed`, replayed to plain curl: readable JSON, not gzip bytes."""
+    sidecar = sidecars.start()
+    run, url = new_run(), f"{http_api.url}/v1/search?q=curl"
+
+    def curl(attempt: str, *flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["curl", "-s", "-D", "-", *flags, "-x", sidecar.proxy_url(run, attempt), url],
+                              capture_output=True, timeout=30)
+
+    recorded = curl("a1", "--compressed")
+    assert b"content-encoding: gzip" in recorded.stdout.lower()
+    plain = curl("a2")
+    head, _, body = plain.stdout.partition(b"\r\n\r\n")
+    assert b"durable-outcome: replayed" in head.lower() and b"content-encoding" not in head.lower()
+    assert json.loads(body)["query"] == "curl" and f"content-length: {len(body)}".encode() in head.lower()
+    again = curl("a3", "--compressed")  # a client that accepts gzip still gets the journaled bytes
+    assert b"content-encoding: gzip" in again.stdout.lower()
     assert http_api.books()["calls"] == 1
 
 
