@@ -7,6 +7,7 @@ start (or goes away later) keeps running, answers 503 meanwhile, and serves agai
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -101,12 +102,35 @@ async def _fetch(cursor: Any, fetch: str) -> Any:
 
 
 def encode_headers(fields: Any) -> list[list[str]]:
-    """Header pairs (bytes) -> JSON-safe pairs, order and duplicates kept; latin-1 is lossless."""
-    return [[k.decode("latin-1"), v.decode("latin-1")] for k, v in fields]
+    """Header pairs (bytes) -> JSON-safe pairs, order and duplicates kept; latin-1 is lossless.
+
+    PostgreSQL's jsonb cannot hold U+0000: a pair with a NUL byte is kept as base64, marked by a
+    third element, so it still replays byte for byte."""
+    return [
+        [k.decode("latin-1"), v.decode("latin-1")] if b"\0" not in k + v
+        else [base64.b64encode(k).decode(), base64.b64encode(v).decode(), "b64"]
+        for k, v in fields
+    ]
 
 
 def decode_headers(pairs: list[list[str]] | None) -> list[tuple[bytes, bytes]]:
-    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in pairs or []]
+    return [
+        (base64.b64decode(pair[0]), base64.b64decode(pair[1])) if len(pair) == 3
+        else (pair[0].encode("latin-1"), pair[1].encode("latin-1"))
+        for pair in pairs or []
+    ]
+
+
+def storable(value: Any) -> Any:
+    """A JSON value PostgreSQL's jsonb accepts: NUL characters (a `%00` in a query, say) spelled
+    `\\x00`. For what is shown (envelopes, diffs), never for what is replayed."""
+    if isinstance(value, str):
+        return value.replace("\0", "\\x00") if "\0" in value else value
+    if isinstance(value, list):
+        return [storable(v) for v in value]
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    return value
 
 
 # Recording a step takes the run's row lock first (the prelude), and only then, in a statement of
@@ -374,14 +398,14 @@ class Journal:
                 "attempt": step.attempt,
                 "method": step.method,
                 "url": step.url,
-                "envelope": Jsonb(step.envelope),
+                "envelope": Jsonb(storable(step.envelope)),
                 "headers": Jsonb(seal_json(self.keyring, step.request_headers)),
                 "body": self.keyring.seal(step.request_body),
                 "key_id": self.keyring.active,
                 "agent_key": step.agent_idempotency_key,
                 "mint": step.mint_idempotency_key,
                 "outcome": step.outcome,
-                "divergence": Jsonb(step.divergence) if step.divergence is not None else None,
+                "divergence": Jsonb(storable(step.divergence)) if step.divergence is not None else None,
             },
             fetch="one",
             prelude=_LOCK_RUN,

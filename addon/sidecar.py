@@ -150,20 +150,22 @@ class DurableSidecar:
         if flow.request.host == HEALTH_HOST:
             await self._health(flow)
             return
+        known: dict[str, str] = {}  # the run and attempt, once identified: every refusal names them
         try:
             ident = self._identify(flow)
+            known = {"run": ident.run, "attempt": ident.attempt}
             if self.settings.ignored(flow.request.host) or flow.request.headers.get("upgrade", "").lower() == "websocket":
                 flow.metadata[META] = Step(ident.run, None, "passthrough", ident.attempt)
                 return
             assert self.lifecycle is not None
             flow.metadata[META] = await self.lifecycle.begin(flow, ident)
         except Refused as e:
-            self._refuse(flow, e.status, e.reason, **e.details)
+            self._refuse(flow, e.status, e.reason, **{**known, **e.details})
         except JournalError as e:
-            self._refuse(flow, 503, "journal unavailable: nothing was forwarded", failed=str(e))
+            self._refuse(flow, 503, "journal unavailable: nothing was forwarded", failed=str(e), **known)
         except Exception as e:
             logger.exception("durable: internal error")
-            self._refuse(flow, 503, "sidecar error: nothing was forwarded", failed=f"{type(e).__name__}: {e}")
+            self._refuse(flow, 503, "sidecar error: nothing was forwarded", failed=f"{type(e).__name__}: {e}", **known)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """Event streams, bodies of unknown length and bodies over the cap reach the agent live."""
@@ -318,7 +320,9 @@ class DurableSidecar:
 
     def _refuse(self, flow: http.HTTPFlow, status: int, reason: str, **details: Any) -> None:
         logger.warning(
-            "durable: refused %s %s (%d): %s %s",
+            "durable: refused run=%s attempt=%s %s %s (%d): %s %s",
+            details.get("run"),
+            details.get("attempt"),
             flow.request.method,
             self._url(flow),
             status,
@@ -326,7 +330,7 @@ class DurableSidecar:
             details.get("failed", ""),
         )
         flow.response = responses.refusal(status, reason, **details)
-        flow.metadata[META] = Step(details.get("run"), details.get("step"), "refused")
+        flow.metadata[META] = Step(details.get("run"), details.get("step"), "refused", details.get("attempt"))
 
     def _url(self, flow: http.HTTPFlow) -> str:
         """The request's URL as it may be logged: credential-looking query parameters hashed."""

@@ -184,3 +184,37 @@ def test_hostile_input_gets_clear_errors_and_never_corrupts_the_journal(
     assert ok.status_code == 200 and ok.headers["Durable-Outcome"] == "recorded"
     states = sql(pg_dsn, "SELECT state FROM durable_steps WHERE run_id = %s", run)
     assert states and {s for (s,) in states} == {"completed"}
+
+
+def raw_proxy_request(port: int, run: str, attempt: str, request_line: str, extra: bytes = b"") -> bytes:
+    """An HTTP request written byte by byte to the proxy: what no client library would send."""
+    import base64
+    import socket
+
+    auth = base64.b64encode(f"{run}:{attempt}".encode())
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(request_line.encode() + b"\r\nHost: x\r\nProxy-Authorization: Basic " + auth + b"\r\n"
+                     + extra + b"Connection: close\r\n\r\n")
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_nul_bytes_in_query_and_headers_are_journaled_and_replayed(
+    sidecars: Sidecars, http_api: PaidApi, pg_dsn: str
+) -> None:
+    """PostgreSQL text cannot hold U+0000: a %00 in a query and a NUL in a header value are journaled
+    (shown escaped, header pairs kept as base64) and replayed, never a 'journal unavailable'."""
+    sidecar = sidecars.start()
+    run = new_run()
+    line = f"GET {http_api.url}/v1/search?q=a%00b HTTP/1.1"
+    first = raw_proxy_request(sidecar.port, run, "a1", line, b"X-Foo: a\x00b\r\n")
+    assert first.startswith(b"HTTP/1.1 200") and b"durable-outcome: recorded" in first.lower()
+    second = raw_proxy_request(sidecar.port, run, "a2", line, b"X-Foo: a\x00b\r\n")
+    assert b"durable-outcome: replayed" in second.lower()
+    assert first.partition(b"\r\n\r\n")[2] == second.partition(b"\r\n\r\n")[2]
+    assert http_api.books()["calls"] == 1
+    ((envelope, headers),) = sql(pg_dsn, "SELECT envelope, request_headers FROM durable_steps WHERE run_id = %s", run)
+    assert envelope["query"] == [["q", "a\\x00b"]]
+    assert ["WC1Gb28=", "YQBi", "b64"] in headers  # X-Foo: a\0b, byte for byte
