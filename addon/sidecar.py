@@ -179,6 +179,9 @@ class DurableSidecar:
         if step.live and streams.streams(flow.response.headers, self.settings.body_cap):
             step.tee = streams.StreamTee(self.settings.body_cap)
             flow.response.stream = step.tee
+            length = streams.declared_length(flow.response.headers)
+            if length is not None and length > self.settings.body_cap:
+                step.outcome = "passthrough"  # it will not be journaled: the label must not say recorded
             responses.label(flow.response, step.run, step.seq, step.outcome)  # the headers leave now
 
     async def response(self, flow: http.HTTPFlow) -> None:
