@@ -141,6 +141,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
     for row in rows:
         print(f"step {row['seq']} ({row['method']} {row['url']}), attempt {row['attempt']}, "
               f"nearest journaled step {row['expected_step']}:")
+        if row["sealed"]:
+            print(f"  (the diff is encrypted at rest and cannot be opened here: {row['sealed']})")
         for d in row["diff"] or []:
             print(f"  {d['field']}: {json.dumps(d['journaled'])} -> {json.dumps(d['now'])}")
     return 0

@@ -7,6 +7,7 @@ changed timestamp in a prompt shows up as `/messages/0/content` rather than "bod
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 _MISSING = "<absent>"
@@ -72,3 +73,9 @@ def nearest(candidates: list[dict[str, Any]], env: dict[str, Any], body: bytes |
         if best is None or len(d) < len(best[1]):
             best = (row["seq"], d)
     return best
+
+
+def hashed(out: list[dict[str, Any]], digest: Callable[[bytes], str]) -> list[dict[str, Any]]:
+    """The diff as it may be logged: field paths, and a keyed hash of each value, never the value."""
+    return [{"field": d["field"], "journaled": digest(json.dumps(d["journaled"], default=str).encode()),
+             "now": digest(json.dumps(d["now"], default=str).encode())} for d in out]

@@ -405,12 +405,16 @@ class Journal:
                 "agent_key": step.agent_idempotency_key,
                 "mint": step.mint_idempotency_key,
                 "outcome": step.outcome,
-                "divergence": Jsonb(storable(step.divergence)) if step.divergence is not None else None,
+                "divergence": Jsonb(storable(self._sealed_diff(step.divergence))) if step.divergence is not None else None,
             },
             fetch="one",
             prelude=_LOCK_RUN,
         )
         return Recorded(row["seq"], row["idempotency_key"]) if row else None
+
+    def _sealed_diff(self, divergence: dict[str, Any]) -> dict[str, Any]:
+        """A divergence as stored: its diff holds body values, so it is sealed like the body."""
+        return {**divergence, "diff": seal_json(self.keyring, divergence.get("diff"))}
 
     async def find(self, run: str, key: str, occurrence: int) -> StepRef | None:
         row = await self._run(

@@ -309,7 +309,7 @@ class Lifecycle:
             ident.attempt,
             count,
             expected,
-            diff,
+            divergence.hashed(diff, self.redactor.digest),  # paths and keyed hashes: no value is logged
         )
         if self.settings.strict:
             raise Refused(

@@ -17,7 +17,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from . import database, migrations, usage
-from .crypto import Keyring, open_row, seal_json
+from .crypto import Keyring, open_json, open_row, seal_json
 from .journal import DELETE_RUNS, IDLE_RUNS, decode_headers
 
 
@@ -110,12 +110,22 @@ def attempt_summary(conn: psycopg.Connection, run: str, attempt: str) -> dict[st
 
 
 def divergences(conn: psycopg.Connection, run: str) -> list[dict[str, Any]]:
+    """Where attempts diverged. A diff sealed at rest is opened with $DURABLE_ENCRYPTION_KEY; without
+    the key it stays sealed (`diff` None, `sealed` saying why): values are shown only to a key holder."""
     _require_run(conn, run)
-    return conn.execute(
+    rows = conn.execute(
         "SELECT seq, attempt, method, url, divergence->'expected_step' AS expected_step, divergence->'diff' AS diff"
         " FROM durable_steps WHERE run_id = %s AND divergence IS NOT NULL ORDER BY seq",
         (run,),
     ).fetchall()
+    keys = keyring()
+    for row in rows:
+        row["sealed"] = None
+        try:
+            row["diff"] = open_json(keys, row["diff"])
+        except ValueError as e:  # KeyringError: no key, or the wrong one
+            row["diff"], row["sealed"] = None, str(e)
+    return rows
 
 
 def fork(conn: psycopg.Connection, run: str, at: int, to: str) -> int:

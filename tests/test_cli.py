@@ -231,3 +231,26 @@ def test_durable_run_wraps_a_curl_agent(https_api: PaidApi, pg_dsn: str, confdir
                       "--", "curl", "-s", "-D", "-", f"{https_api.url}/v1/search?q=curl", env=env)
         assert f"durable-outcome: {expected}" in out.stdout.lower() and '"query": "curl"' in out.stdout
     assert https_api.books()["calls"] == 1
+
+
+def test_an_encrypted_journal_keeps_divergence_values_sealed(sidecars: Sidecars, http_api: PaidApi, pg_dsn: str) -> None:
+    """Field values in a divergence come from request bodies: sealed at rest like the bodies, never in
+    the log (paths and keyed hashes only), and shown by `durable diff` only to a caller with the key."""
+    import requests
+
+    from addon import crypto
+
+    key = crypto.new_key_spec("k1")
+    sidecar = sidecars.start(durable_encryption_key=key)
+    run = new_run()
+    for attempt, password in (("a1", "PASSWORD-SECRET111"), ("a2", "PASSWORD-SECRET222")):
+        requests.post(f"{http_api.url}/v1/payments", json={"amount": 1, "password": password},
+                      proxies={"http": sidecar.proxy_url(run, attempt)}, timeout=30)
+    stored = sql(pg_dsn, "SELECT divergence::text FROM durable_steps WHERE run_id = %s AND divergence IS NOT NULL", run)
+    assert stored and "SECRET" not in stored[0][0]
+    assert "SECRET" not in sidecar.log() and "body/password" in sidecar.log()
+    env = {k: v for k, v in os.environ.items() if k != crypto.ENV}
+    without = durable("diff", run, "--dsn", pg_dsn, env=env).stdout
+    assert "SECRET" not in without and "encrypted at rest" in without
+    with_key = durable("diff", run, "--dsn", pg_dsn, env={**env, crypto.ENV: key}).stdout
+    assert '"PASSWORD-SECRET111" -> "PASSWORD-SECRET222"' in with_key
