@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from . import jsonpointer
+from . import bodies, jsonpointer
 
 VERSION = 1
 
@@ -63,8 +63,9 @@ class RequestParts:
     body: bytes = b""
 
 
-def request_parts(request: Any) -> RequestParts:
-    """RequestParts of a mitmproxy request; raises ValueError when the body lies about its encoding."""
+def request_parts(request: Any, cap: int | None = None) -> RequestParts:
+    """RequestParts of a mitmproxy request; raises ValueError when the body lies about its encoding,
+    bodies.OverCap when it decodes to more than `cap` bytes (decoding stops there)."""
     return RequestParts(
         method=request.method,
         scheme=request.scheme,
@@ -72,7 +73,7 @@ def request_parts(request: Any) -> RequestParts:
         port=request.port,
         path=request.path,
         headers=list(request.headers.items(multi=True)),
-        body=request.get_content(strict=True) or b"",
+        body=bodies.decoded(request, cap) if cap is not None else request.get_content(strict=True) or b"",
     )
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from mitmproxy import http
 
-from . import divergence, faults, fingerprint, identity, redaction, responses, streams
+from . import bodies, divergence, faults, fingerprint, identity, redaction, responses, streams
 from .cursor import Claim, RunCursor, StepRef
 from .inflight import InFlight, Slot
 from .journal import Journal, JournalError, NewStep, encode_headers
@@ -81,7 +81,9 @@ class Lifecycle:
         """
         s, req = self.settings, flow.request
         try:
-            parts = fingerprint.request_parts(req)
+            parts = fingerprint.request_parts(req, s.body_cap)
+        except bodies.OverCap as e:
+            raise Refused(413, f"{e}; nothing was forwarded", run=ident.run) from e
         except ValueError as e:
             raise Refused(400, f"request body does not match its Content-Encoding: {e}", run=ident.run) from e
         env = fingerprint.envelope(parts, s.rules)

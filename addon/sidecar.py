@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 from mitmproxy import connection, ctx, exceptions, http
 
-from . import crypto, database, identity, redaction, responses, settings, streams, usage
+from . import bodies, crypto, database, identity, redaction, responses, settings, streams, usage
 from .journal import Journal, JournalError
 from .lifecycle import Lifecycle, Refused, Step, elapsed_ms
 from .metrics import Metrics
@@ -52,6 +52,9 @@ class DurableSidecar:
         for name, typespec, default, help_text in settings.OPTIONS:
             loader.add_option(name, typespec, default, help_text)
         apply_deferred(loader.master.options)
+        if not bodies.install_request_cap():
+            logger.warning("durable: this mitmproxy's HTTP layer is not the expected one: request bodies of "
+                           "unknown length (chunked) are not counted against durable_body_cap")
 
     def configure(self, updated: set[str]) -> None:
         if "termlog_verbosity" in updated or self.lifecycle is None:
@@ -128,16 +131,20 @@ class DurableSidecar:
         through; either way only after the caller is known and, with durable_auth_secret, allowed."""
         length = streams.declared_length(flow.request.headers)
         cap = self.settings.body_cap
+        if length is None:
+            flow.metadata[bodies.CAP_KEY] = cap  # counted as it arrives (bodies.install_request_cap)
         if length is None or length <= cap or flow.response is not None or flow.request.host == HEALTH_HOST:
             return
         try:
             ident = self._identify(flow)  # checks the run's token; takes the control headers off
         except Refused as e:
             self._refuse(flow, e.status, e.reason, **e.details)
+            flow.metadata[bodies.DRAIN_KEY] = True
             return
         reason = f"request body of {length} bytes is over durable_body_cap ({cap})"
         if self.settings.oversize_request == "refuse":
             self._refuse(flow, 413, reason + "; nothing was forwarded", run=ident.run, attempt=ident.attempt)
+            flow.metadata[bodies.DRAIN_KEY] = True
             return
         logger.warning("durable: run=%s attempt=%s %s %s passes through unjournaled: %s",
                        ident.run, ident.attempt, flow.request.method, self._url(flow), reason)

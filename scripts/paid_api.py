@@ -121,8 +121,16 @@ class Handler(BaseHTTPRequestHandler):
     # -- plumbing -------------------------------------------------------------------------------
 
     def _body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raw = b""
+            while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                raw += self.rfile.read(size)
+                self.rfile.readline()
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):  # trailers
+                pass
+        else:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
         coding = self.headers.get("Content-Encoding")
         return encoding.decode(raw, coding) if coding and raw else raw
 

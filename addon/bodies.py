@@ -1,0 +1,153 @@
+"""Request bodies, bounded: what the sidecar holds is capped whatever the framing or the encoding.
+
+Two ways round a cap on the declared Content-Length: a small compressed body that inflates to
+gigabytes (a decompression bomb), and a chunked body that declares no length at all. The first is
+decoded here with an output limit (zlib, brotli and zstd all stop at a given size), so a body never
+inflates past the cap. The second is counted as it arrives: mitmproxy buffers a request body before
+the request hook sees it and offers no per-flow limit, so `install_request_cap` wraps the one
+method of its HTTP layer that appends to that buffer and refuses the request (413) as soon as the
+buffer passes the cap the addon set on the flow, holding nothing more. A request already refused
+on its declared length has the rest of its body dropped as it arrives, not buffered.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Callable, Generator, Iterator
+from typing import Any
+
+import brotli
+from mitmproxy import flow as mflow
+from mitmproxy import http
+
+logger = logging.getLogger("durable")
+
+CAP_KEY = "durable_request_cap"  # flow.metadata: the cap on a request body of unknown length
+DRAIN_KEY = "durable_request_drain"  # flow.metadata: already refused; what still arrives is dropped
+
+
+class OverCap(ValueError):
+    """The body is (or decodes to) more than the cap."""
+
+
+PIECE = 1024 * 1024  # decoded a piece at a time: a bomb costs the cap plus one piece, not twice the cap
+
+
+def _bounded(pieces: Iterator[bytes], cap: int, coding: str) -> bytes:
+    """The pieces joined, or OverCap as soon as they pass `cap` (nothing more is decoded)."""
+    out = bytearray()
+    for piece in pieces:
+        out += piece
+        if len(out) > cap:
+            raise OverCap(f"request body ({coding}) decodes to more than durable_body_cap ({cap} bytes)")
+    return bytes(out)
+
+
+def _zlib(raw: bytes, wbits: int) -> Iterator[bytes]:
+    decoder, data = zlib.decompressobj(wbits), raw
+    while True:
+        yield decoder.decompress(data, PIECE)
+        data = decoder.unconsumed_tail
+        if not data:
+            yield decoder.flush()
+            return
+
+
+def _gzip(raw: bytes) -> Iterator[bytes]:
+    return _zlib(raw, 47)  # gzip or zlib header, detected
+
+
+def _deflate(raw: bytes) -> Iterator[bytes]:
+    try:
+        zlib.decompressobj(15).decompress(raw[:64], 1)  # a zlib header? else raw deflate, as some clients send
+    except zlib.error:
+        return _zlib(raw, -15)
+    return _zlib(raw, 15)
+
+
+def _brotli(raw: bytes) -> Iterator[bytes]:
+    decoder = brotli.Decompressor()
+    yield decoder.process(raw, output_buffer_limit=PIECE)
+    while not decoder.can_accept_more_data() and not decoder.is_finished():
+        yield decoder.process(b"", output_buffer_limit=PIECE)
+
+
+def _zstd(raw: bytes) -> Iterator[bytes]:
+    try:
+        from compression import zstd  # type: ignore[import-not-found]  # Python 3.14
+    except ImportError:
+        from backports import zstd  # type: ignore[import-not-found,no-redef]  # what mitmproxy brings
+    decoder = zstd.ZstdDecompressor()
+    yield decoder.decompress(raw, max_length=PIECE)
+    while not decoder.needs_input and not decoder.eof:
+        yield decoder.decompress(b"", max_length=PIECE)
+
+
+DECODERS: dict[str, Callable[[bytes], Iterator[bytes]]] = {
+    "gzip": _gzip,
+    "x-gzip": _gzip,
+    "deflate": _deflate,
+    "br": _brotli,
+    "zstd": _zstd,
+}
+
+
+def decoded(request: http.Request, cap: int) -> bytes:
+    """The request body, content-decoded, never more than `cap` bytes held.
+
+    Raises OverCap past the cap, ValueError for a body that does not decode as its
+    Content-Encoding says (or an encoding nobody can decode)."""
+    raw = request.raw_content or b""
+    coding = request.headers.get("content-encoding", "").strip().lower()
+    if coding in ("", "identity", "none"):
+        body = raw
+    else:
+        decoder = DECODERS.get(coding)
+        if decoder is None:
+            raise ValueError(f"unsupported Content-Encoding {coding!r}")
+        try:
+            body = _bounded(decoder(raw), cap, coding) if raw else b""
+        except OverCap:
+            raise
+        except Exception as e:  # zlib.error, brotli.error, ZstdError: a body that lies about its encoding
+            raise ValueError(f"{coding}: {e}") from e
+    if len(body) > cap:
+        raise OverCap(f"request body is more than durable_body_cap ({cap} bytes)")
+    return body
+
+
+def install_request_cap() -> bool:
+    """Count request bodies of unknown length as mitmproxy buffers them; refuse past the flow's cap.
+
+    Returns False (and the sidecar logs it) when this mitmproxy's HTTP layer is not the one this was
+    written against: bodies that declare a length are capped either way."""
+    try:
+        from mitmproxy.proxy.layers.http import ErrorCode, HttpErrorHook, HttpStream, ResponseProtocolError, SendHttp
+    except ImportError:
+        return False
+    original = getattr(HttpStream, "state_consume_request_body", None)
+    if original is None or getattr(original, "durable_capped", False):
+        return original is not None
+
+    def state_consume_request_body(self: Any, event: Any) -> Generator[Any, Any, None]:
+        yield from original(self, event)
+        if self.flow is None:
+            return
+        if self.flow.metadata.get(DRAIN_KEY):  # refused already (413 on its declared length): hold nothing
+            self.request_body_buf.clear()
+            return
+        cap = self.flow.metadata.get(CAP_KEY)
+        if cap is None or len(self.request_body_buf) <= cap or self.client_state == self.state_errored:
+            return
+        message = f"request body of unknown length passed durable_body_cap ({cap} bytes); nothing was forwarded"
+        self.request_body_buf.clear()  # hold nothing more
+        self.flow.error = mflow.Error(message)
+        yield HttpErrorHook(self.flow)
+        yield SendHttp(ResponseProtocolError(self.stream_id, message, ErrorCode.REQUEST_TOO_LARGE), self.context.client)
+        self.client_state = self.state_errored
+        self.flow.live = False
+
+    state_consume_request_body.durable_capped = True  # type: ignore[attr-defined]
+    HttpStream.state_consume_request_body = state_consume_request_body
+    return True

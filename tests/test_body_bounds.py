@@ -1,0 +1,118 @@
+"""What the sidecar holds is bounded by durable_body_cap whatever the framing or the encoding: a
+decompression bomb, a chunked upload that declares no length, an upload refused on its declared
+length. Each is refused (413), nothing is forwarded or journaled, and the sidecar's peak resident
+memory (VmHWM, read from /proc) grows by less than twice the cap."""
+
+from __future__ import annotations
+
+import base64
+import select
+import socket
+import zlib
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import PaidApi, Sidecars, new_run, sql
+
+CAP = 8 * 1024 * 1024
+MIB = 1024 * 1024
+
+
+def peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def gzip_bomb(inflated: int) -> bytes:
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    zeros = bytes(MIB)
+    return b"".join(packer.compress(zeros) for _ in range(inflated // MIB)) + packer.flush()
+
+
+def send_raw(port: int, run: str, head: str, body_parts, chunked: bool) -> bytes:
+    """Write a request to the proxy as it comes (to keep sending after a refusal), return the answer."""
+    auth = base64.b64encode(f"{run}:a1".encode()).decode()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:  # a refusing sidecar stops reading
+        conn.sendall(f"{head}\r\nProxy-Authorization: Basic {auth}\r\nConnection: close\r\n\r\n".encode())
+        try:
+            for part in body_parts:
+                if select.select([conn], [], [], 0)[0]:
+                    break  # the sidecar answered (refused) mid-upload: stop sending, as a client would
+                conn.sendall(f"{len(part):x}\r\n".encode() + part + b"\r\n" if chunked else part)
+            if chunked:
+                conn.sendall(b"0\r\n\r\n")
+        except OSError:  # the sidecar refused and closed while we were still sending
+            pass
+        answer = b""
+        try:
+            while chunk := conn.recv(65536):
+                answer += chunk
+                conn.settimeout(2)  # the answer is short: once it began, do not wait long for the close
+        except OSError:
+            pass
+    return answer
+
+
+@pytest.fixture
+def capped(sidecars: Sidecars, http_api: PaidApi):
+    """A sidecar with an 8 MiB cap, warmed up (one call recorded) so its memory is measured from
+    its working size, not from its first flow's imports."""
+    sidecar = sidecars.start(durable_body_cap=CAP)
+    requests.post(f"{http_api.url}/v1/echo", data=b"warm", proxies={"http": sidecar.proxy_url(new_run(), "a1")},
+                  timeout=30)
+    http_api.reset()
+    return sidecar
+
+
+def test_a_decompression_bomb_is_refused_without_inflating(capped, http_api: PaidApi, pg_dsn: str) -> None:
+    bomb = gzip_bomb(256 * MIB)  # ~250 KB on the wire
+    before = peak_rss(capped.process.pid)
+    run = new_run()
+    r = requests.post(f"{http_api.url}/v1/echo", data=bomb, headers={"Content-Encoding": "gzip"},
+                      proxies={"http": capped.proxy_url(run, "a1")}, timeout=60)
+    assert r.status_code == 413 and "durable_body_cap" in r.json()["reason"]
+    assert peak_rss(capped.process.pid) - before < 2 * CAP
+    assert http_api.books()["calls"] == 0
+    assert sql(pg_dsn, "SELECT count(*) FROM durable_steps WHERE run_id = %s", run) == [(0,)]
+
+
+def test_a_chunked_upload_past_the_cap_is_refused_as_it_arrives(capped, http_api: PaidApi, pg_dsn: str) -> None:
+    before = peak_rss(capped.process.pid)
+    run = new_run()
+    head = (f"POST {http_api.url}/v1/echo HTTP/1.1\r\nHost: 127.0.0.1:{http_api.port}\r\n"
+            "Transfer-Encoding: chunked\r\nContent-Type: application/octet-stream")
+    answer = send_raw(capped.port, run, head, (bytes(MIB // 4) for _ in range(800)), chunked=True)
+    assert answer.startswith(b"HTTP/1.1 413")
+    assert peak_rss(capped.process.pid) - before < 2 * CAP
+    assert http_api.books()["calls"] == 0
+    assert sql(pg_dsn, "SELECT count(*) FROM durable_steps WHERE run_id = %s", run) == [(0,)]
+
+
+def test_an_upload_refused_on_its_length_is_not_buffered(capped, http_api: PaidApi) -> None:
+    before = peak_rss(capped.process.pid)
+    head = (f"POST {http_api.url}/v1/echo HTTP/1.1\r\nHost: 127.0.0.1:{http_api.port}\r\n"
+            f"Content-Length: {200 * MIB}\r\nContent-Type: application/octet-stream")
+    answer = send_raw(capped.port, new_run(), head, (bytes(MIB) for _ in range(200)), chunked=False)
+    assert answer.startswith(b"HTTP/1.1 413") and b"durable_body_cap" in answer
+    assert peak_rss(capped.process.pid) - before < 2 * CAP
+    assert http_api.books()["calls"] == 0
+
+
+def test_a_chunked_upload_under_the_cap_is_journaled_and_replayed(capped, http_api: PaidApi) -> None:
+    run = new_run()
+    body = b"".join(bytes([n]) * 1000 for n in range(50))
+
+    def chunks():
+        for offset in range(0, len(body), 1000):
+            yield body[offset:offset + 1000]
+
+    first = requests.post(f"{http_api.url}/v1/echo", data=chunks(), proxies={"http": capped.proxy_url(run, "a1")},
+                          timeout=30)
+    second = requests.post(f"{http_api.url}/v1/echo", data=chunks(), proxies={"http": capped.proxy_url(run, "a2")},
+                           timeout=30)
+    assert first.content == body and second.content == body
+    assert (first.headers["Durable-Outcome"], second.headers["Durable-Outcome"]) == ("recorded", "replayed")
