@@ -216,8 +216,8 @@ def rekey(conn: psycopg.Connection, batch: int = 200) -> int:
     done = 0
     while True:
         rows = conn.execute(
-            "SELECT run_id, seq, request_headers, request_body, response_headers, response_body FROM durable_steps"
-            " WHERE key_id IS DISTINCT FROM %s LIMIT %s",
+            "SELECT run_id, seq, request_headers, request_body, response_headers, response_body, divergence"
+            " FROM durable_steps WHERE key_id IS DISTINCT FROM %s LIMIT %s",
             (keys.active, batch),
         ).fetchall()
         if not rows:
@@ -225,12 +225,16 @@ def rekey(conn: psycopg.Connection, batch: int = 200) -> int:
         with conn.transaction():
             for row in rows:
                 open_row(keys, row)
+                divergence = row["divergence"]
+                if divergence is not None:  # its diff holds body values: sealed like the bodies
+                    divergence = {**divergence, "diff": seal_json(keys, open_json(keys, divergence.get("diff")))}
                 conn.execute(
                     "UPDATE durable_steps SET request_headers = %s, request_body = %s, response_headers = %s,"
-                    " response_body = %s, key_id = %s WHERE run_id = %s AND seq = %s",
+                    " response_body = %s, divergence = %s, key_id = %s WHERE run_id = %s AND seq = %s",
                     (Jsonb(seal_json(keys, row["request_headers"])), keys.seal(bytes(row["request_body"] or b"")),
                      Jsonb(seal_json(keys, row["response_headers"])) if row["response_headers"] is not None else None,
                      keys.seal(bytes(row["response_body"])) if row["response_body"] is not None else None,
+                     Jsonb(divergence) if divergence is not None else None,
                      keys.active, row["run_id"], row["seq"]),
                 )
         done += len(rows)

@@ -233,7 +233,7 @@ def test_durable_run_wraps_a_curl_agent(https_api: PaidApi, pg_dsn: str, confdir
     assert https_api.books()["calls"] == 1
 
 
-def test_an_encrypted_journal_keeps_divergence_values_sealed(sidecars: Sidecars, http_api: PaidApi, pg_dsn: str) -> None:
+def test_an_encrypted_journal_keeps_divergence_values_sealed(sidecars: Sidecars, http_api: PaidApi, fresh_dsn: str) -> None:
     """Field values in a divergence come from request bodies: sealed at rest like the bodies, never in
     the log (paths and keyed hashes only), and shown by `durable diff` only to a caller with the key."""
     import requests
@@ -241,7 +241,8 @@ def test_an_encrypted_journal_keeps_divergence_values_sealed(sidecars: Sidecars,
     from addon import crypto
 
     key = crypto.new_key_spec("k1")
-    sidecar = sidecars.start(durable_encryption_key=key)
+    pg_dsn = fresh_dsn  # a key of its own: the shared database's rows must stay readable to other tests
+    sidecar = sidecars.start(durable_encryption_key=key, durable_dsn=pg_dsn)
     run = new_run()
     for attempt, password in (("a1", "PASSWORD-SECRET111"), ("a2", "PASSWORD-SECRET222")):
         requests.post(f"{http_api.url}/v1/payments", json={"amount": 1, "password": password},
@@ -254,3 +255,6 @@ def test_an_encrypted_journal_keeps_divergence_values_sealed(sidecars: Sidecars,
     assert "SECRET" not in without and "encrypted at rest" in without
     with_key = durable("diff", run, "--dsn", pg_dsn, env={**env, crypto.ENV: key}).stdout
     assert '"PASSWORD-SECRET111" -> "PASSWORD-SECRET222"' in with_key
+    rotated = crypto.new_key_spec("k2")  # rekey re-seals the diff too: k2 alone then opens it
+    durable("rekey", "--dsn", pg_dsn, env={**env, crypto.ENV: f"{rotated},{key}"})
+    assert '"PASSWORD-SECRET111"' in durable("diff", run, "--dsn", pg_dsn, env={**env, crypto.ENV: rotated}).stdout
