@@ -38,3 +38,14 @@ def test_fleet_benchmark_smoke(pg_dsn: str) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "steps journaled: 40" in out.stdout and "seqs dense per run: True" in out.stdout
+
+
+def test_fuzz_short_run(pg_server: str) -> None:
+    """The fuzzer's CI variant: 10 s of hostile HTTP; it exits non-zero on a traceback, an
+    unjournaled forward, a control-client error, or memory past its bound."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "fuzz.py"), "--seconds", "10", "--dsn", pg_server],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "unjournaled forwards:    0" in out.stdout and "tracebacks in its log:   0" in out.stdout
