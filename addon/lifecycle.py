@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +24,7 @@ from .cursor import Claim, RunCursor, StepRef
 from .inflight import InFlight, Slot
 from .journal import Journal, JournalError, NewStep, encode_headers
 from .pacing import Pacer
-from .prefetch import Prefetch
+from .prefetch import Budget, Prefetch
 from .settings import Settings
 
 logger = logging.getLogger("durable")
@@ -56,6 +57,7 @@ class Refused(Exception):
 
 
 POLL_S = 0.2  # how often a step in flight in another sidecar is looked at
+FORGOTTEN_KEPT = 100_000  # forgotten attempts remembered (to refuse them), ~100 bytes each
 
 
 class Lifecycle:
@@ -67,7 +69,9 @@ class Lifecycle:
         self.redactor = redactor
         self.cursors: dict[tuple[str, str], asyncio.Task[RunCursor]] = {}
         self.prefetches: dict[tuple[str, str], Prefetch] = {}
-        self.last_used: dict[tuple[str, str], float] = {}
+        self.last_used: OrderedDict[tuple[str, str], float] = OrderedDict()  # least recently used first
+        self.forgotten: OrderedDict[tuple[str, str], None] = OrderedDict()  # attempts whose position is gone
+        self.read_ahead = Budget(settings.read_ahead_bytes)
         self.in_flight = InFlight()
         self.divergences = 0
         self.on_divergence: Callable[[], None] = lambda: None  # metrics hook
@@ -191,11 +195,26 @@ class Lifecycle:
             step.claim = None
 
     async def _cursor(self, run: str, attempt: str) -> RunCursor:
-        """The attempt's cursor, loading the run's index (no bodies) from the journal once."""
+        """The attempt's cursor, loading the run's index (no bodies) from the journal once.
+
+        At most durable_max_attempts cursors are kept: a new attempt past that makes the sidecar
+        forget the one used least recently."""
         key = (run, attempt)
+        if key in self.forgotten:
+            raise Refused(
+                409,
+                "this attempt's replay position was forgotten (idle longer than durable_attempt_idle, or "
+                "more than durable_max_attempts attempts since); its next calls cannot be matched safely: "
+                "start the agent again with a new attempt id",
+                run=run, attempt=attempt,
+            )
         self.last_used[key] = time.monotonic()
+        self.last_used.move_to_end(key)
         task = self.cursors.get(key)
         if task is None:
+            while len(self.cursors) >= self.settings.max_attempts:
+                oldest = next(k for k in self.last_used if k != key)
+                self._forget(oldest)
             task = asyncio.ensure_future(self._load_cursor(run, attempt))
             self.cursors[key] = task
         try:
@@ -208,20 +227,29 @@ class Lifecycle:
     def forget_idle(self, idle_s: float) -> int:
         """Drop the cursors of attempts unheard of for `idle_s`, so a long-lived sidecar's memory stays flat.
 
-        An attempt that calls again after that is treated as starting over (it would replay its own
-        steps), so the idle time must be far longer than any pause inside one life of an agent.
+        An attempt that calls again after that is refused (409) rather than matched from the start
+        again (it would be answered with its own earlier calls' answers), so the idle time must be
+        far longer than any pause inside one life of an agent.
         """
         cutoff = time.monotonic() - idle_s
         stale = [key for key, used in self.last_used.items() if used < cutoff]
         for key in stale:
-            self.cursors.pop(key, None)
-            self.prefetches.pop(key, None)
-            del self.last_used[key]
+            self._forget(key)
         return len(stale)
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        self.cursors.pop(key, None)
+        prefetch = self.prefetches.pop(key, None)
+        if prefetch is not None:
+            self.read_ahead.forget(prefetch)
+        self.last_used.pop(key, None)
+        self.forgotten[key] = None
+        while len(self.forgotten) > FORGOTTEN_KEPT:
+            self.forgotten.popitem(last=False)
 
     async def _load_cursor(self, run: str, attempt: str) -> RunCursor:
         cursor = await self.journal.load_cursor(run)
-        prefetch = self.prefetches[(run, attempt)] = Prefetch(self.journal, run, cursor)
+        prefetch = self.prefetches[(run, attempt)] = Prefetch(self.journal, run, cursor, self.read_ahead)
         prefetch.refill()
         return cursor
 

@@ -94,6 +94,19 @@ OPTIONS: list[tuple[str, Any, Any, str]] = [
         "Forget the replay position of an attempt unheard of for this long (memory); it must outlast any "
         "pause within one life of an agent.",
     ),
+    (
+        "durable_read_ahead_bytes",
+        int,
+        64 * 1024 * 1024,
+        "Bytes of journaled answers read ahead for replay, across all attempts (least recently used dropped first).",
+    ),
+    (
+        "durable_max_attempts",
+        int,
+        10_000,
+        "Attempts whose replay position is kept at once; past it the least recently used is forgotten "
+        "(its next call gets a 409 asking for a new attempt).",
+    ),
     ("durable_redact_headers", Sequence[str], [], "More request headers stored only as a keyed hash."),
     (
         "durable_log_secrets",
@@ -159,6 +172,8 @@ class Settings:
     log_json: bool
     retention_s: float
     attempt_idle_s: float
+    read_ahead_bytes: int
+    max_attempts: int
 
     def idempotency_header(self, host: str) -> str:
         return self.idempotency_headers.get(host.lower()) or self.idempotency_headers[None]
@@ -198,6 +213,10 @@ def from_options(o: Any) -> Settings:
             raise ValueError("durable_metrics_listen must be HOST:PORT")
         if o.durable_body_cap < 0:
             raise ValueError("durable_body_cap must be >= 0")
+        if o.durable_read_ahead_bytes < 0:
+            raise ValueError("durable_read_ahead_bytes must be >= 0")
+        if o.durable_max_attempts < 1:
+            raise ValueError("durable_max_attempts must be >= 1")
         encryption_key = o.durable_encryption_key or os.environ.get(crypto.ENV, "")
         Keyring(encryption_key)  # a malformed key fails here, at start, not on the first call
         headers = per_host(o.durable_idempotency_header, "Idempotency-Key", "durable_idempotency_header")
@@ -232,6 +251,8 @@ def from_options(o: Any) -> Settings:
             log_json=o.durable_log_json,
             retention_s=parse_duration(o.durable_retention),
             attempt_idle_s=parse_duration(o.durable_attempt_idle),
+            read_ahead_bytes=o.durable_read_ahead_bytes,
+            max_attempts=o.durable_max_attempts,
         )
     except (ValueError, IdentityError, re.error, crypto.KeyringError) as e:
         raise exceptions.OptionsError(f"durable: {e}") from e

@@ -76,6 +76,7 @@ class DurableSidecar:
             self.lifecycle = Lifecycle(journal, new, redactor)
         else:  # keep the journal and every attempt's replay position
             self.lifecycle.settings, self.lifecycle.redactor = new, redactor
+            self.lifecycle.read_ahead.limit = new.read_ahead_bytes
         self.settings = new
         if new.metrics_listen and self.metrics is None:
             self.metrics = Metrics()

@@ -116,3 +116,28 @@ def test_a_chunked_upload_under_the_cap_is_journaled_and_replayed(capped, http_a
                            timeout=30)
     assert first.content == body and second.content == body
     assert (first.headers["Durable-Outcome"], second.headers["Durable-Outcome"]) == ("recorded", "replayed")
+
+
+def test_read_ahead_memory_is_one_budget_across_attempts(sidecars: Sidecars, http_api: PaidApi) -> None:
+    """300 attempts each replay the first step of a run of 40 answers of 60 KB: every attempt reads
+    ahead, but all of them together hold at most durable_read_ahead_bytes (here 4 MiB; without the
+    budget, 100 kept attempts x 32 x 60 KB = 190 MiB). Past durable_max_attempts (100) the least
+    recently used attempt is forgotten, and its next call is refused, never answered from the start
+    of the run."""
+    budget = 4 * MIB
+    sidecar = sidecars.start(durable_read_ahead_bytes=budget, durable_max_attempts=100)
+    run = new_run()
+    session = requests.Session()
+    session.proxies = {"http": sidecar.proxy_url(run, "rec")}
+    for n in range(40):
+        assert session.post(f"{http_api.url}/v1/echo", data=bytes([n]) * 60_000, timeout=30).ok
+    before = peak_rss(sidecar.process.pid)
+    for attempt in range(300):
+        r = requests.post(f"{http_api.url}/v1/echo", data=bytes([0]) * 60_000, timeout=30,
+                          proxies={"http": sidecar.proxy_url(run, f"a{attempt}")})
+        assert r.headers["Durable-Outcome"] == "replayed"
+    assert peak_rss(sidecar.process.pid) - before < budget + 24 * MIB
+    forgotten = requests.post(f"{http_api.url}/v1/echo", data=bytes([1]) * 60_000, timeout=30,
+                              proxies={"http": sidecar.proxy_url(run, "a0")})
+    assert forgotten.status_code == 409 and "new attempt" in forgotten.json()["reason"]
+    assert http_api.books()["calls"] == 40

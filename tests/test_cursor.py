@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import hashlib
+
+import pytest
 
 from addon.cursor import RunCursor, StepRef, digest
 
@@ -88,14 +92,21 @@ def test_explicit_keys_and_fingerprints_are_separate_spaces() -> None:
 def test_idle_attempts_are_forgotten(mocker) -> None:
     from addon.lifecycle import Lifecycle
 
-    lifecycle = Lifecycle(mocker.Mock(), mocker.Mock(), mocker.Mock())
+    from collections import OrderedDict
+
+    from addon.lifecycle import Refused
+
+    lifecycle = Lifecycle(mocker.Mock(), mocker.Mock(read_ahead_bytes=1024), mocker.Mock())
     clock = mocker.patch("addon.lifecycle.time.monotonic", return_value=1000.0)
-    lifecycle.last_used = {("r", "old"): 0.0, ("r", "new"): 990.0}
+    lifecycle.last_used = OrderedDict({("r", "old"): 0.0, ("r", "new"): 990.0})
     lifecycle.cursors = {("r", "old"): mocker.Mock(), ("r", "new"): mocker.Mock()}
     assert lifecycle.forget_idle(idle_s=100) == 1
     assert set(lifecycle.cursors) == {("r", "new")} and set(lifecycle.last_used) == {("r", "new")}
     clock.return_value = 2000.0
     assert lifecycle.forget_idle(idle_s=100) == 1 and not lifecycle.cursors
+    with pytest.raises(Refused) as refused:  # never matched from the start again: its own answers would come back
+        asyncio.run(lifecycle._cursor("r", "old"))
+    assert refused.value.status == 409 and "new attempt" in refused.value.reason
 
 
 def test_states_follow_the_journal_and_consumption() -> None:
