@@ -93,13 +93,12 @@ DECODERS: dict[str, Callable[[bytes], Iterator[bytes]]] = {
 }
 
 
-def decoded(request: http.Request, cap: int) -> bytes:
-    """The request body, content-decoded, never more than `cap` bytes held.
+def decode(raw: bytes, coding: str, cap: int) -> bytes:
+    """A body as sent, content-decoded, never more than `cap` bytes held.
 
     Raises OverCap past the cap, ValueError for a body that does not decode as its
     Content-Encoding says (or an encoding nobody can decode)."""
-    raw = request.raw_content or b""
-    coding = request.headers.get("content-encoding", "").strip().lower()
+    coding = coding.strip().lower()
     if coding in ("", "identity", "none"):
         body = raw
     else:

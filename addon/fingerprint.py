@@ -8,6 +8,7 @@ is ignored), anything else by its bytes. Volatile fields can be dropped per host
 
 from __future__ import annotations
 
+import dataclasses
 import email.parser
 import email.policy
 import hashlib
@@ -63,9 +64,8 @@ class RequestParts:
     body: bytes = b""
 
 
-def request_parts(request: Any, cap: int | None = None) -> RequestParts:
-    """RequestParts of a mitmproxy request; raises ValueError when the body lies about its encoding,
-    bodies.OverCap when it decodes to more than `cap` bytes (decoding stops there)."""
+def request_parts(request: Any) -> RequestParts:
+    """RequestParts of a mitmproxy request; raises ValueError when the body lies about its encoding."""
     return RequestParts(
         method=request.method,
         scheme=request.scheme,
@@ -73,8 +73,36 @@ def request_parts(request: Any, cap: int | None = None) -> RequestParts:
         port=request.port,
         path=request.path,
         headers=list(request.headers.items(multi=True)),
-        body=bodies.decoded(request, cap) if cap is not None else request.get_content(strict=True) or b"",
+        body=request.get_content(strict=True) or b"",
     )
+
+
+def raw_parts(request: Any) -> RequestParts:
+    """RequestParts with the body as sent (not yet decoded): cheap, and picklable for `match`."""
+    return RequestParts(
+        method=request.method,
+        scheme=request.scheme,
+        host=request.host,
+        port=request.port,
+        path=request.path,
+        headers=list(request.headers.items(multi=True)),
+        body=request.raw_content or b"",
+    )
+
+
+def match(
+    raw: RequestParts, step_key: str | None, cap: int, rules: MatchRules
+) -> tuple[bytes | None, dict[str, Any], str]:
+    """(decoded body, or None when it is the body as sent; canonical envelope; match key) of a
+    request: its key is its explicit step key, or its fingerprint. Pure and module-level, so a big
+    body's share runs in a worker process (and an unencoded body is not shipped back).
+
+    Raises bodies.OverCap when the body decodes past `cap`, ValueError when it lies about its encoding."""
+    body = bodies.decode(raw.body, _header(raw.headers, "content-encoding"), cap)
+    parts = dataclasses.replace(raw, body=body)
+    env = envelope(parts, rules)
+    key = f"key:{step_key}" if step_key else f"v{VERSION}:{fingerprint(env)}"
+    return (None if body is raw.body else body), env, key
 
 
 def canonical_json(value: Any) -> bytes:

@@ -19,7 +19,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from . import database, lease, migrations
+from . import database, lease, migrations, offload
 from .crypto import Keyring, open_row, seal_json
 from .cursor import RunCursor, StepRef
 
@@ -220,6 +220,7 @@ class Journal:
         self._queued: list[tuple[Statement, asyncio.Future[Any]]] = []
         self.target: database.Target | None = None
         self.lease = lease.Lease()
+        self.offload_bytes = offload.DEFAULT_THRESHOLD  # bodies past it are sealed and opened in a thread
 
     async def open(self) -> None:
         """Find the database (starting the embedded one if needed), open the pool, migrate."""
@@ -384,6 +385,7 @@ class Journal:
 
     async def record(self, step: NewStep) -> Recorded | None:
         """Commit a pending step; None if (run, key, occurrence) was journaled meanwhile by someone else."""
+        body = await offload.run(len(step.request_body), self.offload_bytes, self.keyring.seal, step.request_body)
         row = await self._write(
             "record pending step",
             step.run,
@@ -400,7 +402,7 @@ class Journal:
                 "url": step.url,
                 "envelope": Jsonb(storable(step.envelope)),
                 "headers": Jsonb(seal_json(self.keyring, step.request_headers)),
-                "body": self.keyring.seal(step.request_body),
+                "body": body,
                 "key_id": self.keyring.active,
                 "agent_key": step.agent_idempotency_key,
                 "mint": step.mint_idempotency_key,
@@ -448,6 +450,7 @@ class Journal:
         be pending and ours: a completed answer is never overwritten, and a step deleted or taken
         over meanwhile raises instead.
         """
+        sealed = await offload.run(len(body), self.offload_bytes, self.keyring.seal, body)
         updated = await self._write(
             "journal response",
             run,
@@ -455,7 +458,7 @@ class Journal:
             " response_headers = %s, response_body = %s, error = NULL, completed_at = now(),"
             " duration_ms = %s, streamed = %s, truncated = %s, key_id = %s, chunk_timing = %s, owner = NULL"
             " WHERE run_id = %s AND seq = %s AND state = 'pending' AND owner IS NOT DISTINCT FROM %s",
-            (state, status, reason, http_version, Jsonb(seal_json(self.keyring, headers)), self.keyring.seal(body),
+            (state, status, reason, http_version, Jsonb(seal_json(self.keyring, headers)), sealed,
              duration_ms, streamed, truncated, self.keyring.active,
              Jsonb(chunk_timing) if chunk_timing is not None else None, run, seq, owner),
         )
@@ -505,8 +508,9 @@ class Journal:
             (run, seqs, max_body, max_body),
             fetch="all",
         )
+        size = sum(len(row["response_body"] or b"") for row in rows)
         try:
-            rows = [open_row(self.keyring, row) for row in rows]
+            rows = await offload.run(size, self.offload_bytes, lambda: [open_row(self.keyring, row) for row in rows])
         except ValueError as e:  # KeyringError: a missing or wrong key
             raise JournalError(f"read journaled responses of run {run}: {e}") from e
         return {

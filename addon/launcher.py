@@ -108,10 +108,9 @@ def start_sidecar(
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"sidecar exited with {process.returncode}:\n{sidecar.log()[-3000:]}")
-        if "proxy listening" in sidecar.log().lower():
-            ready, why = health(f"{listen_host}:{port}")
-            if ready or (not journal_required and "durable-sidecar" in why):
-                return sidecar
+        ready, why = health(f"{listen_host}:{port}")  # refused until it listens; 502 until the addon loaded
+        if ready or (not journal_required and "durable-sidecar" in why):
+            return sidecar
         time.sleep(0.05)
     sidecar.kill()
     raise TimeoutError(f"sidecar on {port} did not serve within {timeout}s ({why}):\n{sidecar.log()[-3000:]}")

@@ -19,7 +19,7 @@ from typing import Any
 
 from mitmproxy import http
 
-from . import bodies, divergence, faults, fingerprint, identity, redaction, responses, streams
+from . import bodies, divergence, faults, offload, fingerprint, identity, redaction, responses, streams
 from .cursor import Claim, RunCursor, StepRef
 from .inflight import InFlight, Slot
 from .journal import Journal, JournalError, NewStep, encode_headers
@@ -84,19 +84,21 @@ class Lifecycle:
         attempt's claim is given back, so the agent's retry matches the same step.
         """
         s, req = self.settings, flow.request
+        raw = fingerprint.raw_parts(req)
         try:
-            parts = fingerprint.request_parts(req, s.body_cap)
+            decoded, env, key = await offload.run_cpu(
+                len(raw.body), s.offload_bytes, fingerprint.match, raw, ident.step_key, s.body_cap, s.rules
+            )
+            body = raw.body if decoded is None else decoded
         except bodies.OverCap as e:
             raise Refused(413, f"{e}; nothing was forwarded", run=ident.run) from e
         except ValueError as e:
             raise Refused(400, f"request body does not match its Content-Encoding: {e}", run=ident.run) from e
-        env = fingerprint.envelope(parts, s.rules)
-        key = f"key:{ident.step_key}" if ident.step_key else f"v{fingerprint.VERSION}:{fingerprint.fingerprint(env)}"
 
         cursor = await self._cursor(ident.run, ident.attempt)
         claim = cursor.claim(key)
         try:
-            step = await self._serve(flow, ident, cursor, claim, env, parts.body)
+            step = await self._serve(flow, ident, cursor, claim, env, body)
         except BaseException:
             cursor.release(claim.key, claim.occurrence, claim.step.seq if claim.step else None)
             raise
@@ -269,7 +271,10 @@ class Lifecycle:
         s, req = self.settings, flow.request
         # what is stored, and what a divergence is diffed on: credentials hashed
         stored_env = self.redactor.envelope(env)
-        stored_body = self.redactor.body(body, req.headers.get("content-type", ""))
+        content_type = req.headers.get("content-type", "")
+        stored_body = body
+        if self.redactor.rewrites(content_type):
+            stored_body = await offload.run_cpu(len(body), s.offload_bytes, self.redactor.body, body, content_type)
         outcome, diverged = "recorded", None
         ahead = cursor.ahead(divergence.LIMIT)
         if ahead[1]:
@@ -327,7 +332,8 @@ class Lifecycle:
         """
         seqs, count = ahead
         rows = await self.journal.requests(ident.run, seqs)
-        near = divergence.nearest(rows, env, body)
+        size = len(body) + sum(len(row["request_body"] or b"") for row in rows)
+        near = await offload.run_cpu(size, self.settings.offload_bytes, divergence.nearest, rows, env, body)
         expected, diff = near if near else (None, [])
         self.divergences += 1
         self.on_divergence()

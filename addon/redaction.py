@@ -82,9 +82,13 @@ class Redactor:
             redacted["headers"] = [[k, self.digest(v.encode()) if self.secret_name(k) else v] for k, v in env["headers"]]
         return redacted
 
+    def rewrites(self, content_type: str) -> bool:
+        """Would `body` change a body of this type? (Only JSON, only with pointers configured.)"""
+        return bool(self.pointers) and "json" in content_type.lower()
+
     def body(self, body: bytes, content_type: str) -> bytes:
         """A JSON body with the configured pointers hashed; anything else unchanged."""
-        if not self.pointers or "json" not in content_type.lower():
+        if not self.rewrites(content_type):
             return body
         try:
             doc = json.loads(body)

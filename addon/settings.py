@@ -95,6 +95,13 @@ OPTIONS: list[tuple[str, Any, Any, str]] = [
         "pause within one life of an agent.",
     ),
     (
+        "durable_offload_bytes",
+        int,
+        1024 * 1024,
+        "Bodies over this many bytes are hashed, redacted, diffed and encrypted in a worker thread, off the "
+        "event loop other agents share (0: always inline).",
+    ),
+    (
         "durable_read_ahead_bytes",
         int,
         64 * 1024 * 1024,
@@ -174,6 +181,7 @@ class Settings:
     attempt_idle_s: float
     read_ahead_bytes: int
     max_attempts: int
+    offload_bytes: int
 
     def idempotency_header(self, host: str) -> str:
         return self.idempotency_headers.get(host.lower()) or self.idempotency_headers[None]
@@ -215,6 +223,8 @@ def from_options(o: Any) -> Settings:
             raise ValueError("durable_body_cap must be >= 0")
         if o.durable_read_ahead_bytes < 0:
             raise ValueError("durable_read_ahead_bytes must be >= 0")
+        if o.durable_offload_bytes < 0:
+            raise ValueError("durable_offload_bytes must be >= 0")
         if o.durable_max_attempts < 1:
             raise ValueError("durable_max_attempts must be >= 1")
         encryption_key = o.durable_encryption_key or os.environ.get(crypto.ENV, "")
@@ -253,6 +263,7 @@ def from_options(o: Any) -> Settings:
             attempt_idle_s=parse_duration(o.durable_attempt_idle),
             read_ahead_bytes=o.durable_read_ahead_bytes,
             max_attempts=o.durable_max_attempts,
+            offload_bytes=o.durable_offload_bytes,
         )
     except (ValueError, IdentityError, re.error, crypto.KeyringError) as e:
         raise exceptions.OptionsError(f"durable: {e}") from e

@@ -78,6 +78,7 @@ class DurableSidecar:
             self.lifecycle.settings, self.lifecycle.redactor = new, redactor
             self.lifecycle.read_ahead.limit = new.read_ahead_bytes
         self.settings = new
+        self.lifecycle.journal.offload_bytes = new.offload_bytes
         if new.metrics_listen and self.metrics is None:
             self.metrics = Metrics()
         if new.replay_pacing and self.lifecycle.pacer is None:

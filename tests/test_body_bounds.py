@@ -141,3 +141,29 @@ def test_read_ahead_memory_is_one_budget_across_attempts(sidecars: Sidecars, htt
                               proxies={"http": sidecar.proxy_url(run, "a0")})
     assert forgotten.status_code == 409 and "new attempt" in forgotten.json()["reason"]
     assert http_api.books()["calls"] == 40
+
+
+def test_big_bodies_are_matched_off_the_event_loop_and_replay(sidecars: Sidecars, http_api: PaidApi) -> None:
+    """Past durable_offload_bytes the body's fingerprint, redaction and diff are computed in the
+    worker process (scripts/bench_bigbodies.py measures what that spares other agents): the same
+    body, gzip-encoded or not, keeps the same fingerprint, and a changed field is still diffed."""
+    import gzip
+    import json
+
+    sidecar = sidecars.start(durable_offload_bytes=64 * 1024, durable_redact_json="/secret")
+    run = new_run()
+    doc = {"secret": "s3cr3t", "items": [{"n": n, "text": "lorem ipsum"} for n in range(20_000)]}
+    body = json.dumps(doc).encode()
+    assert len(body) > 64 * 1024
+
+    def post(attempt: str, data: bytes, **headers: str) -> requests.Response:
+        return requests.post(f"{http_api.url}/v1/echo", data=data, timeout=60, proxies={"http": sidecar.proxy_url(run, attempt)},
+                             headers={"Content-Type": "application/json", **headers})
+
+    first = post("a1", body)
+    again = post("a2", gzip.compress(body), **{"Content-Encoding": "gzip"})
+    assert first.headers["Durable-Outcome"] == "recorded" and again.headers["Durable-Outcome"] == "replayed"
+    assert again.content == first.content == body
+    changed = post("a3", json.dumps({**doc, "items": doc["items"][:-1]}).encode())
+    assert changed.headers["Durable-Outcome"] == "diverged"
+    assert "body/items/19999" in sidecar.log() and "s3cr3t" not in sidecar.log()

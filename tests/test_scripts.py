@@ -49,3 +49,12 @@ def test_fuzz_short_run(pg_server: str) -> None:
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "unjournaled forwards:    0" in out.stdout and "tracebacks in its log:   0" in out.stdout
+
+
+def test_big_body_benchmark_smoke(pg_dsn: str) -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_bigbodies.py"), "--seconds", "2", "--mb", "2", "--dsn", pg_dsn],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "off the loop" in out.stdout and "inline" in out.stdout

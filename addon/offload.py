@@ -1,0 +1,44 @@
+"""Work on big bodies runs off the event loop, so one agent's 15 MiB request never stalls another
+agent's replay.
+
+Two kinds of work, two places. Parsing and canonicalising JSON (fingerprints, redaction, diffs) is
+C code that holds the GIL for its whole run (json.loads of 15 MiB: ~200 ms), so a thread would not
+free the loop: it goes to a worker process (spawned on first use, one per sidecar). Encryption
+releases the GIL: a thread is enough. Bodies up to the threshold (durable_offload_bytes, 1 MiB)
+stay inline, where the hop would cost more than the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+
+DEFAULT_THRESHOLD = 1024 * 1024
+_processes: ProcessPoolExecutor | None = None
+
+
+def _pool() -> ProcessPoolExecutor:
+    global _processes
+    if _processes is None:  # spawned, not forked: the sidecar has threads (psycopg, metrics)
+        _processes = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    return _processes
+
+
+async def run(size: int, threshold: int, work: Callable[..., T], *args: object) -> T:
+    """`work(*args)` (work that releases the GIL) in a thread when `size` bytes are past `threshold`."""
+    if threshold and size > threshold:
+        return await asyncio.to_thread(work, *args)
+    return work(*args)
+
+
+async def run_cpu(size: int, threshold: int, work: Callable[..., T], *args: object) -> T:
+    """`work(*args)` (a module-level function holding the GIL, picklable arguments) in the worker
+    process when `size` bytes are past `threshold`; inline otherwise (0: always inline)."""
+    if threshold and size > threshold:
+        return await asyncio.get_running_loop().run_in_executor(_pool(), work, *args)
+    return work(*args)
