@@ -3,28 +3,15 @@
 Two ways round a cap on the declared Content-Length: a small compressed body that inflates to
 gigabytes (a decompression bomb), and a chunked body that declares no length at all. The first is
 decoded here with an output limit (zlib, brotli and zstd all stop at a given size), so a body never
-inflates past the cap. The second is counted as it arrives: mitmproxy buffers a request body before
-the request hook sees it and offers no per-flow limit, so `install_request_cap` wraps the one
-method of its HTTP layer that appends to that buffer and refuses the request (413) as soon as the
-buffer passes the cap the addon set on the flow, holding nothing more. A request already refused
-on its declared length has the rest of its body dropped as it arrives, not buffered.
+inflates past the cap. The second is counted as it arrives (see httplayer.py).
 """
 
 from __future__ import annotations
 
-import logging
 import zlib
-from collections.abc import Callable, Generator, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
 
 import brotli
-from mitmproxy import flow as mflow
-from mitmproxy import http
-
-logger = logging.getLogger("durable")
-
-CAP_KEY = "durable_request_cap"  # flow.metadata: the cap on a request body of unknown length
-DRAIN_KEY = "durable_request_drain"  # flow.metadata: already refused; what still arrives is dropped
 
 
 class OverCap(ValueError):
@@ -114,39 +101,3 @@ def decode(raw: bytes, coding: str, cap: int) -> bytes:
     if len(body) > cap:
         raise OverCap(f"request body is more than durable_body_cap ({cap} bytes)")
     return body
-
-
-def install_request_cap() -> bool:
-    """Count request bodies of unknown length as mitmproxy buffers them; refuse past the flow's cap.
-
-    Returns False (and the sidecar logs it) when this mitmproxy's HTTP layer is not the one this was
-    written against: bodies that declare a length are capped either way."""
-    try:
-        from mitmproxy.proxy.layers.http import ErrorCode, HttpErrorHook, HttpStream, ResponseProtocolError, SendHttp
-    except ImportError:
-        return False
-    original = getattr(HttpStream, "state_consume_request_body", None)
-    if original is None or getattr(original, "durable_capped", False):
-        return original is not None
-
-    def state_consume_request_body(self: Any, event: Any) -> Generator[Any, Any, None]:
-        yield from original(self, event)
-        if self.flow is None:
-            return
-        if self.flow.metadata.get(DRAIN_KEY):  # refused already (413 on its declared length): hold nothing
-            self.request_body_buf.clear()
-            return
-        cap = self.flow.metadata.get(CAP_KEY)
-        if cap is None or len(self.request_body_buf) <= cap or self.client_state == self.state_errored:
-            return
-        message = f"request body of unknown length passed durable_body_cap ({cap} bytes); nothing was forwarded"
-        self.request_body_buf.clear()  # hold nothing more
-        self.flow.error = mflow.Error(message)
-        yield HttpErrorHook(self.flow)
-        yield SendHttp(ResponseProtocolError(self.stream_id, message, ErrorCode.REQUEST_TOO_LARGE), self.context.client)
-        self.client_state = self.state_errored
-        self.flow.live = False
-
-    state_consume_request_body.durable_capped = True  # type: ignore[attr-defined]
-    HttpStream.state_consume_request_body = state_consume_request_body
-    return True

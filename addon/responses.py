@@ -133,8 +133,13 @@ def refusal(status: int, reason: str, **details: Any) -> http.Response:
 
 def label(response: http.Response, run: str | None, seq: int | None, outcome: str) -> None:
     """Stamp the durable headers on what the agent receives."""
-    if run is not None:
-        response.headers[RUN] = run
+    for name, value in labels(run, seq, outcome):
+        response.headers[name] = value
+
+
+def labels(run: str | None, seq: int | None, outcome: str) -> list[tuple[str, str]]:
+    """The durable headers of an answer, as (name, value) pairs."""
+    pairs = [(RUN, run)] if run is not None else []
     if seq is not None:
-        response.headers[STEP] = str(seq)
-    response.headers[OUTCOME] = outcome
+        pairs.append((STEP, str(seq)))
+    return [*pairs, (OUTCOME, outcome)]

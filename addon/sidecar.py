@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 from mitmproxy import connection, ctx, exceptions, http
 
-from . import bodies, crypto, database, identity, redaction, responses, settings, streams, usage
+from . import crypto, database, httplayer, identity, redaction, responses, settings, streams, usage
 from .journal import Journal, JournalError
 from .lifecycle import Lifecycle, Refused, Step, elapsed_ms
 from .metrics import Metrics
@@ -52,9 +52,8 @@ class DurableSidecar:
         for name, typespec, default, help_text in settings.OPTIONS:
             loader.add_option(name, typespec, default, help_text)
         apply_deferred(loader.master.options)
-        if not bodies.install_request_cap():
-            logger.warning("durable: this mitmproxy's HTTP layer is not the expected one: request bodies of "
-                           "unknown length (chunked) are not counted against durable_body_cap")
+        for missing in httplayer.install():
+            logger.warning("durable: this mitmproxy's HTTP layer is not the one expected: %s", missing)
 
     def configure(self, updated: set[str]) -> None:
         if "termlog_verbosity" in updated or self.lifecycle is None:
@@ -133,25 +132,27 @@ class DurableSidecar:
         through; either way only after the caller is known and, with durable_auth_secret, allowed."""
         length = streams.declared_length(flow.request.headers)
         cap = self.settings.body_cap
+        httplayer.label(flow.request, responses.labels(None, None, "refused"))  # until the request hook knows more
         if length is None:
-            flow.metadata[bodies.CAP_KEY] = cap  # counted as it arrives (bodies.install_request_cap)
+            flow.metadata[httplayer.CAP_KEY] = cap  # counted as it arrives (httplayer.py)
         if length is None or length <= cap or flow.response is not None or flow.request.host == HEALTH_HOST:
             return
         try:
             ident = self._identify(flow)  # checks the run's token; takes the control headers off
         except Refused as e:
             self._refuse(flow, e.status, e.reason, **e.details)
-            flow.metadata[bodies.DRAIN_KEY] = True
+            flow.metadata[httplayer.DRAIN_KEY] = True
             return
         reason = f"request body of {length} bytes is over durable_body_cap ({cap})"
         if self.settings.oversize_request == "refuse":
             self._refuse(flow, 413, reason + "; nothing was forwarded", run=ident.run, attempt=ident.attempt)
-            flow.metadata[bodies.DRAIN_KEY] = True
+            flow.metadata[httplayer.DRAIN_KEY] = True
             return
         logger.warning("durable: run=%s attempt=%s %s %s passes through unjournaled: %s",
                        ident.run, ident.attempt, flow.request.method, self._url(flow), reason)
         flow.request.stream = True
         flow.metadata[META] = Step(ident.run, None, "passthrough", ident.attempt)
+        httplayer.label(flow.request, responses.labels(ident.run, None, "passthrough"))
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.is_replay or META in flow.metadata:
@@ -164,10 +165,13 @@ class DurableSidecar:
             ident = self._identify(flow)
             known = {"run": ident.run, "attempt": ident.attempt}
             if self.settings.ignored(flow.request.host) or flow.request.headers.get("upgrade", "").lower() == "websocket":
-                flow.metadata[META] = Step(ident.run, None, "passthrough", ident.attempt)
-                return
-            assert self.lifecycle is not None
-            flow.metadata[META] = await self.lifecycle.begin(flow, ident)
+                step = Step(ident.run, None, "passthrough", ident.attempt)
+            else:
+                assert self.lifecycle is not None
+                step = await self.lifecycle.begin(flow, ident)
+            flow.metadata[META] = step
+            # should mitmproxy answer an error itself (the upstream unreachable), it carries these too
+            httplayer.label(flow.request, responses.labels(step.run, step.seq, step.outcome))
         except Refused as e:
             self._refuse(flow, e.status, e.reason, **{**known, **e.details})
         except JournalError as e:

@@ -86,7 +86,7 @@ def test_a_chunked_upload_past_the_cap_is_refused_as_it_arrives(capped, http_api
     head = (f"POST {http_api.url}/v1/echo HTTP/1.1\r\nHost: 127.0.0.1:{http_api.port}\r\n"
             "Transfer-Encoding: chunked\r\nContent-Type: application/octet-stream")
     answer = send_raw(capped.port, run, head, (bytes(MIB // 4) for _ in range(800)), chunked=True)
-    assert answer.startswith(b"HTTP/1.1 413")
+    assert answer.startswith(b"HTTP/1.1 413") and b"durable-outcome: refused" in answer.lower()
     assert peak_rss(capped.process.pid) - before < 2 * CAP
     assert http_api.books()["calls"] == 0
     assert sql(pg_dsn, "SELECT count(*) FROM durable_steps WHERE run_id = %s", run) == [(0,)]

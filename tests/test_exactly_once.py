@@ -59,7 +59,8 @@ def test_connection_error_is_journaled_failed_and_retried(
     sidecar = sidecars.start()
     run = new_run()
     r1 = via(sidecar, run, "a1").get(f"{api.url}/v1/search", params={"q": "down"})
-    assert r1.status_code == 502
+    assert r1.status_code == 502  # mitmproxy's own answer, labelled like every other
+    assert (r1.headers["Durable-Run-Id"], r1.headers["Durable-Step"], r1.headers["Durable-Outcome"]) == (run, "1", "recorded")
     (state, error), = sql(pg_dsn, "SELECT state, error FROM durable_steps WHERE run_id = %s", run)
     assert state == "failed" and error
     api.start()
