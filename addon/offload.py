@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from typing import TypeVar
@@ -25,8 +28,20 @@ _processes: ProcessPoolExecutor | None = None
 def _pool() -> ProcessPoolExecutor:
     global _processes
     if _processes is None:  # spawned, not forked: the sidecar has threads (psycopg, metrics)
-        _processes = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        _processes = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_die_with, initargs=(os.getpid(),))
     return _processes
+
+
+def _die_with(parent: int) -> None:
+    """In the worker: exit as soon as the sidecar is gone (SIGKILL included), never linger."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="durable-parent-watch").start()
 
 
 async def run(size: int, threshold: int, work: Callable[..., T], *args: object) -> T:
