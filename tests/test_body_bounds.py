@@ -167,3 +167,20 @@ def test_big_bodies_are_matched_off_the_event_loop_and_replay(sidecars: Sidecars
     changed = post("a3", json.dumps({**doc, "items": doc["items"][:-1]}).encode())
     assert changed.headers["Durable-Outcome"] == "diverged"
     assert "body/items/19999" in sidecar.log() and "s3cr3t" not in sidecar.log()
+
+
+def test_the_worker_process_does_not_outlive_a_killed_sidecar(sidecars: Sidecars, http_api: PaidApi) -> None:
+    import json
+    import os
+    import subprocess
+
+    from conftest import eventually
+
+    sidecar = sidecars.start(durable_offload_bytes=1000)
+    r = requests.post(f"{http_api.url}/v1/echo", data=json.dumps({"x": "y" * 5000}), timeout=60,
+                      headers={"Content-Type": "application/json"}, proxies={"http": sidecar.proxy_url(new_run(), "a1")})
+    assert r.headers["Durable-Outcome"] == "recorded"
+    children = subprocess.run(["pgrep", "-P", str(sidecar.process.pid)], capture_output=True, text=True).stdout.split()
+    assert children, "a big body should have started the worker process"
+    sidecar.kill()
+    assert eventually(lambda: [c for c in children if os.path.exists(f"/proc/{c}")], [], timeout=10) == []
