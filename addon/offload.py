@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -55,5 +56,10 @@ async def run_cpu(size: int, threshold: int, work: Callable[..., T], *args: obje
     """`work(*args)` (a module-level function holding the GIL, picklable arguments) in the worker
     process when `size` bytes are past `threshold`; inline otherwise (0: always inline)."""
     if threshold and size > threshold:
-        return await asyncio.get_running_loop().run_in_executor(_pool(), work, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(_pool(), work, *args)
+        except BrokenProcessPool:  # the worker died (killed, out of memory): a new one, once
+            global _processes
+            _processes = None
+            return await asyncio.get_running_loop().run_in_executor(_pool(), work, *args)
     return work(*args)
