@@ -10,13 +10,22 @@
    such an answer carries the Durable-* headers the addon put on the request (LABEL), like every
    other answer the agent gets.
 
-Both are installed once, at addon load, and check that the mitmproxy in use has what they wrap;
-if not, the sidecar logs what it cannot do and runs without it.
+3. Orphans: when the agent hangs up after its request went upstream, mitmproxy closes the upstream
+   connection too (it forwards the client's error to the server side, and cancels every server
+   connection once the client's is gone), and the answer is lost while the upstream bills it. For a
+   live durable step (ORPHAN_KEY) whose request was sent whole, `HttpStream.handle_protocol_error`
+   no longer forwards the client's error, the client's connection handler waits for such orphans
+   (up to durable_orphan_timeout) before mitmproxy tears the rest down, and writes to the gone
+   client are dropped. The upstream exchange runs to its end and the response hook journals it.
+
+All are installed once, at addon load, and check that the mitmproxy in use has what they wrap; if
+not, the sidecar logs what it cannot do and runs without it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import asyncio
+from collections.abc import Callable, Generator
 from typing import Any
 
 from mitmproxy import flow as mflow
@@ -25,6 +34,43 @@ from mitmproxy import http
 CAP_KEY = "durable_request_cap"  # flow.metadata: the cap on a request body of unknown length
 DRAIN_KEY = "durable_request_drain"  # flow.metadata: already refused; what still arrives is dropped
 LABEL = "_durable_label"  # on an http.Request: the Durable-* headers of its answer, as (name, value) pairs
+ORPHAN_KEY = "durable_orphanable"  # flow.metadata: a live step whose exchange may finish without its agent
+ORPHANED = "_durable_orphaned"  # on an http.Request: its agent hung up; its answer goes to the journal only
+
+
+class Orphans:
+    """Flows whose agent hung up while the sidecar carries their upstream exchange to its end."""
+
+    def __init__(self) -> None:
+        self.timeout_s = 600.0  # durable_orphan_timeout, set by the addon
+        self.on_expired: Callable[[mflow.Flow], None] = lambda flow: None  # the addon lets go of the step
+        self._waiting: dict[Any, dict[mflow.Flow, asyncio.Event]] = {}  # by client connection
+
+    def adopt(self, flow: Any) -> None:
+        setattr(flow.request, ORPHANED, True)
+        self._waiting.setdefault(flow.client_conn, {})[flow] = asyncio.Event()
+
+    def done(self, flow: mflow.Flow) -> None:
+        """The orphan's answer was journaled (or its exchange broke): it holds nothing up any more."""
+        event = self._waiting.get(flow.client_conn, {}).get(flow)
+        if event is not None:
+            event.set()
+
+    async def wait(self, client: Any) -> None:
+        """Hold the client's connection handler until its orphans are done, or the timeout passed."""
+        flows = self._waiting.get(client, {})
+        if flows:
+            pending = [asyncio.ensure_future(event.wait()) for event in flows.values()]
+            _, late = await asyncio.wait(pending, timeout=self.timeout_s)
+            for task in late:
+                task.cancel()
+            for flow, event in flows.items():
+                if not event.is_set():
+                    self.on_expired(flow)
+        self._waiting.pop(client, None)
+
+
+ORPHANS = Orphans()
 
 
 def label(request: http.Request, pairs: list[tuple[str, str]]) -> None:
@@ -34,6 +80,8 @@ def label(request: http.Request, pairs: list[tuple[str, str]]) -> None:
 def install() -> list[str]:
     """Install both wrappers; returns what could not be installed (empty when all is well)."""
     missing = []
+    if not _finish_orphans():
+        missing.append("an agent that hangs up mid-call takes its upstream call with it (no orphan finishing)")
     if not _cap_request_bodies():
         missing.append("request bodies of unknown length (chunked) are not counted against durable_body_cap")
     if not _label_error_answers():
@@ -86,6 +134,8 @@ def _label_error_answers() -> bool:
         return original is not None
 
     def send(self: Any, event: Any) -> Generator[Any, Any, None]:
+        if getattr(self.request, ORPHANED, False):
+            return  # the agent is gone: what its orphan's answer would have sent it goes nowhere
         pairs = getattr(self.request, LABEL, None)
         status = event.code.http_status_code() if isinstance(event, ResponseProtocolError) else None
         if pairs is None or status is None or self.response or not self.conn.state & ConnectionState.CAN_WRITE:
@@ -98,4 +148,61 @@ def _label_error_answers() -> bool:
 
     send.durable_wrapped = True  # type: ignore[attr-defined]
     Http1Server.send = send
+    return True
+
+
+async def _outlast_closing(waiting: Any) -> None:
+    """Await `waiting` (bounded by durable_orphan_timeout) through mitmproxy's own repeated cancels of
+    the client's handler as it closes that side ("closed by command"); any other cancel wins."""
+    task = asyncio.ensure_future(waiting)
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError as e:
+            if e.args != ("closed by command",):
+                task.cancel()
+                raise
+
+
+def _finish_orphans() -> bool:
+    try:
+        from mitmproxy.proxy.layers.http import HttpErrorHook, HttpStream, RequestProtocolError, ResponseProtocolError
+        from mitmproxy.proxy.server import ConnectionHandler
+    except ImportError:
+        return False
+    handle_error = getattr(HttpStream, "handle_protocol_error", None)
+    handle_connection = getattr(ConnectionHandler, "handle_connection", None)
+    if handle_error is None or handle_connection is None:
+        return False
+    if getattr(handle_error, "durable_wrapped", False):
+        return True
+
+    def handle_protocol_error(self: Any, event: Any) -> Generator[Any, Any, None]:
+        flow = self.flow
+        if (
+            isinstance(event, RequestProtocolError)
+            and flow is not None
+            and flow.metadata.get(ORPHAN_KEY)
+            and self.client_state == self.state_done  # the whole request went upstream
+            and self.server_state not in (self.state_done, self.state_errored)
+        ):
+            self.client_state = self.state_errored
+            ORPHANS.adopt(flow)
+            return  # the upstream exchange goes on; the response hook journals its answer
+        if isinstance(event, ResponseProtocolError) and flow is not None and getattr(flow.request, ORPHANED, False) \
+                and self.server_state not in (self.state_done, self.state_errored):
+            flow.error = mflow.Error(event.message)  # the orphan's upstream broke: mitmproxy would
+            yield HttpErrorHook(flow)  # skip the error hook (its client errored), the step must hear it
+        yield from handle_error(self, event)
+
+    async def handle_connection_then_orphans(self: Any, connection: Any) -> None:
+        try:
+            await handle_connection(self, connection)
+        finally:  # also when mitmproxy closed the client's side (its handler is cancelled then)
+            if connection is self.client:
+                await _outlast_closing(ORPHANS.wait(connection))
+
+    handle_protocol_error.durable_wrapped = True  # type: ignore[attr-defined]
+    HttpStream.handle_protocol_error = handle_protocol_error
+    ConnectionHandler.handle_connection = handle_connection_then_orphans
     return True

@@ -95,6 +95,13 @@ OPTIONS: list[tuple[str, Any, Any, str]] = [
         "pause within one life of an agent.",
     ),
     (
+        "durable_orphan_timeout",
+        str,
+        "10m",
+        "When the agent hangs up mid-call, how long the sidecar keeps the upstream exchange going to "
+        "journal its answer; past it the step stays in doubt.",
+    ),
+    (
         "durable_offload_bytes",
         int,
         1024 * 1024,
@@ -182,6 +189,7 @@ class Settings:
     read_ahead_bytes: int
     max_attempts: int
     offload_bytes: int
+    orphan_timeout_s: float
 
     def idempotency_header(self, host: str) -> str:
         return self.idempotency_headers.get(host.lower()) or self.idempotency_headers[None]
@@ -264,6 +272,7 @@ def from_options(o: Any) -> Settings:
             read_ahead_bytes=o.durable_read_ahead_bytes,
             max_attempts=o.durable_max_attempts,
             offload_bytes=o.durable_offload_bytes,
+            orphan_timeout_s=parse_duration(o.durable_orphan_timeout),
         )
     except (ValueError, IdentityError, re.error, crypto.KeyringError) as e:
         raise exceptions.OptionsError(f"durable: {e}") from e

@@ -18,6 +18,7 @@ from typing import Any
 
 import psycopg
 from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy import flow as mflow
 
 from . import crypto, database, httplayer, identity, redaction, responses, settings, streams, usage
 from .journal import Journal, JournalError
@@ -45,6 +46,7 @@ class DurableSidecar:
             weakref.WeakKeyDictionary()
         )
         self.warned_runs: set[str] = set()  # runs told once that their requests name no attempt
+        self.orphans_finished = 0  # calls finished and journaled after their agent hung up
 
     # -- mitmproxy life cycle ---------------------------------------------------------------
 
@@ -78,6 +80,8 @@ class DurableSidecar:
             self.lifecycle.read_ahead.limit = new.read_ahead_bytes
         self.settings = new
         self.lifecycle.journal.offload_bytes = new.offload_bytes
+        httplayer.ORPHANS.timeout_s = new.orphan_timeout_s
+        httplayer.ORPHANS.on_expired = self._orphan_expired
         if new.metrics_listen and self.metrics is None:
             self.metrics = Metrics()
         if new.replay_pacing and self.lifecycle.pacer is None:
@@ -170,6 +174,8 @@ class DurableSidecar:
                 assert self.lifecycle is not None
                 step = await self.lifecycle.begin(flow, ident)
             flow.metadata[META] = step
+            if step.live:  # should the agent hang up now, the sidecar finishes the call (httplayer.py)
+                flow.metadata[httplayer.ORPHAN_KEY] = True
             # should mitmproxy answer an error itself (the upstream unreachable), it carries these too
             httplayer.label(flow.request, responses.labels(step.run, step.seq, step.outcome))
         except Refused as e:
@@ -205,6 +211,10 @@ class DurableSidecar:
             try:
                 assert self.lifecycle is not None
                 await self.lifecycle.finish(flow, step)
+                if getattr(flow.request, httplayer.ORPHANED, False):
+                    self.orphans_finished += 1
+                    logger.info("durable: run=%s seq=%s the agent hung up mid-call; the sidecar finished the call "
+                                "and journaled its answer (orphan #%d)", step.run, step.seq, self.orphans_finished)
             except Exception as e:
                 logger.error("durable: run=%s seq=%s response not journaled: %s", step.run, step.seq, e)
                 step.outcome = "refused"  # the step is given back: the agent's retry re-sends it
@@ -219,6 +229,8 @@ class DurableSidecar:
                     step=step.seq,
                     failed=str(e),
                 )
+            finally:
+                httplayer.ORPHANS.done(flow)
         responses.label(flow.response, step.run, step.seq, step.outcome)
         self._log(flow, step, flow.response.status_code)
 
@@ -228,8 +240,19 @@ class DurableSidecar:
             return
         message = flow.error.msg if flow.error else "unknown error"
         assert self.lifecycle is not None
-        await self.lifecycle.break_off(flow, step, message)
+        try:
+            await self.lifecycle.break_off(flow, step, message)
+        finally:
+            httplayer.ORPHANS.done(flow)
         self._log(flow, step, None, note=message)
+
+    def _orphan_expired(self, flow: mflow.Flow) -> None:
+        """An orphan ran past durable_orphan_timeout: mitmproxy drops its exchange; the step stays in doubt."""
+        step: Step | None = flow.metadata.get(META)
+        if step is not None and step.live and self.lifecycle is not None:
+            logger.warning("durable: run=%s seq=%s orphan still unanswered after durable_orphan_timeout: "
+                           "left in doubt", step.run, step.seq)
+            asyncio.ensure_future(self.lifecycle.break_off(flow, step, "orphan timed out"))
 
     # -- operations -----------------------------------------------------------------------------
 
