@@ -13,6 +13,8 @@ and reads the upstream's books. A scenario counts, per run:
 
 Scenarios (the tests in tests/test_agent_failures.py run each once):
   agent-killed          the agent is SIGKILLed while the upstream works on its call; a new attempt resumes
+                        (default policy, reissue, on both endpoints: the sidecar finishes the orphaned call)
+  agent-killed-stream   the agent is SIGKILLed mid-way through an event stream (an LLM generation)
   sidecar-503-retry     the journal goes away while the upstream works: the sidecar answers 503, and the
                         agent retries in the same attempt once it is back
   overlapping-attempts  a second attempt of the run makes the same call while the first has it in flight
@@ -59,8 +61,9 @@ ENDPOINTS = {
 
 AGENT = """
 import json, sys, requests
-r = requests.post(sys.argv[1], json=json.loads(sys.argv[2]), timeout=60)
-print(json.dumps({"status": r.status_code, "outcome": r.headers.get("durable-outcome"), "body": r.text}))
+r = requests.post(sys.argv[1], json=json.loads(sys.argv[2]), timeout=60, stream=True)
+body = b"".join(r.iter_content(None))  # a stream is read as it comes, like an SDK does
+print(json.dumps({"status": r.status_code, "outcome": r.headers.get("durable-outcome"), "body": body.decode()}))
 """
 
 
@@ -165,14 +168,23 @@ def answer_of(response: httpx.Response) -> str:
 # -- scenarios ------------------------------------------------------------------------------------
 
 
-def agent_killed(rig: Rig, endpoint: str) -> Result:
-    policy, options = policy_options(endpoint)
-    sidecar = rig.sidecar(**options)
+def agent_killed(rig: Rig, endpoint: str, stream: bool = False) -> Result:
+    # The default policy, reissue, on both endpoints: the sidecar outlives the agent and finishes the
+    # call (an orphan), so even a key-ignoring upstream must book it once.
+    policy = "reissue"
+    sidecar = rig.sidecar()
     run, (target, body) = f"killed-{uuid.uuid4().hex[:8]}", url(rig, endpoint)
+    if stream:  # no wait before the answer: the events come 150 ms apart, the agent dies after a few
+        path = "/v1/chat/completions" if endpoint == "honours-key" else ENDPOINTS[endpoint][0]
+        target = f"{rig.api_url}{path}"
+        body = {"messages": [{"role": "user", "content": "stream it"}], "prompt": "stream it", "stream": True,
+                "x_event_delay_ms": 150}
     env = launcher.agent_env(sidecar.proxy_url(run, "a1"), rig.bundle())
     agent = subprocess.Popen([sys.executable, "-c", AGENT, target, json.dumps(body)], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     wait_for_booking(rig)
+    if stream:
+        time.sleep(0.5)  # a few events in
     agent.send_signal(signal.SIGKILL)  # the agent dies while the upstream works on its call
     agent.wait()
     time.sleep(0.3)  # the sidecar notices the hang-up
@@ -270,6 +282,7 @@ def stale_index(rig: Rig, endpoint: str) -> Result:
 
 SCENARIOS: dict[str, Callable[[Rig, str], Result]] = {
     "agent-killed": agent_killed,
+    "agent-killed-stream": lambda rig, endpoint: agent_killed(rig, endpoint, stream=True),
     "sidecar-503-retry": sidecar_503_retry,
     "overlapping-attempts": overlapping,
     "two-sidecars": lambda rig, endpoint: overlapping(rig, endpoint, two_sidecars=True),

@@ -224,3 +224,23 @@ def test_a_step_forgotten_while_its_request_is_in_flight(sidecars: Sidecars, htt
     again = via(sidecar, run, "a2").post(url, json={"prompt": "p"})
     assert again.status_code == 200 and again.headers["Durable-Outcome"] == "recorded"
     assert http_api.books()["calls"] == 2 and sidecar.process.poll() is None
+
+
+def test_an_agent_killed_before_its_request_body_was_sent_forwards_nothing(
+    sidecars: Sidecars, http_api: PaidApi, pg_dsn: str
+) -> None:
+    """Half a request is never forwarded nor journaled: the agent dies after 100 of 1000 body bytes."""
+    import base64
+    import socket
+
+    sidecar = sidecars.start()
+    run = new_run()
+    auth = base64.b64encode(f"{run}:a1".encode()).decode()
+    with socket.create_connection(("127.0.0.1", sidecar.port), timeout=10) as conn:
+        conn.sendall(f"POST {http_api.url}/v1/generate HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Basic {auth}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n".encode() + b"{" + b" " * 99)
+        time.sleep(0.3)
+    time.sleep(0.5)
+    assert http_api.books()["calls"] == 0
+    assert sql(pg_dsn, "SELECT count(*) FROM durable_steps WHERE run_id = %s", run) == [(0,)]
+    assert sidecar.process.poll() is None
