@@ -38,6 +38,8 @@ class Metrics:
                                      registry=self.registry)
         self.tokens_avoided = Counter("durable_llm_tokens_avoided", "LLM tokens in answers replayed from the journal",
                                       registry=self.registry)
+        self.orphans = Counter("durable_orphans_finished", "Calls finished and journaled after their agent hung up",
+                               registry=self.registry)
         self.in_doubt = Gauge("durable_in_doubt_steps", "Steps journaled as pending (in doubt) in the journal",
                               registry=self.registry)
         self._server: object | None = None

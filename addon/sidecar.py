@@ -213,6 +213,8 @@ class DurableSidecar:
                 await self.lifecycle.finish(flow, step)
                 if getattr(flow.request, httplayer.ORPHANED, False):
                     self.orphans_finished += 1
+                    if self.metrics is not None:
+                        self.metrics.orphans.inc()
                     logger.info("durable: run=%s seq=%s the agent hung up mid-call; the sidecar finished the call "
                                 "and journaled its answer (orphan #%d)", step.run, step.seq, self.orphans_finished)
             except Exception as e:

@@ -244,3 +244,30 @@ def test_an_agent_killed_before_its_request_body_was_sent_forwards_nothing(
     assert http_api.books()["calls"] == 0
     assert sql(pg_dsn, "SELECT count(*) FROM durable_steps WHERE run_id = %s", run) == [(0,)]
     assert sidecar.process.poll() is None
+
+
+def test_an_orphan_is_finished_counted_and_replayed(sidecars: Sidecars, http_api: PaidApi, tmp_path: Path) -> None:
+    """The agent (a real process) is SIGKILLed while a key-ignoring upstream generates: the sidecar
+    finishes the call, logs and counts the orphan, and the next attempt gets that answer replayed."""
+    import signal
+    import subprocess
+    import sys
+
+    port = launcher.free_port()
+    sidecar = sidecars.start(durable_metrics_listen=f"127.0.0.1:{port}")
+    run, url = new_run(), f"{http_api.url}/v1/generate?delay_ms=1500"
+    agent_code = "import requests, sys; requests.post(sys.argv[1], json={'prompt': 'orphan'}, timeout=60)"
+    env = launcher.agent_env(sidecar.proxy_url(run, "a1"), tmp_path / "unused.pem")
+    agent = subprocess.Popen([sys.executable, "-c", agent_code, url], env=env)
+    deadline = time.monotonic() + 20
+    while http_api.books()["calls"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    agent.send_signal(signal.SIGKILL)
+    agent.wait()
+    again = via(sidecar, run, "a2").post(url, json={"prompt": "orphan"})  # waits for the orphan, then replays it
+    assert again.status_code == 200 and again.headers["Durable-Outcome"] == "replayed"
+    assert again.json()["id"] == "chatcmpl-1" and http_api.books()["calls"] == 1
+    assert "the sidecar finished the call and journaled its answer (orphan #1)" in sidecar.log()
+    metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert "durable_orphans_finished_total 1.0" in metrics
