@@ -25,7 +25,6 @@ import argparse
 import base64
 import random
 import socket
-import ssl
 import statistics
 import sys
 import tempfile

@@ -12,7 +12,7 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
-from addon import launcher, settings
+from addon import settings
 from addon.sidecar import DurableSidecar
 from conftest import PaidApi, Sidecars, new_run
 
