@@ -66,15 +66,7 @@ class RequestParts:
 
 def request_parts(request: Any) -> RequestParts:
     """RequestParts of a mitmproxy request; raises ValueError when the body lies about its encoding."""
-    return RequestParts(
-        method=request.method,
-        scheme=request.scheme,
-        host=request.host,
-        port=request.port,
-        path=request.path,
-        headers=list(request.headers.items(multi=True)),
-        body=request.get_content(strict=True) or b"",
-    )
+    return dataclasses.replace(raw_parts(request), body=request.get_content(strict=True) or b"")
 
 
 def raw_parts(request: Any) -> RequestParts:

@@ -8,7 +8,7 @@
 2. Errors mitmproxy answers itself (a 502 when the upstream cannot be reached, a 413 from the cap
    above) are written by its HTTP/1 server with no response hook. `Http1Server.send` is wrapped so
    such an answer carries the Durable-* headers the addon put on the request (LABEL), like every
-   other answer the agent gets.
+   other answer the agent gets (`Durable-Outcome: refused` alone before the addon knew more).
 
 3. Orphans: when the agent hangs up after its request went upstream, mitmproxy closes the upstream
    connection too (it forwards the client's error to the server side, and cancels every server
@@ -31,9 +31,12 @@ from typing import Any
 from mitmproxy import flow as mflow
 from mitmproxy import http
 
+from . import responses
+
 CAP_KEY = "durable_request_cap"  # flow.metadata: the cap on a request body of unknown length
 DRAIN_KEY = "durable_request_drain"  # flow.metadata: already refused; what still arrives is dropped
 LABEL = "_durable_label"  # on an http.Request: the Durable-* headers of its answer, as (name, value) pairs
+UNLABELLED = responses.labels(None, None, "refused")  # an error for a request the addon never got to label
 ORPHAN_KEY = "durable_orphanable"  # flow.metadata: a live step whose exchange may finish without its agent
 ORPHANED = "_durable_orphaned"  # on an http.Request: its agent hung up; its answer goes to the journal only
 
@@ -136,11 +139,11 @@ def _label_error_answers() -> bool:
     def send(self: Any, event: Any) -> Generator[Any, Any, None]:
         if getattr(self.request, ORPHANED, False):
             return  # the agent is gone: what its orphan's answer would have sent it goes nowhere
-        pairs = getattr(self.request, LABEL, None)
         status = event.code.http_status_code() if isinstance(event, ResponseProtocolError) else None
-        if pairs is None or status is None or self.response or not self.conn.state & ConnectionState.CAN_WRITE:
+        if status is None or self.response or not self.conn.state & ConnectionState.CAN_WRITE:
             yield from original(self, event)
             return
+        pairs = getattr(self.request, LABEL, UNLABELLED)
         head, sep, body = make_error_response(status, event.message).partition(b"\r\n\r\n")
         extra = b"".join(f"\r\n{name}: {value}".encode("latin-1", "replace") for name, value in pairs)
         yield commands.SendData(self.conn, head + extra + sep + body)

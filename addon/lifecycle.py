@@ -279,7 +279,7 @@ class Lifecycle:
         ahead = cursor.ahead(divergence.LIMIT)
         if ahead[1]:
             outcome = "diverged"
-            diverged = await self._report_divergence(ident, cursor, claim, ahead, stored_env, stored_body)
+            diverged = await self._report_divergence(ident, ahead, stored_env, stored_body)
 
         header = s.idempotency_header(req.host)
         agent_key = req.headers.get(header)
@@ -320,8 +320,6 @@ class Lifecycle:
     async def _report_divergence(
         self,
         ident: identity.Identity,
-        cursor: RunCursor,
-        claim: Claim,
         ahead: tuple[list[int], int],
         env: dict[str, Any],
         body: bytes,
@@ -419,7 +417,7 @@ class Lifecycle:
             if policy == "reissue" and taken.age_s < s.in_doubt_window_s:
                 await asyncio.sleep(POLL_S)  # taken by another sidecar between our look and our update
                 continue
-            raise self._in_doubt_refusal(ident, step, policy, taken.approved)
+            raise self._in_doubt_refusal(ident, step, policy)
         logger.info(
             "durable: run=%s seq=%s %s %.0fs ago: re-sent with its original idempotency key",
             ident.run, step.seq, "in doubt since" if step.state == "pending" else "failed,", taken.age_s,
@@ -429,7 +427,7 @@ class Lifecycle:
         cursor.mark(step.seq, "pending")
         return Step(ident.run, step.seq, "reissued", ident.attempt, live=True, cursor=cursor, owner=self.journal.lease.id)
 
-    def _in_doubt_refusal(self, ident: identity.Identity, step: StepRef, policy: str, approved: bool) -> Refused:
+    def _in_doubt_refusal(self, ident: identity.Identity, step: StepRef, policy: str) -> Refused:
         resolve_hint = f"durable resolve {ident.run} {step.seq} --reissue | --forget | --complete-from FILE"
         if policy != "reissue":
             reason = "step is in doubt: it was forwarded but its answer was never journaled (durable_in_doubt=fail)"

@@ -136,7 +136,6 @@ class DurableSidecar:
         through; either way only after the caller is known and, with durable_auth_secret, allowed."""
         length = streams.declared_length(flow.request.headers)
         cap = self.settings.body_cap
-        httplayer.label(flow.request, responses.labels(None, None, "refused"))  # until the request hook knows more
         if length is None:
             flow.metadata[httplayer.CAP_KEY] = cap  # counted as it arrives (httplayer.py)
         if length is None or length <= cap or flow.response is not None or flow.request.host == HEALTH_HOST:
