@@ -11,25 +11,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-import paid_api  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stage import stage, status_kib  # noqa: E402
 
-from addon import database, launcher  # noqa: E402
+from addon import launcher  # noqa: E402
 
 
 def rss(pid: int, field: str) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return status_kib(pid, field) / 1024
 
 
 def main() -> None:
@@ -39,46 +33,44 @@ def main() -> None:
     parser.add_argument("--dsn")
     args = parser.parse_args()
 
-    admin = database.resolve(args.dsn).dsn
-    dsn = database.create_database(admin, "durable_attempts")
-    work = Path(tempfile.mkdtemp(prefix="durable-attempts-"))
-    api, api_port = paid_api.spawn(work)
-    upstream = f"http://127.0.0.1:{api_port}/v1/echo"
-    sidecar = launcher.start_sidecar(work / "conf", {"durable_dsn": dsn, "termlog_verbosity": "warn"})
+    with stage(args.dsn, "attempts") as st:
+        sidecar = launcher.start_sidecar(st.work / "conf", {"durable_dsn": st.dsn, "termlog_verbosity": "warn"})
+        try:
+            measure(sidecar, f"{st.api}/v1/echo", args.attempts, args.clients)
+        finally:
+            sidecar.kill()
+
+
+def measure(sidecar: launcher.Sidecar, upstream: str, attempts: int, clients: int) -> None:
     host = f"127.0.0.1:{sidecar.port}"
-    try:
-        with httpx.Client(proxy=launcher.proxy_url(host, "long-run", "rec"), trust_env=False) as client:
-            for n in range(40):
-                client.post(upstream, content=bytes([n]) * 60_000)
-        base = rss(sidecar.process.pid, "VmRSS")
-        print(f"{'attempts':>9} {'RSS MiB':>8} {'growth MiB':>11} {'peak MiB':>9}")
-        print(f"{0:9} {base:8.1f} {0.0:11.1f} {rss(sidecar.process.pid, 'VmHWM'):9.1f}")
-        step = max(1, args.attempts // 10)
-        done = 0
-        while done < args.attempts:
-            batch = range(done, min(done + step, args.attempts))
-            lanes = [list(batch)[i::args.clients] for i in range(args.clients)]
+    with httpx.Client(proxy=launcher.proxy_url(host, "long-run", "rec"), trust_env=False) as client:
+        for n in range(40):
+            client.post(upstream, content=bytes([n]) * 60_000)
+    base = rss(sidecar.process.pid, "VmRSS")
+    print(f"{'attempts':>9} {'RSS MiB':>8} {'growth MiB':>11} {'peak MiB':>9}")
+    print(f"{0:9} {base:8.1f} {0.0:11.1f} {rss(sidecar.process.pid, 'VmHWM'):9.1f}")
+    step = max(1, attempts // 10)
+    done = 0
+    while done < attempts:
+        batch = range(done, min(done + step, attempts))
+        lanes = [list(batch)[i::clients] for i in range(clients)]
 
-            def replay(attempts: list[int]) -> None:
-                for attempt in attempts:
-                    with httpx.Client(proxy=launcher.proxy_url(host, "long-run", f"a{attempt}"), trust_env=False,
-                                      timeout=30) as client:
-                        r = client.post(upstream, content=bytes([0]) * 60_000)
-                        assert r.headers["durable-outcome"] == "replayed", r.status_code
+        def replay(lane: list[int]) -> None:
+            for attempt in lane:
+                with httpx.Client(proxy=launcher.proxy_url(host, "long-run", f"a{attempt}"), trust_env=False,
+                                  timeout=30) as client:
+                    r = client.post(upstream, content=bytes([0]) * 60_000)
+                    assert r.headers["durable-outcome"] == "replayed", r.status_code
 
-            threads = [threading.Thread(target=replay, args=(lane,)) for lane in lanes]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            done = batch.stop
-            now = rss(sidecar.process.pid, "VmRSS")
-            print(f"{done:9} {now:8.1f} {now - base:11.1f} {rss(sidecar.process.pid, 'VmHWM'):9.1f}", flush=True)
-        print(f"without the budget: +{args.attempts * 32 * 60_000 / 2**20:,.0f} MiB of read-ahead answers")
-    finally:
-        sidecar.kill()
-        api.kill()
-        database.drop_database(admin, dsn)
+        threads = [threading.Thread(target=replay, args=(lane,)) for lane in lanes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        done = batch.stop
+        now = rss(sidecar.process.pid, "VmRSS")
+        print(f"{done:9} {now:8.1f} {now - base:11.1f} {rss(sidecar.process.pid, 'VmHWM'):9.1f}", flush=True)
+    print(f"without the budget: +{attempts * 32 * 60_000 / 2**20:,.0f} MiB of read-ahead answers")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -20,12 +19,10 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-import paid_api  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stage import stage  # noqa: E402
 
-from addon import database, launcher  # noqa: E402
+from addon import launcher  # noqa: E402
 
 STEPS = 50
 
@@ -87,16 +84,12 @@ def main() -> None:
     parser.add_argument("--dsn")
     args = parser.parse_args()
 
-    admin = database.resolve(args.dsn).dsn
-    dsn = database.create_database(admin, "durable_bigbodies")
-    work = Path(tempfile.mkdtemp(prefix="durable-bigbodies-"))
-    api, api_port = paid_api.spawn(work)
-    upstream = f"http://127.0.0.1:{api_port}"
     rows = []
-    try:
+    with stage(args.dsn, "bigbodies") as st:
+        upstream = st.api
         for label, offload in (("off the loop (1 MiB)", "1048576"), ("inline", "0")):
-            sidecar = launcher.start_sidecar(work / "conf", {"durable_dsn": dsn, "durable_offload_bytes": offload,
-                                                            "termlog_verbosity": "warn"})
+            sidecar = launcher.start_sidecar(st.work / "conf", {"durable_dsn": st.dsn, "durable_offload_bytes": offload,
+                                                               "termlog_verbosity": "warn"})
             try:
                 run = f"control-{uuid.uuid4().hex[:8]}"
                 with httpx.Client(proxy=launcher.proxy_url(f"127.0.0.1:{sidecar.port}", run, "rec"), trust_env=False) as c:
@@ -107,9 +100,6 @@ def main() -> None:
                 rows.append((label, quiet, loud, sent))
             finally:
                 sidecar.stop()
-    finally:
-        api.kill()
-        database.drop_database(admin, dsn)
 
     print(f"control replays while another client records {args.mb} MiB JSON bodies ({args.seconds:.0f} s per phase)")
     print(f"{'big-body work':22} {'quiet p50':>10} {'quiet p99':>10} {'loaded p50':>11} {'loaded p99':>11} "

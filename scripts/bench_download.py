@@ -26,15 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 from addon import launcher  # noqa: E402
 from scripts import paid_api  # noqa: E402
+from scripts.stage import status_kib  # noqa: E402
 
 PIECE = bytes(range(256)) * 256  # what the paid API's /v1/download repeats
-
-
-def status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
 
 
 def expected_digest(size: int) -> str:

@@ -27,7 +27,6 @@ import random
 import socket
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -38,12 +37,10 @@ from pathlib import Path
 import httpx
 import psycopg
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-import paid_api  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stage import stage, status_kib  # noqa: E402
 
-from addon import database, launcher  # noqa: E402
+from addon import launcher  # noqa: E402
 
 CAP = 4 * 1024 * 1024
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "BREW", "G\x00T", "", "POST POST"]
@@ -51,10 +48,7 @@ PATHS = ["/v1/echo", "/v1/search?q=x", "/v1/search?q=%00", "/v1/payments", "/%zz
 
 
 def peak_rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return status_kib(pid, "VmHWM") * 1024
 
 
 def credentials(rng: random.Random, run: str) -> bytes:
@@ -156,54 +150,54 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     args = parser.parse_args()
 
-    admin = database.resolve(args.dsn).dsn
-    dsn = database.create_database(admin, "durable_fuzz")
-    work = Path(tempfile.mkdtemp(prefix="durable-fuzz-"))
-    api, api_port = paid_api.spawn(work)
-    upstream = f"http://127.0.0.1:{api_port}"
-    sidecar = launcher.start_sidecar(work / "conf", {"durable_dsn": dsn, "durable_body_cap": str(CAP)})
-    try:
-        control_run = "fuzz-control"
-        with httpx.Client(proxy=launcher.proxy_url(f"127.0.0.1:{sidecar.port}", control_run, "rec"), trust_env=False) as c:
-            for step in range(5):
-                c.get(f"{upstream}/v1/search", params={"q": f"control {step}"})
+    with stage(args.dsn, "fuzz") as st:
+        sidecar = launcher.start_sidecar(st.work / "conf", {"durable_dsn": st.dsn, "durable_body_cap": str(CAP)})
+        try:
+            report = fuzz(sidecar, st.api, st.dsn, args)
+        finally:
+            sidecar.kill()
+    sys.exit(0 if report else 1)
 
-        def phase(seconds: float, fuzzing: bool) -> tuple[list[float], list[str], int]:
-            stop, latencies, errors, sent = threading.Event(), [], [], [0]
-            threads = [threading.Thread(target=control, args=(sidecar.port, upstream, control_run, stop, latencies, errors))]
 
-            def fuzzer(seed: int) -> None:
-                rng = random.Random(seed)
-                while not stop.is_set():
-                    hostile(sidecar.port, upstream, rng, f"fuzz-{rng.randrange(50)}")
-                    sent[0] += 1
+def fuzz(sidecar: launcher.Sidecar, upstream: str, dsn: str, args: argparse.Namespace) -> bool:
+    """Run the quiet and the fuzzed phase, print the figures; True when every target is met."""
+    control_run = "fuzz-control"
+    with httpx.Client(proxy=launcher.proxy_url(f"127.0.0.1:{sidecar.port}", control_run, "rec"), trust_env=False) as c:
+        for step in range(5):
+            c.get(f"{upstream}/v1/search", params={"q": f"control {step}"})
 
-            if fuzzing:
-                threads += [threading.Thread(target=fuzzer, args=(args.seed + i,)) for i in range(args.workers)]
-            for t in threads:
-                t.start()
-            time.sleep(seconds)
-            stop.set()
-            for t in threads:
-                t.join()
-            return latencies, errors, sent[0]
+    def phase(seconds: float, fuzzing: bool) -> tuple[list[float], list[str], int]:
+        stop, latencies, errors, sent = threading.Event(), [], [], [0]
+        threads = [threading.Thread(target=control, args=(sidecar.port, upstream, control_run, stop, latencies, errors))]
 
-        quiet, _, _ = phase(min(10.0, args.seconds / 3), fuzzing=False)
-        rss_before = peak_rss(sidecar.process.pid)
-        loud, control_errors, sent = phase(args.seconds, fuzzing=True)
-        rss_growth = peak_rss(sidecar.process.pid) - rss_before
-        time.sleep(0.5)
-        upstream_calls = httpx.get(f"{upstream}/_books", trust_env=False).json()["calls"]
-        with psycopg.connect(dsn) as conn:
-            journaled = conn.execute("SELECT count(*) FROM durable_steps").fetchone()[0]
-        log = sidecar.log()
-        tracebacks = log.count("Traceback")
-        reissued = log.count("outcome=reissued")  # one journaled step, sent again by design
-        alive = sidecar.process.poll() is None
-    finally:
-        sidecar.kill()
-        api.kill()
-        database.drop_database(admin, dsn)
+        def fuzzer(seed: int) -> None:
+            rng = random.Random(seed)
+            while not stop.is_set():
+                hostile(sidecar.port, upstream, rng, f"fuzz-{rng.randrange(50)}")
+                sent[0] += 1
+
+        if fuzzing:
+            threads += [threading.Thread(target=fuzzer, args=(args.seed + i,)) for i in range(args.workers)]
+        for t in threads:
+            t.start()
+        time.sleep(seconds)
+        stop.set()
+        for t in threads:
+            t.join()
+        return latencies, errors, sent[0]
+
+    quiet, _, _ = phase(min(10.0, args.seconds / 3), fuzzing=False)
+    rss_before = peak_rss(sidecar.process.pid)
+    loud, control_errors, sent = phase(args.seconds, fuzzing=True)
+    rss_growth = peak_rss(sidecar.process.pid) - rss_before
+    time.sleep(0.5)
+    upstream_calls = httpx.get(f"{upstream}/_books", trust_env=False).json()["calls"]
+    with psycopg.connect(dsn) as conn:
+        journaled = conn.execute("SELECT count(*) FROM durable_steps").fetchone()[0]
+    log = sidecar.log()
+    tracebacks = log.count("Traceback")
+    reissued = log.count("outcome=reissued")  # one journaled step, sent again by design
+    alive = sidecar.process.poll() is None
 
     unjournaled = max(0, upstream_calls - journaled - reissued)
     print(f"hostile requests sent:   {sent} in {args.seconds:.0f} s ({args.workers} workers, seed {args.seed})")
@@ -216,8 +210,7 @@ def main() -> None:
           f"{args.workers} hostile clients at once)")
     for error in sorted(set(control_errors))[:5]:
         print(f"    {error}")
-    ok = alive and not tracebacks and not unjournaled and not control_errors and rss_growth < 2 * CAP + 32 * 2**20
-    sys.exit(0 if ok else 1)
+    return alive and not tracebacks and not unjournaled and not control_errors and rss_growth < 2 * CAP + 32 * 2**20
 
 
 if __name__ == "__main__":

@@ -9,22 +9,19 @@ import base64
 import select
 import socket
 import zlib
-from pathlib import Path
 
 import pytest
 import requests
 
 from conftest import PaidApi, Sidecars, new_run, sql
+from stage import status_kib
 
 CAP = 8 * 1024 * 1024
 MIB = 1024 * 1024
 
 
 def peak_rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
+    return status_kib(pid, "VmHWM") * 1024
 
 
 def gzip_bomb(inflated: int) -> bytes:
