@@ -7,44 +7,52 @@ from typing import Any
 
 from mitmproxy.net import encoding
 
-
-def _usage_tokens(usage: Any) -> int:
-    if not isinstance(usage, dict):
-        return 0
-    if isinstance(usage.get("total_tokens"), int):
-        return usage["total_tokens"]
-    fields = ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")
-    return sum(v for k in fields if isinstance(v := usage.get(k), int))
+_INPUT = ("prompt_tokens", "input_tokens")
+_OUTPUT = ("completion_tokens", "output_tokens")
 
 
-def _from_document(doc: Any) -> int:
-    """Tokens of one JSON document: a completion, or one event of a stream."""
+def _counts(doc: Any) -> dict[str, int]:
+    """The usage counters one JSON document reports: a completion, or one event of a stream."""
     if not isinstance(doc, dict):
-        return 0
-    if "usage" in doc:
-        return _usage_tokens(doc["usage"])
-    message = doc.get("message")  # Anthropic's message_start event
-    return _usage_tokens(message.get("usage")) if isinstance(message, dict) else 0
+        return {}
+    usage = doc.get("usage")
+    if usage is None and isinstance(doc.get("message"), dict):  # Anthropic's message_start event
+        usage = doc["message"].get("usage")
+    if not isinstance(usage, dict):
+        return {}
+    return {k: v for k, v in usage.items() if k in ("total_tokens", *_INPUT, *_OUTPUT) and isinstance(v, int)}
+
+
+def _total(counts: dict[str, int]) -> int:
+    if "total_tokens" in counts:
+        return counts["total_tokens"]
+    return sum(counts.get(k, 0) for k in (*_INPUT, *_OUTPUT))
 
 
 def tokens(body: bytes, headers: list[tuple[bytes, bytes]]) -> int:
-    """Total tokens an answer reports; 0 when it reports none or cannot be read."""
+    """Total tokens an answer reports; 0 when it reports none or cannot be read.
+
+    A stream's counters are running totals, not increments (Anthropic repeats `output_tokens` in
+    `message_start` and again, cumulatively, in `message_delta`), so each counter's highest value counts.
+    """
     fields = {k.lower(): v for k, v in headers}
     coding = fields.get(b"content-encoding", b"").decode("latin-1")
     try:
         text = (encoding.decode(body, coding) if coding else body).decode("utf-8")
     except (ValueError, UnicodeDecodeError):
         return 0
-    if b"text/event-stream" in fields.get(b"content-type", b""):
-        total = 0
-        for line in text.splitlines():
-            if line.startswith("data:"):
-                try:
-                    total += _from_document(json.loads(line[5:]))
-                except ValueError:
-                    continue
-        return total
-    try:
-        return _from_document(json.loads(text))
-    except ValueError:
-        return 0
+    if b"text/event-stream" not in fields.get(b"content-type", b""):
+        try:
+            return _total(_counts(json.loads(text)))
+        except ValueError:
+            return 0
+    highest: dict[str, int] = {}
+    for line in text.splitlines():
+        if line.startswith("data:"):
+            try:
+                counts = _counts(json.loads(line[5:]))
+            except ValueError:
+                continue
+            for name, value in counts.items():
+                highest[name] = max(highest.get(name, 0), value)
+    return _total(highest)
