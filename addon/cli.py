@@ -10,10 +10,12 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
+import socket
 import subprocess
 import sys
-import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,90 +23,99 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from . import crypto, database, exchange, explain, identity, launcher, operator, settings
-from .journal import REPLAY_FLUSH_S
+from . import crypto, exchange, explain, identity, launcher, operator, runner
 
-err = Console(stderr=True, soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True, highlight=False)
 
-
-def confdir_default() -> Path:
-    return database.durable_home() / "certs"
+# options the launcher sets itself: --set cannot change them behind its back
+OWN_OPTIONS = {"listen_port": "--port", "listen_host": "--listen-host", "confdir": "--confdir"}
 
 
-def set_options(pairs: list[str], dsn: str | None) -> dict[str, str]:
+def set_options(cmd: str, pairs: list[str], dsn: str | None) -> dict[str, str]:
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise SystemExit(f"durable: --set wants KEY=VALUE, got {pair!r}")
+            raise SystemExit(f"durable {cmd}: --set wants KEY=VALUE, got {pair!r}")
+        if key in OWN_OPTIONS:
+            instead = ("durable run picks a free port; for a fixed one run `durable proxy --port N` and "
+                       "`durable run --proxy http://127.0.0.1:N`") if cmd == "run" and key != "confdir" else f"use {OWN_OPTIONS[key]}"
+            raise SystemExit(f"durable {cmd}: --set {key}=... is not passed on: {instead}")
         options[key] = value
     if dsn:
         options["durable_dsn"] = dsn
     return options
 
 
+HEADERS = {"last_outcome": "outcome", "duration_ms": "ms", "last_activity": "last activity", "forked_from": "forked from"}
+
+
+def cell(value: Any) -> str:
+    """A table cell: times to the second in local time (--json keeps full precision)."""
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    return str(value)
+
+
 def emit(args: argparse.Namespace, data: Any, columns: list[str], title: str) -> None:
-    """--json: the data as JSON; otherwise a table of `columns`."""
+    """--json: the data as JSON; otherwise a table of `columns` that fits the terminal ($COLUMNS when piped)."""
     if args.json:
         print(json.dumps(data, indent=2, default=str))
         return
     rows = data["steps"] if isinstance(data, dict) else data
     table = Table(title=title)
-    for column in columns:
-        table.add_column(column)
+    for column in columns:  # short columns stay whole; long ones (url, run) fold to fit
+        wide = column in ("url", "run", "forked_from")
+        table.add_column(HEADERS.get(column, column), overflow="fold", no_wrap=not wide)
     for row in rows:
-        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
-    Console(width=None if sys.stdout.isatty() else 240).print(table)  # piped: do not squeeze to 80 columns
+        table.add_row(*(cell(row.get(c)) for c in columns))
+    Console().print(table)
 
 
 # -- commands ---------------------------------------------------------------------------------------
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
+    options = set_options("proxy", args.set, args.dsn)
+    with socket.socket() as probe:  # mitmproxy's own message for a busy port names its flags, not ours
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((args.listen_host, args.port))
+        except OSError as e:
+            raise SystemExit(f"durable proxy: cannot listen on {args.listen_host}:{args.port} ({e.strerror}); "
+                             f"pick another port: durable proxy --port N") from e
+    confdir = Path(args.confdir or launcher.confdir_default())
+    confdir.mkdir(parents=True, exist_ok=True)
     argv = [launcher.mitmdump(), "-s", str(launcher.SCRIPT), "--listen-host", args.listen_host, "-p", str(args.port),
-            "--set", f"confdir={args.confdir}", "--set", "connection_strategy=lazy"]
-    for key, value in set_options(args.set, args.dsn).items():
+            "--set", f"confdir={confdir}", "--set", "connection_strategy=lazy"]
+    for key, value in options.items():
         argv += ["--set", f"{key}={value}"]
-    Path(args.confdir).mkdir(parents=True, exist_ok=True)
+    err.print(f"durable proxy: {args.listen_host}:{args.port}, CA in {confdir / launcher.CA_CERT}")
     os.execv(argv[0], argv)
     return 0  # not reached
 
 
-def why(failure: Exception) -> str:
-    """The one line of a sidecar's failed start that says why (its configuration error, else the first)."""
-    lines = [line.strip() for line in str(failure).splitlines() if line.strip()]
-    return next((line for line in lines if "configuration error" in line), lines[0] if lines else "unknown")
+NO_CALLS_HINT = """durable: the agent made no call through the sidecar. Clients that ignore HTTPS_PROXY:
+  Node's built-in fetch before Node 22.21 / 24.5 (durable run sets NODE_USE_ENV_PROXY=1, which later ones honour;
+  older ones: undici's EnvHttpProxyAgent), Go programs with their own http.Transport, clients built with
+  trust_env=False or an explicit proxy=None. See "Clients that ignore proxy variables" in the README."""
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     if not args.command:
         raise SystemExit("durable run: give the agent's command after --")
     identity.validate_id(args.run, "run id")
-    attempt = args.attempt or identity.mint_id("attempt")
-    confdir = Path(args.confdir)
-    options = set_options(args.set, args.dsn)
+    options = set_options("run", args.set, args.dsn)
     secret = options.get("durable_auth_secret") or os.environ.get("DURABLE_AUTH_SECRET")
-    token = identity.run_token(secret, args.run) if secret else None
-    sidecar = None
-    if args.proxy:
-        host_port = args.proxy.split("://")[-1].split("@")[-1].rstrip("/")
-        proxy_url, ca = launcher.proxy_url(host_port, args.run, attempt, token), confdir / launcher.CA_CERT
-    else:
-        try:
-            sidecar = launcher.start_sidecar(confdir, options)
-        except (RuntimeError, TimeoutError) as e:
-            raise SystemExit(f"durable run: the sidecar is not serving, so the agent was not started: {why(e)}") from e
-        proxy_url, ca = sidecar.proxy_url(args.run, attempt, token), sidecar.ca_cert
+    plan = runner.Plan(run=args.run, attempt=args.attempt or identity.mint_id("attempt"), command=args.command,
+                       dsn=args.dsn, options=options, confdir=Path(args.confdir) if args.confdir else None,
+                       proxy=args.proxy, token=identity.run_token(secret, args.run) if secret else None)
     try:
-        if not ca.exists():
-            raise SystemExit(f"durable run: no CA certificate at {ca} (use --confdir of the sidecar at --proxy)")
-        bundle = launcher.write_ca_bundle(ca, confdir / "ca-bundle.pem")
-        err.print(f"[dim]durable: run {args.run}, attempt {attempt}, proxy {proxy_url.split('@')[-1]}[/dim]")
-        code = subprocess.run(args.command, env=launcher.agent_env(proxy_url, bundle)).returncode
-    finally:
-        if sidecar:
-            time.sleep(2 * REPLAY_FLUSH_S)  # the sidecar writes its last replay counts in the background
-            sidecar.stop()
+        code, attempt = runner.execute(plan)
+    except runner.Failure as e:
+        raise SystemExit(f"durable run: {e}; the agent was not started") from e
     with operator.connect(args.dsn) as conn:
         s = operator.attempt_summary(conn, args.run, attempt)
     err.print(
@@ -112,7 +123,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{s['reissued']} reissued, {s['diverged']} diverged; replay saved {s['replayed']} upstream calls "
         f"and {s['tokens_saved']} LLM tokens"
     )
-    return 128 - code if code < 0 else code  # killed by a signal: the shell's convention
+    if not any(v for k, v in s.items() if k != "tokens_saved"):
+        err.print(NO_CALLS_HINT)
+    return code
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -153,7 +166,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
         parts = explain.from_har(Path(args.har), args.entry) if args.har else explain.parse_curl(args.curl)
     except (ValueError, OSError) as e:
         raise SystemExit(f"durable explain: {e}")
-    print(json.dumps(explain.explain(parts), indent=None if args.json else 2))
+    result = explain.explain(parts)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"fingerprint: {result['fingerprint']}")
+    for field, value in result["envelope"].items():
+        print(f"{field:>8}: {json.dumps(value)}")
     return 0
 
 
@@ -191,10 +210,40 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def age_seconds(text: str) -> float:
+    """'7d', '12h', '30m', '90s': a unit is required and 0 is refused (it would select every run)."""
+    match = AGE.match(text)
+    if not match:
+        raise SystemExit(f"durable gc: --older-than {text!r}: give a number and a unit, e.g. 7d, 12h, 30m, 90s")
+    seconds = float(match.group(1)) * UNITS[match.group(2)]
+    if seconds <= 0:
+        raise SystemExit("durable gc: --older-than must be more than 0 (0 would delete every run)")
+    return seconds
+
+
+def confirmed(question: str) -> bool:
+    """Ask on a terminal; scripts (no terminal) pass --yes or get a refusal."""
+    if not sys.stdin.isatty():
+        return False
+    return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
-    seconds = settings.parse_duration(args.older_than)
+    seconds = age_seconds(args.older_than)
     with operator.connect(args.dsn) as conn:
-        doomed = operator.gc(conn, seconds, args.dry_run)
+        doomed = operator.gc(conn, seconds, dry_run=True)
+        go = not args.dry_run and doomed and (args.yes or confirmed(
+            f"delete {len(doomed)} runs idle for more than {args.older_than} ({', '.join(doomed[:5])}"
+            f"{', ...' if len(doomed) > 5 else ''})?"))
+        if not args.dry_run and doomed and not go:
+            raise SystemExit(f"durable gc: nothing deleted ({len(doomed)} runs would be): "
+                             "confirm on a terminal or pass --yes")
+        if go:
+            operator.gc(conn, seconds, dry_run=False, only=doomed)
     if args.json:
         print(json.dumps({"deleted" if not args.dry_run else "would_delete": doomed}))
     else:
@@ -245,7 +294,7 @@ def cmd_rekey(args: argparse.Namespace) -> int:
 def cmd_ca(args: argparse.Namespace) -> int:
     from mitmproxy import certs
 
-    confdir = Path(args.confdir)
+    confdir = Path(args.confdir or launcher.confdir_default())
     confdir.mkdir(parents=True, exist_ok=True)
     certs.CertStore.from_store(str(confdir), "mitmproxy", 2048)  # creates the CA on first use
     ca = confdir / launcher.CA_CERT
@@ -280,95 +329,95 @@ def install_commands(ca: Path) -> list[list[str]]:
 
 
 def parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--dsn", help="journal database (default: $DATABASE_URL, else the embedded PostgreSQL)")
-    common.add_argument("--json", action="store_true", help="JSON for scripts instead of a table")
+    journal = argparse.ArgumentParser(add_help=False)
+    journal.add_argument("--dsn", help="journal database (default: $DATABASE_URL, else the embedded PostgreSQL)")
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument("--json", action="store_true", help="JSON for scripts instead of a table")
     certs = argparse.ArgumentParser(add_help=False)
-    certs.add_argument("--confdir", default=str(confdir_default()), help="where the sidecar keeps its CA")
+    certs.add_argument("--confdir", help="the sidecar's CA folder (default: $DURABLE_HOME/certs)")
     sidecar_opts = argparse.ArgumentParser(add_help=False)
-    sidecar_opts.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a mitmproxy option")
+    sidecar_opts.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                              help="a mitmproxy or durable_* option for the sidecar (repeatable)")
 
     p = argparse.ArgumentParser(prog="durable", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("proxy", parents=[common, certs, sidecar_opts], help="run the sidecar (127.0.0.1:8080)")
-    s.add_argument("--port", type=int, default=8080)
-    s.add_argument("--listen-host", default="127.0.0.1")
-    s.set_defaults(func=cmd_proxy)
-
-    s = sub.add_parser("run", parents=[common, certs, sidecar_opts], help="run a command durably: durable run --run R -- CMD")
-    s.add_argument("--run", required=True)
-    s.add_argument("--attempt", help="default: a fresh attempt id")
-    s.add_argument("--proxy", help="use the sidecar at this URL instead of starting one")
-    s.add_argument("command", nargs=argparse.REMAINDER)
-    s.set_defaults(func=cmd_run)
-
-    sub.add_parser("runs", parents=[common], help="list runs").set_defaults(func=cmd_runs)
-    for name, func, text in [("show", cmd_show, "the steps of a run"), ("diff", cmd_diff, "where attempts diverged"),
-                             ("rm", cmd_rm, "delete a run")]:
-        s = sub.add_parser(name, parents=[common], help=text)
-        s.add_argument("run")
+    def command(name: str, func: Any, text: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, parents=list(parents), help=text, description=text)
         s.set_defaults(func=func)
+        return s
 
-    s = sub.add_parser("explain", parents=[common], help="fingerprint of a curl command line or a HAR entry")
-    s.add_argument("--har")
-    s.add_argument("--entry", type=int, default=0)
-    s.add_argument("curl", nargs=argparse.REMAINDER)
-    s.set_defaults(func=cmd_explain)
+    def run_arg(s: argparse.ArgumentParser, text: str = "the run id") -> None:
+        s.add_argument("run", help=text)
 
-    s = sub.add_parser("fork", parents=[common], help="a new run with the first SEQ steps of RUN")
-    s.add_argument("run")
-    s.add_argument("--at", type=int, required=True)
-    s.add_argument("--to", required=True)
-    s.set_defaults(func=cmd_fork)
+    s = command("proxy", cmd_proxy, "run the sidecar in the foreground", journal, certs, sidecar_opts)
+    s.add_argument("--port", type=int, default=8080, help="port to listen on (default: %(default)s)")
+    s.add_argument("--listen-host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
 
-    s = sub.add_parser("resolve", parents=[common], help="settle an in-doubt step")
-    s.add_argument("run")
-    s.add_argument("seq", type=int)
+    s = command("run", cmd_run, "run a command durably: durable run --run R -- CMD", journal, certs, sidecar_opts)
+    s.add_argument("--run", required=True, help="the run id: the same on every restart of one task")
+    s.add_argument("--attempt", help="this attempt's id (default: a fresh one)")
+    s.add_argument("--proxy", metavar="URL", help="use the sidecar at this URL (e.g. http://127.0.0.1:8080) "
+                   "instead of starting one; its CA is taken from it")
+    s.add_argument("command", nargs=argparse.REMAINDER, help="the agent's command, after --")
+
+    command("runs", cmd_runs, "list runs", journal, as_json)
+    run_arg(command("show", cmd_show, "the steps of a run", journal, as_json))
+    run_arg(command("diff", cmd_diff, "where attempts diverged, field by field", journal, as_json))
+    run_arg(command("rm", cmd_rm, "delete a run and its steps", journal))
+
+    s = command("explain", cmd_explain, "fingerprint of a curl command line or a HAR entry", as_json)
+    s.add_argument("--har", metavar="FILE", help="a HAR file (default: read a curl command line)")
+    s.add_argument("--entry", type=int, default=1, help="which HAR entry, counting from 1 like seq (default: %(default)s)")
+    s.add_argument("curl", nargs=argparse.REMAINDER, help="a curl command line, after --")
+
+    s = command("fork", cmd_fork, "a new run with the first steps of RUN", journal)
+    run_arg(s, "the run to copy steps from")
+    s.add_argument("--at", type=int, required=True, metavar="SEQ", help="copy steps 1..SEQ")
+    s.add_argument("--to", required=True, metavar="RUN", help="the new run's id")
+
+    s = command("resolve", cmd_resolve, "settle an in-doubt step", journal)
+    run_arg(s)
+    s.add_argument("seq", type=int, help="the step's seq (durable show lists them)")
     how = s.add_mutually_exclusive_group(required=True)
     how.add_argument("--reissue", action="store_true", help="let the next attempt re-send it with its original key")
     how.add_argument("--forget", action="store_true", help="drop it: the next attempt records the call afresh")
     how.add_argument("--complete-from", metavar="FILE", help="its answer's body, to be replayed")
-    s.add_argument("--status", type=int, default=200)
-    s.add_argument("--content-type", default="application/json")
-    s.set_defaults(func=cmd_resolve)
+    s.add_argument("--status", type=int, default=200, help="with --complete-from: the answer's status (default: %(default)s)")
+    s.add_argument("--content-type", default="application/json",
+                   help="with --complete-from: the answer's Content-Type (default: %(default)s)")
 
-    s = sub.add_parser("edit", parents=[common], help="change one step's answer in a forked run")
-    s.add_argument("run")
-    s.add_argument("seq", type=int)
-    s.add_argument("--status", type=int)
-    s.add_argument("--body-file")
-    s.set_defaults(func=cmd_edit)
+    s = command("edit", cmd_edit, "change one step's answer in a forked run", journal)
+    run_arg(s, "a forked run (durable fork makes one)")
+    s.add_argument("seq", type=int, help="the step's seq")
+    s.add_argument("--status", type=int, help="the new status (default: keep the journaled one)")
+    s.add_argument("--body-file", metavar="FILE", help="the new body, as the agent should read it (default: keep)")
 
-    s = sub.add_parser("gc", parents=[common], help="delete runs idle for longer than a duration")
-    s.add_argument("--older-than", required=True, help="e.g. 7d, 12h")
-    s.add_argument("--dry-run", action="store_true")
-    s.set_defaults(func=cmd_gc)
+    s = command("gc", cmd_gc, "delete runs idle for longer than a duration", journal, as_json)
+    s.add_argument("--older-than", required=True, metavar="AGE", help="idle for longer than this: 7d, 12h, 30m, 90s")
+    s.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
+    s.add_argument("--yes", action="store_true", help="delete without asking (for scripts)")
 
-    s = sub.add_parser("export", parents=[common], help="a run as HAR 1.2 or a mitmproxy flow file")
-    s.add_argument("run")
+    s = command("export", cmd_export, "a run as HAR 1.2 or a mitmproxy flow file", journal)
+    run_arg(s)
     out = s.add_mutually_exclusive_group(required=True)
-    out.add_argument("--har")
-    out.add_argument("--flows")
-    s.set_defaults(func=cmd_export)
+    out.add_argument("--har", metavar="FILE", help="write HAR 1.2 here")
+    out.add_argument("--flows", metavar="FILE", help="write a mitmproxy flow file here (mitmweb -r FILE)")
 
-    s = sub.add_parser("import", parents=[common], help="a HAR or flow file as a new run")
-    s.add_argument("file")
-    s.add_argument("--run", required=True)
-    s.set_defaults(func=cmd_import)
+    s = command("import", cmd_import, "a HAR or flow file as a new run", journal)
+    s.add_argument("file", help="a .har or mitmproxy flow file")
+    s.add_argument("--run", required=True, help="the new run's id")
 
-    s = sub.add_parser("keygen", parents=[common], help="a new encryption key, KID:BASE64 (for DURABLE_ENCRYPTION_KEY)")
-    s.add_argument("--kid", default="k1")
-    s.set_defaults(func=cmd_keygen)
+    s = command("keygen", cmd_keygen, "a new encryption key, KID:BASE64 (for DURABLE_ENCRYPTION_KEY)")
+    s.add_argument("--kid", default="k1", help="the key id: 1-64 of A-Z a-z 0-9 . _ - (default: %(default)s)")
 
-    sub.add_parser("rekey", parents=[common], help="re-encrypt the journal with the first key of DURABLE_ENCRYPTION_KEY"
-                   ).set_defaults(func=cmd_rekey)
+    command("rekey", cmd_rekey, "re-encrypt the journal with the first key of DURABLE_ENCRYPTION_KEY", journal)
 
-    s = sub.add_parser("ca", parents=[common, certs], help="the sidecar's CA: path | bundle FILE | install")
-    s.add_argument("action", choices=["path", "bundle", "install"])
-    s.add_argument("file", nargs="?")
+    s = command("ca", cmd_ca, "the sidecar's CA: path | bundle FILE | install", certs)
+    s.add_argument("action", choices=["path", "bundle", "install"], help="path: where it is; bundle: system CAs + it "
+                   "in FILE; install: into the OS trust store")
+    s.add_argument("file", nargs="?", help="bundle: where to write it (default: CONFDIR/ca-bundle.pem)")
     s.add_argument("--dry-run", action="store_true", help="install: print the commands only")
-    s.set_defaults(func=cmd_ca)
     return p
 
 

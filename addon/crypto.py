@@ -12,6 +12,7 @@ import base64
 import binascii
 import json
 import os
+import re
 import secrets
 
 from cryptography.exceptions import InvalidTag
@@ -19,14 +20,22 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 MAGIC = b"DSE1"
 ENV = "DURABLE_ENCRYPTION_KEY"
+KID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # kept in every sealed value, after a one-byte length
 
 
 class KeyringError(ValueError):
     """A key that cannot be parsed, or a sealed value this keyring cannot open."""
 
 
+def validate_kid(kid: str) -> str:
+    if not KID.fullmatch(kid):
+        raise KeyringError(f"key id {kid!r}: use 1-64 characters of A-Z a-z 0-9 . _ - (e.g. k2, 2026-11)")
+    return kid
+
+
 def new_key_spec(kid: str = "k1") -> str:
     """A fresh `KID:BASE64KEY` for `durable keygen`."""
+    validate_kid(kid)
     return f"{kid}:{base64.b64encode(secrets.token_bytes(32)).decode()}"
 
 
@@ -42,6 +51,7 @@ class Keyring:
                 key = b""
             if not sep or not kid or len(key) != 32:
                 raise KeyringError(f"encryption key {kid or '?'!r}: expected KID:BASE64 of 32 bytes (durable keygen makes one)")
+            validate_kid(kid)
             self.keys[kid] = AESGCM(key)
             self.active = self.active or kid
 

@@ -58,10 +58,11 @@ def parse_curl(argv: list[str]) -> fingerprint.RequestParts:
 
 
 def from_har(path: Path, entry: int) -> fingerprint.RequestParts:
+    """Entry `entry` of a HAR or flow file, counting from 1 (as seq and Durable-Step do)."""
     flows = exchange.read(path)
-    if not 0 <= entry < len(flows):
-        raise ValueError(f"{path} has {len(flows)} entries with a response; no entry {entry}")
-    return fingerprint.request_parts(flows[entry].request)
+    if not 1 <= entry <= len(flows):
+        raise ValueError(f"{path} has entries 1..{len(flows)} (with a response); no entry {entry}")
+    return fingerprint.request_parts(flows[entry - 1].request)
 
 
 def explain(parts: fingerprint.RequestParts) -> dict[str, Any]:

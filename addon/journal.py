@@ -31,6 +31,10 @@ class JournalError(RuntimeError):
     """The journal could not be read or written; the sidecar fails closed."""
 
 
+class SealedError(JournalError):
+    """A journaled answer is encrypted with a key this process was not given (or a wrong one)."""
+
+
 @dataclass(frozen=True)
 class NewStep:
     run: str
@@ -512,7 +516,7 @@ class Journal:
         try:
             rows = await offload.run(size, self.offload_bytes, lambda: [open_row(self.keyring, row) for row in rows])
         except ValueError as e:  # KeyringError: a missing or wrong key
-            raise JournalError(f"read journaled responses of run {run}: {e}") from e
+            raise SealedError(f"read journaled responses of run {run}: {e}") from e
         return {
             row["seq"]: StoredResponse(
                 state=row["state"],

@@ -7,6 +7,7 @@ a CA bundle that holds the system CAs plus the sidecar's CA).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -21,9 +22,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+from . import database
+
 SCRIPT = Path(__file__).with_name("durable.py")
 CA_CERT = "mitmproxy-ca-cert.pem"
 HEALTH_URL = "http://durable.sidecar/health"  # answered by the addon itself (sidecar.HEALTH_HOST)
+CA_URL = "http://durable.sidecar/ca.pem"  # the CA that sidecar signs with
+KEPT_LOGS = 20  # sidecar logs kept in $DURABLE_HOME/logs, newest first
+
+
+def confdir_default() -> Path:
+    """The one place the sidecar's CA lives unless told otherwise: `$DURABLE_HOME/certs`."""
+    return database.durable_home() / "certs"
+
+
+def logs_dir() -> Path:
+    return database.durable_home() / "logs"
+
+
+class SidecarFailed(RuntimeError):
+    """The sidecar exited or did not serve in time; `reason` is the line that says why."""
+
+    def __init__(self, reason: str, log_path: Path, tail: str) -> None:
+        super().__init__(f"{reason} (log: {log_path}):\n{tail}")
+        self.reason, self.log_path = reason, log_path
 
 
 def free_port() -> int:
@@ -90,30 +112,63 @@ def start_sidecar(
     timeout: float = 60,
     listen_host: str = "127.0.0.1",
     journal_required: bool = True,
+    die_with_parent: bool = False,
 ) -> Sidecar:
     """Start mitmdump with the durable addon and wait until it serves: listening, with the addon
-    loaded, the journal reachable and its lease held (its health answer), or raise saying why not.
-    With `journal_required` false, an addon answering that its journal is down counts as started."""
+    loaded, the journal reachable and its lease held (its health answer), or raise SidecarFailed.
+    With `journal_required` false, an addon answering that its journal is down counts as started.
+    With `die_with_parent` (Linux), the sidecar gets SIGTERM should the caller die, SIGKILL included."""
     confdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
-    log_path = log_path or confdir / f"sidecar-{port}.log"
+    log_path = log_path or new_log_path(port)
     args = [mitmdump(), "-s", str(SCRIPT), "--listen-host", listen_host, "-p", str(port), "--set", f"confdir={confdir}"]
     for key, value in (options or {}).items():
         args += ["--set", f"{key}={value}"]
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                   preexec_fn=_term_with_parent if die_with_parent else None)
     sidecar = Sidecar(process, port, confdir, log_path)
+    try:
+        _wait_serving(sidecar, f"{listen_host}:{port}", timeout, journal_required)
+    except BaseException:
+        sidecar.kill()
+        raise
+    return sidecar
+
+
+def _wait_serving(sidecar: Sidecar, address: str, timeout: float, journal_required: bool) -> None:
     deadline = time.monotonic() + timeout
     why = "not listening yet"
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"sidecar exited with {process.returncode}:\n{sidecar.log()[-3000:]}")
-        ready, why = health(f"{listen_host}:{port}")  # refused until it listens; 502 until the addon loaded
+        if sidecar.process.poll() is not None:
+            log = sidecar.log()
+            lines = [line.strip() for line in log.splitlines() if line.strip()]
+            reason = next((line for line in lines if "configuration error" in line),
+                          lines[-1] if lines else f"exit status {sidecar.process.returncode}")
+            raise SidecarFailed(f"sidecar exited with {sidecar.process.returncode}: {reason}", sidecar.log_path, log[-3000:])
+        ready, why = health(address)  # refused until it listens; 502 until the addon loaded
         if ready or (not journal_required and "durable-sidecar" in why):
-            return sidecar
+            return
         time.sleep(0.05)
-    sidecar.kill()
-    raise TimeoutError(f"sidecar on {port} did not serve within {timeout}s ({why}):\n{sidecar.log()[-3000:]}")
+    raise SidecarFailed(f"sidecar on {address} did not serve within {timeout}s ({why})", sidecar.log_path,
+                        sidecar.log()[-3000:])
+
+
+def _term_with_parent() -> None:
+    """In the sidecar's process, before exec: SIGTERM when the launcher dies (prctl PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def new_log_path(port: int) -> Path:
+    """$DURABLE_HOME/logs/sidecar-TIME-PORT.log; only the newest KEPT_LOGS are kept."""
+    folder = logs_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in sorted(folder.glob("sidecar-*.log"), key=lambda p: p.stat().st_mtime, reverse=True)[KEPT_LOGS - 1:]:
+        old.unlink(missing_ok=True)
+    return folder / f"sidecar-{time.strftime('%Y%m%d-%H%M%S')}-{port}.log"
 
 
 def health(host_port: str, timeout: float = 10) -> tuple[bool, str]:
@@ -145,21 +200,36 @@ def system_ca_file() -> Path | None:
         return None
 
 
-def write_ca_bundle(sidecar_ca: Path, out: Path) -> Path:
+def bundle_text(ca_pem: bytes) -> str:
     """System CAs + the sidecar's CA in one file: SSL_CERT_FILE replaces the default store, so both."""
-    parts = []
     system = system_ca_file()
-    if system:
-        parts.append(system.read_text())
-    parts.append(sidecar_ca.read_text())
+    return "\n".join([*([system.read_text()] if system else []), ca_pem.decode()])
+
+
+def write_ca_bundle(sidecar_ca: Path, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(parts))
+    out.write_text(bundle_text(sidecar_ca.read_bytes()))
     return out
 
 
+def bundle_for(ca_pem: bytes) -> Path:
+    """The bundle for this CA, one file per CA under $DURABLE_HOME/bundles (written atomically: runs
+    starting at once never read half a bundle)."""
+    path = database.durable_home() / "bundles" / f"ca-bundle-{hashlib.sha256(ca_pem.strip()).hexdigest()[:16]}.pem"
+    text = bundle_text(ca_pem)
+    if not path.exists() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return path
+
+
 def agent_env(proxy_url: str, ca_bundle: Path, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment that routes an unmodified agent through the sidecar and makes it trust the CA."""
+    """The environment that routes an unmodified agent through the sidecar and makes it trust the CA.
+    NODE_USE_ENV_PROXY makes Node's built-in fetch honour the proxy variables (Node 22.21+, 24.5+)."""
     env = dict(os.environ if base is None else base)
+    env["NODE_USE_ENV_PROXY"] = "1"
     for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
         env.pop(name, None)
     for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):

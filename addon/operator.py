@@ -17,7 +17,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from . import database, migrations, usage
-from .crypto import Keyring, open_json, open_row, seal_json
+from .crypto import Keyring, KeyringError, open_json, open_row, seal_json
 from .journal import DELETE_RUNS, IDLE_RUNS, decode_headers
 
 
@@ -79,7 +79,13 @@ def steps(conn: psycopg.Connection, run: str) -> list[dict[str, Any]]:
     ).fetchall()
     keys = keyring()
     for row in rows:
-        open_row(keys, row)
+        row["sealed"] = None
+        try:
+            open_row(keys, row)
+        except KeyringError as e:  # URLs and states stay readable; only what the answer holds is sealed
+            row["sealed"], row["tokens"] = str(e), None
+            row.pop("response_body"), row.pop("response_headers")
+            continue
         body, headers = row.pop("response_body"), row.pop("response_headers")
         row["tokens"] = usage.tokens(bytes(body), decode_headers(headers)) if body else 0
     return rows
@@ -247,9 +253,13 @@ def remove(conn: psycopg.Connection, run: str) -> int:
     return count
 
 
-def gc(conn: psycopg.Connection, older_than_s: float, dry_run: bool, batch: int = 100) -> list[str]:
-    """Delete runs with no activity for `older_than_s`, a batch per statement so traffic never stalls."""
+def gc(conn: psycopg.Connection, older_than_s: float, dry_run: bool, batch: int = 100,
+       only: list[str] | None = None) -> list[str]:
+    """Delete runs with no activity for `older_than_s`, a batch per statement so traffic never stalls.
+    `only`: of those, just these (the ones a user confirmed; a run active since is spared)."""
     doomed = [r["id"] for r in conn.execute(IDLE_RUNS, {"age": older_than_s})]
+    if only is not None:
+        doomed = [run for run in doomed if run in set(only)]
     if not dry_run:
         for start in range(0, len(doomed), batch):
             conn.execute(DELETE_RUNS, (doomed[start:start + batch],))

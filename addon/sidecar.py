@@ -21,7 +21,7 @@ from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy import flow as mflow
 
 from . import crypto, database, httplayer, identity, redaction, responses, settings, streams, usage
-from .journal import Journal, JournalError
+from .journal import Journal, JournalError, SealedError
 from .lifecycle import Lifecycle, Refused, Step, elapsed_ms
 from .metrics import Metrics
 from .pacing import Pacer
@@ -161,7 +161,10 @@ class DurableSidecar:
         if flow.response is not None or flow.is_replay or META in flow.metadata:
             return
         if flow.request.host == HEALTH_HOST:
-            await self._health(flow)
+            if flow.request.path == "/ca.pem":
+                self._ca(flow)
+            else:
+                await self._health(flow)
             return
         known: dict[str, str] = {}  # the run and attempt, once identified: every refusal names them
         try:
@@ -179,6 +182,9 @@ class DurableSidecar:
             httplayer.label(flow.request, responses.labels(step.run, step.seq, step.outcome))
         except Refused as e:
             self._refuse(flow, e.status, e.reason, **{**known, **e.details})
+        except SealedError as e:
+            self._refuse(flow, 503, "journaled answer cannot be decrypted (give the sidecar its key with"
+                         " durable_encryption_key): nothing was forwarded", failed=str(e), **known)
         except JournalError as e:
             self._refuse(flow, 503, "journal unavailable: nothing was forwarded", failed=str(e), **known)
         except Exception as e:
@@ -256,6 +262,14 @@ class DurableSidecar:
             asyncio.ensure_future(self.lifecycle.break_off(flow, step, "orphan timed out"))
 
     # -- operations -----------------------------------------------------------------------------
+
+    def _ca(self, flow: http.HTTPFlow) -> None:
+        """The CA certificate this sidecar signs with (public): `durable run --proxy` hands the agent
+        this one, whatever folder the sidecar was started with."""
+        tlsconfig = ctx.master.addons.get("tlsconfig")
+        flow.response = http.Response.make(200, tlsconfig.certstore.default_ca.to_pem(),
+                                           {"Content-Type": "application/x-pem-file"})
+        flow.metadata[META] = Step(None, None, "passthrough")
 
     async def _health(self, flow: http.HTTPFlow) -> None:
         """Serving means journaling: the answer is 200 only once the journal is reachable and this

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,13 @@ ROOT = Path(__file__).resolve().parent.parent
 DEMO_AGENT = ROOT / "scripts" / "demo_agent.py"
 sys.path.insert(0, str(ROOT / "scripts"))
 import paid_api  # noqa: E402  (the upstream the tests bill against, run as a process of its own)
+
+# sidecar logs, CA bundles and any embedded PostgreSQL of the tests stay out of the user's own home
+os.environ["DURABLE_HOME"] = tempfile.mkdtemp(prefix="durable-test-home-")
+
+
+def pytest_sessionfinish() -> None:
+    shutil.rmtree(os.environ["DURABLE_HOME"], ignore_errors=True)
 
 
 def docker_reachable() -> bool:

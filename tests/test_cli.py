@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,8 +64,12 @@ def test_durable_run_survives_a_crash_and_show_agrees_with_the_books(
     assert all(s["state"] == "completed" and s["status"] in (200, 201) for s in shown["steps"])
     assert [s["method"] for s in shown["steps"]] == [r["method"] for r in books["requests"]]
     assert [urlsplit(s["url"]).path for s in shown["steps"]] == [urlsplit(r["path"]).path for r in books["requests"]]
-    table = durable("show", run, "--dsn", pg_dsn).stdout
+    table = durable("show", run, "--dsn", pg_dsn, env={**os.environ, "COLUMNS": "200"}).stdout
     assert "completed" in table and "/v1/payments" in table
+    narrow = durable("show", run, "--dsn", pg_dsn, env={**os.environ, "COLUMNS": "80"}).stdout
+    assert max(map(len, narrow.splitlines())) <= 80 and narrow.count("completed") == CALLS  # fits, nothing cut
+    listed = durable("runs", "--dsn", pg_dsn, env={**os.environ, "COLUMNS": "200"}).stdout
+    assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", listed) and "+00:00" not in listed  # to the second
 
 
 def test_fork_replays_the_first_steps_then_goes_live(
@@ -168,12 +174,41 @@ def test_resolve_in_doubt_steps(sidecars: Sidecars, http_api: PaidApi, pg_dsn: s
     assert http_api.books()["charges"] == 2  # the reissued one and the forgotten one, once each
 
 
+def answer_on_a_terminal(answer: str, *args: str) -> str:
+    """Run `durable ARGS` on a pseudo-terminal, type `answer` at its question; everything it wrote."""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(DURABLE, [DURABLE, *args])
+    output = b""
+    while b"[y/N]" not in output:
+        output += os.read(fd, 4096)
+    os.write(fd, answer.encode() + b"\n")
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # the terminal closes when durable exits
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.waitpid(pid, 0)
+    return output.decode(errors="replace")
+
+
 def test_gc_rm_and_one_line_errors(sidecars: Sidecars, http_api: PaidApi, pg_dsn: str) -> None:
     old, fresh = idle_and_live_runs(sidecars.start(), http_api, pg_dsn, idle_days=10)
     planned = json.loads(durable("gc", "--older-than", "7d", "--dry-run", "--json", "--dsn", pg_dsn).stdout)
     assert old in planned["would_delete"] and fresh not in planned["would_delete"]
     assert sql(pg_dsn, "SELECT count(*) FROM durable_runs WHERE id = %s", old) == [(1,)]
-    durable("gc", "--older-than", "7d", "--dsn", pg_dsn)
+    for age, says in (("7", "give a number and a unit"), ("0d", "must be more than 0")):
+        refused = durable("gc", "--older-than", age, "--yes", "--dsn", pg_dsn, check=False)
+        assert refused.returncode == 1 and says in refused.stderr
+    unconfirmed = durable("gc", "--older-than", "7d", "--dsn", pg_dsn, check=False)  # no terminal, no --yes
+    assert unconfirmed.returncode == 1 and "pass --yes" in unconfirmed.stderr
+    assert sql(pg_dsn, "SELECT count(*) FROM durable_runs WHERE id = ANY(%s)", [old, fresh]) == [(2,)]
+    answer_on_a_terminal("n", "gc", "--older-than", "7d", "--dsn", pg_dsn)
+    assert sql(pg_dsn, "SELECT count(*) FROM durable_runs WHERE id = ANY(%s)", [old, fresh]) == [(2,)]
+    assert "deleted 1 runs" in answer_on_a_terminal("y", "gc", "--older-than", "7d", "--dsn", pg_dsn)
     assert sql(pg_dsn, "SELECT count(*) FROM durable_runs WHERE id = ANY(%s)", [old, fresh]) == [(1,)]
 
     assert "1 steps" in durable("rm", fresh, "--dsn", pg_dsn).stdout
@@ -194,7 +229,10 @@ def test_explain_matches_the_journaled_fingerprint(sidecars: Sidecars, http_api:
     assert explained["envelope"]["query"] == [["a", "1"], ["b", "2"]]
     har = tmp_path / "one.har"
     durable("export", run, "--har", str(har), "--dsn", pg_dsn)
-    assert json.loads(durable("explain", "--har", str(har), "--json").stdout)["fingerprint"] == journaled
+    assert json.loads(durable("explain", "--har", str(har), "--entry", "1", "--json").stdout)["fingerprint"] == journaled
+    assert f"fingerprint: {journaled}" in durable("explain", "--har", str(har)).stdout  # counts from 1, like seq
+    zero = durable("explain", "--har", str(har), "--entry", "0", check=False)
+    assert zero.returncode == 1 and "has entries 1..1" in zero.stderr
 
 
 def test_diff_shows_where_an_attempt_diverged(sidecars: Sidecars, http_api: PaidApi, pg_dsn: str) -> None:

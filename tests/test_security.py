@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import json
 import os
 import ssl
 import subprocess
@@ -98,6 +99,7 @@ def test_encrypted_journal_replays_and_shows_no_plaintext(
     keyless = sidecars.start()
     refused = requests.post(url, data=marker.encode(), proxies={"http": keyless.proxy_url(run, "a4")}, timeout=30)
     assert refused.status_code == 503 and "encrypted with key 'k1'" in refused.json()["failed"]
+    assert "cannot be decrypted" in refused.json()["reason"]  # the real reason, not "journal unavailable"
     assert http_api.books()["calls"] == 1  # no refusal went upstream
 
     # rotate: a new active key k2, the old k1 still readable; afterwards k2 alone is enough
@@ -106,6 +108,10 @@ def test_encrypted_journal_replays_and_shows_no_plaintext(
     durable = str(Path(sys.executable).with_name("durable"))
     subprocess.run([durable, "rekey", "--dsn", pg_dsn], env=env, check=True, capture_output=True)
     assert sql(pg_dsn, "SELECT DISTINCT key_id FROM durable_steps WHERE key_id IS NOT NULL") == [("k2",)]
+    keyless_env = {k: v for k, v in os.environ.items() if k != crypto.ENV}
+    shown = subprocess.run([durable, "show", run, "--dsn", pg_dsn, "--json"], env=keyless_env, capture_output=True, text=True)
+    (step,) = json.loads(shown.stdout)["steps"]  # readable without the key: what is sealed is marked
+    assert step["url"] == url and step["state"] == "completed" and "'k2'" in step["sealed"] and step["tokens"] is None
     only_new = sidecars.start(durable_encryption_key=rotated.split(",")[0])
     replayed = requests.post(url, data=marker.encode(), proxies={"http": only_new.proxy_url(run, "a5")}, timeout=30)
     assert replayed.headers["Durable-Outcome"] == "replayed" and replayed.content == marker.encode()

@@ -1,0 +1,186 @@
+"""`durable run` as a user meets it: signals, pre-flight checks, the CA it hands the agent, its logs.
+
+Every test drives the real `durable` command, a real sidecar and a real agent process, and checks
+by pid that nothing it started is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from addon import launcher
+from conftest import PaidApi, Sidecars, new_run
+
+DURABLE = str(Path(sys.executable).with_name("durable"))
+SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and k not in
+           ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")}
+    return {**env, **extra}
+
+
+def wait_for(path: Path, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().strip():
+            return path.read_text().strip()
+        time.sleep(0.05)
+    raise AssertionError(f"{path} was never written")
+
+
+def gone(pids: list[int], timeout: float = 15) -> list[int]:
+    """The pids still alive after `timeout` (zombies count as gone: nothing runs)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
+
+
+def start_run(tmp_path: Path, dsn: str | None, env: dict[str, str]) -> tuple[subprocess.Popen[str], int, list[int]]:
+    """`durable run -- sh` whose agent writes its pid and sleeps: the launcher, the agent's pid, and
+    every process the launcher started."""
+    pidfile = tmp_path / f"agent-{time.monotonic_ns()}.pid"
+    args = [DURABLE, "run", "--run", new_run()] + (["--dsn", dsn] if dsn else [])
+    proc = subprocess.Popen(args + ["--", "sh", "-c", f"echo $$ > {pidfile}; exec sleep 60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    agent = int(wait_for(pidfile))
+    started = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    assert agent in started and len(started) >= 2  # the agent and the sidecar at least
+    return proc, agent, started
+
+
+@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
+def test_a_signal_to_durable_run_reaches_the_agent_and_leaves_nothing_behind(
+    sig: signal.Signals, pg_dsn: str, tmp_path: Path
+) -> None:
+    proc, agent, started = start_run(tmp_path, pg_dsn, clean_env())
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + sig  # the agent's status: killed by the signal passed on
+    assert "0 recorded, 0 replayed" in stderr and "Traceback" not in stderr  # the summary, no traceback
+    assert gone(started) == []
+
+
+def test_embedded_postgres_stops_with_the_last_launcher(tmp_path: Path) -> None:
+    """No --dsn, no DATABASE_URL: the embedded PostgreSQL the launcher started stops when it exits."""
+    home = tmp_path / "home"
+    env = clean_env(DURABLE_HOME=str(home))
+    env.pop("DATABASE_URL", None)
+    proc, agent, started = start_run(tmp_path, None, env)
+    postmaster = int((home / "pgdata" / "postmaster.pid").read_text().split()[0])
+    assert psutil.pid_exists(postmaster)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert gone([*started, postmaster], timeout=30) == []
+
+
+def test_ctrl_c_on_a_terminal_reaches_the_agent_once(pg_dsn: str, tmp_path: Path) -> None:
+    """The agent runs in the terminal's foreground group: Ctrl-C is delivered to it by the terminal,
+    once, not a second time by `durable`; the summary follows and the status is 130."""
+    seen, ready = tmp_path / "signals", tmp_path / "ready"
+    agent = tmp_path / "agent.py"
+    agent.write_text(
+        "import signal, sys, time\n"
+        f"def on(s, f): open({str(seen)!r}, 'a').write('INT\\n')\n"
+        "signal.signal(signal.SIGINT, on)\n"
+        f"open({str(ready)!r}, 'w').write('1')\n"
+        "deadline = time.monotonic() + 30\n"
+        f"while time.monotonic() < deadline and not open({str(seen)!r}, 'a+').tell(): time.sleep(0.05)\n"
+        "time.sleep(1)\n"  # a second SIGINT would land here
+        "signal.signal(signal.SIGINT, signal.SIG_DFL); import os; os.kill(os.getpid(), signal.SIGINT)\n"
+    )
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: `durable run` on a terminal of its own
+        os.execve(DURABLE, [DURABLE, "run", "--run", new_run(), "--dsn", pg_dsn, "--", sys.executable, str(agent)],
+                  clean_env())
+    output = b""
+    wait_for(ready)
+    os.write(fd, b"\x03")  # Ctrl-C, as typed
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 130, output
+    assert seen.read_text() == "INT\n"
+    assert b"0 recorded" in output and b"Traceback" not in output
+
+
+def durable_run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([DURABLE, "run", "--run", new_run(), *args], capture_output=True, text=True,
+                          env=env or clean_env(), timeout=timeout)
+
+
+def test_an_unreachable_journal_stops_the_run_before_the_agent(tmp_path: Path) -> None:
+    marker = tmp_path / "agent-ran"
+    dsn = f"postgresql://postgres@127.0.0.1:{launcher.free_port()}/nothing"
+    out = durable_run("--dsn", dsn, "--", "touch", str(marker))
+    assert out.returncode == 1 and not marker.exists()
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("durable run: the journal does not answer") and "fix --dsn" in line
+    assert "the agent was not started" in line
+
+
+def test_an_unreachable_proxy_stops_the_run_before_the_agent(pg_dsn: str, tmp_path: Path) -> None:
+    marker = tmp_path / "agent-ran"
+    out = durable_run("--dsn", pg_dsn, "--proxy", f"http://127.0.0.1:{launcher.free_port()}", "--", "touch", str(marker))
+    assert out.returncode == 1 and not marker.exists()
+    (line,) = out.stderr.strip().splitlines()
+    assert "no serving sidecar at 127.0.0.1:" in line and "durable proxy --port" in line
+
+
+def test_proxy_hands_the_agent_the_ca_of_that_sidecar(
+    sidecars: Sidecars, https_api: PaidApi, pg_dsn: str, tmp_path: Path
+) -> None:
+    """A sidecar started with a CA folder of its own: `--proxy` alone gets the agent through TLS; a
+    --confdir holding another CA is refused before the agent starts, saying why."""
+    sidecar = sidecars.start(ssl_insecure="true")
+    proxy = f"http://127.0.0.1:{sidecar.port}"
+    run = new_run()
+    curl = ["curl", "-s", "-D", "-", f"{https_api.url}/v1/search?q=ca"]
+    out = subprocess.run([DURABLE, "run", "--run", run, "--dsn", pg_dsn, "--proxy", proxy, "--", *curl],
+                         capture_output=True, text=True, env=clean_env(), timeout=60)
+    assert out.returncode == 0 and "durable-outcome: recorded" in out.stdout.lower(), out.stderr
+    other = tmp_path / "other-certs"
+    subprocess.run([DURABLE, "ca", "path", "--confdir", str(other)], check=True, capture_output=True)
+    refused = durable_run("--dsn", pg_dsn, "--proxy", proxy, "--confdir", str(other), "--", *curl)
+    assert refused.returncode == 1 and "is not the CA the sidecar at" in refused.stderr
+    assert https_api.books()["calls"] == 1
+
+
+def test_a_failed_sidecar_names_its_log_and_logs_are_pruned(pg_dsn: str) -> None:
+    out = durable_run("--dsn", pg_dsn, "--set", "durable_in_doubt=sometimes", "--", "true")
+    assert out.returncode == 1 and "the sidecar did not start" in out.stderr
+    log = Path(out.stderr.split("its log: ")[1].split(")")[0])
+    assert log.parent == Path(os.environ["DURABLE_HOME"]) / "logs" and "durable_in_doubt" in log.read_text()
+    for n in range(launcher.KEPT_LOGS + 5):
+        (log.parent / f"sidecar-20000101-0000{n:02d}-1.log").write_text("old")
+    launcher.new_log_path(1)
+    assert len(list(log.parent.glob("sidecar-*.log"))) == launcher.KEPT_LOGS - 1  # room for the new one
+
+
+def test_the_agent_is_told_to_use_the_proxy_even_from_node_fetch() -> None:
+    env = launcher.agent_env("http://r:a@127.0.0.1:1", Path("/b.pem"), base={"NO_PROXY": "*"})
+    assert env["NODE_USE_ENV_PROXY"] == "1" and env["HTTPS_PROXY"] == env["HTTP_PROXY"] == "http://r:a@127.0.0.1:1"
+    assert "NO_PROXY" not in env and env["NODE_EXTRA_CA_CERTS"] == "/b.pem"
