@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from . import crypto, exchange, explain, identity, launcher, operator, runner
+from . import crypto, database, embedded, exchange, explain, identity, launcher, operator, runner
 
 err = Console(stderr=True, soft_wrap=True, highlight=False)
 
@@ -279,6 +279,27 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_db(args: argparse.Namespace) -> int:
+    home = database.durable_home()
+    data = {"status": embedded.status, "start": embedded.pin, "stop": embedded.stop}[args.action](home)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    state = f"running (pid {data['pid']})" if data["running"] else "stopped"
+    print(f"embedded PostgreSQL: {state}" + (", pinned by `durable db start`" if data["pinned"] else ""))
+    print(f"  data:    {data['pgdata']}" + ("" if data["initialized"] else " (not created yet: the first use creates it)"))
+    if data["socket_dir"]:
+        print(f"  connect: postgresql://postgres@/postgres?host={data['socket_dir']}")
+    print(f"  log:     {data['log']}")
+    users = data["users"] or []
+    print(f"  users:   {len(users)}" + ("" if users else " (it stops a second after its last user exits, unless pinned)"))
+    for user in users:
+        print(f"    {user['pid']}  {user['command'][:100]}")
+    if os.environ.get("DATABASE_URL"):
+        print("  note: DATABASE_URL is set, so sidecars and commands without --dsn use it, not this one")
+    return 0
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     print(crypto.new_key_spec(args.kid))
     return 0
@@ -407,6 +428,10 @@ def parser() -> argparse.ArgumentParser:
     s = command("import", cmd_import, "a HAR or flow file as a new run", journal)
     s.add_argument("file", help="a .har or mitmproxy flow file")
     s.add_argument("--run", required=True, help="the new run's id")
+
+    s = command("db", cmd_db, "the embedded PostgreSQL: status | start (keep it running) | stop", as_json)
+    s.add_argument("action", choices=["status", "start", "stop"], help="status: what runs, where its data is, who "
+                   "uses it; start: start it and keep it running until `durable db stop`; stop: stop it now")
 
     s = command("keygen", cmd_keygen, "a new encryption key, KID:BASE64 (for DURABLE_ENCRYPTION_KEY)")
     s.add_argument("--kid", default="k1", help="the key id: 1-64 of A-Z a-z 0-9 . _ - (default: %(default)s)")

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
@@ -19,7 +20,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from . import database, lease, migrations, offload
+from . import database, embedded, lease, migrations, offload
 from .crypto import Keyring, open_row, seal_json
 from .cursor import RunCursor, StepRef
 
@@ -254,14 +255,18 @@ class Journal:
 
     async def owner(self) -> int:
         """This sidecar's lease id, which every step it sends carries; the lease is (re)taken if needed."""
-        if self.target is None:
-            await self.open()
-        assert self.target is not None
-        try:
-            return await self.lease.ensure(self.target.dsn, self._timeout_s)
-        except Exception as e:
-            self.observe("take lease", 0.0, False)
-            raise JournalError(f"take lease: {type(e).__name__}: {e}".strip()) from e
+        for last in (False, True):
+            try:
+                if self.target is None or not self._migrated:
+                    await self.open()
+                assert self.target is not None
+                return await self.lease.ensure(self.target.dsn, self._timeout_s)
+            except Exception as e:
+                if not last and await self._revive():
+                    continue
+                self.observe("take lease", 0.0, False)
+                raise JournalError(f"take lease: {type(e).__name__}: {e}".strip()) from e
+        raise AssertionError("unreachable: the last try returns or raises")
 
     async def close(self) -> None:
         await self.lease.close()
@@ -299,6 +304,24 @@ class Journal:
         fresh connection: safe, because every statement here is idempotent or, for a new step,
         guarded by the (run, fingerprint, occurrence) key.
         """
+        try:
+            return await self._on_connection_once(whats, work)
+        except JournalError:
+            if await self._revive():
+                return await self._on_connection_once(whats, work)
+            raise
+
+    async def _revive(self) -> bool:
+        """On the embedded database, a server that died under this sidecar is started again."""
+        if self.target is None or not self.target.origin.startswith("embedded:"):
+            return False
+        if not await asyncio.to_thread(embedded.revive, Path(self.target.origin.removeprefix("embedded:"))):
+            return False
+        if self._pool is not None:
+            await self._pool.check()
+        return True
+
+    async def _on_connection_once(self, whats: list[str], work: Callable[[psycopg.AsyncConnection], Awaitable[T]]) -> T:
         what = whats[0] if len(whats) == 1 else f"{len(whats)} journal writes"
         try:
             if self._pool is None or not self._migrated:
@@ -312,6 +335,7 @@ class Journal:
                     except psycopg.OperationalError:
                         if retry or not conn.broken:
                             raise
+                        await self._revive()
                         await self._pool.check()
                         continue
                     elapsed = time.perf_counter() - started

@@ -20,7 +20,7 @@ import psycopg
 from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy import flow as mflow
 
-from . import crypto, database, httplayer, identity, redaction, responses, settings, streams, usage
+from . import crypto, database, httplayer, identity, quietlog, redaction, responses, settings, streams, usage
 from .journal import Journal, JournalError, SealedError
 from .lifecycle import Lifecycle, Refused, Step, elapsed_ms
 from .metrics import Metrics
@@ -54,6 +54,7 @@ class DurableSidecar:
         for name, typespec, default, help_text in settings.OPTIONS:
             loader.add_option(name, typespec, default, help_text)
         apply_deferred(loader.master.options)
+        quietlog.quiet("psycopg.pool")  # a reconnect error per second while the journal is down: once per 30 s
         for missing in httplayer.install():
             logger.warning("durable: this mitmproxy's HTTP layer is not the one expected: %s", missing)
 

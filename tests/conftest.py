@@ -22,7 +22,7 @@ import psycopg
 import pytest
 import requests
 
-from addon import database, launcher
+from addon import database, embedded, launcher
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_AGENT = ROOT / "scripts" / "demo_agent.py"
@@ -59,7 +59,7 @@ def pg_server() -> Iterator[str]:
             yield pg.get_connection_url()
     else:
         # outside pytest's tmp dirs, which a concurrent pytest session may prune; deleted at exit
-        yield database.start_embedded(Path(tempfile.mkdtemp(prefix="durable-test-pg-")), cleanup="delete")
+        yield embedded.start(Path(tempfile.mkdtemp(prefix="durable-test-pg-")), cleanup="delete")
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 import pytest
 import requests
@@ -47,6 +52,40 @@ def test_embedded_postgres_is_the_default_and_survives_restarts(
     assert http_api.books()["calls"] == 1
 
 
+def test_embedded_postgres_is_restarted_when_it_dies_and_stopped_after_a_crashed_sidecar(
+    tmp_path: Path, confdir: Path, http_api: PaidApi
+) -> None:
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"} | {"DURABLE_HOME": str(home)}
+    sidecar = launcher.start_sidecar(confdir, {}, env=env)
+    run = new_run()
+    try:
+        assert get(sidecar, f"{http_api.url}/v1/search?q=one", run, "a1").headers["Durable-Outcome"] == "recorded"
+        log = sidecar.log()
+        assert log.count("embedded PostgreSQL started in") == 1 and "pg_ctl" not in log  # one line, not a dozen
+        postmaster = int((home / "pgdata" / "postmaster.pid").read_text().split()[0])
+        os.kill(postmaster, signal.SIGKILL)
+        deadline, answers = time.monotonic() + 60, []
+        while time.monotonic() < deadline:  # 503s (nothing forwarded) until the sidecar has it running again
+            answers.append(get(sidecar, f"{http_api.url}/v1/search?q=two", run, "a1"))
+            if answers[-1].status_code == 200:
+                break
+        assert answers[-1].headers["Durable-Outcome"] == "recorded", answers[-1].text
+        assert all(a.status_code == 503 for a in answers[:-1])
+        assert "had stopped; started it again" in sidecar.log()
+        status = json.loads(subprocess.run([str(Path(sys.executable).with_name("durable")), "db", "status", "--json"],
+                                           env=env, capture_output=True, text=True, check=True).stdout)
+        assert status["running"] and status["pid"] != postmaster and sidecar.process.pid in [u["pid"] for u in status["users"]]
+        revived = status["pid"]
+    finally:
+        sidecar.kill()  # SIGKILL: no goodbye to the handle list
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and psutil.pid_exists(revived):
+        time.sleep(0.2)
+    assert not psutil.pid_exists(revived)  # the watcher stopped it: its last user is gone
+    assert http_api.books()["calls"] == 2
+
+
 def test_migrations_are_safe_when_several_sidecars_start_at_once(fresh_dsn: str) -> None:
     async def open_many() -> None:
         journals = [Journal(fresh_dsn) for _ in range(6)]
@@ -70,6 +109,10 @@ def test_unreachable_database_fails_closed(sidecars: Sidecars, http_api: PaidApi
     assert body["error"] == "durable-sidecar" and "journal unavailable" in body["reason"] and body["failed"]
     assert http_api.books()["calls"] == 0
     assert sidecar.process.poll() is None  # still up, waiting for its database
+    for _ in range(3):
+        requests.get(f"{http_api.url}/v1/search", proxies={"http": f"http://{new_run()}:a1@127.0.0.1:{sidecar.port}"},
+                     timeout=30)
+    assert sidecar.log().count("error connecting in") == 1  # once per 30 s, not once per reconnect
 
 
 def bare_step(run: str, key: str, occurrence: int = 0, **fields: Any) -> NewStep:
