@@ -238,13 +238,20 @@ def eventually(probe, expected, timeout: float = 10.0):
     return value
 
 
-def idle_and_live_runs(sidecar: launcher.Sidecar, api: PaidApi, dsn: str, idle_days: int) -> tuple[str, str]:
-    """Two recorded runs, the first made to look idle for `idle_days` (for gc and retention)."""
-    idle, live = new_run(), new_run()
-    for run in (idle, live):
-        requests.get(f"{api.url}/v1/search?q=idle", proxies={"http": sidecar.proxy_url(run, "a1")}, timeout=30)
-    sql(dsn, "UPDATE durable_runs SET updated_at = now() - make_interval(days => %s) WHERE id = %s RETURNING 1",
-        idle_days, idle)
-    sql(dsn, "UPDATE durable_steps SET started_at = now() - make_interval(days => %s),"
-        " completed_at = now() - make_interval(days => %s) WHERE run_id = %s RETURNING 1", idle_days, idle_days, idle)
-    return idle, live
+def runs_around_cutoff(sidecar: launcher.Sidecar, api: PaidApi, dsn: str, cutoff_days: int) -> dict[str, str]:
+    """Recorded runs on both sides of a retention cutoff (for gc and retention):
+    `old` idle for cutoff+3 days (the only one to delete), `inside` idle for cutoff-1 days, `replayed`
+    recorded cutoff+3 days ago but replayed just now, `fresh` recorded now."""
+    runs = {name: new_run() for name in ("old", "inside", "replayed", "fresh")}
+    for run in runs.values():
+        requests.get(f"{api.url}/v1/search?q=aged", proxies={"http": sidecar.proxy_url(run, "a1")}, timeout=30)
+    for name, days in (("old", cutoff_days + 3), ("inside", cutoff_days - 1), ("replayed", cutoff_days + 3)):
+        sql(dsn, "UPDATE durable_runs SET updated_at = now() - make_interval(days => %s) WHERE id = %s RETURNING 1",
+            days, runs[name])
+        sql(dsn, "UPDATE durable_steps SET started_at = now() - make_interval(days => %s), completed_at ="
+            " now() - make_interval(days => %s), replayed_at = NULL WHERE run_id = %s RETURNING 1", days, days, runs[name])
+    again = requests.get(f"{api.url}/v1/search?q=aged", proxies={"http": sidecar.proxy_url(runs["replayed"], "a2")}, timeout=30)
+    assert again.headers["Durable-Outcome"] == "replayed"
+    replayed_now = "SELECT replayed_at > now() - interval '1 minute' FROM durable_steps WHERE run_id = %s"
+    assert eventually(lambda: sql(dsn, replayed_now, runs["replayed"]), [(True,)]) == [(True,)]  # written in the background
+    return runs

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import pytest
 from mitmproxy import io as mitmio
 
-from conftest import DEMO_AGENT, PaidApi, Sidecars, idle_and_live_runs, new_run, run_agent, sql
+from conftest import DEMO_AGENT, PaidApi, Sidecars, runs_around_cutoff, new_run, run_agent, sql
 
 DURABLE = str(Path(sys.executable).with_name("durable"))
 STEPS = 4
@@ -196,9 +196,10 @@ def answer_on_a_terminal(answer: str, *args: str) -> str:
 
 
 def test_gc_rm_and_one_line_errors(sidecars: Sidecars, http_api: PaidApi, pg_dsn: str) -> None:
-    old, fresh = idle_and_live_runs(sidecars.start(), http_api, pg_dsn, idle_days=10)
+    runs = runs_around_cutoff(sidecars.start(), http_api, pg_dsn, cutoff_days=7)
+    old, fresh = runs["old"], runs["fresh"]
     planned = json.loads(durable("gc", "--older-than", "7d", "--dry-run", "--json", "--dsn", pg_dsn).stdout)
-    assert old in planned["would_delete"] and fresh not in planned["would_delete"]
+    assert old in planned["would_delete"] and not {runs["inside"], runs["replayed"], fresh} & set(planned["would_delete"])
     assert sql(pg_dsn, "SELECT count(*) FROM durable_runs WHERE id = %s", old) == [(1,)]
     for age, says in (("7", "give a number and a unit"), ("0d", "must be more than 0")):
         refused = durable("gc", "--older-than", age, "--yes", "--dsn", pg_dsn, check=False)
@@ -210,6 +211,7 @@ def test_gc_rm_and_one_line_errors(sidecars: Sidecars, http_api: PaidApi, pg_dsn
     assert sql(pg_dsn, "SELECT count(*) FROM durable_runs WHERE id = ANY(%s)", [old, fresh]) == [(2,)]
     assert "deleted 1 runs" in answer_on_a_terminal("y", "gc", "--older-than", "7d", "--dsn", pg_dsn)
     assert sql(pg_dsn, "SELECT count(*) FROM durable_runs WHERE id = ANY(%s)", [old, fresh]) == [(1,)]
+    assert sql(pg_dsn, "SELECT count(*) FROM durable_runs WHERE id = ANY(%s)", list(runs.values())) == [(3,)]
 
     assert "1 steps" in durable("rm", fresh, "--dsn", pg_dsn).stdout
     missing = durable("show", fresh, "--dsn", pg_dsn, check=False)

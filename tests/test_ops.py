@@ -10,7 +10,7 @@ import requests
 from ruamel.yaml import YAML
 
 from addon import launcher
-from conftest import ROOT, PaidApi, Sidecars, eventually, idle_and_live_runs, new_run, run_agent, sql
+from conftest import ROOT, PaidApi, Sidecars, eventually, runs_around_cutoff, new_run, run_agent, sql
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -56,11 +56,12 @@ def test_json_logs_parse_and_hold_no_secret(sidecars: Sidecars, ca_bundle: Path,
 
 
 def test_retention_deletes_idle_runs_and_keeps_live_ones(sidecars: Sidecars, http_api: PaidApi, pg_dsn: str) -> None:
-    old, live = idle_and_live_runs(sidecars.start(), http_api, pg_dsn, idle_days=9)
+    runs = runs_around_cutoff(sidecars.start(), http_api, pg_dsn, cutoff_days=7)
     sidecars.start(durable_retention="7d")  # its first retention pass runs at start
-    count = lambda: sql(pg_dsn, "SELECT count(*) FROM durable_runs WHERE id = ANY(%s)", [old, live])  # noqa: E731
-    assert eventually(count, [(1,)]) == [(1,)]
-    assert sql(pg_dsn, "SELECT id FROM durable_runs WHERE id = ANY(%s)", [old, live]) == [(live,)]
+    count = lambda: sql(pg_dsn, "SELECT count(*) FROM durable_runs WHERE id = ANY(%s)", list(runs.values()))  # noqa: E731
+    assert eventually(count, [(3,)]) == [(3,)]
+    kept = {row[0] for row in sql(pg_dsn, "SELECT id FROM durable_runs WHERE id = ANY(%s)", list(runs.values()))}
+    assert kept == {runs["inside"], runs["replayed"], runs["fresh"]}  # only the run idle past the cutoff went
 
 
 def test_compose_file_names_what_the_readme_says() -> None:
