@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -126,6 +127,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not any(v for k, v in s.items() if k != "tokens_saved"):
         err.print(NO_CALLS_HINT)
     return code
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    """Shell lines that put this shell's next commands behind a running sidecar, with a fresh attempt."""
+    identity.validate_id(args.run, "run id")
+    address = runner.host_port(args.proxy)
+    try:
+        bundle = launcher.bundle_for(runner.fetch_ca(address))
+    except runner.Failure as e:
+        raise SystemExit(f"durable env: {e}") from e
+    secret = os.environ.get("DURABLE_AUTH_SECRET")
+    url = launcher.proxy_url(address, args.run, args.attempt or identity.mint_id("attempt"),
+                             identity.run_token(secret, args.run) if secret else None)
+    print(f"unset {' '.join(launcher.CLEARED)}")
+    for name, value in launcher.agent_variables(url, bundle).items():
+        print(f"export {name}={shlex.quote(value)}")
+    return 0
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -381,6 +399,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--proxy", metavar="URL", help="use the sidecar at this URL (e.g. http://127.0.0.1:8080) "
                    "instead of starting one; its CA is taken from it")
     s.add_argument("command", nargs=argparse.REMAINDER, help="the agent's command, after --")
+
+    s = command("env", cmd_env, "shell lines for an agent behind a running sidecar: "
+                'eval "$(durable env --run R)"')
+    s.add_argument("--run", required=True, help="the run id: the same on every restart of one task")
+    s.add_argument("--attempt", help="this attempt's id (default: a fresh one, so run it again on every restart)")
+    s.add_argument("--proxy", default="http://127.0.0.1:8080", metavar="URL",
+                   help="the running sidecar (default: %(default)s); the CA bundle holds the CA it signs with")
 
     command("runs", cmd_runs, "list runs", journal, as_json)
     run_arg(command("show", cmd_show, "the steps of a run", journal, as_json))

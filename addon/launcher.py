@@ -225,16 +225,19 @@ def bundle_for(ca_pem: bytes) -> Path:
     return path
 
 
+CLEARED = ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "SSL_CERT_DIR")  # the bundle is the whole truth
+
+
+def agent_variables(proxy_url: str, ca_bundle: Path) -> dict[str, str]:
+    """What an unmodified agent needs set: proxy variables (every spelling clients read) and the CA
+    bundle (every variable clients read). NODE_USE_ENV_PROXY makes Node's built-in fetch honour the
+    proxy variables (Node 22.21+, 24.5+)."""
+    proxies = dict.fromkeys(("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"), proxy_url)
+    bundles = dict.fromkeys(("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"), str(ca_bundle))
+    return {**proxies, **bundles, "NODE_USE_ENV_PROXY": "1"}
+
+
 def agent_env(proxy_url: str, ca_bundle: Path, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment that routes an unmodified agent through the sidecar and makes it trust the CA.
-    NODE_USE_ENV_PROXY makes Node's built-in fetch honour the proxy variables (Node 22.21+, 24.5+)."""
-    env = dict(os.environ if base is None else base)
-    env["NODE_USE_ENV_PROXY"] = "1"
-    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
-        env.pop(name, None)
-    for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
-        env[name] = proxy_url
-    for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"):
-        env[name] = str(ca_bundle)
-    env.pop("SSL_CERT_DIR", None)  # the bundle is the whole truth
-    return env
+    """The environment that routes an unmodified agent through the sidecar and makes it trust the CA."""
+    env = {k: v for k, v in (os.environ if base is None else base).items() if k not in CLEARED}
+    return {**env, **agent_variables(proxy_url, ca_bundle)}

@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--crash-after", type=int, default=7, help="the agent dies after this many calls")
     args = parser.parse_args()
 
-    confdir = ROOT / "certs"
+    confdir = launcher.confdir_default()  # the one CA folder: $DURABLE_HOME/certs
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}  # the demo shows the embedded default
     options = {"durable_dsn": args.dsn} if args.dsn else {}
     run = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -84,7 +84,7 @@ def main() -> None:
             sidecar = launcher.start_sidecar(confdir, options, env=env)
             where = args.dsn and "--dsn" or f"embedded PostgreSQL in {database.durable_home() / 'pgdata'}"
             print(f"   sidecar on 127.0.0.1:{sidecar.port}; its CA in {confdir}/; journal: {where}")
-            bundle = launcher.write_ca_bundle(sidecar.ca_cert, confdir / "ca-bundle.pem")
+            bundle = launcher.bundle_for(sidecar.ca_cert.read_bytes())
 
             say(f"attempt 1 of run {run}: the agent runs {STEPS} steps of {CALLS_PER_STEP} paid calls, and crashes")
             code = run_agent(sidecar, bundle, api, run, "attempt-1", args.crash_after)
