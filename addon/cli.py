@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from . import crypto, database, embedded, exchange, explain, identity, launcher, operator, runner
+from . import crypto, database, embedded, identity, launcher, operator, runner
 
 err = Console(stderr=True, soft_wrap=True, highlight=False)
 
@@ -114,10 +114,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                        dsn=args.dsn, options=options, confdir=Path(args.confdir) if args.confdir else None,
                        proxy=args.proxy, token=identity.run_token(secret, args.run) if secret else None)
     try:
-        code, attempt = runner.execute(plan)
+        outcome = runner.execute(plan)
     except runner.Failure as e:
         raise SystemExit(f"durable run: {e}; the agent was not started") from e
-    with operator.connect(args.dsn) as conn:
+    attempt = outcome.attempt
+    if outcome.journal is None:
+        return outcome.status
+    with operator.connect(outcome.journal.dsn, migrate=False) as conn:  # the sidecar migrated it
         s = operator.attempt_summary(conn, args.run, attempt)
     err.print(
         f"durable: run {args.run} attempt {attempt}: {s['recorded']} recorded, {s['replayed']} replayed, "
@@ -126,7 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     if not any(v for k, v in s.items() if k != "tokens_saved"):
         err.print(NO_CALLS_HINT)
-    return code
+    return outcome.status
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -180,6 +183,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    from . import explain  # mitmproxy's flow readers: half a second to import, only here and in export/import
+
     try:
         parts = explain.from_har(Path(args.har), args.entry) if args.har else explain.parse_curl(args.curl)
     except (ValueError, OSError) as e:
@@ -271,6 +276,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from . import exchange
+
     with operator.connect(args.dsn) as conn:
         rows = operator.step_rows(conn, args.run)
     with Progress(console=err, transient=True) as progress:
@@ -288,6 +295,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from . import exchange
+
     identity.validate_id(args.run, "run id")
     flows = exchange.read(Path(args.file))
     with Progress(console=err, transient=True) as progress:

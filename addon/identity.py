@@ -17,7 +17,6 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from mitmproxy.addons.proxyauth import parse_http_basic_auth
 
 RUN_HEADER = "Durable-Run-Id"
 ATTEMPT_HEADER = "Durable-Attempt"
@@ -71,6 +70,8 @@ def parse_proxy_authorization(value: str | None) -> Credentials:
     Cached: an agent sends the same header on every call of a run, and this sits on every call's path."""
     if not value:
         return Credentials()
+    from mitmproxy.addons.proxyauth import parse_http_basic_auth  # loaded in the sidecar; the CLI need not pay for it
+
     try:
         _, user, password = parse_http_basic_auth(value)
     except ValueError as e:

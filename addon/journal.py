@@ -568,6 +568,11 @@ class Journal:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.ensure_future(self._flush_replays())
 
+    async def flush_replays(self) -> None:
+        """Wait for the replay counts gathered so far to be written."""
+        if self._flusher is not None and not self._flusher.done():
+            await self._flusher
+
     async def _flush_replays(self) -> None:
         await asyncio.sleep(REPLAY_FLUSH_S)  # let a burst of replays gather into one statement
         while self._replays:

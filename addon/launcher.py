@@ -69,6 +69,15 @@ class Sidecar:
     port: int
     confdir: Path
     log_path: Path
+    listen_host: str = "127.0.0.1"
+
+    def wait_serving(self, timeout: float = 60, journal_required: bool = True) -> None:
+        """Until it serves (see start_sidecar); killed on the way out if it does not."""
+        try:
+            _wait_serving(self, f"{self.listen_host}:{self.port}", timeout, journal_required)
+        except BaseException:
+            self.kill()
+            raise
 
     def proxy_url(self, run: str, attempt: str, token: str | None = None) -> str:
         return proxy_url(f"127.0.0.1:{self.port}", run, attempt, token)
@@ -113,11 +122,13 @@ def start_sidecar(
     listen_host: str = "127.0.0.1",
     journal_required: bool = True,
     die_with_parent: bool = False,
+    wait: bool = True,
 ) -> Sidecar:
     """Start mitmdump with the durable addon and wait until it serves: listening, with the addon
     loaded, the journal reachable and its lease held (its health answer), or raise SidecarFailed.
     With `journal_required` false, an addon answering that its journal is down counts as started.
-    With `die_with_parent` (Linux), the sidecar gets SIGTERM should the caller die, SIGKILL included."""
+    With `die_with_parent` (Linux), the sidecar gets SIGTERM should the caller die, SIGKILL included.
+    With `wait` false it returns at once: the caller does other work, then `wait_serving`."""
     confdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     log_path = log_path or new_log_path(port)
@@ -127,12 +138,9 @@ def start_sidecar(
     with open(log_path, "ab") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                    preexec_fn=_term_with_parent if die_with_parent else None)
-    sidecar = Sidecar(process, port, confdir, log_path)
-    try:
-        _wait_serving(sidecar, f"{listen_host}:{port}", timeout, journal_required)
-    except BaseException:
-        sidecar.kill()
-        raise
+    sidecar = Sidecar(process, port, confdir, log_path, listen_host)
+    if wait:
+        sidecar.wait_serving(timeout, journal_required)
     return sidecar
 
 

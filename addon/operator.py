@@ -31,14 +31,15 @@ class OperatorError(RuntimeError):
 
 
 @contextmanager
-def connect(dsn: str | None) -> Iterator[psycopg.Connection]:
+def connect(dsn: str | None, migrate: bool = True) -> Iterator[psycopg.Connection]:
     target = database.resolve(dsn)
 
-    async def migrate() -> None:
+    async def apply() -> None:
         async with await psycopg.AsyncConnection.connect(target.dsn, autocommit=True) as conn:
             await migrations.apply(conn)
 
-    asyncio.run(migrate())
+    if migrate:
+        asyncio.run(apply())
     with psycopg.connect(target.dsn, autocommit=True, row_factory=dict_row) as conn:
         yield conn
 

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import types
 import urllib.error
 import urllib.request
@@ -25,7 +24,6 @@ from pathlib import Path
 import psycopg
 
 from . import database, launcher
-from .journal import REPLAY_FLUSH_S
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 PROXY_CHECK_S = 1.5  # a sidecar on this machine or the next answers its health check well within this
@@ -160,10 +158,18 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def execute(plan: Plan) -> tuple[int, str]:
-    """Run the plan: (the agent's exit status, the attempt). Raises Failure before the agent starts."""
+@dataclass
+class Outcome:
+    status: int  # the agent's exit status, in the shell's convention
+    attempt: str
+    journal: database.Target | None  # None when a signal came before the journal was checked
+
+
+def execute(plan: Plan) -> Outcome:
+    """Run the plan. Raises Failure before the agent starts."""
     agent: list[subprocess.Popen[bytes]] = []
     sidecar: launcher.Sidecar | None = None
+    target: database.Target | None = None
     tty = _terminal()
     with signals_forwarded(agent):
         try:
@@ -171,14 +177,18 @@ def execute(plan: Plan) -> tuple[int, str]:
                 address = host_port(plan.proxy)
                 pem = fetch_ca(address)
                 check_ca(pem, plan.confdir, address)
-                check_journal(plan.dsn)  # the summary reads it, and a sidecar elsewhere may not share it
-            else:
-                check_journal(plan.dsn)
+                target = check_journal(plan.dsn)  # the summary reads it, and a sidecar elsewhere may not share it
+            else:  # the sidecar boots (about a second, mostly imports) while the journal is checked
+                sidecar = launcher.start_sidecar(plan.confdir or launcher.confdir_default(), plan.options,
+                                                 die_with_parent=True, wait=False)
                 try:
-                    sidecar = launcher.start_sidecar(plan.confdir or launcher.confdir_default(), plan.options,
-                                                     die_with_parent=True)
+                    target = check_journal(plan.dsn)
+                    sidecar.wait_serving()
                 except launcher.SidecarFailed as e:
                     raise Failure(f"the sidecar did not start: {e.reason} (its log: {e.log_path})") from e
+                except BaseException:
+                    sidecar.kill()
+                    raise
                 address, pem = f"127.0.0.1:{sidecar.port}", sidecar.ca_cert.read_bytes()
             bundle = launcher.bundle_for(pem)
             url = launcher.proxy_url(address, plan.run, plan.attempt, plan.token)
@@ -192,6 +202,5 @@ def execute(plan: Plan) -> tuple[int, str]:
             if tty is not None:
                 _give_terminal(tty, os.getpgrp())
             if sidecar:
-                time.sleep(2 * REPLAY_FLUSH_S)  # the sidecar writes its last replay counts in the background
-                sidecar.stop()
-    return exit_status(code), plan.attempt
+                sidecar.stop()  # a polite stop: the sidecar writes its last replay counts first
+    return Outcome(exit_status(code), plan.attempt, target)

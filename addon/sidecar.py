@@ -288,6 +288,11 @@ class DurableSidecar:
             flow.response = http.Response.make(200, json.dumps(body).encode(), {"Content-Type": "application/json"})
         flow.metadata[META] = Step(None, None, "refused" if flow.response.status_code != 200 else "passthrough")
 
+    async def done(self) -> None:
+        """A polite stop writes the replay counts still gathering (`durable run`'s summary reads them)."""
+        if self.lifecycle is not None:
+            await self.lifecycle.journal.flush_replays()
+
     async def _housekeeping(self, every_s: float = 600) -> None:
         """Neither the journal nor the sidecar's memory grows without bound: every 10 minutes, delete
         runs idle past the retention (small batches) and forget long-idle attempts' cursors."""

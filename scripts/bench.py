@@ -345,6 +345,53 @@ def chart(path: Path, seq: dict[str, dict[str, float]], conc: dict[str, dict[int
     fig.savefig(path, dpi=110)
 
 
+def startup(dsn: str, work: Path, rounds: int) -> dict[str, float]:
+    """Wall time of `durable run -- true` (the launcher's own cost around an agent that does nothing),
+    on a DSN and on the embedded PostgreSQL with its data directory in place, beside what any
+    per-command proxy pays: bare mitmdump from exec to listening, then stopped. Medians, ms."""
+    durable = str(Path(sys.executable).with_name("durable"))
+    home = work / "startup-home"
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"} | {"DURABLE_HOME": str(home)}
+    subprocess.run([durable, "db", "start"], env=env, check=True, capture_output=True)  # data dir made, kept up
+
+    def timed(argv: list[str]) -> float:
+        started = time.perf_counter()
+        subprocess.run(argv, env=env, check=True, capture_output=True)
+        return (time.perf_counter() - started) * 1000
+
+    def bare_mitmdump() -> float:
+        port = launcher.free_port()
+        started = time.perf_counter()
+        proc = subprocess.Popen([launcher.mitmdump(), "-p", str(port), "--set", f"confdir={home / 'certs'}"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while True:
+            try:
+                http.client.HTTPConnection("127.0.0.1", port, timeout=1).connect()
+                break
+            except OSError:
+                time.sleep(0.01)
+        proc.send_signal(2)
+        proc.wait()
+        return (time.perf_counter() - started) * 1000
+
+    samples: dict[str, list[float]] = {"true alone": [], "bare mitmdump start+stop": [],
+                                       "durable run -- true (DSN)": [], "durable run -- true (embedded)": [],
+                                       "durable run --proxy -- true": []}
+    running = launcher.start_sidecar(home / "certs", {"durable_dsn": dsn}, log_path=work / "startup-proxy.log")
+    try:
+        for _ in range(rounds):
+            samples["true alone"].append(timed(["true"]))
+            samples["bare mitmdump start+stop"].append(bare_mitmdump())
+            samples["durable run -- true (DSN)"].append(timed([durable, "run", "--run", "bench-start", "--dsn", dsn, "--", "true"]))
+            samples["durable run -- true (embedded)"].append(timed([durable, "run", "--run", "bench-start", "--", "true"]))
+            samples["durable run --proxy -- true"].append(timed([durable, "run", "--run", "bench-start", "--dsn", dsn,
+                                                                 "--proxy", f"http://127.0.0.1:{running.port}", "--", "true"]))
+    finally:
+        running.stop()
+        subprocess.run([durable, "db", "stop"], env=env, capture_output=True)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=400)
@@ -353,10 +400,11 @@ def main() -> None:
     parser.add_argument("--scale", default="100,10000,100000")
     parser.add_argument("--dsn")
     parser.add_argument("--chart", default=str(ROOT / "docs" / "bench.png"))
+    parser.add_argument("--startup-rounds", type=int, default=5, help="rounds of the start-up measurement")
     parser.add_argument("--quick", action="store_true", help="a tiny run that only proves the script works")
     args = parser.parse_args()
     if args.quick:
-        args.requests, args.rounds, args.concurrency, args.scale = 20, 1, "1,2", "10,50"
+        args.requests, args.rounds, args.concurrency, args.scale, args.startup_rounds = 20, 1, "1,2", "10,50", 1
 
     server = database.resolve(args.dsn).dsn
     dsn = database.create_database(server, "durable_bench")
@@ -369,6 +417,7 @@ def main() -> None:
             conc = concurrency(dsn, upstream, work, args.requests, [int(c) for c in args.concurrency.split(",")], args.rounds)
             sizes = [int(s) for s in args.scale.split(",")]
             scaled = scale(dsn, upstream, work, sizes, min(args.requests, min(sizes)) - 1)
+            started = startup(dsn, work, args.startup_rounds)
     finally:
         database.drop_database(server, dsn)
 
@@ -402,6 +451,10 @@ def main() -> None:
         print(f"{size:>8} {r['first_ms']:>9.2f} {r['p50']:>8.2f} {r['rss_mib']:>8.1f}")
     smallest, largest = min(scaled), max(scaled)
     print(f"replay p50 at {largest} steps / at {smallest} steps: {scaled[largest]['p50'] / scaled[smallest]['p50']:.2f}")
+
+    print(f"\nstart-up: wall time in ms, median of {args.startup_rounds} rounds")
+    for name, ms in started.items():
+        print(f"{name:<32} {ms:>8.0f} {ms / started['bare mitmdump start+stop']:>6.2f}x bare mitmdump")
 
     if args.chart:
         chart(Path(args.chart), seq, conc)
