@@ -21,10 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import Progress
-from rich.table import Table
 
-from . import crypto, database, embedded, identity, launcher, operator, runner
+from . import crypto, database, embedded, identity, launcher, operator, runner, tables
 
 err = Console(stderr=True, soft_wrap=True, highlight=False)
 
@@ -66,13 +64,9 @@ def emit(args: argparse.Namespace, data: Any, columns: list[str], title: str) ->
         print(json.dumps(data, indent=2, default=str))
         return
     rows = data["steps"] if isinstance(data, dict) else data
-    table = Table(title=title)
-    for column in columns:  # short columns stay whole; long ones (url, run) fold to fit
-        wide = column in ("url", "run", "forked_from")
-        table.add_column(HEADERS.get(column, column), overflow="fold", no_wrap=not wide)
-    for row in rows:
-        table.add_row(*(cell(row.get(c)) for c in columns))
-    Console().print(table)
+    wide = {i for i, c in enumerate(columns) if c in ("url", "run", "forked_from")}  # these fold to fit
+    print(tables.render(title, [HEADERS.get(c, c) for c in columns],
+                        [[cell(row.get(c)) for c in columns] for row in rows], wide))
 
 
 # -- commands ---------------------------------------------------------------------------------------
@@ -278,30 +272,28 @@ def cmd_gc(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from . import exchange
 
-    with operator.connect(args.dsn) as conn:
+    with err.status(f"reading run {args.run}"), operator.connect(args.dsn) as conn:
         rows = operator.step_rows(conn, args.run)
-    with Progress(console=err, transient=True) as progress:
-        task = progress.add_task(f"exporting {args.run}", total=len(rows))
-        flows = []
-        for row in rows:
-            flows += exchange.flows([row])
-            progress.advance(task)
-    if args.har:
-        exchange.write_har(Path(args.har), flows)
-    if args.flows:
-        exchange.write_flows(Path(args.flows), flows)
+    with err.status(f"writing {len(rows)} steps to {args.har or args.flows}"):
+        flows = exchange.flows(rows)
+        if args.har:
+            exchange.write_har(Path(args.har), flows)
+        if args.flows:
+            exchange.write_flows(Path(args.flows), flows)
     print(f"exported {len(flows)} steps of run {args.run} to {args.har or args.flows}")
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    import asyncio
+
     from . import exchange
 
     identity.validate_id(args.run, "run id")
-    flows = exchange.read(Path(args.file))
-    with Progress(console=err, transient=True) as progress:
-        task = progress.add_task(f"importing {args.file}", total=len(flows))
-        count = exchange.import_file(args.dsn, args.run, Path(args.file), lambda n: progress.update(task, completed=n))
+    with err.status(f"reading {args.file}"):
+        flows = exchange.read(Path(args.file))
+    with err.status(f"journaling {len(flows)} steps into run {args.run}"):
+        count = asyncio.run(exchange.import_flows(args.dsn, args.run, flows))
     print(f"imported {count} steps into run {args.run}")
     return 0
 

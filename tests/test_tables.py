@@ -1,0 +1,24 @@
+"""The CLI's tables: as wide as the terminal at most, folding long cells rather than cutting them."""
+
+from __future__ import annotations
+
+from addon import tables
+
+URL = "https://api.example.com/v1/chat/completions?session=" + "a" * 60
+
+
+def test_a_table_fits_the_width_and_folds_the_wide_column_without_losing_text() -> None:
+    rows = [[str(n), "POST", URL, "completed"] for n in range(1, 4)]
+    text = tables.render("run r1", ["seq", "method", "url", "state"], rows, wide={2}, width=60)
+    lines = text.splitlines()
+    assert lines[0] == "run r1" and lines[1].split() == ["seq", "method", "url", "state"]
+    assert max(map(len, lines)) <= 60
+    assert text.count("completed") == 3  # short columns stay whole, one per row
+    start, end = lines[1].index("url"), lines[1].index("state")
+    first_row = lines[3:3 + (len(lines) - 3) // 3]
+    assert "".join(line[start:end].strip() for line in first_row) == URL  # folded, every character kept
+
+
+def test_a_narrow_table_is_left_as_it_is() -> None:
+    text = tables.render("runs", ["run", "steps"], [["r1", "3"]], wide={0}, width=200)
+    assert text.splitlines()[2:] == ["───  ─────", "r1   3"]
