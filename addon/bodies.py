@@ -62,9 +62,9 @@ def _brotli(raw: bytes) -> Iterator[bytes]:
 
 def _zstd(raw: bytes) -> Iterator[bytes]:
     try:
-        from compression import zstd  # type: ignore[import-not-found]  # Python 3.14
+        from compression import zstd  # Python 3.14
     except ImportError:
-        from backports import zstd  # type: ignore[import-not-found,no-redef]  # what mitmproxy brings
+        from backports import zstd  # what mitmproxy brings
     decoder = zstd.ZstdDecompressor()
     yield decoder.decompress(raw, max_length=PIECE)
     while not decoder.needs_input and not decoder.eof:

@@ -37,8 +37,14 @@ def set_options(cmd: str, pairs: list[str], dsn: str | None) -> dict[str, str]:
         if not sep:
             raise SystemExit(f"durable {cmd}: --set wants KEY=VALUE, got {pair!r}")
         if key in OWN_OPTIONS:
-            instead = ("durable run picks a free port; for a fixed one run `durable proxy --port N` and "
-                       "`durable run --proxy http://127.0.0.1:N`") if cmd == "run" and key != "confdir" else f"use {OWN_OPTIONS[key]}"
+            instead = (
+                (
+                    "durable run picks a free port; for a fixed one run `durable proxy --port N` and "
+                    "`durable run --proxy http://127.0.0.1:N`"
+                )
+                if cmd == "run" and key != "confdir"
+                else f"use {OWN_OPTIONS[key]}"
+            )
             raise SystemExit(f"durable {cmd}: --set {key}=... is not passed on: {instead}")
         options[key] = value
     if dsn:
@@ -46,7 +52,12 @@ def set_options(cmd: str, pairs: list[str], dsn: str | None) -> dict[str, str]:
     return options
 
 
-HEADERS = {"last_outcome": "outcome", "duration_ms": "ms", "last_activity": "last activity", "forked_from": "forked from"}
+HEADERS = {
+    "last_outcome": "outcome",
+    "duration_ms": "ms",
+    "last_activity": "last activity",
+    "forked_from": "forked from",
+}
 
 
 def cell(value: Any) -> str:
@@ -65,8 +76,11 @@ def emit(args: argparse.Namespace, data: Any, columns: list[str], title: str) ->
         return
     rows = data["steps"] if isinstance(data, dict) else data
     wide = {i for i, c in enumerate(columns) if c in ("url", "run", "forked_from")}  # these fold to fit
-    print(tables.render(title, [HEADERS.get(c, c) for c in columns],
-                        [[cell(row.get(c)) for c in columns] for row in rows], wide))
+    print(
+        tables.render(
+            title, [HEADERS.get(c, c) for c in columns], [[cell(row.get(c)) for c in columns] for row in rows], wide
+        )
+    )
 
 
 # -- commands ---------------------------------------------------------------------------------------
@@ -79,12 +93,25 @@ def cmd_proxy(args: argparse.Namespace) -> int:
         try:
             probe.bind((args.listen_host, args.port))
         except OSError as e:
-            raise SystemExit(f"durable proxy: cannot listen on {args.listen_host}:{args.port} ({e.strerror}); "
-                             f"pick another port: durable proxy --port N") from e
+            raise SystemExit(
+                f"durable proxy: cannot listen on {args.listen_host}:{args.port} ({e.strerror}); "
+                f"pick another port: durable proxy --port N"
+            ) from e
     confdir = Path(args.confdir or launcher.confdir_default())
     confdir.mkdir(parents=True, exist_ok=True)
-    argv = [launcher.mitmdump(), "-s", str(launcher.SCRIPT), "--listen-host", args.listen_host, "-p", str(args.port),
-            "--set", f"confdir={confdir}", "--set", "connection_strategy=lazy"]
+    argv = [
+        launcher.mitmdump(),
+        "-s",
+        str(launcher.SCRIPT),
+        "--listen-host",
+        args.listen_host,
+        "-p",
+        str(args.port),
+        "--set",
+        f"confdir={confdir}",
+        "--set",
+        "connection_strategy=lazy",
+    ]
     for key, value in options.items():
         argv += ["--set", f"{key}={value}"]
     err.print(f"durable proxy: {args.listen_host}:{args.port}, CA in {confdir / launcher.CA_CERT}")
@@ -104,9 +131,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     identity.validate_id(args.run, "run id")
     options = set_options("run", args.set, args.dsn)
     secret = options.get("durable_auth_secret") or os.environ.get("DURABLE_AUTH_SECRET")
-    plan = runner.Plan(run=args.run, attempt=args.attempt or identity.mint_id("attempt"), command=args.command,
-                       dsn=args.dsn, options=options, confdir=Path(args.confdir) if args.confdir else None,
-                       proxy=args.proxy, token=identity.run_token(secret, args.run) if secret else None)
+    plan = runner.Plan(
+        run=args.run,
+        attempt=args.attempt or identity.mint_id("attempt"),
+        command=args.command,
+        dsn=args.dsn,
+        options=options,
+        confdir=Path(args.confdir) if args.confdir else None,
+        proxy=args.proxy,
+        token=identity.run_token(secret, args.run) if secret else None,
+    )
     try:
         outcome = runner.execute(plan)
     except runner.Failure as e:
@@ -135,8 +169,12 @@ def cmd_env(args: argparse.Namespace) -> int:
     except runner.Failure as e:
         raise SystemExit(f"durable env: {e}") from e
     secret = os.environ.get("DURABLE_AUTH_SECRET")
-    url = launcher.proxy_url(address, args.run, args.attempt or identity.mint_id("attempt"),
-                             identity.run_token(secret, args.run) if secret else None)
+    url = launcher.proxy_url(
+        address,
+        args.run,
+        args.attempt or identity.mint_id("attempt"),
+        identity.run_token(secret, args.run) if secret else None,
+    )
     print(f"unset {' '.join(launcher.CLEARED)}")
     for name, value in launcher.agent_variables(url, bundle).items():
         print(f"export {name}={shlex.quote(value)}")
@@ -167,8 +205,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
     if not rows:
         print(f"run {args.run}: no attempt diverged from the journal")
     for row in rows:
-        print(f"step {row['seq']} ({row['method']} {row['url']}), attempt {row['attempt']}, "
-              f"nearest journaled step {row['expected_step']}:")
+        print(
+            f"step {row['seq']} ({row['method']} {row['url']}), attempt {row['attempt']}, "
+            f"nearest journaled step {row['expected_step']}:"
+        )
         if row["sealed"]:
             print(f"  (the diff is encrypted at rest and cannot be opened here: {row['sealed']})")
         for d in row["diff"] or []:
@@ -182,7 +222,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     try:
         parts = explain.from_har(Path(args.har), args.entry) if args.har else explain.parse_curl(args.curl)
     except (ValueError, OSError) as e:
-        raise SystemExit(f"durable explain: {e}")
+        raise SystemExit(f"durable explain: {e}") from e
     result = explain.explain(parts)
     if args.json:
         print(json.dumps(result))
@@ -197,16 +237,25 @@ def cmd_fork(args: argparse.Namespace) -> int:
     identity.validate_id(args.to, "run id")
     with operator.connect(args.dsn) as conn:
         copied = operator.fork(conn, args.run, args.at, args.to)
-    print(f"run {args.to}: forked from {args.run} with its first {copied} steps; "
-          f"an agent on run {args.to} replays them, then goes live")
+    print(
+        f"run {args.to}: forked from {args.run} with its first {copied} steps; "
+        f"an agent on run {args.to} replays them, then goes live"
+    )
     return 0
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
     with operator.connect(args.dsn) as conn:
         if args.complete_from:
-            message = operator.resolve(conn, args.run, args.seq, "complete", args.status,
-                                       Path(args.complete_from).read_bytes(), args.content_type)
+            message = operator.resolve(
+                conn,
+                args.run,
+                args.seq,
+                "complete",
+                args.status,
+                Path(args.complete_from).read_bytes(),
+                args.content_type,
+            )
         else:
             message = operator.resolve(conn, args.run, args.seq, "reissue" if args.reissue else "forget")
     print(message)
@@ -253,19 +302,30 @@ def cmd_gc(args: argparse.Namespace) -> int:
     seconds = age_seconds(args.older_than)
     with operator.connect(args.dsn) as conn:
         doomed = operator.gc(conn, seconds, dry_run=True)
-        go = not args.dry_run and doomed and (args.yes or confirmed(
-            f"delete {len(doomed)} runs idle for more than {args.older_than} ({', '.join(doomed[:5])}"
-            f"{', ...' if len(doomed) > 5 else ''})?"))
+        go = (
+            not args.dry_run
+            and doomed
+            and (
+                args.yes
+                or confirmed(
+                    f"delete {len(doomed)} runs idle for more than {args.older_than} ({', '.join(doomed[:5])}"
+                    f"{', ...' if len(doomed) > 5 else ''})?"
+                )
+            )
+        )
         if not args.dry_run and doomed and not go:
-            raise SystemExit(f"durable gc: nothing deleted ({len(doomed)} runs would be): "
-                             "confirm on a terminal or pass --yes")
+            raise SystemExit(
+                f"durable gc: nothing deleted ({len(doomed)} runs would be): confirm on a terminal or pass --yes"
+            )
         if go:
             operator.gc(conn, seconds, dry_run=False, only=doomed)
     if args.json:
         print(json.dumps({"deleted" if not args.dry_run else "would_delete": doomed}))
     else:
-        print(f"{'would delete' if args.dry_run else 'deleted'} {len(doomed)} runs idle for more than {args.older_than}"
-              + (": " + ", ".join(doomed) if doomed else ""))
+        print(
+            f"{'would delete' if args.dry_run else 'deleted'} {len(doomed)} runs idle for more than {args.older_than}"
+            + (": " + ", ".join(doomed) if doomed else "")
+        )
     return 0
 
 
@@ -306,12 +366,16 @@ def cmd_db(args: argparse.Namespace) -> int:
         return 0
     state = f"running (pid {data['pid']})" if data["running"] else "stopped"
     print(f"embedded PostgreSQL: {state}" + (", pinned by `durable db start`" if data["pinned"] else ""))
-    print(f"  data:    {data['pgdata']}" + ("" if data["initialized"] else " (not created yet: the first use creates it)"))
+    print(
+        f"  data:    {data['pgdata']}" + ("" if data["initialized"] else " (not created yet: the first use creates it)")
+    )
     if data["socket_dir"]:
         print(f"  connect: postgresql://postgres@/postgres?host={data['socket_dir']}")
     print(f"  log:     {data['log']}")
     users = data["users"] or []
-    print(f"  users:   {len(users)}" + ("" if users else " (it stops a second after its last user exits, unless pinned)"))
+    print(
+        f"  users:   {len(users)}" + ("" if users else " (it stops a second after its last user exits, unless pinned)")
+    )
     for user in users:
         print(f"    {user['pid']}  {user['command'][:100]}")
     if os.environ.get("DATABASE_URL"):
@@ -354,18 +418,43 @@ def cmd_ca(args: argparse.Namespace) -> int:
 def install_commands(ca: Path) -> list[list[str]]:
     """How to make the OS trust the CA: Debian/Ubuntu and macOS."""
     if platform.system() == "Darwin":
-        return [["sudo", "security", "add-trusted-cert", "-d", "-r", "trustRoot",
-                 "-k", "/Library/Keychains/System.keychain", str(ca)]]
+        return [
+            [
+                "sudo",
+                "security",
+                "add-trusted-cert",
+                "-d",
+                "-r",
+                "trustRoot",
+                "-k",
+                "/Library/Keychains/System.keychain",
+                str(ca),
+            ]
+        ]
     # a non-root Debian user's PATH has no /usr/sbin, where update-ca-certificates lives
     if shutil.which("update-ca-certificates", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])):
         sudo = [] if os.geteuid() == 0 else ["sudo"]
-        return [sudo + ["cp", str(ca), "/usr/local/share/ca-certificates/durable-sidecar.crt"],
-                sudo + ["update-ca-certificates"]]
-    raise SystemExit("durable ca install: only Debian/Ubuntu (update-ca-certificates) and macOS are supported; "
-                     "use `durable ca bundle FILE` and point SSL_CERT_FILE at it")
+        return [
+            sudo + ["cp", str(ca), "/usr/local/share/ca-certificates/durable-sidecar.crt"],
+            sudo + ["update-ca-certificates"],
+        ]
+    raise SystemExit(
+        "durable ca install: only Debian/Ubuntu (update-ca-certificates) and macOS are supported; "
+        "use `durable ca bundle FILE` and point SSL_CERT_FILE at it"
+    )
 
 
 # -- the parser -------------------------------------------------------------------------------------
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("durable-sidecar")
+    except PackageNotFoundError:
+        return "(not installed: running from a checkout)"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -376,10 +465,16 @@ def parser() -> argparse.ArgumentParser:
     certs = argparse.ArgumentParser(add_help=False)
     certs.add_argument("--confdir", help="the sidecar's CA folder (default: $DURABLE_HOME/certs)")
     sidecar_opts = argparse.ArgumentParser(add_help=False)
-    sidecar_opts.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                              help="a mitmproxy or durable_* option for the sidecar (repeatable)")
+    sidecar_opts.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a mitmproxy or durable_* option for the sidecar (repeatable)",
+    )
 
     p = argparse.ArgumentParser(prog="durable", description=__doc__)
+    p.add_argument("--version", action="version", version=f"durable {version()}")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     def command(name: str, func: Any, text: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -397,16 +492,23 @@ def parser() -> argparse.ArgumentParser:
     s = command("run", cmd_run, "run a command durably: durable run --run R -- CMD", journal, certs, sidecar_opts)
     s.add_argument("--run", required=True, help="the run id: the same on every restart of one task")
     s.add_argument("--attempt", help="this attempt's id (default: a fresh one)")
-    s.add_argument("--proxy", metavar="URL", help="use the sidecar at this URL (e.g. http://127.0.0.1:8080) "
-                   "instead of starting one; its CA is taken from it")
+    s.add_argument(
+        "--proxy",
+        metavar="URL",
+        help="use the sidecar at this URL (e.g. http://127.0.0.1:8080) "
+        "instead of starting one; its CA is taken from it",
+    )
     s.add_argument("command", nargs=argparse.REMAINDER, help="the agent's command, after --")
 
-    s = command("env", cmd_env, "shell lines for an agent behind a running sidecar: "
-                'eval "$(durable env --run R)"')
+    s = command("env", cmd_env, 'shell lines for an agent behind a running sidecar: eval "$(durable env --run R)"')
     s.add_argument("--run", required=True, help="the run id: the same on every restart of one task")
     s.add_argument("--attempt", help="this attempt's id (default: a fresh one, so run it again on every restart)")
-    s.add_argument("--proxy", default="http://127.0.0.1:8080", metavar="URL",
-                   help="the running sidecar (default: %(default)s); the CA bundle holds the CA it signs with")
+    s.add_argument(
+        "--proxy",
+        default="http://127.0.0.1:8080",
+        metavar="URL",
+        help="the running sidecar (default: %(default)s); the CA bundle holds the CA it signs with",
+    )
 
     command("runs", cmd_runs, "list runs", journal, as_json)
     run_arg(command("show", cmd_show, "the steps of a run", journal, as_json))
@@ -415,7 +517,9 @@ def parser() -> argparse.ArgumentParser:
 
     s = command("explain", cmd_explain, "fingerprint of a curl command line or a HAR entry", as_json)
     s.add_argument("--har", metavar="FILE", help="a HAR file (default: read a curl command line)")
-    s.add_argument("--entry", type=int, default=1, help="which HAR entry, counting from 1 like seq (default: %(default)s)")
+    s.add_argument(
+        "--entry", type=int, default=1, help="which HAR entry, counting from 1 like seq (default: %(default)s)"
+    )
     s.add_argument("curl", nargs=argparse.REMAINDER, help="a curl command line, after --")
 
     s = command("fork", cmd_fork, "a new run with the first steps of RUN", journal)
@@ -430,9 +534,14 @@ def parser() -> argparse.ArgumentParser:
     how.add_argument("--reissue", action="store_true", help="let the next attempt re-send it with its original key")
     how.add_argument("--forget", action="store_true", help="drop it: the next attempt records the call afresh")
     how.add_argument("--complete-from", metavar="FILE", help="its answer's body, to be replayed")
-    s.add_argument("--status", type=int, default=200, help="with --complete-from: the answer's status (default: %(default)s)")
-    s.add_argument("--content-type", default="application/json",
-                   help="with --complete-from: the answer's Content-Type (default: %(default)s)")
+    s.add_argument(
+        "--status", type=int, default=200, help="with --complete-from: the answer's status (default: %(default)s)"
+    )
+    s.add_argument(
+        "--content-type",
+        default="application/json",
+        help="with --complete-from: the answer's Content-Type (default: %(default)s)",
+    )
 
     s = command("edit", cmd_edit, "change one step's answer in a forked run", journal)
     run_arg(s, "a forked run (durable fork makes one)")
@@ -456,8 +565,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--run", required=True, help="the new run's id")
 
     s = command("db", cmd_db, "the embedded PostgreSQL: status | start (keep it running) | stop", as_json)
-    s.add_argument("action", choices=["status", "start", "stop"], help="status: what runs, where its data is, who "
-                   "uses it; start: start it and keep it running until `durable db stop`; stop: stop it now")
+    s.add_argument(
+        "action",
+        choices=["status", "start", "stop"],
+        help="status: what runs, where its data is, who "
+        "uses it; start: start it and keep it running until `durable db stop`; stop: stop it now",
+    )
 
     s = command("keygen", cmd_keygen, "a new encryption key, KID:BASE64 (for DURABLE_ENCRYPTION_KEY)")
     s.add_argument("--kid", default="k1", help="the key id: 1-64 of A-Z a-z 0-9 . _ - (default: %(default)s)")
@@ -465,8 +578,11 @@ def parser() -> argparse.ArgumentParser:
     command("rekey", cmd_rekey, "re-encrypt the journal with the first key of DURABLE_ENCRYPTION_KEY", journal)
 
     s = command("ca", cmd_ca, "the sidecar's CA: path | bundle FILE | install", certs)
-    s.add_argument("action", choices=["path", "bundle", "install"], help="path: where it is; bundle: system CAs + it "
-                   "in FILE; install: into the OS trust store")
+    s.add_argument(
+        "action",
+        choices=["path", "bundle", "install"],
+        help="path: where it is; bundle: system CAs + it in FILE; install: into the OS trust store",
+    )
     s.add_argument("file", nargs="?", help="bundle: where to write it (default: CONFDIR/ca-bundle.pem)")
     s.add_argument("--dry-run", action="store_true", help="install: print the commands only")
     return p

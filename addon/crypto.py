@@ -50,13 +50,15 @@ class Keyring:
             except binascii.Error:
                 key = b""
             if not sep or not kid or len(key) != 32:
-                raise KeyringError(f"encryption key {kid or '?'!r}: expected KID:BASE64 of 32 bytes (durable keygen makes one)")
+                raise KeyringError(
+                    f"encryption key {kid or '?'!r}: expected KID:BASE64 of 32 bytes (durable keygen makes one)"
+                )
             validate_kid(kid)
             self.keys[kid] = AESGCM(key)
             self.active = self.active or kid
 
     @classmethod
-    def from_option(cls, option: str) -> "Keyring":
+    def from_option(cls, option: str) -> Keyring:
         return cls(option or os.environ.get(ENV, ""))
 
     @property
@@ -75,14 +77,16 @@ class Keyring:
             return data
         kid = sealed_kid(data)
         if kid not in self.keys:
-            raise KeyringError(f"journal entry is encrypted with key {kid!r}, which this process was not given "
-                               f"(--set durable_encryption_key or ${ENV})")
+            raise KeyringError(
+                f"journal entry is encrypted with key {kid!r}, which this process was not given "
+                f"(--set durable_encryption_key or ${ENV})"
+            )
         start = len(MAGIC) + 1 + len(kid.encode())
-        nonce, ciphertext = data[start:start + 12], data[start + 12:]
+        nonce, ciphertext = data[start : start + 12], data[start + 12 :]
         try:
             return self.keys[kid].decrypt(nonce, ciphertext, MAGIC + kid.encode())
-        except InvalidTag:
-            raise KeyringError(f"journal entry does not decrypt with key {kid!r}: wrong key for that key id")
+        except InvalidTag as e:
+            raise KeyringError(f"journal entry does not decrypt with key {kid!r}: wrong key for that key id") from e
 
 
 def is_sealed(data: bytes) -> bool:
@@ -90,7 +94,7 @@ def is_sealed(data: bytes) -> bool:
 
 
 def sealed_kid(data: bytes) -> str:
-    return data[5:5 + data[4]].decode()
+    return data[5 : 5 + data[4]].decode()
 
 
 def seal_json(keyring: Keyring, value: object) -> object:

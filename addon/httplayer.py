@@ -120,7 +120,7 @@ def _cap_request_bodies() -> bool:
         self.flow.live = False
 
     state_consume_request_body.durable_wrapped = True  # type: ignore[attr-defined]
-    HttpStream.state_consume_request_body = state_consume_request_body
+    HttpStream.state_consume_request_body = state_consume_request_body  # type: ignore[method-assign]  # the wrap
     return True
 
 
@@ -150,7 +150,7 @@ def _label_error_answers() -> bool:
         yield commands.CloseConnection(self.conn)
 
     send.durable_wrapped = True  # type: ignore[attr-defined]
-    Http1Server.send = send
+    Http1Server.send = send  # type: ignore[method-assign]  # the wrap
     return True
 
 
@@ -192,8 +192,12 @@ def _finish_orphans() -> bool:
             self.client_state = self.state_errored
             ORPHANS.adopt(flow)
             return  # the upstream exchange goes on; the response hook journals its answer
-        if isinstance(event, ResponseProtocolError) and flow is not None and getattr(flow.request, ORPHANED, False) \
-                and self.server_state not in (self.state_done, self.state_errored):
+        if (
+            isinstance(event, ResponseProtocolError)
+            and flow is not None
+            and getattr(flow.request, ORPHANED, False)
+            and self.server_state not in (self.state_done, self.state_errored)
+        ):
             flow.error = mflow.Error(event.message)  # the orphan's upstream broke: mitmproxy would
             yield HttpErrorHook(flow)  # skip the error hook (its client errored), the step must hear it
         yield from handle_error(self, event)
@@ -206,6 +210,6 @@ def _finish_orphans() -> bool:
                 await _outlast_closing(ORPHANS.wait(connection))
 
     handle_protocol_error.durable_wrapped = True  # type: ignore[attr-defined]
-    HttpStream.handle_protocol_error = handle_protocol_error
-    ConnectionHandler.handle_connection = handle_connection_then_orphans
+    HttpStream.handle_protocol_error = handle_protocol_error  # type: ignore[method-assign]  # the wrap
+    ConnectionHandler.handle_connection = handle_connection_then_orphans  # type: ignore[method-assign]  # the wrap
     return True

@@ -17,7 +17,6 @@ import secrets
 import time
 from dataclasses import dataclass
 
-
 RUN_HEADER = "Durable-Run-Id"
 ATTEMPT_HEADER = "Durable-Attempt"
 STEP_KEY_HEADER = "Durable-Step-Key"
@@ -52,9 +51,7 @@ class Identity:
 def validate_id(value: str, what: str) -> str:
     if not _ID.fullmatch(value):
         shown = value if len(value) <= 40 else value[:40] + "..."
-        raise IdentityError(
-            f"invalid {what} {shown!r}: use 1-128 characters of A-Z a-z 0-9 . _ : @ -"
-        )
+        raise IdentityError(f"invalid {what} {shown!r}: use 1-128 characters of A-Z a-z 0-9 . _ : @ -")
     return value
 
 
@@ -75,7 +72,7 @@ def parse_proxy_authorization(value: str | None) -> Credentials:
     try:
         _, user, password = parse_http_basic_auth(value)
     except ValueError as e:
-        raise IdentityError(f"unreadable Proxy-Authorization ({e}); expected Basic RUN:ATTEMPT")
+        raise IdentityError(f"unreadable Proxy-Authorization ({e}); expected Basic RUN:ATTEMPT") from e
     attempt, _, token = password.partition("~")
     return Credentials(
         run=validate_id(user, "run id (proxy user name)") if user else None,

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -124,7 +124,8 @@ def encode_headers(fields: Any) -> list[list[str]]:
     PostgreSQL's jsonb cannot hold U+0000: a pair with a NUL byte is kept as base64, marked by a
     third element, so it still replays byte for byte."""
     return [
-        [k.decode("latin-1"), v.decode("latin-1")] if b"\0" not in k + v
+        [k.decode("latin-1"), v.decode("latin-1")]
+        if b"\0" not in k + v
         else [base64.b64encode(k).decode(), base64.b64encode(v).decode(), "b64"]
         for k, v in fields
     ]
@@ -132,7 +133,8 @@ def encode_headers(fields: Any) -> list[list[str]]:
 
 def decode_headers(pairs: list[list[str]] | None) -> list[tuple[bytes, bytes]]:
     return [
-        (base64.b64decode(pair[0]), base64.b64decode(pair[1])) if len(pair) == 3
+        (base64.b64decode(pair[0]), base64.b64decode(pair[1]))
+        if len(pair) == 3
         else (pair[0].encode("latin-1"), pair[1].encode("latin-1"))
         for pair in pairs or []
     ]
@@ -207,7 +209,10 @@ WHERE s.run_id = %(run)s AND s.seq = %(seq)s AND s.fingerprint = %(key)s AND s.o
 """
 
 # cursor.digest(fingerprint, occurrence) in SQL: the replay index arrives sorted by it
-DIGEST = "('x' || encode(substr(sha256(convert_to(occurrence || ':' || fingerprint, 'UTF8')), 1, 8), 'hex'))::bit(64)::bigint"
+DIGEST = (
+    "('x' || encode(substr(sha256(convert_to(occurrence || ':' || fingerprint, 'UTF8')), 1, 8), 'hex'))"
+    "::bit(64)::bigint"
+)
 INDEX = f"SELECT {DIGEST} AS digest, seq, state FROM durable_steps WHERE run_id = %s ORDER BY digest"
 INDEX_PAGE = 4096  # rows turned into Python objects at a time while the index loads
 
@@ -311,7 +316,7 @@ class Journal:
                         if s.prelude:
                             await conn.execute(s.prelude, s.params)
                         cursors.append(await conn.cursor(row_factory=dict_row).execute(s.sql, s.params))
-            return [await _fetch(cur, s.fetch) for cur, s in zip(cursors, batch)]
+            return [await _fetch(cur, s.fetch) for cur, s in zip(cursors, batch, strict=True)]
 
         return await self._on_connection([s.what for s in batch], execute)
 
@@ -395,7 +400,7 @@ class Journal:
         try:
             results = await self._execute([statement for statement, _ in batch])
             self.on_commit(len(batch))
-            for (_, future), result in zip(batch, results):
+            for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():  # the agent may have hung up meanwhile
                     future.set_result(result)
         except JournalError as e:
@@ -407,7 +412,7 @@ class Journal:
         """Delete idle runs, a batch per statement, yielding between batches so traffic never waits."""
         doomed = [row["id"] for row in await self._run("find idle runs", IDLE_RUNS, {"age": older_than_s}, fetch="all")]
         for start in range(0, len(doomed), batch):
-            await self._run("delete idle runs", DELETE_RUNS, (doomed[start:start + batch],))
+            await self._run("delete idle runs", DELETE_RUNS, (doomed[start : start + batch],))
             await asyncio.sleep(0)
         return len(doomed)
 
@@ -426,8 +431,9 @@ class Journal:
         return await self._on_connection(["load run"], load)
 
     async def has_steps(self, run: str) -> bool:
-        row = await self._run("find run", "SELECT EXISTS (SELECT 1 FROM durable_steps WHERE run_id = %s) AS found",
-                              (run,), fetch="one")
+        row = await self._run(
+            "find run", "SELECT EXISTS (SELECT 1 FROM durable_steps WHERE run_id = %s) AS found", (run,), fetch="one"
+        )
         return bool(row["found"])
 
     def _record_params(self, step: NewStep, sealed_body: bytes) -> dict[str, Any]:
@@ -454,8 +460,9 @@ class Journal:
     async def record(self, step: NewStep) -> Recorded | None:
         """Commit a pending step; None if (run, key, occurrence) was journaled meanwhile by someone else."""
         body = await offload.run(len(step.request_body), self.offload_bytes, self.keyring.seal, step.request_body)
-        row = await self._write("record pending step", step.run, _RECORD, self._record_params(step, body),
-                                fetch="one", prelude=_LOCK_RUN)
+        row = await self._write(
+            "record pending step", step.run, _RECORD, self._record_params(step, body), fetch="one", prelude=_LOCK_RUN
+        )
         return Recorded(row["seq"], row["idempotency_key"]) if row else None
 
     async def import_steps(self, run: str, steps: list[tuple[NewStep, Answer]]) -> int:
@@ -464,17 +471,40 @@ class Journal:
 
         async def copy(conn: psycopg.AsyncConnection) -> int:
             async with conn.transaction():
-                await conn.execute("INSERT INTO durable_runs (id, last_seq) VALUES (%s, %s) ON CONFLICT (id) DO UPDATE"
-                                   " SET last_seq = excluded.last_seq, updated_at = now()", (run, len(steps)))
-                now = datetime.now(timezone.utc)
+                await conn.execute(
+                    "INSERT INTO durable_runs (id, last_seq) VALUES (%s, %s) ON CONFLICT (id) DO UPDATE"
+                    " SET last_seq = excluded.last_seq, updated_at = now()",
+                    (run, len(steps)),
+                )
+                now = datetime.now(UTC)
                 async with conn.cursor().copy(_IMPORT_COPY) as copy:
                     for seq, (step, answer) in enumerate(steps, start=1):
-                        await copy.write_row((
-                            run, seq, step.key, step.fp_version, step.occurrence, "completed", step.attempt,
-                            step.attempt, step.outcome, self.keyring.active, step.method, step.url,
-                            Jsonb(storable(step.envelope)), Jsonb(seal_json(self.keyring, step.request_headers)),
-                            self.keyring.seal(step.request_body), answer.status, answer.reason, answer.http_version,
-                            Jsonb(seal_json(self.keyring, answer.headers)), self.keyring.seal(answer.body), now, 0.0))
+                        await copy.write_row(
+                            (
+                                run,
+                                seq,
+                                step.key,
+                                step.fp_version,
+                                step.occurrence,
+                                "completed",
+                                step.attempt,
+                                step.attempt,
+                                step.outcome,
+                                self.keyring.active,
+                                step.method,
+                                step.url,
+                                Jsonb(storable(step.envelope)),
+                                Jsonb(seal_json(self.keyring, step.request_headers)),
+                                self.keyring.seal(step.request_body),
+                                answer.status,
+                                answer.reason,
+                                answer.http_version,
+                                Jsonb(seal_json(self.keyring, answer.headers)),
+                                self.keyring.seal(answer.body),
+                                now,
+                                0.0,
+                            )
+                        )
             return len(steps)
 
         return await self._on_connection(["import run"], copy)
@@ -523,9 +553,22 @@ class Journal:
             " response_headers = %s, response_body = %s, error = NULL, completed_at = now(),"
             " duration_ms = %s, streamed = %s, truncated = %s, key_id = %s, chunk_timing = %s, owner = NULL"
             " WHERE run_id = %s AND seq = %s AND state = 'pending' AND owner IS NOT DISTINCT FROM %s",
-            (state, status, reason, http_version, Jsonb(seal_json(self.keyring, headers)), sealed,
-             duration_ms, streamed, truncated, self.keyring.active,
-             Jsonb(chunk_timing) if chunk_timing is not None else None, run, seq, owner),
+            (
+                state,
+                status,
+                reason,
+                http_version,
+                Jsonb(seal_json(self.keyring, headers)),
+                sealed,
+                duration_ms,
+                streamed,
+                truncated,
+                self.keyring.active,
+                Jsonb(chunk_timing) if chunk_timing is not None else None,
+                run,
+                seq,
+                owner,
+            ),
         )
         if updated != 1:
             raise JournalError(f"journal response: step {run}/{seq} is gone or no longer this sidecar's")
@@ -614,7 +657,7 @@ class Journal:
         await asyncio.sleep(REPLAY_FLUSH_S)  # let a burst of replays gather into one statement
         while self._replays:
             batch, self._replays = self._replays, []
-            runs, seqs, attempts = (list(column) for column in zip(*batch))
+            runs, seqs, attempts = (list(column) for column in zip(*batch, strict=True))
             try:
                 await self._run(
                     "count replays",
@@ -643,13 +686,23 @@ class Journal:
         row = await self._run(
             "take over step",
             _TAKE_OVER,
-            {"me": me, "attempt": attempt, "run": run, "seq": step.seq, "key": step.key, "occ": step.occurrence,
-             "allowed": pending_allowed, "window": window_s},
+            {
+                "me": me,
+                "attempt": attempt,
+                "run": run,
+                "seq": step.seq,
+                "key": step.key,
+                "occ": step.occurrence,
+                "allowed": pending_allowed,
+                "window": window_s,
+            },
             fetch="one",
         )
         if row is None:
             return TakeOver(None, False, False)
-        return TakeOver(row["state"], row["in_flight"], row["taken"], row["idempotency_key"], row["age_s"], row["approved"])
+        return TakeOver(
+            row["state"], row["in_flight"], row["taken"], row["idempotency_key"], row["age_s"], row["approved"]
+        )
 
     async def requests(self, run: str, seqs: list[int]) -> list[dict[str, Any]]:
         """Envelopes and bodies of some steps, for divergence diffs."""

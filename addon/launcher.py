@@ -136,8 +136,14 @@ def start_sidecar(
     for key, value in (options or {}).items():
         args += ["--set", f"{key}={value}"]
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                   preexec_fn=_term_with_parent if die_with_parent else None)
+        process = subprocess.Popen(
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_term_with_parent if die_with_parent else None,
+        )
     sidecar = Sidecar(process, port, confdir, log_path, listen_host)
     if wait:
         sidecar.wait_serving(timeout, journal_required)
@@ -151,15 +157,20 @@ def _wait_serving(sidecar: Sidecar, address: str, timeout: float, journal_requir
         if sidecar.process.poll() is not None:
             log = sidecar.log()
             lines = [line.strip() for line in log.splitlines() if line.strip()]
-            reason = next((line for line in lines if "configuration error" in line),
-                          lines[-1] if lines else f"exit status {sidecar.process.returncode}")
-            raise SidecarFailed(f"sidecar exited with {sidecar.process.returncode}: {reason}", sidecar.log_path, log[-3000:])
+            reason = next(
+                (line for line in lines if "configuration error" in line),
+                lines[-1] if lines else f"exit status {sidecar.process.returncode}",
+            )
+            raise SidecarFailed(
+                f"sidecar exited with {sidecar.process.returncode}: {reason}", sidecar.log_path, log[-3000:]
+            )
         ready, why = health(address)  # refused until it listens; 502 until the addon loaded
         if ready or (not journal_required and "durable-sidecar" in why):
             return
         time.sleep(0.05)
-    raise SidecarFailed(f"sidecar on {address} did not serve within {timeout}s ({why})", sidecar.log_path,
-                        sidecar.log()[-3000:])
+    raise SidecarFailed(
+        f"sidecar on {address} did not serve within {timeout}s ({why})", sidecar.log_path, sidecar.log()[-3000:]
+    )
 
 
 def _term_with_parent() -> None:
@@ -174,7 +185,7 @@ def new_log_path(port: int) -> Path:
     """$DURABLE_HOME/logs/sidecar-TIME-PORT.log; only the newest KEPT_LOGS are kept."""
     folder = logs_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    for old in sorted(folder.glob("sidecar-*.log"), key=lambda p: p.stat().st_mtime, reverse=True)[KEPT_LOGS - 1:]:
+    for old in sorted(folder.glob("sidecar-*.log"), key=lambda p: p.stat().st_mtime, reverse=True)[KEPT_LOGS - 1 :]:
         old.unlink(missing_ok=True)
     return folder / f"sidecar-{time.strftime('%Y%m%d-%H%M%S')}-{port}.log"
 
@@ -241,7 +252,9 @@ def agent_variables(proxy_url: str, ca_bundle: Path) -> dict[str, str]:
     bundle (every variable clients read). NODE_USE_ENV_PROXY makes Node's built-in fetch honour the
     proxy variables (Node 22.21+, 24.5+)."""
     proxies = dict.fromkeys(("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"), proxy_url)
-    bundles = dict.fromkeys(("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"), str(ca_bundle))
+    bundles = dict.fromkeys(
+        ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"), str(ca_bundle)
+    )
     return {**proxies, **bundles, "NODE_USE_ENV_PROXY": "1"}
 
 

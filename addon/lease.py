@@ -78,8 +78,9 @@ class Lease:
             async for _ in conn.notifies():
                 pass
         except psycopg.Error as e:
-            logger.warning("durable: lease %d lost with its connection (%s); taking it again on the next step",
-                           self.id, e)
+            logger.warning(
+                "durable: lease %d lost with its connection (%s); taking it again on the next step", self.id, e
+            )
         finally:
             if not conn.closed:
                 await conn.close()

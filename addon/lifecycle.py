@@ -13,13 +13,13 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from mitmproxy import http
 
-from . import bodies, divergence, faults, offload, fingerprint, identity, redaction, responses, streams
+from . import bodies, divergence, faults, fingerprint, identity, offload, redaction, responses, streams
 from .cursor import Claim, RunCursor, StepRef
 from .inflight import InFlight, Slot
 from .journal import Journal, JournalError, NewStep, encode_headers
@@ -106,8 +106,13 @@ class Lifecycle:
         return step
 
     async def _serve(
-        self, flow: http.HTTPFlow, ident: identity.Identity, cursor: RunCursor, claim: Claim,
-        env: dict[str, Any], body: bytes,
+        self,
+        flow: http.HTTPFlow,
+        ident: identity.Identity,
+        cursor: RunCursor,
+        claim: Claim,
+        env: dict[str, Any],
+        body: bytes,
     ) -> Step:
         journaled = claim.step
         if journaled is not None and self._replayable(cursor, journaled):
@@ -150,7 +155,7 @@ class Lifecycle:
         except BaseException:
             self.abandon(step)
             raise
-        if step.cursor:
+        if step.cursor and step.seq is not None:
             step.cursor.mark(step.seq, state)
         self.in_flight.leave(step.slot)
         if truncated and step.tee is not None and not step.tee.finished():
@@ -173,12 +178,16 @@ class Lifecycle:
                 await self.journal.let_go(step.run, step.seq, step.owner or 0)
                 logger.warning(
                     "durable: run=%s seq=%s in doubt: %s after the request may have reached the upstream",
-                    step.run, step.seq, message,
+                    step.run,
+                    step.seq,
+                    message,
                 )
             if step.cursor:
                 step.cursor.mark(step.seq, state)
         except JournalError as e:
-            logger.error("durable: run=%s seq=%s failure not journaled (%s); step stays in doubt", step.run, step.seq, e)
+            logger.error(
+                "durable: run=%s seq=%s failure not journaled (%s); step stays in doubt", step.run, step.seq, e
+            )
         finally:
             self.in_flight.leave(step.slot)
             if state == "pending":
@@ -208,7 +217,8 @@ class Lifecycle:
                 "this attempt's replay position was forgotten (idle longer than durable_attempt_idle, or "
                 "more than durable_max_attempts attempts since); its next calls cannot be matched safely: "
                 "start the agent again with a new attempt id",
-                run=run, attempt=attempt,
+                run=run,
+                attempt=attempt,
             )
         self.last_used[key] = time.monotonic()
         self.last_used.move_to_end(key)
@@ -400,7 +410,9 @@ class Lifecycle:
         while True:
             if step.state == "completed":
                 return await self._replay(flow, ident, step)
-            taken = await self.journal.take_over(ident.run, step, ident.attempt, policy == "reissue", s.in_doubt_window_s)
+            taken = await self.journal.take_over(
+                ident.run, step, ident.attempt, policy == "reissue", s.in_doubt_window_s
+            )
             if taken.state is None:
                 raise JournalError(f"step {ident.run}/{step.seq} is gone")
             if taken.taken:
@@ -420,12 +432,17 @@ class Lifecycle:
             raise self._in_doubt_refusal(ident, step, policy)
         logger.info(
             "durable: run=%s seq=%s %s %.0fs ago: re-sent with its original idempotency key",
-            ident.run, step.seq, "in doubt since" if step.state == "pending" else "failed,", taken.age_s,
+            ident.run,
+            step.seq,
+            "in doubt since" if step.state == "pending" else "failed,",
+            taken.age_s,
         )
         if taken.idempotency_key:
             flow.request.headers[s.idempotency_header(flow.request.host)] = taken.idempotency_key
         cursor.mark(step.seq, "pending")
-        return Step(ident.run, step.seq, "reissued", ident.attempt, live=True, cursor=cursor, owner=self.journal.lease.id)
+        return Step(
+            ident.run, step.seq, "reissued", ident.attempt, live=True, cursor=cursor, owner=self.journal.lease.id
+        )
 
     def _in_doubt_refusal(self, ident: identity.Identity, step: StepRef, policy: str) -> Refused:
         resolve_hint = f"durable resolve {ident.run} {step.seq} --reissue | --forget | --complete-from FILE"

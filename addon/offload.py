@@ -18,9 +18,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import TypeVar
-
-T = TypeVar("T")
 
 DEFAULT_THRESHOLD = 1024 * 1024
 _processes: ProcessPoolExecutor | None = None
@@ -29,8 +26,12 @@ _processes: ProcessPoolExecutor | None = None
 def _pool() -> ProcessPoolExecutor:
     global _processes
     if _processes is None:  # spawned, not forked: the sidecar has threads (psycopg, metrics)
-        _processes = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_die_with, initargs=(os.getpid(),))
+        _processes = ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_die_with,
+            initargs=(os.getpid(),),
+        )
     return _processes
 
 
@@ -45,14 +46,14 @@ def _die_with(parent: int) -> None:
     threading.Thread(target=watch, daemon=True, name="durable-parent-watch").start()
 
 
-async def run(size: int, threshold: int, work: Callable[..., T], *args: object) -> T:
+async def run[T](size: int, threshold: int, work: Callable[..., T], *args: object) -> T:
     """`work(*args)` (work that releases the GIL) in a thread when `size` bytes are past `threshold`."""
     if threshold and size > threshold:
         return await asyncio.to_thread(work, *args)
     return work(*args)
 
 
-async def run_cpu(size: int, threshold: int, work: Callable[..., T], *args: object) -> T:
+async def run_cpu[T](size: int, threshold: int, work: Callable[..., T], *args: object) -> T:
     """`work(*args)` (a module-level function holding the GIL, picklable arguments) in the worker
     process when `size` bytes are past `threshold`; inline otherwise (0: always inline)."""
     if threshold and size > threshold:

@@ -20,6 +20,8 @@ from . import database, migrations, usage
 from .crypto import Keyring, KeyringError, open_json, open_row, seal_json
 from .journal import DELETE_RUNS, IDLE_RUNS, decode_headers
 
+Conn = psycopg.Connection[dict[str, Any]]  # rows as dicts (dict_row)
+
 
 def keyring() -> Keyring:
     """The CLI's keys: $DURABLE_ENCRYPTION_KEY (the sidecar may also take them by option)."""
@@ -31,7 +33,7 @@ class OperatorError(RuntimeError):
 
 
 @contextmanager
-def connect(dsn: str | None, migrate: bool = True) -> Iterator[psycopg.Connection]:
+def connect(dsn: str | None, migrate: bool = True) -> Iterator[Conn]:
     target = database.resolve(dsn)
 
     async def apply() -> None:
@@ -44,7 +46,7 @@ def connect(dsn: str | None, migrate: bool = True) -> Iterator[psycopg.Connectio
         yield conn
 
 
-def runs(conn: psycopg.Connection) -> list[dict[str, Any]]:
+def runs(conn: Conn) -> list[dict[str, Any]]:
     return conn.execute(
         """
         SELECT r.id AS run, r.created_at AS created,
@@ -59,14 +61,14 @@ def runs(conn: psycopg.Connection) -> list[dict[str, Any]]:
     ).fetchall()
 
 
-def _require_run(conn: psycopg.Connection, run: str) -> dict[str, Any]:
+def _require_run(conn: Conn, run: str) -> dict[str, Any]:
     row = conn.execute("SELECT * FROM durable_runs WHERE id = %s", (run,)).fetchone()
     if row is None:
         raise OperatorError(f"no run {run!r} in the journal")
     return row
 
 
-def steps(conn: psycopg.Connection, run: str) -> list[dict[str, Any]]:
+def steps(conn: Conn, run: str) -> list[dict[str, Any]]:
     """One row per step, with the tokens its answer reports (what a replay of it saves)."""
     _require_run(conn, run)
     rows = conn.execute(
@@ -92,14 +94,17 @@ def steps(conn: psycopg.Connection, run: str) -> list[dict[str, Any]]:
     return rows
 
 
-def step_rows(conn: psycopg.Connection, run: str) -> list[dict[str, Any]]:
+def step_rows(conn: Conn, run: str) -> list[dict[str, Any]]:
     """Whole journal rows of a run, bodies included (for export)."""
     _require_run(conn, run)
     keys = keyring()
-    return [open_row(keys, row) for row in conn.execute("SELECT * FROM durable_steps WHERE run_id = %s ORDER BY seq", (run,))]
+    return [
+        open_row(keys, row)
+        for row in conn.execute("SELECT * FROM durable_steps WHERE run_id = %s ORDER BY seq", (run,))
+    ]
 
 
-def attempt_summary(conn: psycopg.Connection, run: str, attempt: str) -> dict[str, int]:
+def attempt_summary(conn: Conn, run: str, attempt: str) -> dict[str, int]:
     """What one attempt did: steps per outcome, and the calls and tokens its replays did not re-spend."""
     summary = {"recorded": 0, "replayed": 0, "reissued": 0, "diverged": 0, "tokens_saved": 0}
     keys = keyring()
@@ -112,11 +117,13 @@ def attempt_summary(conn: psycopg.Connection, run: str, attempt: str) -> dict[st
         summary[outcome] = summary.get(outcome, 0) + 1
         if outcome == "replayed" and row["response_body"]:
             open_row(keys, row)
-            summary["tokens_saved"] += usage.tokens(bytes(row["response_body"]), decode_headers(row["response_headers"]))
+            summary["tokens_saved"] += usage.tokens(
+                bytes(row["response_body"]), decode_headers(row["response_headers"])
+            )
     return summary
 
 
-def divergences(conn: psycopg.Connection, run: str) -> list[dict[str, Any]]:
+def divergences(conn: Conn, run: str) -> list[dict[str, Any]]:
     """Where attempts diverged. A diff sealed at rest is opened with $DURABLE_ENCRYPTION_KEY; without
     the key it stays sealed (`diff` None, `sealed` saying why): values are shown only to a key holder."""
     _require_run(conn, run)
@@ -135,14 +142,15 @@ def divergences(conn: psycopg.Connection, run: str) -> list[dict[str, Any]]:
     return rows
 
 
-def fork(conn: psycopg.Connection, run: str, at: int, to: str) -> int:
+def fork(conn: Conn, run: str, at: int, to: str) -> int:
     """A new run holding copies of the first `at` steps of `run`; returns how many were copied."""
     _require_run(conn, run)
     with conn.transaction():
         if conn.execute("SELECT 1 FROM durable_runs WHERE id = %s", (to,)).fetchone():
             raise OperatorError(f"run {to!r} already exists")
         conn.execute(
-            "INSERT INTO durable_runs (id, forked_from, last_seq, labels) SELECT %s, id, %s, labels FROM durable_runs WHERE id = %s",
+            "INSERT INTO durable_runs (id, forked_from, last_seq, labels)"
+            " SELECT %s, id, %s, labels FROM durable_runs WHERE id = %s",
             (to, at, run),
         )
         copied = conn.execute(
@@ -162,7 +170,7 @@ def fork(conn: psycopg.Connection, run: str, at: int, to: str) -> int:
     return copied
 
 
-def _require_step(conn: psycopg.Connection, run: str, seq: int) -> dict[str, Any]:
+def _require_step(conn: Conn, run: str, seq: int) -> dict[str, Any]:
     _require_run(conn, run)
     row = conn.execute("SELECT * FROM durable_steps WHERE run_id = %s AND seq = %s", (run, seq)).fetchone()
     if row is None:
@@ -170,15 +178,23 @@ def _require_step(conn: psycopg.Connection, run: str, seq: int) -> dict[str, Any
     return row
 
 
-def resolve(conn: psycopg.Connection, run: str, seq: int, action: str, status: int = 200, body: bytes = b"",
-            content_type: str = "application/json") -> str:
+def resolve(
+    conn: Conn,
+    run: str,
+    seq: int,
+    action: str,
+    status: int = 200,
+    body: bytes = b"",
+    content_type: str = "application/json",
+) -> str:
     """Settle an in-doubt step: re-send it (`reissue`), drop it (`forget`) or give its answer (`complete`)."""
     step = _require_step(conn, run, seq)
     if step["state"] == "completed" and action != "complete":
         raise OperatorError(f"step {seq} of run {run!r} is completed, not in doubt")
     if action == "reissue":
         conn.execute("UPDATE durable_steps SET approved = true WHERE run_id = %s AND seq = %s", (run, seq))
-        return f"step {seq} will be re-sent with its original idempotency key {step['idempotency_key']!r} by the next attempt"
+        key = step["idempotency_key"]
+        return f"step {seq} will be re-sent with its original idempotency key {key!r} by the next attempt"
     if action == "forget":
         conn.execute("DELETE FROM durable_steps WHERE run_id = %s AND seq = %s", (run, seq))
         return f"step {seq} forgotten: the next attempt records the call afresh (with a new idempotency key)"
@@ -186,7 +202,7 @@ def resolve(conn: psycopg.Connection, run: str, seq: int, action: str, status: i
     return f"step {seq} completed by hand with status {status} ({len(body)} bytes): the next attempt replays it"
 
 
-def _write_answer(conn: psycopg.Connection, run: str, seq: int, status: int, headers: list, body: bytes) -> None:
+def _write_answer(conn: Conn, run: str, seq: int, status: int, headers: list, body: bytes) -> None:
     """Make a step completed with this answer, as an operator gave it (sealed when encryption is on)."""
     keys = keyring()
     conn.execute(
@@ -197,7 +213,7 @@ def _write_answer(conn: psycopg.Connection, run: str, seq: int, status: int, hea
     )
 
 
-def edit(conn: psycopg.Connection, run: str, seq: int, status: int | None, body: bytes | None) -> str:
+def edit(conn: Conn, run: str, seq: int, status: int | None, body: bytes | None) -> str:
     """Change what the agent will see at one step of a forked run (the original run is never touched).
 
     A new body is given as the agent should read it, so the old Content-Encoding is dropped with it.
@@ -215,7 +231,7 @@ def edit(conn: psycopg.Connection, run: str, seq: int, status: int | None, body:
     return f"step {seq} of run {run!r} now answers {status} with {len(body)} bytes"
 
 
-def rekey(conn: psycopg.Connection, batch: int = 200) -> int:
+def rekey(conn: Conn, batch: int = 200) -> int:
     """Re-encrypt every row not sealed with the active key (plaintext rows included) with it."""
     keys = keyring()
     if not keys.enabled:
@@ -238,24 +254,30 @@ def rekey(conn: psycopg.Connection, batch: int = 200) -> int:
                 conn.execute(
                     "UPDATE durable_steps SET request_headers = %s, request_body = %s, response_headers = %s,"
                     " response_body = %s, divergence = %s, key_id = %s WHERE run_id = %s AND seq = %s",
-                    (Jsonb(seal_json(keys, row["request_headers"])), keys.seal(bytes(row["request_body"] or b"")),
-                     Jsonb(seal_json(keys, row["response_headers"])) if row["response_headers"] is not None else None,
-                     keys.seal(bytes(row["response_body"])) if row["response_body"] is not None else None,
-                     Jsonb(divergence) if divergence is not None else None,
-                     keys.active, row["run_id"], row["seq"]),
+                    (
+                        Jsonb(seal_json(keys, row["request_headers"])),
+                        keys.seal(bytes(row["request_body"] or b"")),
+                        Jsonb(seal_json(keys, row["response_headers"]))
+                        if row["response_headers"] is not None
+                        else None,
+                        keys.seal(bytes(row["response_body"])) if row["response_body"] is not None else None,
+                        Jsonb(divergence) if divergence is not None else None,
+                        keys.active,
+                        row["run_id"],
+                        row["seq"],
+                    ),
                 )
         done += len(rows)
 
 
-def remove(conn: psycopg.Connection, run: str) -> int:
+def remove(conn: Conn, run: str) -> int:
     _require_run(conn, run)
-    count = conn.execute("SELECT count(*) AS n FROM durable_steps WHERE run_id = %s", (run,)).fetchone()["n"]
+    count = len(conn.execute("SELECT seq FROM durable_steps WHERE run_id = %s", (run,)).fetchall())
     conn.execute("DELETE FROM durable_runs WHERE id = %s", (run,))
     return count
 
 
-def gc(conn: psycopg.Connection, older_than_s: float, dry_run: bool, batch: int = 100,
-       only: list[str] | None = None) -> list[str]:
+def gc(conn: Conn, older_than_s: float, dry_run: bool, batch: int = 100, only: list[str] | None = None) -> list[str]:
     """Delete runs with no activity for `older_than_s`, a batch per statement so traffic never stalls.
     `only`: of those, just these (the ones a user confirmed; a run active since is spared)."""
     doomed = [r["id"] for r in conn.execute(IDLE_RUNS, {"age": older_than_s})]
@@ -263,5 +285,5 @@ def gc(conn: psycopg.Connection, older_than_s: float, dry_run: bool, batch: int 
         doomed = [run for run in doomed if run in set(only)]
     if not dry_run:
         for start in range(0, len(doomed), batch):
-            conn.execute(DELETE_RUNS, (doomed[start:start + batch],))
+            conn.execute(DELETE_RUNS, (doomed[start : start + batch],))
     return doomed

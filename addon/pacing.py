@@ -45,7 +45,9 @@ class Pacer:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             lines = head.split(b"\r\n")
-            length = next((int(line.split(b":", 1)[1]) for line in lines if line.lower().startswith(b"content-length:")), 0)
+            length = next(
+                (int(line.split(b":", 1)[1]) for line in lines if line.lower().startswith(b"content-length:")), 0
+            )
             if length:
                 await reader.readexactly(length)  # the agent's request body: already matched, not needed
             token = lines[0].split(b" ")[1].lstrip(b"/").decode()
@@ -69,7 +71,7 @@ class Pacer:
             delay = start + at_ms / 1000 - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            piece = stored.body[offset:offset + int(size)]
+            piece = stored.body[offset : offset + int(size)]
             offset += int(size)
             if piece:
                 writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))

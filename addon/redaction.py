@@ -77,9 +77,13 @@ class Redactor:
         """A fingerprint envelope as stored: credential-looking query values and headers hashed.
         (The fingerprint itself is taken before, so matching is unaffected.)"""
         redacted = dict(env)
-        redacted["query"] = [[k, self.digest(v.encode()) if self.secret_name(k) else v] for k, v in env.get("query", [])]
+        redacted["query"] = [
+            [k, self.digest(v.encode()) if self.secret_name(k) else v] for k, v in env.get("query", [])
+        ]
         if "headers" in env:
-            redacted["headers"] = [[k, self.digest(v.encode()) if self.secret_name(k) else v] for k, v in env["headers"]]
+            redacted["headers"] = [
+                [k, self.digest(v.encode()) if self.secret_name(k) else v] for k, v in env["headers"]
+            ]
         return redacted
 
     def rewrites(self, content_type: str) -> bool:
@@ -101,4 +105,3 @@ class Redactor:
                 container[key] = self.digest(json.dumps(container[key]).encode())
                 changed = True
         return json.dumps(doc).encode() if changed else body
-

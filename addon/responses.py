@@ -64,7 +64,12 @@ def rebuild(
         fields.append((b"content-length", length))
     now = time.time()
     return unchecked_response(
-        http_version, status, (reason or "").encode("latin-1", "replace"), http.Headers(fields), b"" if bodyless else body, now
+        http_version,
+        status,
+        (reason or "").encode("latin-1", "replace"),
+        http.Headers(fields),
+        b"" if bodyless else body,
+        now,
     )
 
 

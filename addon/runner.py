@@ -56,14 +56,18 @@ def check_journal(dsn: str | None) -> database.Target:
     try:
         target = database.resolve(dsn)
     except Exception as e:  # the embedded server would not start
-        raise Failure(f"the embedded PostgreSQL did not start ({type(e).__name__}: {e}); "
-                      f"see {database.durable_home() / 'pgdata' / 'log'}, or give --dsn") from e
+        raise Failure(
+            f"the embedded PostgreSQL did not start ({type(e).__name__}: {e}); "
+            f"see {database.durable_home() / 'pgdata' / 'log'}, or give --dsn"
+        ) from e
     try:
         psycopg.connect(target.dsn, connect_timeout=1).close()
     except psycopg.Error as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise Failure(f"the journal does not answer ({database.describe(target.dsn)}, from {target.origin}): "
-                      f"{first}; start PostgreSQL or fix --dsn / $DATABASE_URL") from e
+        raise Failure(
+            f"the journal does not answer ({database.describe(target.dsn)}, from {target.origin}): "
+            f"{first}; start PostgreSQL or fix --dsn / $DATABASE_URL"
+        ) from e
     return target
 
 
@@ -91,8 +95,10 @@ def check_ca(pem: bytes, confdir: Path | None, address: str) -> None:
         return
     mine = confdir / launcher.CA_CERT
     if not mine.exists() or mine.read_bytes().strip() != pem.strip():
-        raise Failure(f"{mine} is not the CA the sidecar at {address} signs with; "
-                      "leave out --confdir (durable run then takes the CA from the sidecar itself)")
+        raise Failure(
+            f"{mine} is not the CA the sidecar at {address} signs with; "
+            "leave out --confdir (durable run then takes the CA from the sidecar itself)"
+        )
 
 
 @contextmanager
@@ -179,8 +185,9 @@ def execute(plan: Plan) -> Outcome:
                 check_ca(pem, plan.confdir, address)
                 target = check_journal(plan.dsn)  # the summary reads it, and a sidecar elsewhere may not share it
             else:  # the sidecar boots (about a second, mostly imports) while the journal is checked
-                sidecar = launcher.start_sidecar(plan.confdir or launcher.confdir_default(), plan.options,
-                                                 die_with_parent=True, wait=False)
+                sidecar = launcher.start_sidecar(
+                    plan.confdir or launcher.confdir_default(), plan.options, die_with_parent=True, wait=False
+                )
                 try:
                     target = check_journal(plan.dsn)
                     sidecar.wait_serving()
@@ -192,8 +199,11 @@ def execute(plan: Plan) -> Outcome:
                 address, pem = f"127.0.0.1:{sidecar.port}", sidecar.ca_cert.read_bytes()
             bundle = launcher.bundle_for(pem)
             url = launcher.proxy_url(address, plan.run, plan.attempt, plan.token)
-            print(f"durable: run {plan.run}, attempt {plan.attempt}, proxy {address}"
-                  + (f", sidecar log {sidecar.log_path}" if sidecar else ""), file=sys.stderr)
+            print(
+                f"durable: run {plan.run}, attempt {plan.attempt}, proxy {address}"
+                + (f", sidecar log {sidecar.log_path}" if sidecar else ""),
+                file=sys.stderr,
+            )
             agent.append(start_agent(plan.command, launcher.agent_env(url, bundle)))
             code = agent[0].wait()  # a signal meanwhile is passed on by the handler, and the wait goes on
         except Interrupted as e:

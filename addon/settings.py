@@ -130,7 +130,12 @@ OPTIONS: list[tuple[str, Any, Any, str]] = [
         "credentials. Off: the sidecar sets flow_detail=0 and logs one redacted line per flow instead.",
     ),
     ("durable_redact_json", Sequence[str], [], "JSON pointers of request body fields stored only as a keyed hash."),
-    ("durable_redact_key", str, "", "Key of the redaction hash. Empty: $DURABLE_REDACT_KEY, else $DURABLE_HOME/redact.key."),
+    (
+        "durable_redact_key",
+        str,
+        "",
+        "Key of the redaction hash. Empty: $DURABLE_REDACT_KEY, else $DURABLE_HOME/redact.key.",
+    ),
     (
         "durable_encryption_key",
         str,

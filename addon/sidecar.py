@@ -30,6 +30,7 @@ logger = logging.getLogger("durable")
 
 META = "durable"
 HEALTH_HOST = "durable.sidecar"  # http://durable.sidecar/health through the proxy: is it serving?
+# (matched on the Host header too: in transparent mode the request names no host of its own)
 WARNED_RUNS_MAX = 10_000
 
 
@@ -73,24 +74,30 @@ class DurableSidecar:
         redactor = redaction.Redactor(
             redaction.load_key(new.redact_key, database.durable_home()), new.redact_headers, new.redact_json
         )
-        if old is None or (new.dsn, new.db_timeout_s, new.encryption_key) != (old.dsn, old.db_timeout_s, old.encryption_key):
+        if old is None or (new.dsn, new.db_timeout_s, new.encryption_key) != (
+            old.dsn,
+            old.db_timeout_s,
+            old.encryption_key,
+        ):
             journal = Journal(new.dsn, timeout_s=new.db_timeout_s, keyring=crypto.Keyring(new.encryption_key))
-            self.lifecycle = Lifecycle(journal, new, redactor)
+            lifecycle = self.lifecycle = Lifecycle(journal, new, redactor)
         else:  # keep the journal and every attempt's replay position
-            self.lifecycle.settings, self.lifecycle.redactor = new, redactor
-            self.lifecycle.read_ahead.limit = new.read_ahead_bytes
+            assert self.lifecycle is not None  # configured before (old is set)
+            lifecycle = self.lifecycle
+            lifecycle.settings, lifecycle.redactor = new, redactor
+            lifecycle.read_ahead.limit = new.read_ahead_bytes
         self.settings = new
-        self.lifecycle.journal.offload_bytes = new.offload_bytes
+        lifecycle.journal.offload_bytes = new.offload_bytes
         httplayer.ORPHANS.timeout_s = new.orphan_timeout_s
         httplayer.ORPHANS.on_expired = self._orphan_expired
         if new.metrics_listen and self.metrics is None:
             self.metrics = Metrics()
-        if new.replay_pacing and self.lifecycle.pacer is None:
-            self.lifecycle.pacer = Pacer()
+        if new.replay_pacing and lifecycle.pacer is None:
+            lifecycle.pacer = Pacer()
         if self.metrics is not None:
-            self.lifecycle.journal.observe = self._observe_journal
-            self.lifecycle.journal.on_commit = self.metrics.commit_writes.observe
-            self.lifecycle.on_divergence = self.metrics.divergences.inc
+            lifecycle.journal.observe = self._observe_journal
+            lifecycle.journal.on_commit = self.metrics.commit_writes.observe
+            lifecycle.on_divergence = self.metrics.divergences.inc
 
     async def running(self) -> None:
         if ctx.options.connection_strategy != "lazy":
@@ -99,8 +106,10 @@ class DurableSidecar:
         if not self.settings.log_secrets and ctx.options.flow_detail:
             # mitmproxy's flow dump prints URLs, headers and bodies with the agent's credentials
             ctx.options.update(flow_detail=0)
-            logger.info("durable: mitmproxy's flow dump is off (it prints credentials); one redacted line per flow "
-                        "replaces it (--set durable_log_secrets=true keeps it)")
+            logger.info(
+                "durable: mitmproxy's flow dump is off (it prints credentials); one redacted line per flow "
+                "replaces it (--set durable_log_secrets=true keeps it)"
+            )
         logger.info("durable: runs without an id go to run %s, attempt %s", self.default_run, self.default_attempt)
         assert self.lifecycle is not None
         try:
@@ -139,7 +148,7 @@ class DurableSidecar:
         cap = self.settings.body_cap
         if length is None:
             flow.metadata[httplayer.CAP_KEY] = cap  # counted as it arrives (httplayer.py)
-        if length is None or length <= cap or flow.response is not None or flow.request.host == HEALTH_HOST:
+        if length is None or length <= cap or flow.response is not None or flow.request.pretty_host == HEALTH_HOST:
             return
         try:
             ident = self._identify(flow)  # checks the run's token; takes the control headers off
@@ -152,8 +161,14 @@ class DurableSidecar:
             self._refuse(flow, 413, reason + "; nothing was forwarded", run=ident.run, attempt=ident.attempt)
             flow.metadata[httplayer.DRAIN_KEY] = True
             return
-        logger.warning("durable: run=%s attempt=%s %s %s passes through unjournaled: %s",
-                       ident.run, ident.attempt, flow.request.method, self._url(flow), reason)
+        logger.warning(
+            "durable: run=%s attempt=%s %s %s passes through unjournaled: %s",
+            ident.run,
+            ident.attempt,
+            flow.request.method,
+            self._url(flow),
+            reason,
+        )
         flow.request.stream = True
         flow.metadata[META] = Step(ident.run, None, "passthrough", ident.attempt)
         httplayer.label(flow.request, responses.labels(ident.run, None, "passthrough"))
@@ -161,7 +176,7 @@ class DurableSidecar:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.is_replay or META in flow.metadata:
             return
-        if flow.request.host == HEALTH_HOST:
+        if flow.request.pretty_host == HEALTH_HOST:
             if flow.request.path == "/ca.pem":
                 self._ca(flow)
             else:
@@ -171,7 +186,10 @@ class DurableSidecar:
         try:
             ident = self._identify(flow)
             known = {"run": ident.run, "attempt": ident.attempt}
-            if self.settings.ignored(flow.request.host) or flow.request.headers.get("upgrade", "").lower() == "websocket":
+            if (
+                self.settings.ignored(flow.request.host)
+                or flow.request.headers.get("upgrade", "").lower() == "websocket"
+            ):
                 step = Step(ident.run, None, "passthrough", ident.attempt)
             else:
                 assert self.lifecycle is not None
@@ -184,8 +202,14 @@ class DurableSidecar:
         except Refused as e:
             self._refuse(flow, e.status, e.reason, **{**known, **e.details})
         except SealedError as e:
-            self._refuse(flow, 503, "journaled answer cannot be decrypted (give the sidecar its key with"
-                         " durable_encryption_key): nothing was forwarded", failed=str(e), **known)
+            self._refuse(
+                flow,
+                503,
+                "journaled answer cannot be decrypted (give the sidecar its key with"
+                " durable_encryption_key): nothing was forwarded",
+                failed=str(e),
+                **known,
+            )
         except JournalError as e:
             self._refuse(flow, 503, "journal unavailable: nothing was forwarded", failed=str(e), **known)
         except Exception as e:
@@ -221,8 +245,13 @@ class DurableSidecar:
                     self.orphans_finished += 1
                     if self.metrics is not None:
                         self.metrics.orphans.inc()
-                    logger.info("durable: run=%s seq=%s the agent hung up mid-call; the sidecar finished the call "
-                                "and journaled its answer (orphan #%d)", step.run, step.seq, self.orphans_finished)
+                    logger.info(
+                        "durable: run=%s seq=%s the agent hung up mid-call; the sidecar finished the call "
+                        "and journaled its answer (orphan #%d)",
+                        step.run,
+                        step.seq,
+                        self.orphans_finished,
+                    )
             except Exception as e:
                 logger.error("durable: run=%s seq=%s response not journaled: %s", step.run, step.seq, e)
                 step.outcome = "refused"  # the step is given back: the agent's retry re-sends it
@@ -257,9 +286,12 @@ class DurableSidecar:
     def _orphan_expired(self, flow: mflow.Flow) -> None:
         """An orphan ran past durable_orphan_timeout: mitmproxy drops its exchange; the step stays in doubt."""
         step: Step | None = flow.metadata.get(META)
-        if step is not None and step.live and self.lifecycle is not None:
-            logger.warning("durable: run=%s seq=%s orphan still unanswered after durable_orphan_timeout: "
-                           "left in doubt", step.run, step.seq)
+        if isinstance(flow, http.HTTPFlow) and step is not None and step.live and self.lifecycle is not None:
+            logger.warning(
+                "durable: run=%s seq=%s orphan still unanswered after durable_orphan_timeout: left in doubt",
+                step.run,
+                step.seq,
+            )
             asyncio.ensure_future(self.lifecycle.break_off(flow, step, "orphan timed out"))
 
     # -- operations -----------------------------------------------------------------------------
@@ -268,8 +300,9 @@ class DurableSidecar:
         """The CA certificate this sidecar signs with (public): `durable run --proxy` hands the agent
         this one, whatever folder the sidecar was started with."""
         tlsconfig = ctx.master.addons.get("tlsconfig")
-        flow.response = http.Response.make(200, tlsconfig.certstore.default_ca.to_pem(),
-                                           {"Content-Type": "application/x-pem-file"})
+        flow.response = http.Response.make(
+            200, tlsconfig.certstore.default_ca.to_pem(), {"Content-Type": "application/x-pem-file"}
+        )
         flow.metadata[META] = Step(None, None, "passthrough")
 
     async def _health(self, flow: http.HTTPFlow) -> None:
@@ -283,8 +316,12 @@ class DurableSidecar:
             flow.response = responses.refusal(503, "journal unavailable", failed=str(e))
         else:
             target = journal.target
-            body = {"ready": True, "journal": target.origin if target else None, "lease": lease_id,
-                    "in_flight": len(self.lifecycle.in_flight)}
+            body = {
+                "ready": True,
+                "journal": target.origin if target else None,
+                "lease": lease_id,
+                "in_flight": len(self.lifecycle.in_flight),
+            }
             flow.response = http.Response.make(200, json.dumps(body).encode(), {"Content-Type": "application/json"})
         flow.metadata[META] = Step(None, None, "refused" if flow.response.status_code != 200 else "passthrough")
 
@@ -305,8 +342,11 @@ class DurableSidecar:
                 try:
                     deleted = await self.lifecycle.journal.gc(self.settings.retention_s)
                     if deleted:
-                        logger.info("durable: retention: deleted %d runs idle for more than %ss",
-                                    deleted, self.settings.retention_s)
+                        logger.info(
+                            "durable: retention: deleted %d runs idle for more than %ss",
+                            deleted,
+                            self.settings.retention_s,
+                        )
                 except JournalError as e:
                     logger.warning("durable: retention pass failed: %s", e)
             await asyncio.sleep(every_s)
@@ -325,7 +365,8 @@ class DurableSidecar:
             return float("nan")
         try:
             with psycopg.connect(target.dsn, connect_timeout=2) as conn:
-                return conn.execute("SELECT count(*) FROM durable_steps WHERE state = 'pending'").fetchone()[0]
+                row = conn.execute("SELECT count(*) FROM durable_steps WHERE state = 'pending'").fetchone()
+                return float(row[0]) if row else float("nan")
         except psycopg.Error:
             return float("nan")
 
@@ -335,7 +376,9 @@ class DurableSidecar:
         self.metrics.steps.labels(step.outcome).inc()
         if step.outcome == "replayed" and flow.response is not None:
             self.metrics.calls_avoided.inc()
-            self.metrics.tokens_avoided.inc(usage.tokens(flow.response.raw_content or b"", list(flow.response.headers.fields)))
+            self.metrics.tokens_avoided.inc(
+                usage.tokens(flow.response.raw_content or b"", list(flow.response.headers.fields))
+            )
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -365,7 +408,9 @@ class DurableSidecar:
             "this sidecar runs; if the agent restarts meanwhile, its calls are recorded (and paid) again instead "
             "of replayed. Give each start of the agent its own attempt: http://RUN:ATTEMPT@proxy, a "
             "Durable-Attempt header, or `durable run`",
-            ident.run, ident.attempt, "--set durable_attempt" if ident.attempt_source == "options" else "the proxy's start",
+            ident.run,
+            ident.attempt,
+            "--set durable_attempt" if ident.attempt_source == "options" else "the proxy's start",
         )
 
     def _authorize(self, run: str, token: str | None) -> None:

@@ -68,8 +68,10 @@ class StreamTee:
 
 def ends_with_marker(tail: bytes) -> bool:
     events = [e for e in tail.replace(b"\r\n", b"\n").split(b"\n\n") if e.strip()]
-    return bool(events) and tail.rstrip(b"\r\n") != tail and any(
-        line.strip().startswith(END_MARKERS) for line in events[-1].split(b"\n")
+    return (
+        bool(events)
+        and tail.rstrip(b"\r\n") != tail
+        and any(line.strip().startswith(END_MARKERS) for line in events[-1].split(b"\n"))
     )
 
 

@@ -24,10 +24,15 @@ def render(title: str, headers: list[str], rows: list[list[str]], wide: set[int]
         cut = min(over, max(0, widths[i] - max(MIN_WIDE, len(headers[i]))))
         widths[i] -= cut
         over -= cut
-    lines = [title, GAP.join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(),
-             GAP.join("─" * w for w in widths)]
+    lines = [
+        title,
+        GAP.join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(),
+        GAP.join("─" * w for w in widths),
+    ]
     for row in rows:
-        parts = [[cell[k:k + w] for k in range(0, max(len(cell), 1), w)] for cell, w in zip(row, widths)]
+        parts = [[cell[k : k + w] for k in range(0, max(len(cell), 1), w)] for cell, w in zip(row, widths, strict=True)]
         for n in range(max(len(p) for p in parts)):
-            lines.append(GAP.join((p[n] if n < len(p) else "").ljust(w) for p, w in zip(parts, widths)).rstrip())
+            lines.append(
+                GAP.join((p[n] if n < len(p) else "").ljust(w) for p, w in zip(parts, widths, strict=True)).rstrip()
+            )
     return "\n".join(lines)

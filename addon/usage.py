@@ -38,7 +38,8 @@ def tokens(body: bytes, headers: list[tuple[bytes, bytes]]) -> int:
     fields = {k.lower(): v for k, v in headers}
     coding = fields.get(b"content-encoding", b"").decode("latin-1")
     try:
-        text = (encoding.decode(body, coding) if coding else body).decode("utf-8")
+        raw = encoding.decode(body, coding) if coding else body
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
     except (ValueError, UnicodeDecodeError):
         return 0
     if b"text/event-stream" not in fields.get(b"content-type", b""):

@@ -62,6 +62,16 @@ def pg_server() -> Iterator[str]:
         yield embedded.start(Path(tempfile.mkdtemp(prefix="durable-test-pg-")), cleanup="delete")
 
 
+@pytest.fixture
+def embedded_home() -> Iterator[Path]:
+    """A DURABLE_HOME for a test that starts the embedded PostgreSQL, outside pytest's tmp dirs: a
+    pytest session resets their permissions, and the server's own user (as root) must reach its data."""
+    home = Path(tempfile.mkdtemp(prefix="durable-test-home-"))
+    yield home
+    embedded.stop(home)
+    shutil.rmtree(home, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def pg_dsn(pg_server: str) -> Iterator[str]:
     """This session's own database; tests keep apart by using run ids of their own."""

@@ -31,15 +31,15 @@ def get(sidecar: launcher.Sidecar, url: str, run: str, attempt: str) -> requests
 
 
 def test_embedded_postgres_is_the_default_and_survives_restarts(
-    tmp_path: Path, confdir: Path, http_api: PaidApi
+    embedded_home: Path, confdir: Path, http_api: PaidApi
 ) -> None:
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    env["DURABLE_HOME"] = str(tmp_path / "home")
+    env["DURABLE_HOME"] = str(embedded_home)
     run = new_run()
     first = launcher.start_sidecar(confdir, {}, env=env)
     try:
         assert get(first, f"{http_api.url}/v1/search?q=embedded", run, "a1").headers["Durable-Outcome"] == "recorded"
-        assert f"via embedded:{tmp_path / 'home' / 'pgdata'}" in first.log()
+        assert f"via embedded:{embedded_home / 'pgdata'}" in first.log()
     finally:
         first.stop()
     second = launcher.start_sidecar(confdir, {}, env=env)
@@ -48,14 +48,14 @@ def test_embedded_postgres_is_the_default_and_survives_restarts(
         assert r.headers["Durable-Outcome"] == "replayed" and r.json()["call"] == 1
     finally:
         second.stop()
-    assert (tmp_path / "home" / "pgdata" / "PG_VERSION").exists()
+    assert (embedded_home / "pgdata" / "PG_VERSION").exists()
     assert http_api.books()["calls"] == 1
 
 
 def test_embedded_postgres_is_restarted_when_it_dies_and_stopped_after_a_crashed_sidecar(
-    tmp_path: Path, confdir: Path, http_api: PaidApi
+    embedded_home: Path, confdir: Path, http_api: PaidApi
 ) -> None:
-    home = tmp_path / "home"
+    home = embedded_home
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"} | {"DURABLE_HOME": str(home)}
     sidecar = launcher.start_sidecar(confdir, {}, env=env)
     run = new_run()

@@ -75,9 +75,9 @@ def test_a_signal_to_durable_run_reaches_the_agent_and_leaves_nothing_behind(
     assert gone(started) == []
 
 
-def test_embedded_postgres_stops_with_the_last_launcher(tmp_path: Path) -> None:
+def test_embedded_postgres_stops_with_the_last_launcher(embedded_home: Path, tmp_path: Path) -> None:
     """No --dsn, no DATABASE_URL: the embedded PostgreSQL the launcher started stops when it exits."""
-    home = tmp_path / "home"
+    home = embedded_home
     env = clean_env(DURABLE_HOME=str(home))
     env.pop("DATABASE_URL", None)
     proc, agent, started = start_run(tmp_path, None, env)
