@@ -57,6 +57,18 @@ def multipart(boundary: str, content: bytes) -> RequestParts:
     return parts(body, headers=[("Content-Type", f"multipart/form-data; boundary={boundary}")])
 
 
+def test_user_agent_and_other_client_noise_leave_the_fingerprint_alone() -> None:
+    """An SDK upgrade changes User-Agent (and X-Stainless-* for the openai SDK): the agent's call is
+    the same call, and must match its journaled step."""
+    before = parts(b"{}", headers=[("Content-Type", "application/json"), ("User-Agent", "OpenAI/Python 1.40.0"),
+                                   ("X-Stainless-Package-Version", "1.40.0")])
+    after = parts(b"{}", headers=[("Content-Type", "application/json"), ("User-Agent", "OpenAI/Python 1.99.0"),
+                                  ("X-Stainless-Package-Version", "1.99.0")])
+    assert key(before) == key(after)
+    assert key(before, MatchRules(match_headers=(Rule.parse("user-agent"),))) != key(after, MatchRules(
+        match_headers=(Rule.parse("user-agent"),)))  # unless asked for
+
+
 def test_multipart_ignores_the_random_boundary() -> None:
     assert key(multipart("aaaa1111", b'{"x":1}')) == key(multipart("bbbb2222", b'{"x":1}'))
     assert key(multipart("aaaa1111", b'{"x":1}')) != key(multipart("aaaa1111", b'{"x":2}'))

@@ -192,7 +192,6 @@ def test_recording_a_step_does_not_scan_its_run(fresh_dsn: str) -> None:
         time.sleep(0.1)  # the statistics arrive when the journal's backends have exited
     scans, read = use[0] - scans_before, use[1] - read_before
     assert scans >= steps, "the statistics of the journal's backends never arrived"
-    print("READ", read, scans)
     assert read < 5 * steps, f"{read} index entries read to record {steps} steps (a scan of the run per step)"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from urllib.parse import parse_qs, urlsplit
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -26,12 +27,18 @@ json_values = st.recursive(
 
 @settings(max_examples=300, deadline=None)
 @given(method=st.text(max_size=10), path=st.text(max_size=80), host=st.text(max_size=40),
-       port=st.integers(0, 70000), hdrs=headers, body=st.binary(max_size=300), ctype=content_types)
-def test_envelope_never_raises_and_is_stable(method, path, host, port, hdrs, body, ctype) -> None:
+       port=st.integers(0, 70000), hdrs=headers, body=st.binary(max_size=300), ctype=content_types,
+       noise=st.text(max_size=40))
+def test_envelope_never_raises_and_ignores_headers_that_do_not_match(method, path, host, port, hdrs, body, ctype, noise) -> None:
+    """Whatever the request, its envelope is built and serialisable (it is journaled as JSONB), and
+    headers outside the allow-list (User-Agent, Authorization, trace ids) leave its fingerprint alone."""
     parts = RequestParts(method, "https", host, port, path, hdrs + [("Content-Type", ctype)], body)
     env = fingerprint.envelope(parts)
-    assert fingerprint.fingerprint(env) == fingerprint.fingerprint(fingerprint.envelope(parts))
-    json.dumps(env)  # always serialisable: it is journaled as JSONB
+    json.dumps(env)
+    noisy = RequestParts(method, "https", host, port, path,
+                         [("User-Agent", f"agent/{noise}"), ("Authorization", f"Bearer {noise}"), ("X-Request-Id", noise)]
+                         + hdrs + [("Content-Type", ctype)], body)
+    assert fingerprint.fingerprint(fingerprint.envelope(noisy)) == fingerprint.fingerprint(env)
 
 
 @settings(max_examples=200, deadline=None)
@@ -75,8 +82,14 @@ def test_control_split_keeps_every_other_header_in_order(fields) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(url=st.text(max_size=120), body=st.binary(max_size=200), pointer=st.text(max_size=20))
-def test_redaction_never_raises(url, body, pointer) -> None:
+def test_redaction_never_raises_and_hides_only_secrets(url, body, pointer) -> None:
     redactor = Redactor(b"k", json_pointers=["/" + pointer])
-    redactor.url("https://h/p?" + url)
-    redactor.body(body, "application/json")
-    redactor.headers([(b"Authorization", body), (b"X-Other", body)])
+    redacted_url = redactor.url("https://h/p?" + url)
+    assert redacted_url.startswith("https://h/p")  # only the query may change
+    assert isinstance(redactor.body(body, "application/json"), bytes)
+    assert redactor.body(body, "text/plain") == body  # only JSON bodies are rewritten
+    (auth_name, auth), (other_name, other) = redactor.headers([(b"Authorization", body), (b"X-Other", body)])
+    assert auth_name == b"Authorization" and auth.startswith(b"redacted:hmac-sha256:")
+    assert (other_name, other) == (b"X-Other", body)
+    secret = redactor.url(f"https://h/p?api_key={body.hex()}x&page=2")
+    assert parse_qs(urlsplit(secret).query) == {"api_key": [redactor.digest((body.hex() + "x").encode())], "page": ["2"]}

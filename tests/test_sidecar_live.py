@@ -139,7 +139,9 @@ def test_parallel_calls_in_another_order_on_resume(sidecars: Sidecars, http_api:
         async with httpx.AsyncClient(proxy=proxy, trust_env=False) as client:
             responses = await asyncio.gather(*(client.get(f"{http_api.url}/v1/search", params={"q": q}) for q in order))
         assert {r.headers["durable-outcome"] for r in responses} == ({"recorded"} if attempt == "a1" else {"replayed"})
-        return {r.json()["query"]: r.json()["call"] for r in responses}
+        for q, r in zip(order, responses, strict=True):  # each request got its own answer, not a neighbour's
+            assert r.json()["query"] == q
+        return {q: r.json()["call"] for q, r in zip(order, responses, strict=True)}
 
     first = asyncio.run(fire("a1", queries))
     second = asyncio.run(fire("a2", list(reversed(queries))))
