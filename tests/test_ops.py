@@ -77,5 +77,5 @@ def test_compose_file_names_what_the_readme_says() -> None:
     assert sidecar["depends_on"]["postgres"]["condition"] == "service_healthy"
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "mitmdump" in dockerfile and "addon/durable.py" in dockerfile and "EXPOSE 8080" in dockerfile
-    readme = (ROOT / "README.md").read_text()
-    assert "docker compose up" in readme and "127.0.0.1:8080" in readme
+    deployment = (ROOT / "docs" / "deployment.md").read_text()
+    assert "docker compose up" in deployment and "127.0.0.1:8080" in deployment
