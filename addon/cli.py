@@ -383,6 +383,11 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_addon_path(args: argparse.Namespace) -> int:
+    print(launcher.SCRIPT)
+    return 0
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     print(crypto.new_key_spec(args.kid))
     return 0
@@ -571,6 +576,9 @@ def parser() -> argparse.ArgumentParser:
         help="status: what runs, where its data is, who "
         "uses it; start: start it and keep it running until `durable db stop`; stop: stop it now",
     )
+
+    addon_help = 'the script to load into your own mitmproxy: mitmdump -s "$(durable addon-path)"'
+    command("addon-path", cmd_addon_path, addon_help)
 
     s = command("keygen", cmd_keygen, "a new encryption key, KID:BASE64 (for DURABLE_ENCRYPTION_KEY)")
     s.add_argument("--kid", default="k1", help="the key id: 1-64 of A-Z a-z 0-9 . _ - (default: %(default)s)")

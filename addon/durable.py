@@ -1,16 +1,23 @@
-"""The script mitmproxy loads: `mitmdump -s addon/durable.py`.
+"""The script mitmproxy loads: `mitmdump -s addon/durable.py` (or `-s "$(durable addon-path)"`).
 
-mitmproxy puts this file's folder on sys.path, not the repository root, so the package is imported
-from the installation (`pip install -e .`), or from the checkout next to this file as a fallback.
+The package is `durable_sidecar`, installed from this folder (`pip install .`, or a wheel). From a
+checkout that was never installed, this folder is loaded as that package.
 """
 
+import importlib.util
 import sys
 from pathlib import Path
 
 try:
-    from addon.sidecar import DurableSidecar
-except ImportError:  # running from a checkout that was not installed
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from addon.sidecar import DurableSidecar
+    from durable_sidecar.sidecar import DurableSidecar
+except ImportError:  # a checkout that was not installed: this folder is the package
+    here = Path(__file__).resolve().parent
+    spec = importlib.util.spec_from_file_location(
+        "durable_sidecar", here / "__init__.py", submodule_search_locations=[str(here)]
+    )
+    assert spec is not None and spec.loader is not None
+    sys.modules["durable_sidecar"] = package = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(package)
+    from durable_sidecar.sidecar import DurableSidecar
 
 addons = [DurableSidecar()]

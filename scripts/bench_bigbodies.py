@@ -22,7 +22,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stage import stage  # noqa: E402
 
-from addon import launcher  # noqa: E402
+from durable_sidecar import launcher  # noqa: E402
 
 STEPS = 50
 

@@ -23,7 +23,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (its upstream, proxies and client)
 
-from addon import database  # noqa: E402
+from durable_sidecar import database  # noqa: E402
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from addon import database, launcher  # noqa: E402
+from durable_sidecar import database, launcher  # noqa: E402
 from scripts import paid_api  # noqa: E402
 
 STEPS = 4

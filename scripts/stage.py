@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 import paid_api  # noqa: E402
 
-from addon import database  # noqa: E402
+from durable_sidecar import database  # noqa: E402
 
 
 @dataclass(frozen=True)

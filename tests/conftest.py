@@ -22,7 +22,7 @@ import psycopg
 import pytest
 import requests
 
-from addon import database, embedded, launcher
+from durable_sidecar import database, embedded, launcher
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_AGENT = ROOT / "scripts" / "demo_agent.py"

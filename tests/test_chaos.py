@@ -18,7 +18,7 @@ import httpx
 import pytest
 import requests
 
-from addon import faults, launcher
+from durable_sidecar import faults, launcher
 from conftest import PaidApi, Sidecars, new_run, run_agent, sql
 
 STEPS = 3

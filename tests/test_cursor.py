@@ -8,7 +8,7 @@ import hashlib
 
 import pytest
 
-from addon.cursor import RunCursor, StepRef, digest
+from durable_sidecar.cursor import RunCursor, StepRef, digest
 
 
 def journal(*keys: str) -> RunCursor:
@@ -90,14 +90,14 @@ def test_explicit_keys_and_fingerprints_are_separate_spaces() -> None:
 
 
 def test_idle_attempts_are_forgotten(mocker) -> None:
-    from addon.lifecycle import Lifecycle
+    from durable_sidecar.lifecycle import Lifecycle
 
     from collections import OrderedDict
 
-    from addon.lifecycle import Refused
+    from durable_sidecar.lifecycle import Refused
 
     lifecycle = Lifecycle(mocker.Mock(), mocker.Mock(read_ahead_bytes=1024), mocker.Mock())
-    clock = mocker.patch("addon.lifecycle.time.monotonic", return_value=1000.0)
+    clock = mocker.patch("durable_sidecar.lifecycle.time.monotonic", return_value=1000.0)
     lifecycle.last_used = OrderedDict({("r", "old"): 0.0, ("r", "new"): 990.0})
     lifecycle.cursors = {("r", "old"): mocker.Mock(), ("r", "new"): mocker.Mock()}
     assert lifecycle.forget_idle(idle_s=100) == 1

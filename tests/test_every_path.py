@@ -8,7 +8,7 @@ import asyncio
 import pytest
 import requests
 
-from addon import identity
+from durable_sidecar import identity
 from conftest import PaidApi, Sidecars, new_run
 
 SECRET = "s3cret-for-tests"

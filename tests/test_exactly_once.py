@@ -13,7 +13,7 @@ import httpx
 import psycopg
 import requests
 
-from addon import launcher
+from durable_sidecar import launcher
 from conftest import PaidApi, Sidecars, new_run, sql
 
 
@@ -205,7 +205,7 @@ def test_a_step_forgotten_while_its_request_is_in_flight(sidecars: Sidecars, htt
     """An operator forgets a pending step while the upstream works on it: the late answer is not
     written back into a row that is gone (nothing resurrected), the agent gets a 503 saying so, and
     the next attempt records the call afresh."""
-    from addon import operator
+    from durable_sidecar import operator
 
     sidecar = sidecars.start()
     run, url = new_run(), f"{http_api.url}/v1/generate?delay_ms=1500"

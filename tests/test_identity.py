@@ -6,8 +6,8 @@ import base64
 
 import pytest
 
-from addon import identity
-from addon.identity import Credentials, IdentityError
+from durable_sidecar import identity
+from durable_sidecar.identity import Credentials, IdentityError
 
 
 def basic(user: str, password: str) -> str:

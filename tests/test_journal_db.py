@@ -18,10 +18,10 @@ import psycopg
 import pytest
 import requests
 
-from addon import launcher
-from addon.cursor import StepRef, digest
-from addon.journal import DIGEST, Journal, NewStep
-from addon.migrations import MIGRATIONS
+from durable_sidecar import launcher
+from durable_sidecar.cursor import StepRef, digest
+from durable_sidecar.journal import DIGEST, Journal, NewStep
+from durable_sidecar.migrations import MIGRATIONS
 from conftest import PaidApi, Sidecars, docker_reachable, new_run, sql
 
 
@@ -239,7 +239,7 @@ def test_racing_records_of_one_step_keep_seqs_dense(fresh_dsn: str) -> None:
 
 def test_a_batch_of_group_committed_writes_is_all_or_nothing(fresh_dsn: str) -> None:
     """Writes that share a commit share its fate: one failing statement leaves none of the batch."""
-    from addon.journal import JournalError, Statement
+    from durable_sidecar.journal import JournalError, Statement
 
     async def batch() -> None:
         journal = Journal(fresh_dsn)
@@ -287,7 +287,7 @@ def test_take_over_follows_the_single_flight_rules(fresh_dsn: str) -> None:
                 await journal.close()
         return seen
 
-    from addon.journal import JournalError
+    from durable_sidecar.journal import JournalError
 
     seen = asyncio.run(scenario())
     assert (seen["completed"].state, seen["completed"].taken) == ("completed", False)

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from addon import launcher
+from durable_sidecar import launcher
 from conftest import PaidApi, Sidecars, new_run
 
 DURABLE = str(Path(sys.executable).with_name("durable"))

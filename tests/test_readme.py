@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from addon import launcher
+from durable_sidecar import launcher
 from conftest import ROOT, PaidApi
 
 SECTION = "## Put it in front of your agent"

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import requests
 
-from addon import crypto, identity
+from durable_sidecar import crypto, identity
 from conftest import PaidApi, Sidecars, new_run, sql
 
 API_KEY = "sk-live-0123456789SECRETabcdef"

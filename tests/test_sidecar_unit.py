@@ -9,9 +9,9 @@ import json
 import pytest
 from mitmproxy.test import taddons, tflow
 
-from addon.cursor import RunCursor
-from addon.journal import JournalError
-from addon.sidecar import META, DurableSidecar
+from durable_sidecar.cursor import RunCursor
+from durable_sidecar.journal import JournalError
+from durable_sidecar.sidecar import META, DurableSidecar
 
 
 def flow_with_run(run: str = "r1"):
@@ -58,7 +58,7 @@ def test_failed_cursor_load_is_retried_by_the_next_request(sidecar, mocker) -> N
 
 
 def test_response_not_journaled_replaces_the_answer_with_503(sidecar, mocker) -> None:
-    from addon.journal import Recorded
+    from durable_sidecar.journal import Recorded
 
     sidecar.lifecycle.journal.record = mocker.AsyncMock(return_value=Recorded(seq=1, idempotency_key=None))
     sidecar.lifecycle.journal.complete = mocker.AsyncMock(side_effect=JournalError("journal response: disk full"))
@@ -76,7 +76,7 @@ def test_response_not_journaled_replaces_the_answer_with_503(sidecar, mocker) ->
 
 
 def test_control_headers_are_stripped_before_forwarding(sidecar, mocker) -> None:
-    from addon.journal import Recorded
+    from durable_sidecar.journal import Recorded
 
     sidecar.lifecycle.journal.record = mocker.AsyncMock(return_value=Recorded(seq=1, idempotency_key=None))
     flow = flow_with_run()
@@ -89,8 +89,8 @@ def test_control_headers_are_stripped_before_forwarding(sidecar, mocker) -> None
 def test_a_digest_shared_by_two_keys_is_refused_not_answered_with_the_other_step(sidecar, mocker) -> None:
     """The replay index names steps by a 64-bit digest of (key, occurrence). Were two keys to share
     one, the journaled row (which names its own key) shows it: 503, never another call's answer."""
-    from addon import cursor as cursor_module
-    from addon.journal import StoredResponse
+    from durable_sidecar import cursor as cursor_module
+    from durable_sidecar.journal import StoredResponse
 
     mocker.patch.object(cursor_module, "digest", lambda key, occurrence: 7)  # every key collides
     index = RunCursor()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from addon import tables
+from durable_sidecar import tables
 
 URL = "https://api.example.com/v1/chat/completions?session=" + "a" * 60
 

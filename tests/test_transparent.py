@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from addon import launcher
+from durable_sidecar import launcher
 from conftest import new_run, paid_api
 
 

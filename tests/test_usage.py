@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 
-from addon import usage
+from durable_sidecar import usage
 
 JSON = [(b"Content-Type", b"application/json")]
 SSE = [(b"Content-Type", b"text/event-stream")]

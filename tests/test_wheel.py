@@ -1,0 +1,76 @@
+"""The package as a user installs it, with no checkout: `python -m build` (no warnings), the wheel
+installed into a fresh venv outside the repository, `durable` from it, and the addon loaded into
+that venv's own mitmdump by `durable addon-path`, recording and replaying one call."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import ROOT, PaidApi, new_run
+from durable_sidecar import launcher
+
+
+@pytest.fixture(scope="module")
+def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("wheel")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPATH")}
+    built = subprocess.run([sys.executable, "-m", "build", "--outdir", str(work / "dist"), str(ROOT)],
+                           capture_output=True, text=True, env=env, timeout=600)
+    assert built.returncode == 0, built.stdout + built.stderr
+    output = built.stdout + built.stderr
+    assert [line for line in output.splitlines() if "warning" in line.lower()] == []
+    (wheel,) = (work / "dist").glob("durable_sidecar-*.whl")
+    assert list((work / "dist").glob("durable_sidecar-*.tar.gz"))
+    venv = work / "venv"
+    base = getattr(sys, "_base_executable", sys.executable)  # the interpreter behind this venv
+    subprocess.run([base, "-m", "venv", str(venv)], check=True, timeout=120)
+    installed = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet",
+                                "--disable-pip-version-check", str(wheel)],
+                               capture_output=True, text=True, cwd=work, env=env, timeout=900)
+    assert installed.returncode == 0, installed.stderr
+    return venv
+
+
+def test_the_wheel_gives_durable_and_an_addon_for_your_own_mitmproxy(
+    wheel_venv: Path, http_api: PaidApi, fresh_dsn: str, tmp_path: Path
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DATABASE_URL")}
+    env["DURABLE_HOME"] = str(tmp_path / "home")
+    durable = str(wheel_venv / "bin" / "durable")
+
+    def run(*args: str) -> str:
+        return subprocess.run([durable, *args], capture_output=True, text=True, check=True, env=env,
+                              cwd=tmp_path).stdout.strip()
+
+    assert run("--version") == "durable 0.1.0"
+    script = Path(run("addon-path"))
+    assert script.is_file() and wheel_venv in script.parents and ROOT not in script.parents
+    port = launcher.free_port()
+    with open(tmp_path / "mitmdump.log", "wb") as log:
+        sidecar = subprocess.Popen([str(wheel_venv / "bin" / "mitmdump"), "-s", str(script), "-p", str(port),
+                                    "--set", f"confdir={tmp_path / 'certs'}", "--set", f"durable_dsn={fresh_dsn}"],
+                                   stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while not launcher.health(f"127.0.0.1:{port}", timeout=2)[0]:
+            assert sidecar.poll() is None and time.monotonic() < deadline, (tmp_path / "mitmdump.log").read_text()
+            time.sleep(0.1)
+        run_id = new_run()
+        outcomes = []
+        for attempt in ("a1", "a2"):
+            proxy = launcher.proxy_url(f"127.0.0.1:{port}", run_id, attempt)
+            r = requests.get(f"{http_api.url}/v1/search?q=wheel", proxies={"http": proxy}, timeout=30)
+            outcomes.append(r.headers["Durable-Outcome"])
+        assert outcomes == ["recorded", "replayed"]
+        assert http_api.books()["calls"] == 1
+    finally:
+        sidecar.kill()
+        sidecar.wait()
+    assert str(ROOT / "addon") not in (tmp_path / "mitmdump.log").read_text()  # nothing from the checkout
