@@ -1,4 +1,4 @@
-"""The two places where the sidecar reaches into mitmproxy's HTTP layer, which no addon hook covers.
+"""The places where the sidecar reaches into mitmproxy's HTTP layer, which no addon hook covers.
 
 1. Request bodies of unknown length (chunked) are buffered by mitmproxy before the request hook
    sees them, with no per-flow limit. `state_consume_request_body`, the one method that appends to
@@ -17,6 +17,14 @@
    no longer forwards the client's error, the client's connection handler waits for such orphans
    (up to durable_orphan_timeout) before mitmproxy tears the rest down, and writes to the gone
    client are dropped. The upstream exchange runs to its end and the response hook journals it.
+
+4. HTTP/2 for clients that offer it. Lazy connections (replay never opens one upstream) know no
+   server protocol when the client's TLS handshake is answered, and mitmproxy's ALPN callback then
+   takes the client's first choice: httpx and others list http/1.1 before h2, and got HTTP/1.1 where
+   bare mitmdump (connecting upstream first) gives them h2. mitmproxy speaks h2 to a client whatever
+   the upstream speaks, so the wrapped callback picks h2 whenever it is offered and neither side
+   forced a protocol. (Addon hooks run before mitmproxy's TLS addon sets the callback's data, so no
+   hook can do this.)
 
 All are installed once, at addon load, and check that the mitmproxy in use has what they wrap; if
 not, the sidecar logs what it cannot do and runs without it.
@@ -89,7 +97,29 @@ def install() -> list[str]:
         missing.append("request bodies of unknown length (chunked) are not counted against durable_body_cap")
     if not _label_error_answers():
         missing.append("errors mitmproxy answers itself carry no Durable-* headers")
+    if not _prefer_h2():
+        missing.append("clients that list http/1.1 before h2 get HTTP/1.1")
     return missing
+
+
+def _prefer_h2() -> bool:
+    try:
+        from mitmproxy.addons import tlsconfig
+    except ImportError:
+        return False
+    original = getattr(tlsconfig, "alpn_select_callback", None)
+    if original is None or getattr(original, "durable_wrapped", False):
+        return original is not None
+
+    def alpn_select_callback(conn: Any, options: list[bytes]) -> Any:
+        app = conn.get_app_data()
+        if app["client_alpn"] is None and app["server_alpn"] is None and app["http2"] and b"h2" in options:
+            return b"h2"
+        return original(conn, options)
+
+    alpn_select_callback.durable_wrapped = True  # type: ignore[attr-defined]
+    tlsconfig.alpn_select_callback = alpn_select_callback
+    return True
 
 
 def _cap_request_bodies() -> bool:
