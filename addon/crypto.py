@@ -111,7 +111,7 @@ def open_json(keyring: Keyring, value: object) -> object:
 
 
 SEALED_COLUMNS = ("request_body", "response_body")
-SEALED_JSON_COLUMNS = ("request_headers", "response_headers")
+SEALED_JSON_COLUMNS = ("request_headers", "response_headers", "response_trailers")
 
 
 def open_row(keyring: Keyring, row: dict) -> dict:

@@ -54,7 +54,7 @@ def _flow(
             (row["reason"] or "").encode("latin-1", "replace"),
             http.Headers(decode_headers(row["response_headers"])),
             bytes(row["response_body"] or b""),
-            None,
+            http.Headers(decode_headers(row["response_trailers"])) if row.get("response_trailers") else None,
             started,
             ended,
         )

@@ -84,6 +84,7 @@ class StoredResponse:
     body: bytes
     error: str | None
     chunk_timing: list[list[float]] | None = None
+    trailers: list[tuple[bytes, bytes]] | None = None  # HTTP trailers (gRPC's status), None: none
     key: str = ""  # the match key and occurrence it answers: the check on the index's digest
     occurrence: int = 0
 
@@ -538,6 +539,7 @@ class Journal:
         truncated: bool = False,
         chunk_timing: list[tuple[float, int]] | None = None,
         owner: int | None = None,
+        trailers: list[list[str]] | None = None,
     ) -> None:
         """Journal the answer of a step this sidecar has in flight (`owner`), and let go of it.
 
@@ -551,7 +553,8 @@ class Journal:
             run,
             "UPDATE durable_steps SET state = %s, status = %s, reason = %s, http_version = %s,"
             " response_headers = %s, response_body = %s, error = NULL, completed_at = now(),"
-            " duration_ms = %s, streamed = %s, truncated = %s, key_id = %s, chunk_timing = %s, owner = NULL"
+            " duration_ms = %s, streamed = %s, truncated = %s, key_id = %s, chunk_timing = %s, owner = NULL,"
+            " response_trailers = %s"
             " WHERE run_id = %s AND seq = %s AND state = 'pending' AND owner IS NOT DISTINCT FROM %s",
             (
                 state,
@@ -565,6 +568,7 @@ class Journal:
                 truncated,
                 self.keyring.active,
                 Jsonb(chunk_timing) if chunk_timing is not None else None,
+                Jsonb(seal_json(self.keyring, trailers)) if trailers is not None else None,
                 run,
                 seq,
                 owner,
@@ -611,7 +615,7 @@ class Journal:
         rows = await self._run(
             "read journaled responses",
             "SELECT seq, state, status, reason, http_version, response_headers, response_body, error, chunk_timing,"
-            " fingerprint, occurrence FROM durable_steps WHERE run_id = %s AND seq = ANY(%s)"
+            " response_trailers, fingerprint, occurrence FROM durable_steps WHERE run_id = %s AND seq = ANY(%s)"
             " AND (%s::int IS NULL OR coalesce(octet_length(response_body), 0) <= %s::int)",
             (run, seqs, max_body, max_body),
             fetch="all",
@@ -631,6 +635,7 @@ class Journal:
                 body=bytes(row["response_body"] or b""),
                 error=row["error"],
                 chunk_timing=row["chunk_timing"],
+                trailers=decode_headers(row["response_trailers"]) if row["response_trailers"] is not None else None,
                 key=row["fingerprint"],
                 occurrence=row["occurrence"],
             )

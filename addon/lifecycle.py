@@ -381,7 +381,10 @@ class Lifecycle:
         if (stored.key, stored.occurrence) != (step.key, step.occurrence):  # two keys share an index digest
             raise JournalError(f"read journaled response: step {ident.run}/{step.seq} answers another request")
         self.journal.note_replay(ident.run, step.seq, ident.attempt)
-        if self.pacer is not None and self.settings.replay_pacing and stored.chunk_timing and stored.status is not None:
+        paceable = (
+            stored.chunk_timing and stored.status is not None and stored.trailers is None
+        )  # the pacer speaks HTTP/1
+        if self.pacer is not None and self.settings.replay_pacing and paceable:
             self.pacer.stage(flow, stored)
             return Step(ident.run, step.seq, "replayed", ident.attempt, paced=True)
         if stored.status is None:  # a journaled connection failure
@@ -396,6 +399,7 @@ class Lifecycle:
                 stored.reason,
                 stored.headers,
                 stored.body,
+                stored.trailers,
             )
             responses.fit_encoding(flow.response, flow.request.headers.get("accept-encoding", ""))
         return Step(ident.run, step.seq, "replayed", ident.attempt)
@@ -489,6 +493,7 @@ class Lifecycle:
             truncated=truncated,
             chunk_timing=step.tee.timings if step.tee is not None and not truncated else None,
             owner=step.owner,
+            trailers=encode_headers(resp.trailers.fields) if resp.trailers is not None else None,
         )
         faults.crash_point("after-complete-commit")
         return state

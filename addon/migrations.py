@@ -125,6 +125,13 @@ MIGRATIONS: list[tuple[int, str]] = [
         ALTER TABLE durable_steps ADD COLUMN owner integer;
         """,
     ),
+    (
+        6,
+        """
+        -- HTTP trailers of the answer as [name, value] pairs (gRPC puts its status there); NULL: none
+        ALTER TABLE durable_steps ADD COLUMN response_trailers jsonb;
+        """,
+    ),
 ]
 
 

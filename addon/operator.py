@@ -157,12 +157,12 @@ def fork(conn: Conn, run: str, at: int, to: str) -> int:
             """
             INSERT INTO durable_steps (run_id, seq, fingerprint, fp_version, occurrence, step_key, state, attempt,
                 method, url, envelope, request_headers, request_body, idempotency_key, status, reason, http_version,
-                response_headers, response_body, error, streamed, truncated, created_at, started_at, completed_at,
-                duration_ms, last_attempt, last_outcome)
+                response_headers, response_body, response_trailers, error, streamed, truncated, created_at,
+                started_at, completed_at, duration_ms, last_attempt, last_outcome)
             SELECT %s, seq, fingerprint, fp_version, occurrence, step_key, state, attempt,
                 method, url, envelope, request_headers, request_body, NULL, status, reason, http_version,
-                response_headers, response_body, error, streamed, truncated, created_at, started_at, completed_at,
-                duration_ms, 'fork', 'forked'
+                response_headers, response_body, response_trailers, error, streamed, truncated, created_at,
+                started_at, completed_at, duration_ms, 'fork', 'forked'
             FROM durable_steps WHERE run_id = %s AND seq <= %s
             """,
             (to, run, at),
@@ -239,7 +239,8 @@ def rekey(conn: Conn, batch: int = 200) -> int:
     done = 0
     while True:
         rows = conn.execute(
-            "SELECT run_id, seq, request_headers, request_body, response_headers, response_body, divergence"
+            "SELECT run_id, seq, request_headers, request_body, response_headers, response_body, response_trailers,"
+            " divergence"
             " FROM durable_steps WHERE key_id IS DISTINCT FROM %s LIMIT %s",
             (keys.active, batch),
         ).fetchall()
@@ -253,7 +254,8 @@ def rekey(conn: Conn, batch: int = 200) -> int:
                     divergence = {**divergence, "diff": seal_json(keys, open_json(keys, divergence.get("diff")))}
                 conn.execute(
                     "UPDATE durable_steps SET request_headers = %s, request_body = %s, response_headers = %s,"
-                    " response_body = %s, divergence = %s, key_id = %s WHERE run_id = %s AND seq = %s",
+                    " response_body = %s, response_trailers = %s, divergence = %s, key_id = %s"
+                    " WHERE run_id = %s AND seq = %s",
                     (
                         Jsonb(seal_json(keys, row["request_headers"])),
                         keys.seal(bytes(row["request_body"] or b"")),
@@ -261,6 +263,9 @@ def rekey(conn: Conn, batch: int = 200) -> int:
                         if row["response_headers"] is not None
                         else None,
                         keys.seal(bytes(row["response_body"])) if row["response_body"] is not None else None,
+                        Jsonb(seal_json(keys, row["response_trailers"]))
+                        if row["response_trailers"] is not None
+                        else None,
                         Jsonb(divergence) if divergence is not None else None,
                         keys.active,
                         row["run_id"],

@@ -43,8 +43,9 @@ def rebuild(
     reason: str | None,
     headers: list[tuple[bytes, bytes]],
     body: bytes,
+    trailers: list[tuple[bytes, bytes]] | None = None,
 ) -> http.Response:
-    """A response identical in status, headers and body bytes to the journaled one.
+    """A response identical in status, headers, body bytes and trailers to the journaled one.
 
     Content-Length keeps its original name and place; other framing headers are dropped, and a
     chunked origin gets a Content-Length for the de-chunked body it now has.
@@ -62,15 +63,17 @@ def rebuild(
             fields.append((name, value))
     if not has_length and not bodyless:
         fields.append((b"content-length", length))
-    now = time.time()
-    return unchecked_response(
+    response = unchecked_response(
         http_version,
         status,
         (reason or "").encode("latin-1", "replace"),
         http.Headers(fields),
         b"" if bodyless else body,
-        now,
+        time.time(),
     )
+    if trailers is not None:
+        response.data.trailers = http.Headers(trailers)
+    return response
 
 
 def accepts(accept_encoding: str, coding: str) -> bool:
