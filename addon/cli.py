@@ -383,6 +383,13 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from . import ui  # tornado: only for this command
+
+    ui.serve(args.dsn, args.host, args.port)
+    return 0
+
+
 def cmd_addon_path(args: argparse.Namespace) -> int:
     print(launcher.SCRIPT)
     return 0
@@ -576,6 +583,10 @@ def parser() -> argparse.ArgumentParser:
         help="status: what runs, where its data is, who "
         "uses it; start: start it and keep it running until `durable db stop`; stop: stop it now",
     )
+
+    s = command("ui", cmd_ui, "see and steer runs in a browser (DURABLE_AUTH_SECRET, when set, is asked for)", journal)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    s.add_argument("--port", type=int, default=8081, help="port to listen on (default: %(default)s)")
 
     addon_help = 'the script to load into your own mitmproxy: mitmdump -s "$(durable addon-path)"'
     command("addon-path", cmd_addon_path, addon_help)

@@ -46,19 +46,50 @@ def connect(dsn: str | None, migrate: bool = True) -> Iterator[Conn]:
         yield conn
 
 
-def runs(conn: Conn) -> list[dict[str, Any]]:
+RUN_STATES = ("ok", "in doubt", "failed steps")
+
+
+def runs(
+    conn: Conn, prefix: str = "", state: str = "", limit: int | None = None, offset: int = 0
+) -> list[dict[str, Any]]:
+    """Runs, most recently active first, with what replay saved: upstream calls (replays) and the LLM
+    tokens of the replayed answers that are plain JSON (sealed or streamed answers count 0 here;
+    `durable show` counts them all). Filtered by id prefix and state; a page of `limit` from `offset`."""
     return conn.execute(
         """
-        SELECT r.id AS run, r.created_at AS created,
-               greatest(r.updated_at, max(s.completed_at), max(s.replayed_at)) AS last_activity, r.forked_from,
-               count(s.seq) AS steps,
-               CASE WHEN count(s.seq) FILTER (WHERE s.state = 'pending') > 0 THEN 'in doubt'
-                    WHEN count(s.seq) FILTER (WHERE s.state = 'failed') > 0 THEN 'failed steps'
-                    ELSE 'ok' END AS state
-        FROM durable_runs r LEFT JOIN durable_steps s ON s.run_id = r.id
-        GROUP BY r.id ORDER BY last_activity DESC
-        """
+        SELECT * FROM (
+            SELECT r.id AS run, r.created_at AS created,
+                   greatest(r.updated_at, max(s.completed_at), max(s.replayed_at)) AS last_activity, r.forked_from,
+                   count(s.seq) AS steps,
+                   CASE WHEN count(s.seq) FILTER (WHERE s.state = 'pending') > 0 THEN 'in doubt'
+                        WHEN count(s.seq) FILTER (WHERE s.state = 'failed') > 0 THEN 'failed steps'
+                        ELSE 'ok' END AS state,
+                   count(s.seq) FILTER (WHERE s.state = 'pending') AS in_doubt,
+                   count(s.divergence) AS diverged,
+                   coalesce(sum(s.replay_count), 0) AS calls_saved,
+                   coalesce(sum(s.replay_count * coalesce(
+                       (durable_try_jsonb(s.response_body, s.response_headers)->'usage'->>'total_tokens')::bigint,
+                       (durable_try_jsonb(s.response_body, s.response_headers)->'usage'->>'input_tokens')::bigint
+                       + (durable_try_jsonb(s.response_body, s.response_headers)->'usage'->>'output_tokens')::bigint,
+                       0)) FILTER (WHERE s.replay_count > 0 AND s.key_id IS NULL), 0) AS tokens_saved
+            FROM durable_runs r LEFT JOIN durable_steps s ON s.run_id = r.id
+            WHERE r.id LIKE %(prefix)s
+            GROUP BY r.id
+        ) runs WHERE %(state)s = '' OR state = %(state)s
+        ORDER BY last_activity DESC, run LIMIT %(limit)s OFFSET %(offset)s
+        """,
+        {
+            "prefix": prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%",
+            "state": state,
+            "limit": limit,
+            "offset": offset,
+        },
     ).fetchall()
+
+
+def run_row(conn: Conn, run: str) -> dict[str, Any]:
+    """The run's own row (created, forked_from, labels...); OperatorError if there is none."""
+    return _require_run(conn, run)
 
 
 def _require_run(conn: Conn, run: str) -> dict[str, Any]:
@@ -75,7 +106,7 @@ def steps(conn: Conn, run: str) -> list[dict[str, Any]]:
         """
         SELECT seq, method, url, state, status, attempt, last_attempt, last_outcome, replay_count AS replays,
                round(duration_ms::numeric, 1)::float8 AS duration_ms, streamed, truncated, idempotency_key,
-               response_headers, response_body
+               started_at, completed_at, divergence IS NOT NULL AS diverged, response_headers, response_body
         FROM durable_steps WHERE run_id = %s ORDER BY seq
         """,
         (run,),
@@ -92,6 +123,30 @@ def steps(conn: Conn, run: str) -> list[dict[str, Any]]:
         body, headers = row.pop("response_body"), row.pop("response_headers")
         row["tokens"] = usage.tokens(bytes(body), decode_headers(headers)) if body else 0
     return rows
+
+
+def step_detail(conn: Conn, run: str, seq: int) -> dict[str, Any]:
+    """One step whole: request and answer (headers as pairs), its divergence's diff; what is sealed
+    with a key this process lacks stays sealed and `sealed` says which key."""
+    row = dict(_require_step(conn, run, seq))
+    row["sealed"] = None
+    try:
+        open_row(keyring(), row)
+        if row["divergence"] is not None:
+            row["divergence"] = {**row["divergence"], "diff": open_json(keyring(), row["divergence"].get("diff"))}
+    except KeyringError as e:
+        row["sealed"] = str(e)
+        for column in ("request_body", "response_body", "request_headers", "response_headers", "response_trailers"):
+            row[column] = None
+        if row["divergence"] is not None:
+            row["divergence"] = {**row["divergence"], "diff": None}
+    for column in ("request_headers", "response_headers", "response_trailers"):
+        if row[column] is not None:
+            row[column] = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in decode_headers(row[column])]
+    for column in ("request_body", "response_body"):
+        if row[column] is not None:
+            row[column] = bytes(row[column])
+    return row
 
 
 def step_rows(conn: Conn, run: str) -> list[dict[str, Any]]:

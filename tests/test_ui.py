@@ -1,0 +1,168 @@
+"""`durable ui` in a real browser: headless Chromium (Debian's package) driven by Playwright, over a
+journal filled by a real sidecar: the runs list, a run's timeline and steps, a step's detail, a live
+update, and each action (fork, edit, resolve, delete, download) taking effect in the journal."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import PaidApi, Sidecars, new_run, sql
+from durable_sidecar import launcher
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
+DURABLE = str(Path(sys.executable).with_name("durable"))
+
+
+def chat(sidecar: launcher.Sidecar, api: PaidApi, run: str, attempt: str, n: int) -> str:
+    r = requests.post(f"{api.url}/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": f"q{n}"}]},
+                      proxies={"http": sidecar.proxy_url(run, attempt)}, timeout=30)
+    return r.headers["Durable-Outcome"]
+
+
+@pytest.fixture
+def crashed_and_resumed(sidecars: Sidecars, http_api: PaidApi) -> tuple[launcher.Sidecar, str]:
+    """A run whose first attempt recorded 3 calls, and whose second replayed them and recorded a 4th."""
+    sidecar = sidecars.start()
+    run = new_run()
+    assert [chat(sidecar, http_api, run, "a1", n) for n in range(3)] == ["recorded"] * 3
+    assert [chat(sidecar, http_api, run, "a2", n) for n in range(4)] == ["replayed"] * 3 + ["recorded"]
+    return sidecar, run
+
+
+def start_ui(dsn: str, **env: str) -> Iterator[str]:
+    port = launcher.free_port()
+    proc = subprocess.Popen([DURABLE, "ui", "--dsn", dsn, "--port", str(port)], env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            requests.get(base, timeout=1)
+            break
+        except requests.ConnectionError:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()  # type: ignore[union-attr]
+            time.sleep(0.1)
+    yield base
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture
+def ui(pg_dsn: str) -> Iterator[str]:
+    yield from start_ui(pg_dsn)
+
+
+@pytest.fixture
+def browser() -> Iterator:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+def test_runs_timeline_and_a_step_in_the_browser(ui: str, browser, crashed_and_resumed) -> None:
+    _, run = crashed_and_resumed
+    page = browser.new_page()
+    page.goto(f"{ui}/?prefix={run}")
+    row = page.locator("#runs tr", has_text=run)
+    assert row.count() == 1 and row.locator("td").nth(7).inner_text() == "3"  # calls replay saved
+    row.locator("a").click()
+    page.wait_for_url(f"{ui}/runs/{run}")
+    outcomes = [page.locator("rect.bar").nth(i).get_attribute("class") for i in range(page.locator("rect.bar").count())]
+    assert outcomes == ["bar replayed"] * 3 + ["bar recorded"]  # the crash and the resume, on the timeline
+    assert page.locator("tr.step").count() == 4
+    page.locator("tr.step").first.locator("a").click()
+    page.wait_for_url(f"{ui}/runs/{run}/steps/1")
+    assert '"content": "q0"' in page.locator("#request-body").inner_text()
+    assert '"choices"' in page.locator("#response-body").inner_text()
+
+
+def test_a_new_step_appears_without_a_reload(ui: str, browser, crashed_and_resumed, http_api: PaidApi) -> None:
+    sidecar, run = crashed_and_resumed
+    page = browser.new_page()
+    page.goto(f"{ui}/runs/{run}")
+    assert page.locator("tr.step").count() == 4
+    page.evaluate("window.notReloaded = true")
+    assert chat(sidecar, http_api, run, "a2", 4) == "recorded"
+    page.locator("tr.step").nth(4).wait_for(timeout=15_000)
+    assert page.locator("tr.step").count() == 5 and page.evaluate("window.notReloaded") is True
+
+
+def test_fork_edit_resolve_delete_and_download_from_the_browser(
+    ui: str, browser, crashed_and_resumed, pg_dsn: str
+) -> None:
+    _, run = crashed_and_resumed
+    fork = new_run()
+    page = browser.new_page(accept_downloads=True)
+    page.goto(f"{ui}/runs/{run}")
+
+    with page.expect_download() as har:
+        page.get_by_text("HAR", exact=True).click()
+    assert len(json.loads(Path(har.value.path()).read_text())["log"]["entries"]) == 4
+
+    page.fill("input[name=at]", "2")
+    page.fill("input[name=to]", fork)
+    page.locator("form[action$='/fork'] input[name=confirm]").check()
+    page.locator("form[action$='/fork'] button").click()
+    page.wait_for_url(f"{ui}/runs/{fork}")
+    assert page.locator("tr.step").count() == 2
+    assert sql(pg_dsn, "SELECT count(*) FROM durable_steps WHERE run_id = %s", fork) == [(2,)]
+
+    page.goto(f"{ui}/runs/{fork}/steps/1")  # edit the fork's answer
+    page.fill("form[action$='/edit'] input[name=status]", "201")
+    page.fill("form[action$='/edit'] textarea[name=body]", '{"edited": true}')
+    page.locator("form[action$='/edit'] input[name=confirm]").check()
+    page.locator("form[action$='/edit'] button").click()
+    page.wait_for_url(f"{ui}/runs/{fork}/steps/1")
+    assert sql(pg_dsn, "SELECT status, response_body FROM durable_steps WHERE run_id = %s AND seq = 1", fork) == [
+        (201, b'{"edited": true}')]
+
+    sql(pg_dsn, "UPDATE durable_steps SET state = 'pending' WHERE run_id = %s AND seq = 4 RETURNING 1", run)
+    page.goto(f"{ui}/runs/{run}/steps/4")  # an in-doubt step (as a crash mid-call leaves it): forget it
+    page.check("input[name=how][value=forget]")
+    page.locator("form[action$='/resolve'] input[name=confirm]").check()
+    page.locator("form[action$='/resolve'] button").click()
+    page.wait_for_url(f"{ui}/runs/{run}")
+    assert sql(pg_dsn, "SELECT seq FROM durable_steps WHERE run_id = %s ORDER BY seq", run) == [(1,), (2,), (3,)]
+
+    page.goto(f"{ui}/runs/{fork}")
+    page.locator("form[action$='/delete'] input[name=confirm]").check()
+    page.locator("form[action$='/delete'] button").click()
+    page.wait_for_url(f"{ui}/")
+    assert sql(pg_dsn, "SELECT count(*) FROM durable_runs WHERE id = %s", fork) == [(0,)]
+
+
+def test_an_action_without_confirmation_or_token_changes_nothing(ui: str, crashed_and_resumed, pg_dsn: str) -> None:
+    _, run = crashed_and_resumed
+    r = requests.post(f"{ui}/runs/{run}/delete", data={"confirm": "yes"}, timeout=10)  # no XSRF token: refused
+    assert r.status_code == 403
+    session = requests.Session()
+    session.get(f"{ui}/runs/{run}", timeout=10)
+    token = session.cookies["_xsrf"]
+    r = session.post(f"{ui}/runs/{run}/delete", data={"_xsrf": token}, timeout=10)  # not confirmed
+    assert r.status_code == 400 and "confirm" in r.text
+    assert sql(pg_dsn, "SELECT count(*) FROM durable_runs WHERE id = %s", run) == [(1,)]
+
+
+def test_the_ui_asks_for_the_auth_secret(pg_dsn: str, browser, crashed_and_resumed) -> None:
+    _, run = crashed_and_resumed
+    for base in start_ui(pg_dsn, DURABLE_AUTH_SECRET="team-secret"):
+        refused = requests.get(base, timeout=10)  # a browser would ask; Chromium headless just fails the load
+        assert refused.status_code == 401 and refused.headers["WWW-Authenticate"].startswith("Basic")
+        assert requests.get(base, auth=("me", "wrong"), timeout=10).status_code == 401
+        allowed = browser.new_context(http_credentials={"username": "me", "password": "team-secret"}).new_page()
+        assert allowed.goto(f"{base}/?prefix={run}").status == 200
+        assert allowed.locator("#runs tr", has_text=run).count() == 1
