@@ -345,14 +345,15 @@ def chart(path: Path, seq: dict[str, dict[str, float]], conc: dict[str, dict[int
     fig.savefig(path, dpi=110)
 
 
-def startup(dsn: str, work: Path, rounds: int) -> dict[str, float]:
+def startup(dsn: str, work: Path, rounds: int, embedded: bool = True) -> dict[str, float]:
     """Wall time of `durable run -- true` (the launcher's own cost around an agent that does nothing),
     on a DSN and on the embedded PostgreSQL with its data directory in place, beside what any
     per-command proxy pays: bare mitmdump from exec to listening, then stopped. Medians, ms."""
     durable = str(Path(sys.executable).with_name("durable"))
     home = work / "startup-home"
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"} | {"DURABLE_HOME": str(home)}
-    subprocess.run([durable, "db", "start"], env=env, check=True, capture_output=True)  # data dir made, kept up
+    if embedded:  # its data directory made first, and kept up between rounds
+        subprocess.run([durable, "db", "start"], env=env, check=True, capture_output=True)
 
     def timed(argv: list[str]) -> float:
         started = time.perf_counter()
@@ -383,13 +384,14 @@ def startup(dsn: str, work: Path, rounds: int) -> dict[str, float]:
             samples["true alone"].append(timed(["true"]))
             samples["bare mitmdump start+stop"].append(bare_mitmdump())
             samples["durable run -- true (DSN)"].append(timed([durable, "run", "--run", "bench-start", "--dsn", dsn, "--", "true"]))
-            samples["durable run -- true (embedded)"].append(timed([durable, "run", "--run", "bench-start", "--", "true"]))
+            if embedded:
+                samples["durable run -- true (embedded)"].append(timed([durable, "run", "--run", "bench-start", "--", "true"]))
             samples["durable run --proxy -- true"].append(timed([durable, "run", "--run", "bench-start", "--dsn", dsn,
                                                                  "--proxy", f"http://127.0.0.1:{running.port}", "--", "true"]))
     finally:
         running.stop()
         subprocess.run([durable, "db", "stop"], env=env, capture_output=True)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return {name: statistics.median(values) for name, values in samples.items() if values}
 
 
 def main() -> None:
@@ -417,7 +419,7 @@ def main() -> None:
             conc = concurrency(dsn, upstream, work, args.requests, [int(c) for c in args.concurrency.split(",")], args.rounds)
             sizes = [int(s) for s in args.scale.split(",")]
             scaled = scale(dsn, upstream, work, sizes, min(args.requests, min(sizes)) - 1)
-            started = startup(dsn, work, args.startup_rounds)
+            started = startup(dsn, work, args.startup_rounds, embedded=not args.quick)  # quick: no initdb
     finally:
         database.drop_database(server, dsn)
 

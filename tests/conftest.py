@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -205,6 +206,35 @@ def ca_bundle(confdir: Path, sidecars: Sidecars, tmp_path: Path) -> Path:
     if not (confdir / launcher.CA_CERT).exists():
         sidecars.start().stop()
     return launcher.write_ca_bundle(confdir / launcher.CA_CERT, tmp_path / "bundle.pem")
+
+
+def on_a_terminal(argv: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], int]:
+    """`argv` on a pseudo-terminal of its own (its controlling terminal, in its foreground) and the
+    terminal's master end. util-linux `setsid --ctty` does it, so no Python runs in a forked child
+    (pytest-xdist workers have threads, and forking them is what pty.fork would do)."""
+    master, slave = os.openpty()
+    proc = subprocess.Popen(["setsid", "--ctty", *argv], stdin=slave, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    return proc, master
+
+
+def terminal_output(proc: subprocess.Popen[bytes], master: int, timeout: float = 60) -> bytes:
+    """Everything written to the terminal until the process exits (then the terminal closes)."""
+    output, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([master], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the last process holding the terminal is gone
+                break
+            if not chunk:
+                break
+            output += chunk
+        elif proc.poll() is not None:
+            break
+    proc.wait(timeout=10)
+    os.close(master)
+    return output
 
 
 def new_run() -> str:

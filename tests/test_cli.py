@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import re
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 from mitmproxy import io as mitmio
 
-from conftest import DEMO_AGENT, PaidApi, Sidecars, runs_around_cutoff, new_run, run_agent, sql
+from conftest import DEMO_AGENT, PaidApi, Sidecars, new_run, on_a_terminal, run_agent, runs_around_cutoff, sql, terminal_output
 
 DURABLE = str(Path(sys.executable).with_name("durable"))
 STEPS = 4
@@ -176,23 +175,12 @@ def test_resolve_in_doubt_steps(sidecars: Sidecars, http_api: PaidApi, pg_dsn: s
 
 def answer_on_a_terminal(answer: str, *args: str) -> str:
     """Run `durable ARGS` on a pseudo-terminal, type `answer` at its question; everything it wrote."""
-    pid, fd = pty.fork()
-    if pid == 0:
-        os.execv(DURABLE, [DURABLE, *args])
+    proc, fd = on_a_terminal([DURABLE, *args])
     output = b""
     while b"[y/N]" not in output:
         output += os.read(fd, 4096)
     os.write(fd, answer.encode() + b"\n")
-    while True:
-        try:
-            chunk = os.read(fd, 4096)
-        except OSError:  # the terminal closes when durable exits
-            break
-        if not chunk:
-            break
-        output += chunk
-    os.waitpid(pid, 0)
-    return output.decode(errors="replace")
+    return (output + terminal_output(proc, fd)).decode(errors="replace")
 
 
 def test_gc_rm_and_one_line_errors(sidecars: Sidecars, http_api: PaidApi, pg_dsn: str) -> None:

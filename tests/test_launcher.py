@@ -7,8 +7,6 @@ by pid that nothing it started is left behind.
 from __future__ import annotations
 
 import os
-import pty
-import select
 import signal
 import subprocess
 import sys
@@ -19,7 +17,7 @@ import psutil
 import pytest
 
 from durable_sidecar import launcher
-from conftest import PaidApi, Sidecars, new_run
+from conftest import PaidApi, Sidecars, new_run, on_a_terminal, terminal_output
 
 DURABLE = str(Path(sys.executable).with_name("durable"))
 SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
@@ -104,25 +102,12 @@ def test_ctrl_c_on_a_terminal_reaches_the_agent_once(pg_dsn: str, tmp_path: Path
         "time.sleep(1)\n"  # a second SIGINT would land here
         "signal.signal(signal.SIGINT, signal.SIG_DFL); import os; os.kill(os.getpid(), signal.SIGINT)\n"
     )
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: `durable run` on a terminal of its own
-        os.execve(DURABLE, [DURABLE, "run", "--run", new_run(), "--dsn", pg_dsn, "--", sys.executable, str(agent)],
-                  clean_env())
-    output = b""
+    proc, fd = on_a_terminal([DURABLE, "run", "--run", new_run(), "--dsn", pg_dsn, "--", sys.executable, str(agent)],
+                             clean_env())
     wait_for(ready)
     os.write(fd, b"\x03")  # Ctrl-C, as typed
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if select.select([fd], [], [], 0.2)[0]:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            output += chunk
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 130, output
+    output = terminal_output(proc, fd)
+    assert proc.returncode == 130, output
     assert seen.read_text() == "INT\n"
     assert b"0 recorded" in output and b"Traceback" not in output
 
