@@ -46,16 +46,18 @@ def start_ui(dsn: str, **env: str) -> Iterator[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
-    while True:
-        try:
-            requests.get(base, timeout=1)
-            break
-        except requests.ConnectionError:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()  # type: ignore[union-attr]
-            time.sleep(0.1)
-    yield base
-    proc.kill()
-    proc.wait()
+    try:
+        while True:
+            try:
+                requests.get(base, timeout=1)
+                break
+            except requests.ConnectionError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()  # type: ignore[union-attr]
+                time.sleep(0.1)
+        yield base
+    finally:  # also when a failing test drops the generator
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture
