@@ -102,24 +102,35 @@ def install() -> list[str]:
     return missing
 
 
+def _wrap(owner: Any, name: str, make: Callable[[Any], Any]) -> bool:
+    """Replace `owner.name` by `make(original)`, once (a second install keeps the first wrapper);
+    False when this mitmproxy has no such attribute."""
+    original = getattr(owner, name, None)
+    if original is None:
+        return False
+    if not getattr(original, "durable_wrapped", False):
+        wrapper = make(original)
+        wrapper.durable_wrapped = True
+        setattr(owner, name, wrapper)
+    return True
+
+
 def _prefer_h2() -> bool:
     try:
         from mitmproxy.addons import tlsconfig
     except ImportError:
         return False
-    original = getattr(tlsconfig, "alpn_select_callback", None)
-    if original is None or getattr(original, "durable_wrapped", False):
-        return original is not None
 
-    def alpn_select_callback(conn: Any, options: list[bytes]) -> Any:
-        app = conn.get_app_data()
-        if app["client_alpn"] is None and app["server_alpn"] is None and app["http2"] and b"h2" in options:
-            return b"h2"
-        return original(conn, options)
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def alpn_select_callback(conn: Any, options: list[bytes]) -> Any:
+            app = conn.get_app_data()
+            if app["client_alpn"] is None and app["server_alpn"] is None and app["http2"] and b"h2" in options:
+                return b"h2"
+            return original(conn, options)
 
-    alpn_select_callback.durable_wrapped = True  # type: ignore[attr-defined]
-    tlsconfig.alpn_select_callback = alpn_select_callback
-    return True
+        return alpn_select_callback
+
+    return _wrap(tlsconfig, "alpn_select_callback", wrap)
 
 
 def _cap_request_bodies() -> bool:
@@ -127,31 +138,31 @@ def _cap_request_bodies() -> bool:
         from mitmproxy.proxy.layers.http import ErrorCode, HttpErrorHook, HttpStream, ResponseProtocolError, SendHttp
     except ImportError:
         return False
-    original = getattr(HttpStream, "state_consume_request_body", None)
-    if original is None or getattr(original, "durable_wrapped", False):
-        return original is not None
 
-    def state_consume_request_body(self: Any, event: Any) -> Generator[Any, Any, None]:
-        yield from original(self, event)
-        if self.flow is None:
-            return
-        if self.flow.metadata.get(DRAIN_KEY):  # refused already (413 on its declared length): hold nothing
-            self.request_body_buf.clear()
-            return
-        cap = self.flow.metadata.get(CAP_KEY)
-        if cap is None or len(self.request_body_buf) <= cap or self.client_state == self.state_errored:
-            return
-        message = f"request body of unknown length passed durable_body_cap ({cap} bytes); nothing was forwarded"
-        self.request_body_buf.clear()  # hold nothing more
-        self.flow.error = mflow.Error(message)
-        yield HttpErrorHook(self.flow)
-        yield SendHttp(ResponseProtocolError(self.stream_id, message, ErrorCode.REQUEST_TOO_LARGE), self.context.client)
-        self.client_state = self.state_errored
-        self.flow.live = False
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def state_consume_request_body(self: Any, event: Any) -> Generator[Any, Any, None]:
+            yield from original(self, event)
+            if self.flow is None:
+                return
+            if self.flow.metadata.get(DRAIN_KEY):  # refused already (413 on its declared length): hold nothing
+                self.request_body_buf.clear()
+                return
+            cap = self.flow.metadata.get(CAP_KEY)
+            if cap is None or len(self.request_body_buf) <= cap or self.client_state == self.state_errored:
+                return
+            message = f"request body of unknown length passed durable_body_cap ({cap} bytes); nothing was forwarded"
+            self.request_body_buf.clear()  # hold nothing more
+            self.flow.error = mflow.Error(message)
+            yield HttpErrorHook(self.flow)
+            yield SendHttp(
+                ResponseProtocolError(self.stream_id, message, ErrorCode.REQUEST_TOO_LARGE), self.context.client
+            )
+            self.client_state = self.state_errored
+            self.flow.live = False
 
-    state_consume_request_body.durable_wrapped = True  # type: ignore[attr-defined]
-    HttpStream.state_consume_request_body = state_consume_request_body  # type: ignore[method-assign]  # the wrap
-    return True
+        return state_consume_request_body
+
+    return _wrap(HttpStream, "state_consume_request_body", wrap)
 
 
 def _label_error_answers() -> bool:
@@ -162,26 +173,24 @@ def _label_error_answers() -> bool:
         from mitmproxy.proxy.layers.http._http1 import Http1Server, make_error_response
     except ImportError:
         return False
-    original = getattr(Http1Server, "send", None)
-    if original is None or getattr(original, "durable_wrapped", False):
-        return original is not None
 
-    def send(self: Any, event: Any) -> Generator[Any, Any, None]:
-        if getattr(self.request, ORPHANED, False):
-            return  # the agent is gone: what its orphan's answer would have sent it goes nowhere
-        status = event.code.http_status_code() if isinstance(event, ResponseProtocolError) else None
-        if status is None or self.response or not self.conn.state & ConnectionState.CAN_WRITE:
-            yield from original(self, event)
-            return
-        pairs = getattr(self.request, LABEL, UNLABELLED)
-        head, sep, body = make_error_response(status, event.message).partition(b"\r\n\r\n")
-        extra = b"".join(f"\r\n{name}: {value}".encode("latin-1", "replace") for name, value in pairs)
-        yield commands.SendData(self.conn, head + extra + sep + body)
-        yield commands.CloseConnection(self.conn)
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def send(self: Any, event: Any) -> Generator[Any, Any, None]:
+            if getattr(self.request, ORPHANED, False):
+                return  # the agent is gone: what its orphan's answer would have sent it goes nowhere
+            status = event.code.http_status_code() if isinstance(event, ResponseProtocolError) else None
+            if status is None or self.response or not self.conn.state & ConnectionState.CAN_WRITE:
+                yield from original(self, event)
+                return
+            pairs = getattr(self.request, LABEL, UNLABELLED)
+            head, sep, body = make_error_response(status, event.message).partition(b"\r\n\r\n")
+            extra = b"".join(f"\r\n{name}: {value}".encode("latin-1", "replace") for name, value in pairs)
+            yield commands.SendData(self.conn, head + extra + sep + body)
+            yield commands.CloseConnection(self.conn)
 
-    send.durable_wrapped = True  # type: ignore[attr-defined]
-    Http1Server.send = send  # type: ignore[method-assign]  # the wrap
-    return True
+        return send
+
+    return _wrap(Http1Server, "send", wrap)
 
 
 async def _outlast_closing(waiting: Any) -> None:
@@ -203,43 +212,44 @@ def _finish_orphans() -> bool:
         from mitmproxy.proxy.server import ConnectionHandler
     except ImportError:
         return False
-    handle_error = getattr(HttpStream, "handle_protocol_error", None)
-    handle_connection = getattr(ConnectionHandler, "handle_connection", None)
-    if handle_error is None or handle_connection is None:
-        return False
-    if getattr(handle_error, "durable_wrapped", False):
-        return True
+    if not (hasattr(HttpStream, "handle_protocol_error") and hasattr(ConnectionHandler, "handle_connection")):
+        return False  # both or neither: adopting an orphan needs its connection handler to wait for it
 
-    def handle_protocol_error(self: Any, event: Any) -> Generator[Any, Any, None]:
-        flow = self.flow
-        if (
-            isinstance(event, RequestProtocolError)
-            and flow is not None
-            and flow.metadata.get(ORPHAN_KEY)
-            and self.client_state == self.state_done  # the whole request went upstream
-            and self.server_state not in (self.state_done, self.state_errored)
-        ):
-            self.client_state = self.state_errored
-            ORPHANS.adopt(flow)
-            return  # the upstream exchange goes on; the response hook journals its answer
-        if (
-            isinstance(event, ResponseProtocolError)
-            and flow is not None
-            and getattr(flow.request, ORPHANED, False)
-            and self.server_state not in (self.state_done, self.state_errored)
-        ):
-            flow.error = mflow.Error(event.message)  # the orphan's upstream broke: mitmproxy would
-            yield HttpErrorHook(flow)  # skip the error hook (its client errored), the step must hear it
-        yield from handle_error(self, event)
+    def wrap_error(handle_error: Callable[..., Any]) -> Callable[..., Any]:
+        def handle_protocol_error(self: Any, event: Any) -> Generator[Any, Any, None]:
+            flow = self.flow
+            if (
+                isinstance(event, RequestProtocolError)
+                and flow is not None
+                and flow.metadata.get(ORPHAN_KEY)
+                and self.client_state == self.state_done  # the whole request went upstream
+                and self.server_state not in (self.state_done, self.state_errored)
+            ):
+                self.client_state = self.state_errored
+                ORPHANS.adopt(flow)
+                return  # the upstream exchange goes on; the response hook journals its answer
+            if (
+                isinstance(event, ResponseProtocolError)
+                and flow is not None
+                and getattr(flow.request, ORPHANED, False)
+                and self.server_state not in (self.state_done, self.state_errored)
+            ):
+                flow.error = mflow.Error(event.message)  # the orphan's upstream broke: mitmproxy would
+                yield HttpErrorHook(flow)  # skip the error hook (its client errored), the step must hear it
+            yield from handle_error(self, event)
 
-    async def handle_connection_then_orphans(self: Any, connection: Any) -> None:
-        try:
-            await handle_connection(self, connection)
-        finally:  # also when mitmproxy closed the client's side (its handler is cancelled then)
-            if connection is self.client:
-                await _outlast_closing(ORPHANS.wait(connection))
+        return handle_protocol_error
 
-    handle_protocol_error.durable_wrapped = True  # type: ignore[attr-defined]
-    HttpStream.handle_protocol_error = handle_protocol_error  # type: ignore[method-assign]  # the wrap
-    ConnectionHandler.handle_connection = handle_connection_then_orphans  # type: ignore[method-assign]  # the wrap
-    return True
+    def wrap_connection(handle_connection: Callable[..., Any]) -> Callable[..., Any]:
+        async def handle_connection_then_orphans(self: Any, connection: Any) -> None:
+            try:
+                await handle_connection(self, connection)
+            finally:  # also when mitmproxy closed the client's side (its handler is cancelled then)
+                if connection is self.client:
+                    await _outlast_closing(ORPHANS.wait(connection))
+
+        return handle_connection_then_orphans
+
+    return _wrap(HttpStream, "handle_protocol_error", wrap_error) and _wrap(
+        ConnectionHandler, "handle_connection", wrap_connection
+    )

@@ -32,6 +32,10 @@ class OperatorError(RuntimeError):
     """A request the journal cannot honour (unknown run, wrong state...): one line for the user."""
 
 
+class NotFound(OperatorError):
+    """No such run or step (the UI answers 404)."""
+
+
 @contextmanager
 def connect(dsn: str | None, migrate: bool = True) -> Iterator[Conn]:
     target = database.resolve(dsn)
@@ -95,7 +99,7 @@ def run_row(conn: Conn, run: str) -> dict[str, Any]:
 def _require_run(conn: Conn, run: str) -> dict[str, Any]:
     row = conn.execute("SELECT * FROM durable_runs WHERE id = %s", (run,)).fetchone()
     if row is None:
-        raise OperatorError(f"no run {run!r} in the journal")
+        raise NotFound(f"no run {run!r} in the journal")
     return row
 
 
@@ -229,7 +233,7 @@ def _require_step(conn: Conn, run: str, seq: int) -> dict[str, Any]:
     _require_run(conn, run)
     row = conn.execute("SELECT * FROM durable_steps WHERE run_id = %s AND seq = %s", (run, seq)).fetchone()
     if row is None:
-        raise OperatorError(f"run {run!r} has no step {seq}")
+        raise NotFound(f"run {run!r} has no step {seq}")
     return row
 
 
@@ -342,7 +346,8 @@ def gc(conn: Conn, older_than_s: float, dry_run: bool, batch: int = 100, only: l
     `only`: of those, just these (the ones a user confirmed; a run active since is spared)."""
     doomed = [r["id"] for r in conn.execute(IDLE_RUNS, {"age": older_than_s})]
     if only is not None:
-        doomed = [run for run in doomed if run in set(only)]
+        confirmed = set(only)
+        doomed = [run for run in doomed if run in confirmed]
     if not dry_run:
         for start in range(0, len(doomed), batch):
             conn.execute(DELETE_RUNS, (doomed[start : start + batch],))

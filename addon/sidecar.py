@@ -34,6 +34,11 @@ HEALTH_HOST = "durable.sidecar"  # http://durable.sidecar/health through the pro
 WARNED_RUNS_MAX = 10_000
 
 
+def journal_options(s: settings.Settings) -> tuple[object, ...]:
+    """What the journal is opened with: a change of these opens a new one (and forgets replay positions)."""
+    return s.dsn, s.db_timeout_s, s.encryption_key
+
+
 class DurableSidecar:
     def __init__(self) -> None:
         self.lifecycle: Lifecycle | None = None
@@ -74,11 +79,7 @@ class DurableSidecar:
         redactor = redaction.Redactor(
             redaction.load_key(new.redact_key, database.durable_home()), new.redact_headers, new.redact_json
         )
-        if old is None or (new.dsn, new.db_timeout_s, new.encryption_key) != (
-            old.dsn,
-            old.db_timeout_s,
-            old.encryption_key,
-        ):
+        if old is None or journal_options(new) != journal_options(old):
             journal = Journal(new.dsn, timeout_s=new.db_timeout_s, keyring=crypto.Keyring(new.encryption_key))
             lifecycle = self.lifecycle = Lifecycle(journal, new, redactor)
         else:  # keep the journal and every attempt's replay position

@@ -24,7 +24,7 @@ from urllib.parse import quote, urlencode
 import tornado.web
 from tornado.template import Loader
 
-from . import database, operator
+from . import database, identity, operator
 
 PAGE_SIZE = 50
 TIMELINE_BARS = 400  # the timeline draws the first steps of a very long run
@@ -137,7 +137,7 @@ class Handler(tornado.web.RequestHandler):
 
     def _handle_request_exception(self, e: BaseException) -> None:
         if isinstance(e, operator.OperatorError | ValueError):  # a request the journal cannot honour: say why
-            self.send_error(404 if "no run" in str(e) or "has no step" in str(e) else 400, exc_info=(type(e), e, None))
+            self.send_error(404 if isinstance(e, operator.NotFound) else 400, exc_info=(type(e), e, None))
             return
         super()._handle_request_exception(e)
 
@@ -224,10 +224,7 @@ class StepPage(Handler):
 class Fork(Handler):
     async def post(self, run: str) -> None:
         self.confirmed()
-        to = self.get_body_argument("to")
-        from . import identity
-
-        identity.validate_id(to, "run id")
+        to = identity.validate_id(self.get_body_argument("to"), "run id")
         await self.journal(operator.fork, run, int(self.get_body_argument("at")), to)
         self.redirect(f"/runs/{url(to)}")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage import stage  # noqa: E402
+from stage import run_for, stage  # noqa: E402
 
 from durable_sidecar import launcher  # noqa: E402
 
@@ -64,12 +64,7 @@ def phase(port: int, upstream: str, run: str, seconds: float, mb: int, loaded: b
     threads = [threading.Thread(target=control, args=(port, upstream, run, stop, latencies))]
     if loaded:
         threads.append(threading.Thread(target=heavy, args=(port, upstream, mb, stop, sent)))
-    for t in threads:
-        t.start()
-    time.sleep(seconds)
-    stop.set()
-    for t in threads:
-        t.join()
+    run_for(threads, seconds, stop)
     return latencies, sent[0]
 
 

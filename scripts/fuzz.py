@@ -38,7 +38,7 @@ import httpx
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stage import stage, status_kib  # noqa: E402
+from stage import run_for, stage, status_kib  # noqa: E402
 
 from durable_sidecar import launcher  # noqa: E402
 
@@ -178,12 +178,7 @@ def fuzz(sidecar: launcher.Sidecar, upstream: str, dsn: str, args: argparse.Name
 
         if fuzzing:
             threads += [threading.Thread(target=fuzzer, args=(args.seed + i,)) for i in range(args.workers)]
-        for t in threads:
-            t.start()
-        time.sleep(seconds)
-        stop.set()
-        for t in threads:
-            t.join()
+        run_for(threads, seconds, stop)
         return latencies, errors, sent[0]
 
     quiet, _, _ = phase(min(10.0, args.seconds / 3), fuzzing=False)

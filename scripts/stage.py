@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +44,16 @@ def stage(dsn_option: str | None, name: str, tls: bool = False) -> Iterator[Stag
                 api.wait()
     finally:
         database.drop_database(admin, dsn)
+
+
+def run_for(threads: list[threading.Thread], seconds: float, stop: threading.Event) -> None:
+    """Start the threads, let them work for `seconds`, then set `stop` and wait for them all."""
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
 
 
 def status_kib(pid: int, field: str) -> int:

@@ -208,6 +208,14 @@ def ca_bundle(confdir: Path, sidecars: Sidecars, tmp_path: Path) -> Path:
     return launcher.write_ca_bundle(confdir / launcher.CA_CERT, tmp_path / "bundle.pem")
 
 
+def env_without_proxy(**extra: str) -> dict[str, str]:
+    """This environment with no proxy or CA-bundle variable: what `durable run` or `durable env` must
+    set by itself for an agent (plus `extra`)."""
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and k not in
+           ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")}
+    return {**env, **extra}
+
+
 def on_a_terminal(argv: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], int]:
     """`argv` on a pseudo-terminal of its own (its controlling terminal, in its foreground) and the
     terminal's master end. util-linux `setsid --ctty` does it, so no Python runs in a forked child

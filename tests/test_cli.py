@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 from mitmproxy import io as mitmio
 
-from conftest import DEMO_AGENT, PaidApi, Sidecars, new_run, on_a_terminal, run_agent, runs_around_cutoff, sql, terminal_output
+from conftest import DEMO_AGENT, PaidApi, Sidecars, env_without_proxy, new_run, on_a_terminal, run_agent, runs_around_cutoff, sql, terminal_output
 
 DURABLE = str(Path(sys.executable).with_name("durable"))
 STEPS = 4
@@ -29,8 +29,7 @@ def durable(*args: str, check: bool = True, env: dict | None = None) -> subproce
 
 def agent_run(run: str, api: PaidApi, dsn: str, confdir: Path, *agent_args: str) -> subprocess.CompletedProcess:
     """`durable run` wrapping the unmodified agent: no proxy or CA variable set by hand."""
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and k not in
-           ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")}
+    env = env_without_proxy()
     return durable("run", "--run", run, "--dsn", dsn, "--confdir", str(confdir), "--set", "ssl_insecure=true",
                    "--", sys.executable, str(DEMO_AGENT), "--api", api.url, "--steps", str(STEPS), "--json",
                    *agent_args, check=False, env=env)
@@ -253,7 +252,7 @@ def test_ca_path_bundle_and_install_dry_run(tmp_path: Path) -> None:
 
 def test_durable_run_wraps_a_curl_agent(https_api: PaidApi, pg_dsn: str, confdir: Path) -> None:
     run = new_run()
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and k != "CURL_CA_BUNDLE"}
+    env = env_without_proxy()
     for expected in ("recorded", "replayed"):
         out = durable("run", "--run", run, "--dsn", pg_dsn, "--confdir", str(confdir), "--set", "ssl_insecure=true",
                       "--", "curl", "-s", "-D", "-", f"{https_api.url}/v1/search?q=curl", env=env)

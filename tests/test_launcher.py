@@ -17,16 +17,10 @@ import psutil
 import pytest
 
 from durable_sidecar import launcher
-from conftest import PaidApi, Sidecars, new_run, on_a_terminal, terminal_output
+from conftest import PaidApi, Sidecars, env_without_proxy, new_run, on_a_terminal, terminal_output
 
 DURABLE = str(Path(sys.executable).with_name("durable"))
 SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and k not in
-           ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")}
-    return {**env, **extra}
 
 
 def wait_for(path: Path, timeout: float = 60) -> str:
@@ -65,7 +59,7 @@ def start_run(tmp_path: Path, dsn: str | None, env: dict[str, str]) -> tuple[sub
 def test_a_signal_to_durable_run_reaches_the_agent_and_leaves_nothing_behind(
     sig: signal.Signals, pg_dsn: str, tmp_path: Path
 ) -> None:
-    proc, agent, started = start_run(tmp_path, pg_dsn, clean_env())
+    proc, agent, started = start_run(tmp_path, pg_dsn, env_without_proxy())
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 128 + sig  # the agent's status: killed by the signal passed on
@@ -76,7 +70,7 @@ def test_a_signal_to_durable_run_reaches_the_agent_and_leaves_nothing_behind(
 def test_embedded_postgres_stops_with_the_last_launcher(embedded_home: Path, tmp_path: Path) -> None:
     """No --dsn, no DATABASE_URL: the embedded PostgreSQL the launcher started stops when it exits."""
     home = embedded_home
-    env = clean_env(DURABLE_HOME=str(home))
+    env = env_without_proxy(DURABLE_HOME=str(home))
     env.pop("DATABASE_URL", None)
     proc, agent, started = start_run(tmp_path, None, env)
     postmaster = int((home / "pgdata" / "postmaster.pid").read_text().split()[0])
@@ -103,7 +97,7 @@ def test_ctrl_c_on_a_terminal_reaches_the_agent_once(pg_dsn: str, tmp_path: Path
         "signal.signal(signal.SIGINT, signal.SIG_DFL); import os; os.kill(os.getpid(), signal.SIGINT)\n"
     )
     proc, fd = on_a_terminal([DURABLE, "run", "--run", new_run(), "--dsn", pg_dsn, "--", sys.executable, str(agent)],
-                             clean_env())
+                             env_without_proxy())
     wait_for(ready)
     os.write(fd, b"\x03")  # Ctrl-C, as typed
     output = terminal_output(proc, fd)
@@ -114,7 +108,7 @@ def test_ctrl_c_on_a_terminal_reaches_the_agent_once(pg_dsn: str, tmp_path: Path
 
 def durable_run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([DURABLE, "run", "--run", new_run(), *args], capture_output=True, text=True,
-                          env=env or clean_env(), timeout=timeout)
+                          env=env or env_without_proxy(), timeout=timeout)
 
 
 def test_an_unreachable_journal_stops_the_run_before_the_agent(tmp_path: Path) -> None:
@@ -145,7 +139,7 @@ def test_proxy_hands_the_agent_the_ca_of_that_sidecar(
     run = new_run()
     curl = ["curl", "-s", "-D", "-", f"{https_api.url}/v1/search?q=ca"]
     out = subprocess.run([DURABLE, "run", "--run", run, "--dsn", pg_dsn, "--proxy", proxy, "--", *curl],
-                         capture_output=True, text=True, env=clean_env(), timeout=60)
+                         capture_output=True, text=True, env=env_without_proxy(), timeout=60)
     assert out.returncode == 0 and "durable-outcome: recorded" in out.stdout.lower(), out.stderr
     other = tmp_path / "other-certs"
     subprocess.run([DURABLE, "ca", "path", "--confdir", str(other)], check=True, capture_output=True)

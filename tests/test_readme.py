@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from durable_sidecar import launcher
-from conftest import ROOT, PaidApi
+from conftest import ROOT, PaidApi, env_without_proxy
 
 SECTION = "## Put it in front of your agent"
 AGENT = """\
@@ -46,8 +46,7 @@ def test_the_readme_blocks_put_an_agent_behind_the_sidecar_as_written(
     home = tmp_path / "home"
     (home / "certs").mkdir(parents=True)  # mitmproxy reads options from config.yaml in its confdir
     (home / "certs" / "config.yaml").write_text(f"ssl_verify_upstream_trusted_ca: {https_api.ca}\n")
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and k not in
-           ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")}
+    env = env_without_proxy()
     env |= {"DURABLE_HOME": str(home), "DATABASE_URL": fresh_dsn, "API_URL": https_api.url,
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}
     sidecar = subprocess.Popen(["bash", "-c", proxy_line.replace("8080", port)], env=env, start_new_session=True,
