@@ -108,7 +108,6 @@ class Statement:
     params: Any
     fetch: str = "none"  # none (row count) | one | all
     run: str = ""  # the run a write belongs to: a batch's order
-    prelude: str = ""  # SQL run just before it, in the same transaction (same params)
 
 
 async def _fetch(cursor: Any, fetch: str) -> Any:
@@ -153,32 +152,12 @@ def storable(value: Any) -> Any:
     return value
 
 
-# Recording a step takes the run's row lock first (the prelude), and only then, in a statement of
-# its own with a fresh snapshot, checks that (run, key, occurrence) is not journaled yet and takes the
-# next seq. Checked under the lock, the seq is never taken in vain: seqs stay dense when two sidecars
-# race to record the same step.
-_LOCK_RUN = """
-INSERT INTO durable_runs AS r (id) VALUES (%(run)s) ON CONFLICT (id) DO UPDATE SET updated_at = now()
-"""
+# Recording a step: one call of durable_record (migration 7), which locks the run, checks the step
+# is new and takes the next seq, in one round trip and one commit.
 _RECORD = """
-WITH run AS (
-    UPDATE durable_runs SET last_seq = last_seq + 1, updated_at = now()
-    WHERE id = %(run)s AND NOT EXISTS (
-        SELECT 1 FROM durable_steps WHERE run_id = %(run)s AND fingerprint = %(key)s AND occurrence = %(occ)s)
-    RETURNING last_seq
-)
-INSERT INTO durable_steps (run_id, seq, fingerprint, fp_version, occurrence, step_key, state, attempt,
-                           last_attempt, last_outcome, divergence, key_id, owner,
-                           method, url, envelope, request_headers, request_body, idempotency_key)
-SELECT %(run)s, run.last_seq, %(key)s, %(fpv)s, %(occ)s, %(step_key)s, 'pending', %(attempt)s,
-       %(attempt)s, %(outcome)s, %(divergence)s, %(key_id)s, %(owner)s,
-       %(method)s, %(url)s, %(envelope)s, %(headers)s, %(body)s,
-       COALESCE(%(agent_key)s, CASE WHEN %(mint)s THEN
-           'durable-' || left(encode(sha256(convert_to(%(run)s || ':' || run.last_seq, 'UTF8')), 'hex'), 32)
-       END)
-FROM run
-ON CONFLICT (run_id, fingerprint, occurrence) DO NOTHING
-RETURNING seq, idempotency_key
+SELECT seq, idempotency_key FROM durable_record(
+    %(run)s, %(key)s, %(fpv)s::smallint, %(occ)s, %(step_key)s, %(attempt)s, %(outcome)s, %(divergence)s,
+    %(key_id)s, %(owner)s, %(method)s, %(url)s, %(envelope)s, %(headers)s, %(body)s, %(agent_key)s, %(mint)s)
 """
 
 # An imported run's steps, completed, in one COPY (created and started: the defaults, now).
@@ -308,14 +287,12 @@ class Journal:
         pipelined in ONE transaction, so they cost one round trip and one commit, all or none."""
 
         async def execute(conn: psycopg.AsyncConnection) -> list[Any]:
-            if len(batch) == 1 and not batch[0].prelude:
+            if len(batch) == 1:
                 cursors = [await conn.cursor(row_factory=dict_row).execute(batch[0].sql, batch[0].params)]
             else:
                 cursors = []
                 async with conn.pipeline(), conn.transaction():
                     for s in batch:
-                        if s.prelude:
-                            await conn.execute(s.prelude, s.params)
                         cursors.append(await conn.cursor(row_factory=dict_row).execute(s.sql, s.params))
             return [await _fetch(cur, s.fetch) for cur, s in zip(cursors, batch, strict=True)]
 
@@ -372,7 +349,7 @@ class Journal:
             self.observe(what, 0.0, False)
             raise JournalError(f"{what}: {type(e).__name__}: {e}".strip()) from e
 
-    async def _write(self, what: str, run: str, sql: str, params: Any, fetch: str = "none", prelude: str = "") -> Any:
+    async def _write(self, what: str, run: str, sql: str, params: Any, fetch: str = "none") -> Any:
         """A write on an agent's path. Alone, it goes at once (a batch of one). While WRITERS batches
         are in flight, new writes queue and then go together in one transaction: group commit, so 32
         agents recording at once cost a few commits per round trip instead of 32.
@@ -381,7 +358,7 @@ class Journal:
         take the runs' row locks in the same order and cannot deadlock.
         """
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queued.append((Statement(what, sql, params, fetch, run, prelude), future))
+        self._queued.append((Statement(what, sql, params, fetch, run), future))
         self._next_batch()
         return await future
 
@@ -462,9 +439,9 @@ class Journal:
         """Commit a pending step; None if (run, key, occurrence) was journaled meanwhile by someone else."""
         body = await offload.run(len(step.request_body), self.offload_bytes, self.keyring.seal, step.request_body)
         row = await self._write(
-            "record pending step", step.run, _RECORD, self._record_params(step, body), fetch="one", prelude=_LOCK_RUN
+            "record pending step", step.run, _RECORD, self._record_params(step, body), fetch="one"
         )
-        return Recorded(row["seq"], row["idempotency_key"]) if row else None
+        return Recorded(row["seq"], row["idempotency_key"]) if row and row["seq"] is not None else None
 
     async def import_steps(self, run: str, steps: list[tuple[NewStep, Answer]]) -> int:
         """A new run of completed steps (an imported HAR or flow file), with COPY in one transaction:

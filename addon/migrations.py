@@ -132,6 +132,44 @@ MIGRATIONS: list[tuple[int, str]] = [
         ALTER TABLE durable_steps ADD COLUMN response_trailers jsonb;
         """,
     ),
+    (
+        7,
+        """
+        -- Record a pending step in ONE statement (one round trip, one commit, no explicit transaction):
+        -- take the run's row lock first, then, in a statement of its own (a volatile function takes a
+        -- fresh snapshot per statement), check that (run, key, occurrence) is not journaled yet and take
+        -- the next seq. Checked under the lock, a seq is never taken in vain: seqs stay dense when two
+        -- sidecars race to record the same step. NULLs back: someone else journaled it meanwhile.
+        CREATE FUNCTION durable_record(
+            p_run text, p_key text, p_fpv smallint, p_occ integer, p_step_key text, p_attempt text,
+            p_outcome text, p_divergence jsonb, p_key_id text, p_owner integer, p_method text, p_url text,
+            p_envelope jsonb, p_headers jsonb, p_body bytea, p_agent_key text, p_mint boolean,
+            OUT seq integer, OUT idempotency_key text)
+        LANGUAGE plpgsql VOLATILE AS $$
+        #variable_conflict use_column
+        BEGIN
+            INSERT INTO durable_runs AS r (id) VALUES (p_run) ON CONFLICT (id) DO UPDATE SET updated_at = now();
+            WITH run AS (
+                UPDATE durable_runs SET last_seq = last_seq + 1, updated_at = now()
+                WHERE id = p_run AND NOT EXISTS (
+                    SELECT 1 FROM durable_steps s WHERE s.run_id = p_run AND s.fingerprint = p_key AND s.occurrence = p_occ)
+                RETURNING last_seq
+            )
+            INSERT INTO durable_steps (run_id, seq, fingerprint, fp_version, occurrence, step_key, state, attempt,
+                                       last_attempt, last_outcome, divergence, key_id, owner,
+                                       method, url, envelope, request_headers, request_body, idempotency_key)
+            SELECT p_run, run.last_seq, p_key, p_fpv, p_occ, p_step_key, 'pending', p_attempt,
+                   p_attempt, p_outcome, p_divergence, p_key_id, p_owner,
+                   p_method, p_url, p_envelope, p_headers, p_body,
+                   COALESCE(p_agent_key, CASE WHEN p_mint THEN
+                       'durable-' || left(encode(sha256(convert_to(p_run || ':' || run.last_seq, 'UTF8')), 'hex'), 32)
+                   END)
+            FROM run
+            ON CONFLICT (run_id, fingerprint, occurrence) DO NOTHING
+            RETURNING durable_steps.seq, durable_steps.idempotency_key INTO seq, idempotency_key;
+        END $$;
+        """,
+    ),
 ]
 
 
