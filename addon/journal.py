@@ -438,9 +438,7 @@ class Journal:
     async def record(self, step: NewStep) -> Recorded | None:
         """Commit a pending step; None if (run, key, occurrence) was journaled meanwhile by someone else."""
         body = await offload.run(len(step.request_body), self.offload_bytes, self.keyring.seal, step.request_body)
-        row = await self._write(
-            "record pending step", step.run, _RECORD, self._record_params(step, body), fetch="one"
-        )
+        row = await self._write("record pending step", step.run, _RECORD, self._record_params(step, body), fetch="one")
         return Recorded(row["seq"], row["idempotency_key"]) if row and row["seq"] is not None else None
 
     async def import_steps(self, run: str, steps: list[tuple[NewStep, Answer]]) -> int:

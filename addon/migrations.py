@@ -152,7 +152,8 @@ MIGRATIONS: list[tuple[int, str]] = [
             WITH run AS (
                 UPDATE durable_runs SET last_seq = last_seq + 1, updated_at = now()
                 WHERE id = p_run AND NOT EXISTS (
-                    SELECT 1 FROM durable_steps s WHERE s.run_id = p_run AND s.fingerprint = p_key AND s.occurrence = p_occ)
+                    SELECT 1 FROM durable_steps s
+                    WHERE s.run_id = p_run AND s.fingerprint = p_key AND s.occurrence = p_occ)
                 RETURNING last_seq
             )
             INSERT INTO durable_steps (run_id, seq, fingerprint, fp_version, occurrence, step_key, state, attempt,
