@@ -8,7 +8,8 @@ the index once per (run, attempt).
 
 The index is compact, so a sidecar's memory stays flat however long the journal grows: no bodies,
 no keys, only a 64-bit digest of (match key, occurrence) per step, kept sorted next to its seq, and
-one byte of state per seq: about 17 bytes a step (100,000 steps: under 2 MB). A digest shared by
+one byte of state per seq: about 17 bytes a step (100,000 steps: under 2 MB). It streams in a page at
+a time while the attempt is already being answered (lifecycle.py). A digest shared by
 two steps is caught when the answer is read: the journal row names its own key (see `digest`).
 """
 
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 STATES = ("", "pending", "completed", "failed")  # by code; 0: no step has this seq
 CODES = {name: code for code, name in enumerate(STATES) if name}
 CONSUMED = 0x80  # flag on a state byte: this attempt has matched or journaled the step
+STATE_MASK = 0x7F  # the STATES code in a state byte
 COMPLETED = bytes([CODES["completed"]])  # an unconsumed completed step
 
 
@@ -64,8 +66,15 @@ class RunCursor:
         self.high_water = 0  # highest seq this attempt has reached
 
     def load(self, rows: Iterable[tuple[int, int, str]]) -> None:
-        """Add journaled steps as (digest, seq, state), cheapest in digest order (what the journal sends)."""
+        """Add journaled steps as (digest, seq, state), cheapest in digest order (what the journal sends).
+
+        A step this cursor already knows is skipped: while the index streams in, a step found by a
+        direct lookup (or journaled meanwhile) is known before its page arrives, and its state here
+        is newer than the page's."""
+        states = self._states
         for d, seq, state in rows:
+            if seq < len(states) and states[seq] & STATE_MASK:
+                continue
             if self._digests and d < self._digests[-1]:
                 i = bisect.bisect_left(self._digests, d)
                 self._digests.insert(i, d)
@@ -89,11 +98,18 @@ class RunCursor:
         else:
             occurrence = self.next_occurrence.get(key, 0)
             self.next_occurrence[key] = occurrence + 1
-        seq = self._find(digest(key, occurrence))
+        return self.resolve(Claim(key, occurrence, None))
+
+    def resolve(self, claim: Claim) -> Claim:
+        """The claim with its journaled step, if the index holds one: a claim made while the index
+        was still streaming in is resolved again once it is whole."""
+        if claim.step is not None:
+            return claim
+        seq = self._find(digest(claim.key, claim.occurrence))
         if seq is None:
-            return Claim(key, occurrence, None)
+            return claim
         self._consume(seq)
-        return Claim(key, occurrence, StepRef(seq, key, occurrence, self.state(seq)))
+        return Claim(claim.key, claim.occurrence, StepRef(seq, claim.key, claim.occurrence, self.state(seq)))
 
     def release(self, key: str, occurrence: int, seq: int | None) -> None:
         """Give back an occurrence whose answer the agent did not get (the sidecar answered an error,
@@ -108,7 +124,7 @@ class RunCursor:
         self._consume(step.seq)
 
     def state(self, seq: int) -> str:
-        return STATES[self._states[seq] & ~CONSUMED] if seq < len(self._states) else ""
+        return STATES[self._states[seq] & STATE_MASK] if seq < len(self._states) else ""
 
     def mark(self, seq: int, state: str) -> None:
         """A step's new state, once its answer (or failure) is journaled."""

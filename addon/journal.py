@@ -394,19 +394,18 @@ class Journal:
             await asyncio.sleep(0)
         return len(doomed)
 
-    async def load_cursor(self, run: str) -> RunCursor:
-        """The run's replay index, streamed from a server-side cursor a page at a time, so a long
-        journal never sits in memory as rows (neither as Python objects nor in libpq)."""
+    async def load_index(self, run: str, into: RunCursor) -> None:
+        """Stream the run's replay index into a cursor from a server-side cursor a page at a time, so
+        a long journal never sits in memory as rows (neither as Python objects nor in libpq), and the
+        cursor serves what it holds meanwhile."""
 
-        async def load(conn: psycopg.AsyncConnection) -> RunCursor:
-            cursor = RunCursor()
+        async def load(conn: psycopg.AsyncConnection) -> None:
             async with conn.transaction(), conn.cursor("durable_index") as rows:
                 await rows.execute(INDEX, (run,))
                 while page := await rows.fetchmany(INDEX_PAGE):
-                    cursor.load(page)
-            return cursor
+                    into.load(page)
 
-        return await self._on_connection(["load run"], load)
+        await self._on_connection(["load run"], load)
 
     async def has_steps(self, run: str) -> bool:
         row = await self._run(

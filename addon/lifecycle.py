@@ -48,6 +48,14 @@ class Step:
     owner: int | None = None  # the lease id the journal row names while the step is in flight
 
 
+@dataclass
+class Position:
+    """One attempt's replay position: its cursor, and the task streaming the run's index into it."""
+
+    cursor: RunCursor
+    index: asyncio.Future[None]
+
+
 class Refused(Exception):
     """Answer the agent with this error instead of forwarding."""
 
@@ -67,7 +75,7 @@ class Lifecycle:
         self.journal = journal
         self.settings = settings  # replaced by the addon when options change
         self.redactor = redactor
-        self.cursors: dict[tuple[str, str], asyncio.Task[RunCursor]] = {}
+        self.cursors: dict[tuple[str, str], Position] = {}
         self.prefetches: dict[tuple[str, str], Prefetch] = {}
         self.last_used: OrderedDict[tuple[str, str], float] = OrderedDict()  # least recently used first
         self.forgotten: OrderedDict[tuple[str, str], None] = OrderedDict()  # attempts whose position is gone
@@ -95,9 +103,12 @@ class Lifecycle:
         except ValueError as e:
             raise Refused(400, f"request body does not match its Content-Encoding: {e}", run=ident.run) from e
 
-        cursor = await self._cursor(ident.run, ident.attempt)
+        position = self._position(ident.run, ident.attempt)
+        cursor = position.cursor
         claim = cursor.claim(key)
         try:
+            if not position.index.done():
+                claim = await self._claim_while_loading(ident, position, claim)
             step = await self._serve(flow, ident, cursor, claim, env, body)
         except BaseException:
             cursor.release(claim.key, claim.occurrence, claim.step.seq if claim.step else None)
@@ -205,10 +216,10 @@ class Lifecycle:
             step.cursor.release(step.claim.key, step.claim.occurrence, step.seq)
             step.claim = None
 
-    async def _cursor(self, run: str, attempt: str) -> RunCursor:
-        """The attempt's cursor, loading the run's index (no bodies) from the journal once.
+    def _position(self, run: str, attempt: str) -> Position:
+        """The attempt's position; a new one starts streaming the run's index (no bodies) in.
 
-        At most durable_max_attempts cursors are kept: a new attempt past that makes the sidecar
+        At most durable_max_attempts positions are kept: a new attempt past that makes the sidecar
         forget the one used least recently."""
         key = (run, attempt)
         if key in self.forgotten:
@@ -222,19 +233,31 @@ class Lifecycle:
             )
         self.last_used[key] = time.monotonic()
         self.last_used.move_to_end(key)
-        task = self.cursors.get(key)
-        if task is None:
+        position = self.cursors.get(key)
+        if position is None:
             while len(self.cursors) >= self.settings.max_attempts:
                 oldest = next(k for k in self.last_used if k != key)
                 self._forget(oldest)
-            task = asyncio.ensure_future(self._load_cursor(run, attempt))
-            self.cursors[key] = task
-        try:
-            return await task
-        except Exception:
-            if self.cursors.get(key) is task:
-                del self.cursors[key]  # let the next request try again
-            raise
+            cursor = RunCursor()
+            position = self.cursors[key] = Position(cursor, self._load_index(key, cursor))
+        elif position.index.done() and position.index.exception() is not None:
+            position.index = self._load_index(key, position.cursor)  # into the same cursor: it skips what it has
+        return position
+
+    async def _claim_while_loading(self, ident: identity.Identity, position: Position, claim: Claim) -> Claim:
+        """The run's index is still streaming in. A completed step is answered at once, found in
+        what has arrived or by one indexed lookup, so a resumed attempt's first answers do not wait
+        for a long run's whole index; anything else (a new request, a step in doubt) waits for all
+        of it, then is matched against it (a failed load fails this request; the next one retries it)."""
+        if claim.step is None:
+            found = await self.journal.find(ident.run, claim.key, claim.occurrence)
+            if found is not None and found.state == "completed":
+                position.cursor.add(found)
+                return Claim(claim.key, claim.occurrence, found)
+        elif claim.step.state == "completed":
+            return claim
+        await asyncio.shield(position.index)
+        return position.cursor.resolve(claim)
 
     def forget_idle(self, idle_s: float) -> int:
         """Drop the cursors of attempts unheard of for `idle_s`, so a long-lived sidecar's memory stays flat.
@@ -259,11 +282,25 @@ class Lifecycle:
         while len(self.forgotten) > FORGOTTEN_KEPT:
             self.forgotten.popitem(last=False)
 
-    async def _load_cursor(self, run: str, attempt: str) -> RunCursor:
-        cursor = await self.journal.load_cursor(run)
-        prefetch = self.prefetches[(run, attempt)] = Prefetch(self.journal, run, cursor, self.read_ahead)
-        prefetch.refill()
-        return cursor
+    def _load_index(self, key: tuple[str, str], cursor: RunCursor) -> asyncio.Future[None]:
+        """Stream the run's index into the attempt's cursor; once whole, read ahead from it."""
+
+        async def load() -> None:
+            await self.journal.load_index(key[0], cursor)
+            position = self.cursors.get(key)
+            if position is not None and position.cursor is cursor:  # not forgotten meanwhile
+                prefetch = self.prefetches[key] = Prefetch(self.journal, key[0], cursor, self.read_ahead)
+                prefetch.refill()
+
+        def failed(task: asyncio.Future[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                logger.warning(
+                    "durable: run=%s index not loaded (the next request retries): %s", key[0], task.exception()
+                )
+
+        task = asyncio.ensure_future(load())
+        task.add_done_callback(failed)
+        return task
 
     async def _record(
         self,
@@ -373,7 +410,8 @@ class Lifecycle:
         return step.state == "completed" or (step.state == "failed" and cursor.moved_past(step.seq))
 
     async def _replay(self, flow: http.HTTPFlow, ident: identity.Identity, step: StepRef) -> Step:
-        stored = self.prefetches[(ident.run, ident.attempt)].take(step.seq)
+        prefetch = self.prefetches.get((ident.run, ident.attempt))  # none while the index streams in
+        stored = prefetch.take(step.seq) if prefetch is not None else None
         if stored is None:
             stored = (await self.journal.responses(ident.run, [step.seq])).get(step.seq)
         if stored is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 
 import hashlib
 
@@ -105,7 +104,7 @@ def test_idle_attempts_are_forgotten(mocker) -> None:
     clock.return_value = 2000.0
     assert lifecycle.forget_idle(idle_s=100) == 1 and not lifecycle.cursors
     with pytest.raises(Refused) as refused:  # never matched from the start again: its own answers would come back
-        asyncio.run(lifecycle._cursor("r", "old"))
+        lifecycle._position("r", "old")
     assert refused.value.status == 409 and "new attempt" in refused.value.reason
 
 

@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from durable_sidecar import launcher
-from durable_sidecar.cursor import StepRef, digest
+from durable_sidecar.cursor import RunCursor, StepRef, digest
 from durable_sidecar.journal import DIGEST, Journal, NewStep
 from durable_sidecar.migrations import MIGRATIONS
 from conftest import PaidApi, Sidecars, docker_reachable, new_run, sql
@@ -135,7 +135,8 @@ def test_the_index_loads_from_sql_digests_that_match_the_cursors(fresh_dsn: str)
             for key in keys:
                 for occurrence in (0, 1):
                     await journal.record(bare_step("r", key, occurrence))
-            cursor = await journal.load_cursor("r")
+            cursor = RunCursor()
+            await journal.load_index("r", cursor)
             return [cursor.claim(key).step.seq for key in keys for _ in (0, 1)]
         finally:
             await journal.close()

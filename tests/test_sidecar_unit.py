@@ -9,7 +9,6 @@ import json
 import pytest
 from mitmproxy.test import taddons, tflow
 
-from durable_sidecar.cursor import RunCursor
 from durable_sidecar.journal import JournalError
 from durable_sidecar.sidecar import META, DurableSidecar
 
@@ -27,7 +26,8 @@ def sidecar(mocker):
     with taddons.context(addon) as tctx:
         tctx.configure(addon, durable_dsn="postgresql://unused")
         addon.lifecycle.journal = mocker.Mock()
-        addon.lifecycle.journal.load_cursor = mocker.AsyncMock(return_value=RunCursor())
+        addon.lifecycle.journal.load_index = mocker.AsyncMock(return_value=None)
+        addon.lifecycle.journal.find = mocker.AsyncMock(return_value=None)  # asked while the index streams in
         addon.lifecycle.journal.owner = mocker.AsyncMock(return_value=7)
         yield addon
 
@@ -43,18 +43,18 @@ def test_journal_failure_on_record_answers_503(sidecar, mocker) -> None:
 
 
 def test_unexpected_error_answers_503_too(sidecar, mocker) -> None:
-    sidecar.lifecycle.journal.load_cursor = mocker.AsyncMock(side_effect=RuntimeError("boom"))
+    sidecar.lifecycle.journal.load_index = mocker.AsyncMock(side_effect=RuntimeError("boom"))
     flow = flow_with_run()
     asyncio.run(sidecar.request(flow))
     assert flow.response.status_code == 503 and "RuntimeError: boom" in json.loads(flow.response.content)["failed"]
 
 
-def test_failed_cursor_load_is_retried_by_the_next_request(sidecar, mocker) -> None:
-    sidecar.lifecycle.journal.load_cursor = mocker.AsyncMock(side_effect=[JournalError("down"), RunCursor()])
+def test_failed_index_load_is_retried_by_the_next_request(sidecar, mocker) -> None:
+    sidecar.lifecycle.journal.load_index = mocker.AsyncMock(side_effect=[JournalError("down"), None])
     sidecar.lifecycle.journal.record = mocker.AsyncMock(side_effect=JournalError("still down"))
     asyncio.run(sidecar.request(flow_with_run()))
     asyncio.run(sidecar.request(flow_with_run()))
-    assert sidecar.lifecycle.journal.load_cursor.await_count == 2
+    assert sidecar.lifecycle.journal.load_index.await_count == 2
 
 
 def test_response_not_journaled_replaces_the_answer_with_503(sidecar, mocker) -> None:
@@ -70,7 +70,7 @@ def test_response_not_journaled_replaces_the_answer_with_503(sidecar, mocker) ->
     assert flow.response.status_code == 503 and flow.response.headers["Durable-Outcome"] == "refused"
     assert "stays in doubt" in json.loads(flow.response.content)["reason"]
     # the error is the sidecar's: the step is given back, so the agent's retry is the same occurrence
-    cursor = sidecar.lifecycle.cursors[("r1", "a1")].result()
+    cursor = sidecar.lifecycle.cursors[("r1", "a1")].cursor
     (key, given_back), = cursor.returned.items()
     assert given_back == [0] and cursor.claim(key).occurrence == 0
 
@@ -93,12 +93,69 @@ def test_a_digest_shared_by_two_keys_is_refused_not_answered_with_the_other_step
     from durable_sidecar.journal import StoredResponse
 
     mocker.patch.object(cursor_module, "digest", lambda key, occurrence: 7)  # every key collides
-    index = RunCursor()
-    index.load([(7, 1, "completed")])
-    sidecar.lifecycle.journal.load_cursor = mocker.AsyncMock(return_value=index)
+    fill = lambda run, into: into.load([(7, 1, "completed")])  # noqa: E731
+    sidecar.lifecycle.journal.load_index = mocker.AsyncMock(side_effect=fill)
     other = StoredResponse("completed", 200, "OK", "HTTP/1.1", [], b"someone else's answer", None, key="v1:other")
     sidecar.lifecycle.journal.responses = mocker.AsyncMock(return_value={1: other})
     flow = flow_with_run()
     asyncio.run(sidecar.request(flow))
     assert flow.response.status_code == 503 and b"someone else" not in flow.response.content
     assert "answers another request" in json.loads(flow.response.content)["failed"]
+
+
+# -- resuming a long run: the index streams in while the attempt is already answered -------------
+
+
+def test_a_completed_step_is_replayed_before_the_runs_index_has_loaded(sidecar, mocker) -> None:
+    """The first request of an attempt on a long run does not wait for the run's whole index: a
+    completed step is found by one indexed lookup and replayed while the index still loads."""
+    from durable_sidecar.cursor import StepRef
+    from durable_sidecar.journal import StoredResponse
+
+    async def scenario() -> None:
+        never = asyncio.Event()
+
+        async def load_forever(run, into) -> None:
+            await never.wait()
+
+        journal = sidecar.lifecycle.journal
+        journal.load_index = mocker.AsyncMock(side_effect=load_forever)
+        journal.find = mocker.AsyncMock(side_effect=lambda run, key, occ: StepRef(1, key, occ, "completed"))
+        journal.responses = mocker.AsyncMock(
+            side_effect=lambda run, seqs: {
+                1: StoredResponse("completed", 200, "OK", "HTTP/1.1", [], b"journaled", None,
+                                  key=journal.find.call_args.args[1], occurrence=0)
+            }
+        )
+        journal.note_replay = mocker.Mock()
+        flow = flow_with_run()
+        await asyncio.wait_for(sidecar.request(flow), 10)
+        assert flow.response is not None and flow.response.content == b"journaled"
+        assert flow.metadata[META].outcome == "replayed" and not journal.record.called
+        assert not sidecar.lifecycle.cursors[("r1", "a1")].index.done()  # the index is still loading
+
+    asyncio.run(scenario())
+
+
+def test_a_new_request_waits_for_the_whole_index_before_it_is_recorded(sidecar, mocker) -> None:
+    """What is not a completed step (here: nothing journaled) is matched against the whole index
+    only: recording it from a partial one could journal a step twice."""
+    from durable_sidecar.journal import Recorded
+
+    async def scenario() -> None:
+        loaded = asyncio.Event()
+
+        async def load_when_told(run, into) -> None:
+            await loaded.wait()
+
+        journal = sidecar.lifecycle.journal
+        journal.load_index = mocker.AsyncMock(side_effect=load_when_told)
+        journal.record = mocker.AsyncMock(return_value=Recorded(seq=1, idempotency_key=None))
+        request = asyncio.ensure_future(sidecar.request(flow_with_run()))
+        await asyncio.sleep(0.05)
+        assert not request.done() and not journal.record.called and journal.find.await_count == 1
+        loaded.set()
+        await asyncio.wait_for(request, 10)
+        assert journal.record.await_count == 1
+
+    asyncio.run(scenario())
