@@ -359,6 +359,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
+    if args.action == "init":
+        return db_init(args)
     home = database.durable_home()
     data = {"status": embedded.status, "start": embedded.pin, "stop": embedded.stop}[args.action](home)
     if args.json:
@@ -380,6 +382,17 @@ def cmd_db(args: argparse.Namespace) -> int:
         print(f"    {user['pid']}  {user['command'][:100]}")
     if os.environ.get("DATABASE_URL"):
         print("  note: DATABASE_URL is set, so sidecars and commands without --dsn use it, not this one")
+    return 0
+
+
+def db_init(args: argparse.Namespace) -> int:
+    created = operator.create_journal(args.dsn, args.partitions)
+    if args.json:
+        print(json.dumps(created, indent=2))
+        return 0
+    layout = f"hash-partitioned by run into {created['partitions']} tables" if created["partitions"] else "one table"
+    done = f"created (migrations {created['applied']})" if created["applied"] else "already up to date"
+    print(f"journal at {created['journal']}: {done}; durable_steps is {layout}")
     return 0
 
 
@@ -576,12 +589,27 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("file", help="a .har or mitmproxy flow file")
     s.add_argument("--run", required=True, help="the new run's id")
 
-    s = command("db", cmd_db, "the embedded PostgreSQL: status | start (keep it running) | stop", as_json)
+    s = command(
+        "db",
+        cmd_db,
+        "the embedded PostgreSQL: status | start (keep it running) | stop; init: create the journal",
+        as_json,
+        journal,
+    )
     s.add_argument(
         "action",
-        choices=["status", "start", "stop"],
-        help="status: what runs, where its data is, who "
-        "uses it; start: start it and keep it running until `durable db stop`; stop: stop it now",
+        choices=["status", "start", "stop", "init"],
+        help="status: what runs, where its data is, who uses it; start: start it and keep it running until "
+        "`durable db stop`; stop: stop it now; init: create the journal's tables in the database (--dsn, "
+        "else as every command finds it), hash-partitioned with --partitions",
+    )
+    s.add_argument(
+        "--partitions",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with init: split durable_steps into N tables by hash of the run id, for large fleets; chosen "
+        "when the journal is created (default: %(default)s, one table)",
     )
 
     s = command("ui", cmd_ui, "see and steer runs in a browser (DURABLE_AUTH_SECRET, when set, is asked for)", journal)

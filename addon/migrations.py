@@ -53,7 +53,7 @@ MIGRATIONS: list[tuple[int, str]] = [
             replay_count     integer NOT NULL DEFAULT 0,
             PRIMARY KEY (run_id, seq),
             UNIQUE (run_id, fingerprint, occurrence)
-        );
+        ) /*partitioning*/;
 
         CREATE INDEX durable_steps_pending ON durable_steps (run_id) WHERE state = 'pending';
         CREATE INDEX durable_runs_updated ON durable_runs (updated_at);
@@ -174,8 +174,34 @@ MIGRATIONS: list[tuple[int, str]] = [
 ]
 
 
-async def apply(conn: psycopg.AsyncConnection) -> list[int]:
-    """Apply pending migrations; returns the versions applied by this call."""
+PARTITIONING = "/*partitioning*/"
+
+
+def partitioned(sql: str, partitions: int) -> str:
+    """Migration 1 with durable_steps hash-partitioned by run into `partitions` tables: every key and
+    index of the journal starts with run_id, and every statement on the agent's path names one run,
+    so each touches one partition. Later migrations (columns, indexes) reach every partition."""
+    tables = "".join(
+        f"CREATE TABLE durable_steps_p{i} PARTITION OF durable_steps FOR VALUES WITH (MODULUS {partitions}, "
+        f"REMAINDER {i});\n"
+        for i in range(partitions)
+    )
+    return sql.replace(PARTITIONING, "PARTITION BY HASH (run_id)") + tables
+
+
+async def layout(conn: psycopg.AsyncConnection) -> int | None:
+    """The journal's layout: how many partitions durable_steps has (0: one table), None: no journal yet."""
+    cur = await conn.execute(
+        "SELECT c.relkind, (SELECT count(*) FROM pg_inherits WHERE inhparent = c.oid)"
+        " FROM pg_class c WHERE c.oid = to_regclass('durable_steps')"
+    )
+    row = await cur.fetchone()
+    return None if row is None else (int(row[1]) if row[0] == "p" else 0)
+
+
+async def apply(conn: psycopg.AsyncConnection, partitions: int = 0) -> list[int]:
+    """Apply pending migrations; returns the versions applied by this call. `partitions` counts only
+    when this call creates the journal (see `partitioned`); an existing journal keeps its layout."""
     applied_now = []
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_ID,))
@@ -188,7 +214,7 @@ async def apply(conn: psycopg.AsyncConnection) -> list[int]:
         for version, sql in MIGRATIONS:
             if version in done:
                 continue
-            await conn.execute(sql)
+            await conn.execute(partitioned(sql, partitions) if version == 1 and partitions > 0 else sql)
             await conn.execute("INSERT INTO durable_schema_version (version) VALUES (%s)", (version,))
             applied_now.append(version)
     return applied_now

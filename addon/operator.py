@@ -50,6 +50,33 @@ def connect(dsn: str | None, migrate: bool = True) -> Iterator[Conn]:
         yield conn
 
 
+def create_journal(dsn: str | None, partitions: int) -> dict[str, Any]:
+    """`durable db init`: the journal's tables, hash-partitioned by run into `partitions` when > 0.
+
+    The layout is chosen when the journal is created; asking an existing journal for another one is
+    an error (it is never rewritten in place)."""
+    target = database.resolve(dsn)
+
+    async def create() -> dict[str, Any]:
+        async with await psycopg.AsyncConnection.connect(target.dsn, autocommit=True) as conn:
+            existing = await migrations.layout(conn)
+            if existing is not None and partitions and existing != partitions:
+                raise OperatorError(
+                    f"the journal at {database.describe(target.dsn)} already exists "
+                    + (f"with {existing} partitions" if existing else "as one table")
+                    + f", not {partitions}: its layout is chosen when it is created (run `durable db init"
+                    " --partitions N` on an empty database, and move runs there with export/import)"
+                )
+            applied = await migrations.apply(conn, partitions)
+            return {
+                "journal": database.describe(target.dsn),
+                "applied": applied,
+                "partitions": await migrations.layout(conn),
+            }
+
+    return asyncio.run(create())
+
+
 RUN_STATES = ("ok", "in doubt", "failed steps")
 
 

@@ -23,7 +23,7 @@ import psycopg
 import pytest
 import requests
 
-from durable_sidecar import database, embedded, launcher
+from durable_sidecar import database, embedded, launcher, operator
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_AGENT = ROOT / "scripts" / "demo_agent.py"
@@ -73,18 +73,30 @@ def embedded_home() -> Iterator[Path]:
     shutil.rmtree(home, ignore_errors=True)
 
 
+PARTITIONS = int(os.environ.get("DURABLE_TEST_PARTITIONS") or 0)  # > 0: every journal hash-partitioned
+
+
+def new_database(pg_server: str) -> str:
+    """A database of its own; with DURABLE_TEST_PARTITIONS=N its journal is created partitioned first
+    (`durable db init --partitions N`), so the same tests prove that layout."""
+    dsn = database.create_database(pg_server, "durable_test")
+    if PARTITIONS:
+        operator.create_journal(dsn, PARTITIONS)
+    return dsn
+
+
 @pytest.fixture(scope="session")
 def pg_dsn(pg_server: str) -> Iterator[str]:
     """This session's own database; tests keep apart by using run ids of their own."""
-    dsn = database.create_database(pg_server, "durable_test")
+    dsn = new_database(pg_server)
     yield dsn
     database.drop_database(pg_server, dsn)
 
 
 @pytest.fixture
 def fresh_dsn(pg_server: str) -> Iterator[str]:
-    """An empty database for one test."""
-    dsn = database.create_database(pg_server, "durable_test")
+    """An empty database for one test (but for the journal's tables under DURABLE_TEST_PARTITIONS)."""
+    dsn = new_database(pg_server)
     yield dsn
     database.drop_database(pg_server, dsn)
 

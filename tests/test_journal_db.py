@@ -18,7 +18,7 @@ import psycopg
 import pytest
 import requests
 
-from durable_sidecar import launcher
+from durable_sidecar import database, launcher
 from durable_sidecar.cursor import RunCursor, StepRef, digest
 from durable_sidecar.journal import DIGEST, Journal, NewStep
 from durable_sidecar.migrations import MIGRATIONS
@@ -184,7 +184,8 @@ def test_recording_a_step_does_not_scan_its_run(fresh_dsn: str) -> None:
     def index_use() -> tuple[int, int]:
         """(scans, entries read) of durable_steps' indexes"""
         return sql(fresh_dsn, "SELECT coalesce(sum(idx_scan), 0), coalesce(sum(idx_tup_read), 0)"
-                              " FROM pg_stat_user_indexes WHERE relname = 'durable_steps'")[0]
+                              " FROM pg_stat_user_indexes WHERE relid = to_regclass('durable_steps') OR relid IN"
+                              " (SELECT inhrelid FROM pg_inherits WHERE inhparent = to_regclass('durable_steps'))")[0]
 
     scans_before, read_before = index_use()
     asyncio.run(record_run())
@@ -300,3 +301,38 @@ def test_take_over_follows_the_single_flight_rules(fresh_dsn: str) -> None:
     assert sql(fresh_dsn, "SELECT state, response_body FROM durable_steps WHERE run_id = 'tk' AND fingerprint = 'v1:done'") == [
         ("completed", b"paid")
     ]
+
+
+def test_the_journal_can_be_created_hash_partitioned_by_run(
+    pg_server: str, sidecars: Sidecars, http_api: PaidApi
+) -> None:
+    """`durable db init --partitions N` creates durable_steps as N hash partitions by run; sidecars
+    journal into it as usual (CI runs the journal's tests against this layout too:
+    DURABLE_TEST_PARTITIONS), and a journal's layout is never changed behind its back."""
+    dsn = database.create_database(pg_server, "durable_test")
+    durable = str(Path(sys.executable).with_name("durable"))
+    try:
+        made = subprocess.run([durable, "db", "init", "--partitions", "4", "--dsn", dsn, "--json"],
+                              capture_output=True, text=True, check=True)
+        assert json.loads(made.stdout)["partitions"] == 4 and json.loads(made.stdout)["applied"][0] == 1
+        assert sql(dsn, "SELECT relkind FROM pg_class WHERE relname = 'durable_steps'") == [("p",)]
+        sidecar = sidecars.start(durable_dsn=dsn)
+        runs = [new_run() for _ in range(8)]
+        for run in runs:
+            assert get(sidecar, f"{http_api.url}/v1/search?q=p", run, "a1").headers["Durable-Outcome"] == "recorded"
+            assert get(sidecar, f"{http_api.url}/v1/search?q=p", run, "a2").headers["Durable-Outcome"] == "replayed"
+        homes = sql(dsn, "SELECT DISTINCT tableoid::regclass::text FROM durable_steps WHERE run_id = ANY(%s)", runs)
+        assert len(homes) > 1 and all(home.startswith("durable_steps_p") for (home,) in homes)
+        again = subprocess.run([durable, "db", "init", "--partitions", "8", "--dsn", dsn], capture_output=True, text=True)
+        assert again.returncode == 1 and "already exists with 4 partitions, not 8" in again.stderr
+        plain = database.create_database(pg_server, "durable_test")
+        try:
+            subprocess.run([durable, "db", "init", "--dsn", plain], check=True, capture_output=True)
+            refused = subprocess.run([durable, "db", "init", "--partitions", "4", "--dsn", plain],
+                                     capture_output=True, text=True)
+            assert refused.returncode == 1 and "already exists as one table" in refused.stderr
+        finally:
+            database.drop_database(pg_server, plain)
+    finally:
+        sidecars.close()
+        database.drop_database(pg_server, dsn)

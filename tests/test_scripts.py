@@ -33,11 +33,14 @@ def test_bench_smoke(pg_dsn: str, tmp_path) -> None:
 def test_fleet_benchmark_smoke(pg_dsn: str) -> None:
     out = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench_fleet.py"), "--sidecars", "2", "--agents-per-sidecar", "2",
-         "--calls", "10", "--dsn", pg_dsn],
+         "--calls", "10", "--layouts", "0,2", "--rounds", "1", "--dsn", pg_dsn],
         capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    assert "steps journaled: 40" in out.stdout and "seqs dense per run: True" in out.stdout
+    rows = {line.split("  ")[0].strip(): line.split() for line in out.stdout.splitlines()
+            if line.startswith(("one table", "2 hash partitions"))}
+    assert set(rows) == {"one table", "2 hash partitions"}, out.stdout
+    assert all(row[-7] == "40" and row[-1] == "True" for row in rows.values()), out.stdout  # steps, seqs dense
 
 
 def test_fuzz_short_run(pg_server: str) -> None:
