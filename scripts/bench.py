@@ -143,8 +143,9 @@ def sidecar_args(dsn: str) -> list[str]:
     return ["-s", str(launcher.SCRIPT), "--set", f"durable_dsn={dsn}"]
 
 
-def floor_args(dsn: str) -> list[str]:
-    return ["-s", str(ROOT / "scripts" / "floor_addon.py"), "--set", f"floor_dsn={dsn}"]
+def floor_args(dsn: str, thread: bool = False) -> list[str]:
+    return ["-s", str(ROOT / "scripts" / "floor_addon.py"), "--set", f"floor_dsn={dsn}",
+            "--set", f"floor_thread={str(thread).lower()}"]
 
 
 # -- clients --------------------------------------------------------------------------------------
@@ -214,9 +215,11 @@ def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
 def sequential(dsn: str, upstream: int, work: Path, requests: int, rounds: int) -> dict[str, dict[str, float]]:
     """The judged comparison: five paths, rounds interleaved so drift hits them all alike."""
     results: dict[str, list[dict[str, float]]] = {k: [] for k in (
-        "bare", "mitmdump -w", "two-commit floor", "sidecar record", "--server-replay", "sidecar replay")}
+        "bare", "mitmdump -w", "two-commit floor", "floor, thread", "sidecar record", "--server-replay",
+        "sidecar replay")}
     bare = start_proxy([], work / "conf", work / "bare.log")
     floor = start_proxy(floor_args(dsn), work / "conf", work / "floor.log")
+    floor_thread = start_proxy(floor_args(dsn, thread=True), work / "conf", work / "floor-thread.log")
     sidecar = start_proxy(sidecar_args(dsn), work / "conf", work / "sidecar.log")
     try:
         for r in range(rounds):
@@ -226,6 +229,7 @@ def sequential(dsn: str, upstream: int, work: Path, requests: int, rounds: int) 
             results["mitmdump -w"].append(drive(recorder, upstream, "bench", "x", requests))
             recorder.stop()
             results["two-commit floor"].append(drive(floor, upstream, "bench", "x", requests))
+            results["floor, thread"].append(drive(floor_thread, upstream, "bench", "x", requests))
             run = f"bench-{uuid.uuid4().hex[:8]}"
             results["sidecar record"].append(drive(sidecar, upstream, run, "record", requests))
             replayer = start_proxy(["--server-replay", str(flows), "--set", "server_replay_extra=500"],
@@ -234,9 +238,8 @@ def sequential(dsn: str, upstream: int, work: Path, requests: int, rounds: int) 
             replayer.stop()
             results["sidecar replay"].append(drive(sidecar, upstream, run, "replay", requests))
     finally:
-        bare.stop()
-        floor.stop()
-        sidecar.stop()
+        for proxy in (bare, floor, floor_thread, sidecar):
+            proxy.stop()
     return {k: median_of(v) for k, v in results.items()}
 
 
@@ -244,10 +247,11 @@ def concurrency(
     dsn: str, upstream: int, work: Path, requests: int, levels: list[int], rounds: int
 ) -> dict[str, dict[int, dict[str, float]]]:
     """drive() at each level of concurrency, median of `rounds` interleaved rounds."""
-    paths = ("bare", "two-commit floor", "sidecar record", "sidecar replay")
+    paths = ("bare", "two-commit floor", "floor, thread", "sidecar record", "sidecar replay")
     samples: dict[str, dict[int, list[dict[str, float]]]] = {k: {c: [] for c in levels} for k in paths}
     bare = start_proxy([], work / "conf", work / "bare-c.log")
     floor = start_proxy(floor_args(dsn), work / "conf", work / "floor-c.log")
+    floor_thread = start_proxy(floor_args(dsn, thread=True), work / "conf", work / "floor-thread-c.log")
     sidecar = start_proxy(sidecar_args(dsn), work / "conf", work / "sidecar-c.log")
     try:
         for _ in range(rounds):
@@ -255,13 +259,13 @@ def concurrency(
                 n = max(requests, clients * 25)
                 samples["bare"][clients].append(drive(bare, upstream, "bench", "x", n, clients))
                 samples["two-commit floor"][clients].append(drive(floor, upstream, "bench", "x", n, clients))
+                samples["floor, thread"][clients].append(drive(floor_thread, upstream, "bench", "x", n, clients))
                 run = f"conc-{uuid.uuid4().hex[:8]}"
                 samples["sidecar record"][clients].append(drive(sidecar, upstream, run, "record", n, clients))
                 samples["sidecar replay"][clients].append(drive(sidecar, upstream, run, "replay", n, clients))
     finally:
-        bare.stop()
-        floor.stop()
-        sidecar.stop()
+        for proxy in (bare, floor, floor_thread, sidecar):
+            proxy.stop()
     return {k: {c: median_of(v) for c, v in series.items()} for k, series in samples.items()}
 
 
@@ -290,13 +294,17 @@ def fill_run(dsn: str, run: str, steps: int, upstream: int) -> None:
 
 
 def scale(dsn: str, upstream: int, work: Path, sizes: list[int], sample: int) -> dict[int, dict[str, float]]:
+    """Replaying runs of each size: the first answer of a new attempt (median of 3 attempts; the run's
+    index streams in meanwhile), the replay p50 after it, and the sidecar's memory."""
     out = {}
     sidecar = start_proxy(sidecar_args(dsn), work / "conf", work / "sidecar-s.log")
     try:
+        client_loop(sidecar.port, upstream, "scale-warm-up", "w", range(0, 1))  # the pool's start is not a run's
         for size in sizes:
             run = f"scale-{size}-{uuid.uuid4().hex[:6]}"
             fill_run(dsn, run, size, upstream)
-            first = client_loop(sidecar.port, upstream, run, "replay", range(0, 1))[0]  # includes loading the index
+            first = statistics.median(client_loop(sidecar.port, upstream, run, f"first-{n}", range(0, 1))[0]
+                                      for n in range(3))
             rest = drive(sidecar, upstream, run, "replay", sample, offset=1)
             out[size] = {"first_ms": first, "p50": rest["p50"], "rss_mib": sidecar.rss_mib()}
     finally:
@@ -321,25 +329,62 @@ def journal_write_floor(dsn: str, n: int = 300) -> float:
 # -- main -----------------------------------------------------------------------------------------
 
 
-def chart(path: Path, seq: dict[str, dict[str, float]], conc: dict[str, dict[int, dict[str, float]]]) -> None:
+def targets(seq: dict[str, dict[str, float]], conc: dict[str, dict[int, dict[str, float]]],
+            scaled: dict[int, dict[str, float]]) -> list[tuple[str, float, str, bool]]:
+    """Issue 19's targets against this run: (what, measured, target, met)."""
+    bare, top = seq["bare"], max(conc["bare"])
+    replay, replayer = seq["sidecar replay"], seq["--server-replay"]
+    first = max(r["first_ms"] for r in scaled.values())
+    return [
+        ("recording p50 / bare p50, sequential", seq["sidecar record"]["p50"] / bare["p50"], "<= 1.5",
+         seq["sidecar record"]["p50"] <= 1.5 * bare["p50"]),
+        (f"recording req/s / bare req/s, {top} agents", conc["sidecar record"][top]["rps"] / conc["bare"][top]["rps"],
+         ">= 0.8", conc["sidecar record"][top]["rps"] >= 0.8 * conc["bare"][top]["rps"]),
+        ("replay req/s / --server-replay req/s", replay["rps"] / replayer["rps"], ">= 1.0", replay["rps"] >= replayer["rps"]),
+        ("replay p50 / --server-replay p50", replay["p50"] / replayer["p50"], "<= 1.0", replay["p50"] <= replayer["p50"]),
+        (f"first answer of an attempt, longest run ({max(scaled)} steps), ms", first, "< 50", first < 50),
+    ]
+
+
+def chart(path: Path, seq: dict[str, dict[str, float]], conc: dict[str, dict[int, dict[str, float]]],
+          scaled: dict[int, dict[str, float]]) -> None:
+    """Every path of the tables, with the two-commit floor and the targets drawn as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.4))
     names = list(seq)
-    left.bar(names, [seq[n]["p50"] for n in names], color=["#888", "#aaa", "#cc9", "#2a7", "#99c", "#27a"])
+    left.bar(names, [seq[n]["p50"] for n in names], color=["#888", "#aaa", "#cc9", "#dd8", "#2a7", "#99c", "#27a"])
+    bare = seq["bare"]["p50"]
+    left.axhline(seq["two-commit floor"]["p50"], color="#a80", linestyle=":", label="two-commit floor")
+    left.axhline(1.5 * bare, color="#c33", linestyle="--", label="target: recording <= 1.5x bare")
+    left.axhline(seq["--server-replay"]["p50"], color="#33c", linestyle="--", label="target: replay <= --server-replay")
     left.set_ylabel("p50 latency, ms (lower is better)")
     left.set_title("sequential keep-alive POSTs")
-    left.tick_params(axis="x", rotation=20)
+    left.tick_params(axis="x", rotation=25)
+    left.legend(fontsize=7, loc="upper left")
     for name, series in conc.items():
         levels = sorted(series)
-        right.plot(levels, [series[c]["rps"] for c in levels], marker="o", label=name)
-    right.set_xlabel("concurrent clients")
-    right.set_ylabel("requests/s (higher is better)")
-    right.set_title("throughput under concurrency")
-    right.legend()
+        style = {"linestyle": ":"} if "floor" in name else {}
+        middle.plot(levels, [series[c]["rps"] for c in levels], marker="o", label=name, **style)
+    levels = sorted(conc["bare"])
+    middle.plot(levels, [0.8 * conc["bare"][c]["rps"] for c in levels], color="#c33", linestyle="--",
+                label="target: recording >= 0.8x bare")
+    middle.set_xlabel("concurrent clients")
+    middle.set_ylabel("requests/s (higher is better)")
+    middle.set_title("throughput under concurrency")
+    middle.legend(fontsize=7)
+    sizes = sorted(scaled)
+    right.plot(sizes, [scaled[n]["first_ms"] for n in sizes], marker="o", label="first answer of an attempt")
+    right.plot(sizes, [scaled[n]["p50"] for n in sizes], marker="o", label="replay p50 after it")
+    right.axhline(50, color="#c33", linestyle="--", label="target: first answer < 50 ms")
+    right.set_xscale("log")
+    right.set_xlabel("steps in the run")
+    right.set_ylabel("ms")
+    right.set_title("resuming a long run")
+    right.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -440,14 +485,14 @@ def main() -> None:
     print(f"{'path':<18} " + " ".join(f"{c:>9}" for c in levels))
     for name, series in conc.items():
         print(f"{name:<18} " + " ".join(f"{series[c]['rps']:>9.0f}" for c in levels))
-    for name in ("two-commit floor", "sidecar record", "sidecar replay"):
-        label = name.split()[-1] if name != "two-commit floor" else "floor"
+    for name in ("two-commit floor", "floor, thread", "sidecar record", "sidecar replay"):
+        label = {"two-commit floor": "floor", "floor, thread": "floor, thread"}.get(name, name.split()[-1])
         print(f"{label + ' / bare':<18} " + " ".join(f"{conc[name][c]['rps'] / conc['bare'][c]['rps']:>9.2f}" for c in levels))
     print("proxy CPU, ms per request (mitmdump runs on one core: at saturation, req/s ~ 1000 / this)")
     for name, series in conc.items():
         print(f"{name:<18} " + " ".join(f"{series[c]['proxy_cpu_ms']:>9.2f}" for c in levels))
 
-    print("\njournal scale: replaying a run of N steps (first request loads the run's index)")
+    print("\njournal scale: replaying a run of N steps (first: a new attempt's first answer, median of 3)")
     print(f"{'steps':>8} {'first ms':>9} {'p50 ms':>8} {'RSS MiB':>8}")
     for size, r in scaled.items():
         print(f"{size:>8} {r['first_ms']:>9.2f} {r['p50']:>8.2f} {r['rss_mib']:>8.1f}")
@@ -458,8 +503,12 @@ def main() -> None:
     for name, ms in started.items():
         print(f"{name:<32} {ms:>8.0f} {ms / started['bare mitmdump start+stop']:>6.2f}x bare mitmdump")
 
+    print("\ntargets (issue 19), this run")
+    for what, measured, target, met in targets(seq, conc, scaled):
+        print(f"{what:<58} {measured:>8.2f}  target {target:<6} {'met' if met else 'NOT met'}")
+
     if args.chart:
-        chart(Path(args.chart), seq, conc)
+        chart(Path(args.chart), seq, conc, scaled)
         print(f"\nchart: {args.chart}")
 
 
