@@ -8,8 +8,9 @@ the index once per (run, attempt).
 
 The index is compact, so a sidecar's memory stays flat however long the journal grows: no bodies,
 no keys, only a 64-bit digest of (match key, occurrence) per step, kept sorted next to its seq, and
-one byte of state per seq: about 17 bytes a step (100,000 steps: under 2 MB). It streams in a page at
-a time while the attempt is already being answered (lifecycle.py). A digest shared by
+one byte of state per seq: about 17 bytes a step (100,000 steps: under 2 MB). It arrives while the
+attempt is already being answered: the run's first steps by seq at once, a long run's whole index a
+page at a time beside it (journal.load_index, lifecycle.py). A digest shared by
 two steps is caught when the answer is read: the journal row names its own key (see `digest`).
 """
 
@@ -68,21 +69,50 @@ class RunCursor:
     def load(self, rows: Iterable[tuple[int, int, str]]) -> None:
         """Add journaled steps as (digest, seq, state), cheapest in digest order (what the journal sends).
 
-        A step this cursor already knows is skipped: while the index streams in, a step found by a
-        direct lookup (or journaled meanwhile) is known before its page arrives, and its state here
-        is newer than the page's."""
+        A step this cursor already knows is skipped: its state here (found by a direct lookup,
+        journaled or marked meanwhile) is newer than the journal's page."""
         states = self._states
         for d, seq, state in rows:
             if seq < len(states) and states[seq] & STATE_MASK:
                 continue
-            if self._digests and d < self._digests[-1]:
-                i = bisect.bisect_left(self._digests, d)
-                self._digests.insert(i, d)
-                self._seqs.insert(i, seq)
-            else:
-                self._digests.append(d)
-                self._seqs.append(seq)
+            self._insert(d, seq)
             self._set(seq, CODES[state])
+
+    def extend(self, rows: list[tuple[int, int, str]]) -> None:
+        """Append steps in digest order to a cursor that knows none of them yet: the whole index as
+        it streams in, a page at a time, at a fraction of `load`'s cost per step."""
+        self._digests.extend([row[0] for row in rows])
+        self._seqs.extend([row[1] for row in rows])
+        states = self._states
+        top = max(row[1] for row in rows) if rows else 0
+        if top >= len(states):
+            states.extend(bytes(top + 1 - len(states)))
+        for _, seq, state in rows:
+            states[seq] = CODES[state]
+
+    def adopt(self, whole: RunCursor) -> None:
+        """Take over the run's whole index, loaded beside this cursor while it served its head: the
+        whole one's digests and states, except where this cursor knows newer (a state it found or
+        was told, consumed or not by this attempt; a step journaled after the whole one was read)."""
+        states = whole._states
+        if len(states) < len(self._states):
+            states.extend(bytes(len(self._states) - len(states)))
+        for seq, code in enumerate(self._states):
+            if code:
+                states[seq] = code
+        for d, seq in zip(self._digests, self._seqs, strict=True):
+            if whole._find(d) is None:
+                whole._insert(d, seq)
+        self._digests, self._seqs, self._states = whole._digests, whole._seqs, states
+
+    def _insert(self, d: int, seq: int) -> None:
+        if self._digests and d < self._digests[-1]:
+            i = bisect.bisect_left(self._digests, d)
+            self._digests.insert(i, d)
+            self._seqs.insert(i, seq)
+        else:
+            self._digests.append(d)
+            self._seqs.append(seq)
 
     @property
     def max_seq(self) -> int:

@@ -195,6 +195,8 @@ DIGEST = (
 )
 INDEX = f"SELECT {DIGEST} AS digest, seq, state FROM durable_steps WHERE run_id = %s ORDER BY digest"
 INDEX_PAGE = 4096  # rows turned into Python objects at a time while the index loads
+# a run's first steps by seq, from its primary key with no sort: where a resumed attempt starts
+INDEX_HEAD = f"SELECT {DIGEST} AS digest, seq, state FROM durable_steps WHERE run_id = %s ORDER BY seq LIMIT %s"
 
 # runs with no activity (recorded, completed or replayed step) for %(age)s seconds
 IDLE_RUNS = """
@@ -394,16 +396,28 @@ class Journal:
             await asyncio.sleep(0)
         return len(doomed)
 
-    async def load_index(self, run: str, into: RunCursor) -> None:
-        """Stream the run's replay index into a cursor from a server-side cursor a page at a time, so
-        a long journal never sits in memory as rows (neither as Python objects nor in libpq), and the
-        cursor serves what it holds meanwhile."""
+    async def load_index(self, run: str, into: RunCursor, head_loaded: Callable[[], None] = lambda: None) -> None:
+        """Load the run's replay index into a cursor that serves meanwhile.
+
+        First the run's first INDEX_PAGE steps by seq (its primary key: no sort, a few ms whatever
+        the run's length), where a resumed attempt starts replaying. A longer run's whole index then
+        streams from a server-side cursor sorted by digest, a page at a time (never all rows in
+        memory, neither as Python objects nor in libpq), into a cursor of its own that `into`
+        adopts once whole."""
 
         async def load(conn: psycopg.AsyncConnection) -> None:
+            cur = await conn.execute(INDEX_HEAD, (run, INDEX_PAGE + 1))
+            head = await cur.fetchall()
+            into.load(sorted(head))  # in digest order: appended, not inserted
+            head_loaded()
+            if len(head) <= INDEX_PAGE:
+                return
+            whole = RunCursor()
             async with conn.transaction(), conn.cursor("durable_index") as rows:
                 await rows.execute(INDEX, (run,))
                 while page := await rows.fetchmany(INDEX_PAGE):
-                    into.load(page)
+                    whole.extend(page)
+            into.adopt(whole)
 
         await self._on_connection(["load run"], load)
 

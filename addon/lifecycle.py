@@ -283,12 +283,11 @@ class Lifecycle:
             self.forgotten.popitem(last=False)
 
     def _load_index(self, key: tuple[str, str], cursor: RunCursor) -> asyncio.Future[None]:
-        """Stream the run's index into the attempt's cursor; once whole, read ahead from it."""
+        """Load the run's index into the attempt's cursor; read ahead once its head is in."""
 
-        async def load() -> None:
-            await self.journal.load_index(key[0], cursor)
+        def read_ahead() -> None:  # once the run's head is in: what the attempt replays first
             position = self.cursors.get(key)
-            if position is not None and position.cursor is cursor:  # not forgotten meanwhile
+            if position is not None and position.cursor is cursor and key not in self.prefetches:
                 prefetch = self.prefetches[key] = Prefetch(self.journal, key[0], cursor, self.read_ahead)
                 prefetch.refill()
 
@@ -298,7 +297,7 @@ class Lifecycle:
                     "durable: run=%s index not loaded (the next request retries): %s", key[0], task.exception()
                 )
 
-        task = asyncio.ensure_future(load())
+        task = asyncio.ensure_future(self.journal.load_index(key[0], cursor, read_ahead))
         task.add_done_callback(failed)
         return task
 

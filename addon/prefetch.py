@@ -18,7 +18,7 @@ from .journal import Journal, JournalError, StoredResponse
 
 logger = logging.getLogger("durable")
 
-WINDOW = 32
+WINDOW = 128  # answers read ahead per attempt: fetched 64 or more per statement
 MAX_BODY = 64 * 1024
 
 

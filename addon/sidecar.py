@@ -149,7 +149,7 @@ class DurableSidecar:
         cap = self.settings.body_cap
         if length is None:
             flow.metadata[httplayer.CAP_KEY] = cap  # counted as it arrives (httplayer.py)
-        if length is None or length <= cap or flow.response is not None or flow.request.pretty_host == HEALTH_HOST:
+        if length is None or length <= cap or flow.response is not None or for_the_sidecar(flow.request):
             return
         try:
             ident = self._identify(flow)  # checks the run's token; takes the control headers off
@@ -177,7 +177,7 @@ class DurableSidecar:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.is_replay or META in flow.metadata:
             return
-        if flow.request.pretty_host == HEALTH_HOST:
+        if for_the_sidecar(flow.request):
             if flow.request.path == "/ca.pem":
                 self._ca(flow)
             else:
@@ -450,6 +450,16 @@ class DurableSidecar:
         self._count(flow, step)
         if self.flow_lines:
             logger.info("%s", FlowLine(self, flow, step, status, note))
+
+
+def for_the_sidecar(request: http.Request) -> bool:
+    """A request to http://durable.sidecar/ (health, CA), named by its URL or, in transparent mode
+    where the request names no host of its own, by its Host header. Compared as text: mitmproxy's
+    pretty_host parses (and IDNA-decodes) the header, a cost every call would pay."""
+    if request.host == HEALTH_HOST:
+        return True
+    header = (request.host_header or "").lower()
+    return header == HEALTH_HOST or header.startswith(HEALTH_HOST + ":")
 
 
 def apply_deferred(options: Any) -> None:

@@ -294,8 +294,9 @@ def fill_run(dsn: str, run: str, steps: int, upstream: int) -> None:
 
 
 def scale(dsn: str, upstream: int, work: Path, sizes: list[int], sample: int) -> dict[int, dict[str, float]]:
-    """Replaying runs of each size: the first answer of a new attempt (median of 3 attempts; the run's
-    index streams in meanwhile), the replay p50 after it, and the sidecar's memory."""
+    """Resuming runs of each size, as an agent does: a new attempt replays the run from its start,
+    its first answer timed alone (the run's index arrives meanwhile), then `sample` more answers.
+    Medians of 3 attempts; the sidecar's memory with every index held."""
     out = {}
     sidecar = start_proxy(sidecar_args(dsn), work / "conf", work / "sidecar-s.log")
     try:
@@ -303,10 +304,12 @@ def scale(dsn: str, upstream: int, work: Path, sizes: list[int], sample: int) ->
         for size in sizes:
             run = f"scale-{size}-{uuid.uuid4().hex[:6]}"
             fill_run(dsn, run, size, upstream)
-            first = statistics.median(client_loop(sidecar.port, upstream, run, f"first-{n}", range(0, 1))[0]
-                                      for n in range(3))
-            rest = drive(sidecar, upstream, run, "replay", sample, offset=1)
-            out[size] = {"first_ms": first, "p50": rest["p50"], "rss_mib": sidecar.rss_mib()}
+            firsts, p50s = [], []
+            for n in range(3):
+                firsts.append(client_loop(sidecar.port, upstream, run, f"resume-{n}", range(0, 1))[0])
+                p50s.append(drive(sidecar, upstream, run, f"resume-{n}", sample, offset=1)["p50"])
+            out[size] = {"first_ms": statistics.median(firsts), "p50": statistics.median(p50s),
+                         "rss_mib": sidecar.rss_mib()}
     finally:
         sidecar.stop()
     return out
@@ -492,7 +495,8 @@ def main() -> None:
     for name, series in conc.items():
         print(f"{name:<18} " + " ".join(f"{series[c]['proxy_cpu_ms']:>9.2f}" for c in levels))
 
-    print("\njournal scale: replaying a run of N steps (first: a new attempt's first answer, median of 3)")
+    print("\njournal scale: resuming a run of N steps (a new attempt's first answer, then the replay p50 of the"
+          " next ones; medians of 3 attempts)")
     print(f"{'steps':>8} {'first ms':>9} {'p50 ms':>8} {'RSS MiB':>8}")
     for size, r in scaled.items():
         print(f"{size:>8} {r['first_ms']:>9.2f} {r['p50']:>8.2f} {r['rss_mib']:>8.1f}")

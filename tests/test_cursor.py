@@ -26,6 +26,23 @@ def indexed(steps) -> RunCursor:
     return cursor
 
 
+def test_adopting_the_whole_index_keeps_what_the_cursor_learnt_while_it_loaded() -> None:
+    """While a long run's whole index loads, the cursor serves its head, is told new states and
+    learns of steps journaled after the whole index was read; adopting the whole keeps all of that."""
+    steps = [StepRef(seq, f"k{seq}", 0, "pending" if seq == 3 else "completed") for seq in range(1, 9)]
+    live = indexed(steps[:2])  # the head
+    assert live.claim("k1").step.seq == 1  # replayed from the head: consumed
+    live.add(StepRef(9, "late", 0, "pending"))  # journaled after the whole index's snapshot
+    live.mark(9, "completed")
+    live.load([(digest("k3", 0), 3, "pending")])
+    live.mark(3, "completed")  # answered meanwhile: newer than the whole index's "pending"
+    live.adopt(indexed(steps))
+    assert live.consumed(1) and live.claim("k1").step is None  # its occurrence 1 is new: nothing journaled
+    assert live.state(3) == "completed" and live.state(9) == "completed" and not live.consumed(3)
+    assert [live.claim(k).step.seq for k in ("k8", "k3", "late", "k2")] == [8, 3, 9, 2]
+    assert live.upcoming(0, 10) == [4, 5, 6, 7]
+
+
 def test_repeated_identical_calls_match_in_journal_order() -> None:
     cursor = journal("A", "A", "A")
     assert [cursor.claim("A").step.seq for _ in range(3)] == [1, 2, 3]

@@ -123,10 +123,17 @@ def bare_step(run: str, key: str, occurrence: int = 0, **fields: Any) -> NewStep
     return dataclasses.replace(step, **fields)
 
 
-def test_the_index_loads_from_sql_digests_that_match_the_cursors(fresh_dsn: str) -> None:
+@pytest.mark.parametrize("page", [4096, 50], ids=["head only", "head then whole"])
+def test_the_index_loads_from_sql_digests_that_match_the_cursors(fresh_dsn: str, page: int, monkeypatch) -> None:
     """The journal sorts the replay index by a digest computed in SQL; the cursor looks keys up by
-    the same digest computed in Python. Were they to differ, every replay would miss and re-send."""
+    the same digest computed in Python. Were they to differ, every replay would miss and re-send.
+    A run longer than a page arrives in two parts: its first steps by seq (the cursor serves them at
+    once), then the whole index, which the cursor adopts without losing what it learnt meanwhile."""
+    from durable_sidecar import journal as journal_module
+
+    monkeypatch.setattr(journal_module, "INDEX_PAGE", page)
     keys = [f"v1:{n:064x}" for n in range(300)] + ["key:paiement-é", "key:支払い", "key:" + "k" * 2000]
+    at_head: list[list[int | None]] = []
 
     async def journal_and_load() -> list[int]:
         journal = Journal(fresh_dsn)
@@ -136,12 +143,16 @@ def test_the_index_loads_from_sql_digests_that_match_the_cursors(fresh_dsn: str)
                 for occurrence in (0, 1):
                     await journal.record(bare_step("r", key, occurrence))
             cursor = RunCursor()
-            await journal.load_index("r", cursor)
-            return [cursor.claim(key).step.seq for key in keys for _ in (0, 1)]
+            # what the attempt has claimed by the time the head is in (the first key, both occurrences)
+            claimed = lambda: at_head.append([cursor.claim(keys[0]).step.seq for _ in (0, 1)])  # noqa: E731
+            await journal.load_index("r", cursor, claimed)
+            assert cursor.consumed(1) and cursor.consumed(2) and cursor.claim(keys[0]).step is None
+            return [cursor.claim(key).step.seq for key in keys[1:] for _ in (0, 1)]
         finally:
             await journal.close()
 
-    assert asyncio.run(journal_and_load()) == list(range(1, 2 * len(keys) + 1))
+    assert asyncio.run(journal_and_load()) == list(range(3, 2 * len(keys) + 1))
+    assert at_head == [[1, 2]]  # served from the head, and still consumed after the whole index came
     in_sql = sql(fresh_dsn, f"SELECT {DIGEST}, fingerprint, occurrence FROM durable_steps")
     assert all(d == digest(key, occurrence) for d, key, occurrence in in_sql) and len(in_sql) == 2 * len(keys)
 

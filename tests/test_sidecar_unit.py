@@ -93,7 +93,7 @@ def test_a_digest_shared_by_two_keys_is_refused_not_answered_with_the_other_step
     from durable_sidecar.journal import StoredResponse
 
     mocker.patch.object(cursor_module, "digest", lambda key, occurrence: 7)  # every key collides
-    fill = lambda run, into: into.load([(7, 1, "completed")])  # noqa: E731
+    fill = lambda run, into, *_: into.load([(7, 1, "completed")])  # noqa: E731
     sidecar.lifecycle.journal.load_index = mocker.AsyncMock(side_effect=fill)
     other = StoredResponse("completed", 200, "OK", "HTTP/1.1", [], b"someone else's answer", None, key="v1:other")
     sidecar.lifecycle.journal.responses = mocker.AsyncMock(return_value={1: other})
@@ -115,7 +115,7 @@ def test_a_completed_step_is_replayed_before_the_runs_index_has_loaded(sidecar, 
     async def scenario() -> None:
         never = asyncio.Event()
 
-        async def load_forever(run, into) -> None:
+        async def load_forever(run, into, *_) -> None:
             await never.wait()
 
         journal = sidecar.lifecycle.journal
@@ -145,7 +145,7 @@ def test_a_new_request_waits_for_the_whole_index_before_it_is_recorded(sidecar, 
     async def scenario() -> None:
         loaded = asyncio.Event()
 
-        async def load_when_told(run, into) -> None:
+        async def load_when_told(run, into, *_) -> None:
             await loaded.wait()
 
         journal = sidecar.lifecycle.journal
