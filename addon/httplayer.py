@@ -33,7 +33,7 @@ not, the sidecar logs what it cannot do and runs without it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from mitmproxy import flow as mflow
@@ -140,7 +140,13 @@ def _cap_request_bodies() -> bool:
         return False
 
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
-        def state_consume_request_body(self: Any, event: Any) -> Generator[Any, Any, None]:
+        def state_consume_request_body(self: Any, event: Any) -> Iterator[Any]:
+            flow = self.flow
+            if flow is None or (CAP_KEY not in flow.metadata and DRAIN_KEY not in flow.metadata):
+                return original(self, event)  # a declared length within the cap: mitmproxy's own, no extra frame
+            return capped(self, event)
+
+        def capped(self: Any, event: Any) -> Generator[Any, Any, None]:
             yield from original(self, event)
             if self.flow is None:
                 return
@@ -175,13 +181,15 @@ def _label_error_answers() -> bool:
         return False
 
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
-        def send(self: Any, event: Any) -> Generator[Any, Any, None]:
+        def send(self: Any, event: Any) -> Iterator[Any]:
             if getattr(self.request, ORPHANED, False):
-                return  # the agent is gone: what its orphan's answer would have sent it goes nowhere
+                return iter(())  # the agent is gone: what its orphan's answer would have sent it goes nowhere
             status = event.code.http_status_code() if isinstance(event, ResponseProtocolError) else None
             if status is None or self.response or not self.conn.state & ConnectionState.CAN_WRITE:
-                yield from original(self, event)
-                return
+                return original(self, event)  # every ordinary event: mitmproxy's own generator, no extra frame
+            return labelled_error(self, event, status)
+
+        def labelled_error(self: Any, event: Any, status: int) -> Generator[Any, Any, None]:
             pairs = getattr(self.request, LABEL, UNLABELLED)
             head, sep, body = make_error_response(status, event.message).partition(b"\r\n\r\n")
             extra = b"".join(f"\r\n{name}: {value}".encode("latin-1", "replace") for name, value in pairs)

@@ -207,7 +207,7 @@ WHERE updated_at < now() - make_interval(secs => %(age)s)
 ORDER BY updated_at
 """
 DELETE_RUNS = "DELETE FROM durable_runs WHERE id = ANY(%s)"
-REPLAY_FLUSH_S = 0.1
+REPLAY_FLUSH_S = 0.5  # replay counts are written at most this often (and on a polite stop)
 WRITERS = 2  # batches of writes in flight at once; further writes queue into the next batch
 MAX_BATCH = 64
 

@@ -16,6 +16,7 @@ from mitmproxy import http
 RUN = "Durable-Run-Id"
 STEP = "Durable-Step"
 OUTCOME = "Durable-Outcome"
+LABEL_NAMES = {name.lower().encode() for name in (RUN, STEP, OUTCOME)}
 
 OUTCOMES = ("recorded", "replayed", "reissued", "passthrough", "diverged", "refused")
 
@@ -140,9 +141,15 @@ def refusal(status: int, reason: str, **details: Any) -> http.Response:
 
 
 def label(response: http.Response, run: str | None, seq: int | None, outcome: str) -> None:
-    """Stamp the durable headers on what the agent receives."""
-    for name, value in labels(run, seq, outcome):
-        response.headers[name] = value
+    """Stamp the durable headers on what the agent receives, replacing any the answer carried. One
+    pass over the raw pairs (three `headers[name] = value` would scan and rebuild them three times,
+    on every call)."""
+    fields = response.headers.fields
+    if any(name.lower() in LABEL_NAMES for name, _ in fields):
+        fields = tuple(pair for pair in fields if pair[0].lower() not in LABEL_NAMES)
+    response.headers.fields = fields + tuple(
+        (name.encode(), value.encode("latin-1", "replace")) for name, value in labels(run, seq, outcome)
+    )
 
 
 def labels(run: str | None, seq: int | None, outcome: str) -> list[tuple[str, str]]:

@@ -52,3 +52,17 @@ def test_unchecked_response_equals_the_checked_constructor() -> None:
     checked = http.Response(b"HTTP/1.1", 201, b"Created", headers, b"{}", None, 12.5, 12.5)
     assert fast.get_state() == checked.get_state()
     assert fast.status_code == 201 and fast.text == "{}" and fast.stream is False
+
+
+def test_labels_replace_any_the_answer_carried_and_leave_the_rest_in_order() -> None:
+    """An upstream that is itself behind a sidecar answers with Durable-* headers of its own: the
+    agent sees ours, once each, and every other header as it came."""
+    headers = [(b"X-A", b"1"), (b"durable-outcome", b"recorded"), (b"Set-Cookie", b"a=1"), (b"Durable-Step", b"9")]
+    r = responses.rebuild("GET", b"HTTP/1.1", 200, "OK", headers, b"hi")
+    responses.label(r, "run-1", 3, "replayed")
+    assert r.headers.fields == (
+        (b"X-A", b"1"), (b"Set-Cookie", b"a=1"), (b"content-length", b"2"),
+        (b"Durable-Run-Id", b"run-1"), (b"Durable-Step", b"3"), (b"Durable-Outcome", b"replayed"),
+    )
+    responses.label(r, None, None, "refused")
+    assert r.headers.get_all("durable-outcome") == ["refused"] and "durable-step" not in r.headers
