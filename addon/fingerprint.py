@@ -91,7 +91,7 @@ def match(
 
     Raises bodies.OverCap when the body decodes past `cap`, ValueError when it lies about its encoding."""
     body = bodies.decode(raw.body, _header(raw.headers, "content-encoding"), cap)
-    parts = dataclasses.replace(raw, body=body)
+    parts = raw if body is raw.body else dataclasses.replace(raw, body=body)
     env = envelope(parts, rules)
     key = f"key:{step_key}" if step_key else f"v{VERSION}:{fingerprint(env)}"
     return (None if body is raw.body else body), env, key

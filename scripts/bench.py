@@ -7,7 +7,7 @@ request of each proxy and of PostgreSQL (read from /proc, so PostgreSQL must run
 be counted), and writes a PNG chart.
 
 Usage: .venv/bin/python scripts/bench.py [--requests 400] [--rounds 5] [--scale 100,10000,100000]
-       [--concurrency 1,8,32] [--dsn DSN] [--chart docs/bench.png] [--quick]
+       [--concurrency 1,8,32] [--dsn DSN] [--chart docs/bench.png] [--quick] [--redraw docs/bench.json]
 (journal: --dsn, else $DATABASE_URL, else the embedded PostgreSQL; a database of its own is created
 and dropped on that server)
 """
@@ -212,60 +212,70 @@ def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
 # -- the sections ---------------------------------------------------------------------------------
 
 
+def warm(args: list[str], work: Path, name: str, upstream: int) -> Proxy:
+    """A fresh proxy, warmed by 50 calls nobody measures (its imports, connections, the journal's
+    pool): each round starts its own, so no path keeps an unlucky process for the whole run."""
+    proxy = start_proxy(args, work / "conf", work / f"{name}.log")
+    drive(proxy, upstream, f"warm-{uuid.uuid4().hex[:8]}", "warm", 50)
+    return proxy
+
+
 def sequential(dsn: str, upstream: int, work: Path, requests: int, rounds: int) -> dict[str, dict[str, float]]:
-    """The judged comparison: five paths, rounds interleaved so drift hits them all alike."""
+    """The judged comparison: every path, in interleaved rounds of fresh proxies, so drift and an
+    unlucky process hit them all alike."""
     results: dict[str, list[dict[str, float]]] = {k: [] for k in (
         "bare", "mitmdump -w", "two-commit floor", "floor, thread", "sidecar record", "--server-replay",
         "sidecar replay")}
-    bare = start_proxy([], work / "conf", work / "bare.log")
-    floor = start_proxy(floor_args(dsn), work / "conf", work / "floor.log")
-    floor_thread = start_proxy(floor_args(dsn, thread=True), work / "conf", work / "floor-thread.log")
-    sidecar = start_proxy(sidecar_args(dsn), work / "conf", work / "sidecar.log")
-    try:
-        for r in range(rounds):
-            flows = work / f"round{r}.flows"
-            results["bare"].append(drive(bare, upstream, "bench", "x", requests))
-            recorder = start_proxy(["-w", str(flows)], work / "conf", work / "recorder.log")
-            results["mitmdump -w"].append(drive(recorder, upstream, "bench", "x", requests))
-            recorder.stop()
-            results["two-commit floor"].append(drive(floor, upstream, "bench", "x", requests))
-            results["floor, thread"].append(drive(floor_thread, upstream, "bench", "x", requests))
+    for r in range(rounds):
+        flows = work / f"round{r}.flows"
+        proxies = {
+            "bare": warm([], work, "bare", upstream),
+            "mitmdump -w": warm(["-w", str(flows)], work, "recorder", upstream),
+            "two-commit floor": warm(floor_args(dsn), work, "floor", upstream),
+            "floor, thread": warm(floor_args(dsn, thread=True), work, "floor-thread", upstream),
+            "sidecar": warm(sidecar_args(dsn), work, "sidecar", upstream),
+        }
+        try:
+            for name in ("bare", "mitmdump -w", "two-commit floor", "floor, thread"):
+                results[name].append(drive(proxies[name], upstream, "bench", "x", requests))
+            proxies["mitmdump -w"].stop()  # its flow file complete: what --server-replay serves
             run = f"bench-{uuid.uuid4().hex[:8]}"
-            results["sidecar record"].append(drive(sidecar, upstream, run, "record", requests))
-            replayer = start_proxy(["--server-replay", str(flows), "--set", "server_replay_extra=500"],
-                                   work / "conf", work / "replayer.log")
-            results["--server-replay"].append(drive(replayer, upstream, "bench", "x", requests))
-            replayer.stop()
-            results["sidecar replay"].append(drive(sidecar, upstream, run, "replay", requests))
-    finally:
-        for proxy in (bare, floor, floor_thread, sidecar):
-            proxy.stop()
+            results["sidecar record"].append(drive(proxies["sidecar"], upstream, run, "record", requests))
+            proxies["--server-replay"] = warm(["--server-replay", str(flows), "--set", "server_replay_extra=500",
+                                               "--set", "server_replay_reuse=true"], work, "replayer", upstream)
+            results["--server-replay"].append(drive(proxies["--server-replay"], upstream, "bench", "x", requests))
+            results["sidecar replay"].append(drive(proxies["sidecar"], upstream, run, "replay", requests))
+        finally:
+            for proxy in proxies.values():
+                if proxy.process.poll() is None:
+                    proxy.stop()
     return {k: median_of(v) for k, v in results.items()}
 
 
 def concurrency(
     dsn: str, upstream: int, work: Path, requests: int, levels: list[int], rounds: int
 ) -> dict[str, dict[int, dict[str, float]]]:
-    """drive() at each level of concurrency, median of `rounds` interleaved rounds."""
+    """drive() at each level of concurrency, median of `rounds` interleaved rounds of fresh proxies."""
     paths = ("bare", "two-commit floor", "floor, thread", "sidecar record", "sidecar replay")
     samples: dict[str, dict[int, list[dict[str, float]]]] = {k: {c: [] for c in levels} for k in paths}
-    bare = start_proxy([], work / "conf", work / "bare-c.log")
-    floor = start_proxy(floor_args(dsn), work / "conf", work / "floor-c.log")
-    floor_thread = start_proxy(floor_args(dsn, thread=True), work / "conf", work / "floor-thread-c.log")
-    sidecar = start_proxy(sidecar_args(dsn), work / "conf", work / "sidecar-c.log")
-    try:
-        for _ in range(rounds):
+    for _ in range(rounds):
+        proxies = {
+            "bare": warm([], work, "bare-c", upstream),
+            "two-commit floor": warm(floor_args(dsn), work, "floor-c", upstream),
+            "floor, thread": warm(floor_args(dsn, thread=True), work, "floor-thread-c", upstream),
+            "sidecar": warm(sidecar_args(dsn), work, "sidecar-c", upstream),
+        }
+        try:
             for clients in levels:
                 n = max(requests, clients * 25)
-                samples["bare"][clients].append(drive(bare, upstream, "bench", "x", n, clients))
-                samples["two-commit floor"][clients].append(drive(floor, upstream, "bench", "x", n, clients))
-                samples["floor, thread"][clients].append(drive(floor_thread, upstream, "bench", "x", n, clients))
+                for name in ("bare", "two-commit floor", "floor, thread"):
+                    samples[name][clients].append(drive(proxies[name], upstream, "bench", "x", n, clients))
                 run = f"conc-{uuid.uuid4().hex[:8]}"
-                samples["sidecar record"][clients].append(drive(sidecar, upstream, run, "record", n, clients))
-                samples["sidecar replay"][clients].append(drive(sidecar, upstream, run, "replay", n, clients))
-    finally:
-        for proxy in (bare, floor, floor_thread, sidecar):
-            proxy.stop()
+                samples["sidecar record"][clients].append(drive(proxies["sidecar"], upstream, run, "record", n, clients))
+                samples["sidecar replay"][clients].append(drive(proxies["sidecar"], upstream, run, "replay", n, clients))
+        finally:
+            for proxy in proxies.values():
+                proxy.stop()
     return {k: {c: median_of(v) for c, v in series.items()} for k, series in samples.items()}
 
 
@@ -334,7 +344,7 @@ def journal_write_floor(dsn: str, n: int = 300) -> float:
 
 def targets(seq: dict[str, dict[str, float]], conc: dict[str, dict[int, dict[str, float]]],
             scaled: dict[int, dict[str, float]]) -> list[tuple[str, float, str, bool]]:
-    """Issue 19's targets against this run: (what, measured, target, met)."""
+    """Performance round 2's targets against this run: (what, measured, target, met)."""
     bare, top = seq["bare"], max(conc["bare"])
     replay, replayer = seq["sidecar replay"], seq["--server-replay"]
     first = max(r["first_ms"] for r in scaled.values())
@@ -362,8 +372,8 @@ def chart(path: Path, seq: dict[str, dict[str, float]], conc: dict[str, dict[int
     left.bar(names, [seq[n]["p50"] for n in names], color=["#888", "#aaa", "#cc9", "#dd8", "#2a7", "#99c", "#27a"])
     bare = seq["bare"]["p50"]
     left.axhline(seq["two-commit floor"]["p50"], color="#a80", linestyle=":", label="two-commit floor")
-    left.axhline(1.5 * bare, color="#c33", linestyle="--", label="target: recording <= 1.5x bare")
-    left.axhline(seq["--server-replay"]["p50"], color="#33c", linestyle="--", label="target: replay <= --server-replay")
+    left.axhline(1.5 * bare, color="black", linestyle="--", label="target: recording <= 1.5x bare")
+    left.axhline(seq["--server-replay"]["p50"], color="black", linestyle="-.", label="target: replay <= --server-replay")
     left.set_ylabel("p50 latency, ms (lower is better)")
     left.set_title("sequential keep-alive POSTs")
     left.tick_params(axis="x", rotation=25)
@@ -373,7 +383,7 @@ def chart(path: Path, seq: dict[str, dict[str, float]], conc: dict[str, dict[int
         style = {"linestyle": ":"} if "floor" in name else {}
         middle.plot(levels, [series[c]["rps"] for c in levels], marker="o", label=name, **style)
     levels = sorted(conc["bare"])
-    middle.plot(levels, [0.8 * conc["bare"][c]["rps"] for c in levels], color="#c33", linestyle="--",
+    middle.plot(levels, [0.8 * conc["bare"][c]["rps"] for c in levels], color="black", linestyle="--",
                 label="target: recording >= 0.8x bare")
     middle.set_xlabel("concurrent clients")
     middle.set_ylabel("requests/s (higher is better)")
@@ -382,7 +392,7 @@ def chart(path: Path, seq: dict[str, dict[str, float]], conc: dict[str, dict[int
     sizes = sorted(scaled)
     right.plot(sizes, [scaled[n]["first_ms"] for n in sizes], marker="o", label="first answer of an attempt")
     right.plot(sizes, [scaled[n]["p50"] for n in sizes], marker="o", label="replay p50 after it")
-    right.axhline(50, color="#c33", linestyle="--", label="target: first answer < 50 ms")
+    right.axhline(50, color="black", linestyle="--", label="target: first answer < 50 ms")
     right.set_xscale("log")
     right.set_xlabel("steps in the run")
     right.set_ylabel("ms")
@@ -452,24 +462,19 @@ def main() -> None:
     parser.add_argument("--chart", default=str(ROOT / "docs" / "bench.png"))
     parser.add_argument("--startup-rounds", type=int, default=5, help="rounds of the start-up measurement")
     parser.add_argument("--quick", action="store_true", help="a tiny run that only proves the script works")
+    parser.add_argument("--redraw", metavar="JSON", help="measure nothing: report and chart the results file of a run")
     args = parser.parse_args()
     if args.quick:
         args.requests, args.rounds, args.concurrency, args.scale, args.startup_rounds = 20, 1, "1,2", "10,50", 1
 
-    server = database.resolve(args.dsn).dsn
-    dsn = database.create_database(server, "durable_bench")
-    upstream = start_upstream()
-    try:
-        with tempfile.TemporaryDirectory(prefix="durable-bench-") as tmp:
-            work = Path(tmp)
-            floor = journal_write_floor(dsn)
-            seq = sequential(dsn, upstream, work, args.requests, args.rounds)
-            conc = concurrency(dsn, upstream, work, args.requests, [int(c) for c in args.concurrency.split(",")], args.rounds)
-            sizes = [int(s) for s in args.scale.split(",")]
-            scaled = scale(dsn, upstream, work, sizes, min(args.requests, min(sizes)) - 1)
-            started = startup(dsn, work, args.startup_rounds, embedded=not args.quick)  # quick: no initdb
-    finally:
-        database.drop_database(server, dsn)
+    if args.redraw:  # the report and chart of a run measured before, from its results file
+        results = json.loads(Path(args.redraw).read_text())
+        args.requests, args.rounds, args.startup_rounds = results["requests"], results["rounds"], results["startup_rounds"]
+    else:
+        results = measure(args)
+    seq, floor, started = results["seq"], results["floor"], results["started"]
+    conc = {name: {int(c): r for c, r in series.items()} for name, series in results["conc"].items()}
+    scaled = {int(size): r for size, r in results["scaled"].items()}
 
     bare = seq["bare"]
     print(f"\nsequential keep-alive POSTs ({args.requests} per round, median of {args.rounds} interleaved rounds)")
@@ -507,13 +512,39 @@ def main() -> None:
     for name, ms in started.items():
         print(f"{name:<32} {ms:>8.0f} {ms / started['bare mitmdump start+stop']:>6.2f}x bare mitmdump")
 
-    print("\ntargets (issue 19), this run")
+    print("\ntargets (performance round 2), this run")
     for what, measured, target, met in targets(seq, conc, scaled):
         print(f"{what:<58} {measured:>8.2f}  target {target:<6} {'met' if met else 'NOT met'}")
 
     if args.chart:
         chart(Path(args.chart), seq, conc, scaled)
-        print(f"\nchart: {args.chart}")
+        if not args.redraw:
+            Path(args.chart).with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+        print(f"\nchart: {args.chart} (its numbers: {args.redraw or Path(args.chart).with_suffix('.json')})")
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Every section, on a database of its own on the journal's server."""
+    server = database.resolve(args.dsn).dsn
+    dsn = database.create_database(server, "durable_bench")
+    upstream = start_upstream()
+    try:
+        with tempfile.TemporaryDirectory(prefix="durable-bench-") as tmp:
+            work = Path(tmp)
+            return {
+                "requests": args.requests,
+                "rounds": args.rounds,
+                "startup_rounds": args.startup_rounds,
+                "floor": journal_write_floor(dsn),
+                "seq": sequential(dsn, upstream, work, args.requests, args.rounds),
+                "conc": concurrency(dsn, upstream, work, args.requests, [int(c) for c in args.concurrency.split(",")],
+                                    args.rounds),
+                "scaled": scale(dsn, upstream, work, sizes := [int(s) for s in args.scale.split(",")],
+                                min(args.requests, min(sizes)) - 1),
+                "started": startup(dsn, work, args.startup_rounds, embedded=not args.quick),  # quick: no initdb
+            }
+    finally:
+        database.drop_database(server, dsn)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ trivial INSERT and UPDATE statements on one dedicated connection. `--set floor_d
 
 `--set floor_thread=true` runs the same statements on a dedicated thread with a synchronous psycopg
 connection (libpq's waits release the GIL) and hands results back to the event loop: the design
-issue 19 proposed for moving the journal's I/O off mitmproxy's loop, measured beside the async one."""
+performance round 2 proposed for moving the journal's I/O off mitmproxy's loop, measured beside the async one."""
 
 from __future__ import annotations
 
