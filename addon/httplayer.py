@@ -102,7 +102,7 @@ def install() -> list[str]:
     return missing
 
 
-def _wrap(owner: Any, name: str, make: Callable[[Any], Any]) -> bool:
+def wrap_once(owner: Any, name: str, make: Callable[[Any], Any]) -> bool:
     """Replace `owner.name` by `make(original)`, once (a second install keeps the first wrapper);
     False when this mitmproxy has no such attribute."""
     original = getattr(owner, name, None)
@@ -130,7 +130,7 @@ def _prefer_h2() -> bool:
 
         return alpn_select_callback
 
-    return _wrap(tlsconfig, "alpn_select_callback", wrap)
+    return wrap_once(tlsconfig, "alpn_select_callback", wrap)
 
 
 def _cap_request_bodies() -> bool:
@@ -168,7 +168,7 @@ def _cap_request_bodies() -> bool:
 
         return state_consume_request_body
 
-    return _wrap(HttpStream, "state_consume_request_body", wrap)
+    return wrap_once(HttpStream, "state_consume_request_body", wrap)
 
 
 def _label_error_answers() -> bool:
@@ -198,7 +198,7 @@ def _label_error_answers() -> bool:
 
         return send
 
-    return _wrap(Http1Server, "send", wrap)
+    return wrap_once(Http1Server, "send", wrap)
 
 
 async def _outlast_closing(waiting: Any) -> None:
@@ -258,6 +258,6 @@ def _finish_orphans() -> bool:
 
         return handle_connection_then_orphans
 
-    return _wrap(HttpStream, "handle_protocol_error", wrap_error) and _wrap(
+    return wrap_once(HttpStream, "handle_protocol_error", wrap_error) and wrap_once(
         ConnectionHandler, "handle_connection", wrap_connection
     )

@@ -20,7 +20,7 @@ import psycopg
 from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy import flow as mflow
 
-from . import crypto, database, httplayer, identity, quietlog, redaction, responses, settings, streams, usage
+from . import crypto, database, dispatch, httplayer, identity, quietlog, redaction, responses, settings, streams, usage
 from .journal import Journal, JournalError, SealedError
 from .lifecycle import Lifecycle, Refused, Step, elapsed_ms
 from .metrics import Metrics
@@ -63,6 +63,8 @@ class DurableSidecar:
         quietlog.quiet("psycopg.pool")  # a reconnect error per second while the journal is down: once per 30 s
         for missing in httplayer.install():
             logger.warning("durable: this mitmproxy's HTTP layer is not the one expected: %s", missing)
+        if not dispatch.install():
+            logger.info("durable: mitmproxy's own hook dispatch in use (this version's is not the one expected)")
 
     def configure(self, updated: set[str]) -> None:
         if "termlog_verbosity" in updated or self.lifecycle is None:

@@ -143,6 +143,9 @@ def sidecar_args(dsn: str) -> list[str]:
     return ["-s", str(launcher.SCRIPT), "--set", f"durable_dsn={dsn}"]
 
 
+DISPATCH_ARGS = ["-s", str(ROOT / "scripts" / "dispatch_addon.py")]  # bare mitmdump + the sidecar's hook dispatch
+
+
 def floor_args(dsn: str, thread: bool = False) -> list[str]:
     return ["-s", str(ROOT / "scripts" / "floor_addon.py"), "--set", f"floor_dsn={dsn}",
             "--set", f"floor_thread={str(thread).lower()}"]
@@ -224,19 +227,20 @@ def sequential(dsn: str, upstream: int, work: Path, requests: int, rounds: int) 
     """The judged comparison: every path, in interleaved rounds of fresh proxies, so drift and an
     unlucky process hit them all alike."""
     results: dict[str, list[dict[str, float]]] = {k: [] for k in (
-        "bare", "mitmdump -w", "two-commit floor", "floor, thread", "sidecar record", "--server-replay",
-        "sidecar replay")}
+        "bare", "bare, fast dispatch", "mitmdump -w", "two-commit floor", "floor, thread", "sidecar record",
+        "--server-replay", "sidecar replay")}
     for r in range(rounds):
         flows = work / f"round{r}.flows"
         proxies = {
             "bare": warm([], work, "bare", upstream),
+            "bare, fast dispatch": warm(DISPATCH_ARGS, work, "bare-dispatch", upstream),
             "mitmdump -w": warm(["-w", str(flows)], work, "recorder", upstream),
             "two-commit floor": warm(floor_args(dsn), work, "floor", upstream),
             "floor, thread": warm(floor_args(dsn, thread=True), work, "floor-thread", upstream),
             "sidecar": warm(sidecar_args(dsn), work, "sidecar", upstream),
         }
         try:
-            for name in ("bare", "mitmdump -w", "two-commit floor", "floor, thread"):
+            for name in ("bare", "bare, fast dispatch", "mitmdump -w", "two-commit floor", "floor, thread"):
                 results[name].append(drive(proxies[name], upstream, "bench", "x", requests))
             proxies["mitmdump -w"].stop()  # its flow file complete: what --server-replay serves
             run = f"bench-{uuid.uuid4().hex[:8]}"
@@ -256,11 +260,12 @@ def concurrency(
     dsn: str, upstream: int, work: Path, requests: int, levels: list[int], rounds: int
 ) -> dict[str, dict[int, dict[str, float]]]:
     """drive() at each level of concurrency, median of `rounds` interleaved rounds of fresh proxies."""
-    paths = ("bare", "two-commit floor", "floor, thread", "sidecar record", "sidecar replay")
+    paths = ("bare", "bare, fast dispatch", "two-commit floor", "floor, thread", "sidecar record", "sidecar replay")
     samples: dict[str, dict[int, list[dict[str, float]]]] = {k: {c: [] for c in levels} for k in paths}
     for _ in range(rounds):
         proxies = {
             "bare": warm([], work, "bare-c", upstream),
+            "bare, fast dispatch": warm(DISPATCH_ARGS, work, "bare-dispatch-c", upstream),
             "two-commit floor": warm(floor_args(dsn), work, "floor-c", upstream),
             "floor, thread": warm(floor_args(dsn, thread=True), work, "floor-thread-c", upstream),
             "sidecar": warm(sidecar_args(dsn), work, "sidecar-c", upstream),
@@ -268,7 +273,7 @@ def concurrency(
         try:
             for clients in levels:
                 n = max(requests, clients * 25)
-                for name in ("bare", "two-commit floor", "floor, thread"):
+                for name in ("bare", "bare, fast dispatch", "two-commit floor", "floor, thread"):
                     samples[name][clients].append(drive(proxies[name], upstream, "bench", "x", n, clients))
                 run = f"conc-{uuid.uuid4().hex[:8]}"
                 samples["sidecar record"][clients].append(drive(proxies["sidecar"], upstream, run, "record", n, clients))
@@ -369,7 +374,7 @@ def chart(path: Path, seq: dict[str, dict[str, float]], conc: dict[str, dict[int
 
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.4))
     names = list(seq)
-    left.bar(names, [seq[n]["p50"] for n in names], color=["#888", "#aaa", "#cc9", "#dd8", "#2a7", "#99c", "#27a"])
+    left.bar(names, [seq[n]["p50"] for n in names], color=["#888", "#666", "#aaa", "#cc9", "#dd8", "#2a7", "#99c", "#27a"])
     bare = seq["bare"]["p50"]
     left.axhline(seq["two-commit floor"]["p50"], color="#a80", linestyle=":", label="two-commit floor")
     left.axhline(1.5 * bare, color="black", linestyle="--", label="target: recording <= 1.5x bare")
@@ -478,10 +483,10 @@ def main() -> None:
 
     bare = seq["bare"]
     print(f"\nsequential keep-alive POSTs ({args.requests} per round, median of {args.rounds} interleaved rounds)")
-    print(f"{'path':<18} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p50 / bare':>11} {'req/s / bare':>13}"
+    print(f"{'path':<20} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p50 / bare':>11} {'req/s / bare':>13}"
           f" {'proxy CPU':>10} {'pg CPU':>8}  (CPU: ms per request)")
     for name, r in seq.items():
-        print(f"{name:<18} {r['rps']:>8.0f} {r['p50']:>8.2f} {r['p99']:>8.2f} {r['p50'] / bare['p50']:>11.2f} "
+        print(f"{name:<20} {r['rps']:>8.0f} {r['p50']:>8.2f} {r['p99']:>8.2f} {r['p50'] / bare['p50']:>11.2f} "
               f"{r['rps'] / bare['rps']:>13.2f} {r['proxy_cpu_ms']:>10.2f} {r['pg_cpu_ms']:>8.2f}")
     print(f"sidecar replay req/s / --server-replay req/s: {seq['sidecar replay']['rps'] / seq['--server-replay']['rps']:.2f}")
     print(f"one journal write (INSERT commit on this PostgreSQL), p50: {floor:.2f} ms; "
@@ -490,15 +495,15 @@ def main() -> None:
 
     print(f"\nthroughput, req/s, by concurrent clients (each client its own run; median of {args.rounds} rounds)")
     levels = sorted(conc["bare"])
-    print(f"{'path':<18} " + " ".join(f"{c:>9}" for c in levels))
+    print(f"{'path':<20} " + " ".join(f"{c:>9}" for c in levels))
     for name, series in conc.items():
-        print(f"{name:<18} " + " ".join(f"{series[c]['rps']:>9.0f}" for c in levels))
-    for name in ("two-commit floor", "floor, thread", "sidecar record", "sidecar replay"):
-        label = {"two-commit floor": "floor", "floor, thread": "floor, thread"}.get(name, name.split()[-1])
-        print(f"{label + ' / bare':<18} " + " ".join(f"{conc[name][c]['rps'] / conc['bare'][c]['rps']:>9.2f}" for c in levels))
+        print(f"{name:<20} " + " ".join(f"{series[c]['rps']:>9.0f}" for c in levels))
+    for name in ("bare, fast dispatch", "two-commit floor", "floor, thread", "sidecar record", "sidecar replay"):
+        label = {"two-commit floor": "floor"}.get(name, name if "," in name else name.split()[-1])
+        print(f"{label + ' / bare':<20} " + " ".join(f"{conc[name][c]['rps'] / conc['bare'][c]['rps']:>9.2f}" for c in levels))
     print("proxy CPU, ms per request (mitmdump runs on one core: at saturation, req/s ~ 1000 / this)")
     for name, series in conc.items():
-        print(f"{name:<18} " + " ".join(f"{series[c]['proxy_cpu_ms']:>9.2f}" for c in levels))
+        print(f"{name:<20} " + " ".join(f"{series[c]['proxy_cpu_ms']:>9.2f}" for c in levels))
 
     print("\njournal scale: resuming a run of N steps (a new attempt's first answer, then the replay p50 of the"
           " next ones; medians of 3 attempts)")
