@@ -227,8 +227,8 @@ def sequential(dsn: str, upstream: int, work: Path, requests: int, rounds: int) 
     """The judged comparison: every path, in interleaved rounds of fresh proxies, so drift and an
     unlucky process hit them all alike."""
     results: dict[str, list[dict[str, float]]] = {k: [] for k in (
-        "bare", "bare, fast dispatch", "mitmdump -w", "two-commit floor", "floor, thread", "sidecar record",
-        "--server-replay", "sidecar replay")}
+        "bare", "bare, fast dispatch", "mitmdump -w", "two-commit floor", "floor, thread", "floor, fast dispatch",
+        "sidecar record", "--server-replay", "sidecar replay")}
     for r in range(rounds):
         flows = work / f"round{r}.flows"
         proxies = {
@@ -237,10 +237,12 @@ def sequential(dsn: str, upstream: int, work: Path, requests: int, rounds: int) 
             "mitmdump -w": warm(["-w", str(flows)], work, "recorder", upstream),
             "two-commit floor": warm(floor_args(dsn), work, "floor", upstream),
             "floor, thread": warm(floor_args(dsn, thread=True), work, "floor-thread", upstream),
+            "floor, fast dispatch": warm(DISPATCH_ARGS + floor_args(dsn), work, "floor-dispatch", upstream),
             "sidecar": warm(sidecar_args(dsn), work, "sidecar", upstream),
         }
         try:
-            for name in ("bare", "bare, fast dispatch", "mitmdump -w", "two-commit floor", "floor, thread"):
+            for name in ("bare", "bare, fast dispatch", "mitmdump -w", "two-commit floor", "floor, thread",
+                         "floor, fast dispatch"):
                 results[name].append(drive(proxies[name], upstream, "bench", "x", requests))
             proxies["mitmdump -w"].stop()  # its flow file complete: what --server-replay serves
             run = f"bench-{uuid.uuid4().hex[:8]}"
@@ -260,7 +262,8 @@ def concurrency(
     dsn: str, upstream: int, work: Path, requests: int, levels: list[int], rounds: int
 ) -> dict[str, dict[int, dict[str, float]]]:
     """drive() at each level of concurrency, median of `rounds` interleaved rounds of fresh proxies."""
-    paths = ("bare", "bare, fast dispatch", "two-commit floor", "floor, thread", "sidecar record", "sidecar replay")
+    paths = ("bare", "bare, fast dispatch", "two-commit floor", "floor, thread", "floor, fast dispatch", "sidecar record",
+             "sidecar replay")
     samples: dict[str, dict[int, list[dict[str, float]]]] = {k: {c: [] for c in levels} for k in paths}
     for _ in range(rounds):
         proxies = {
@@ -268,12 +271,13 @@ def concurrency(
             "bare, fast dispatch": warm(DISPATCH_ARGS, work, "bare-dispatch-c", upstream),
             "two-commit floor": warm(floor_args(dsn), work, "floor-c", upstream),
             "floor, thread": warm(floor_args(dsn, thread=True), work, "floor-thread-c", upstream),
+            "floor, fast dispatch": warm(DISPATCH_ARGS + floor_args(dsn), work, "floor-dispatch-c", upstream),
             "sidecar": warm(sidecar_args(dsn), work, "sidecar-c", upstream),
         }
         try:
             for clients in levels:
                 n = max(requests, clients * 25)
-                for name in ("bare", "bare, fast dispatch", "two-commit floor", "floor, thread"):
+                for name in ("bare", "bare, fast dispatch", "two-commit floor", "floor, thread", "floor, fast dispatch"):
                     samples[name][clients].append(drive(proxies[name], upstream, "bench", "x", n, clients))
                 run = f"conc-{uuid.uuid4().hex[:8]}"
                 samples["sidecar record"][clients].append(drive(proxies["sidecar"], upstream, run, "record", n, clients))
@@ -372,9 +376,10 @@ def chart(path: Path, seq: dict[str, dict[str, float]], conc: dict[str, dict[int
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.4))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 4.8))
     names = list(seq)
-    left.bar(names, [seq[n]["p50"] for n in names], color=["#888", "#666", "#aaa", "#cc9", "#dd8", "#2a7", "#99c", "#27a"])
+    left.bar(names, [seq[n]["p50"] for n in names],
+             color=["#888", "#666", "#aaa", "#cc9", "#dd8", "#bb7", "#2a7", "#99c", "#27a"])
     bare = seq["bare"]["p50"]
     left.axhline(seq["two-commit floor"]["p50"], color="#a80", linestyle=":", label="two-commit floor")
     left.axhline(1.5 * bare, color="black", linestyle="--", label="target: recording <= 1.5x bare")
@@ -498,7 +503,8 @@ def main() -> None:
     print(f"{'path':<20} " + " ".join(f"{c:>9}" for c in levels))
     for name, series in conc.items():
         print(f"{name:<20} " + " ".join(f"{series[c]['rps']:>9.0f}" for c in levels))
-    for name in ("bare, fast dispatch", "two-commit floor", "floor, thread", "sidecar record", "sidecar replay"):
+    for name in ("bare, fast dispatch", "two-commit floor", "floor, thread", "floor, fast dispatch", "sidecar record",
+                 "sidecar replay"):
         label = {"two-commit floor": "floor"}.get(name, name if "," in name else name.split()[-1])
         print(f"{label + ' / bare':<20} " + " ".join(f"{conc[name][c]['rps'] / conc['bare'][c]['rps']:>9.2f}" for c in levels))
     print("proxy CPU, ms per request (mitmdump runs on one core: at saturation, req/s ~ 1000 / this)")
