@@ -386,7 +386,7 @@ def chart(path: Path, seq: dict[str, dict[str, float]], conc: dict[str, dict[int
     left.axhline(seq["--server-replay"]["p50"], color="black", linestyle="-.", label="target: replay <= --server-replay")
     left.set_ylabel("p50 latency, ms (lower is better)")
     left.set_title("sequential keep-alive POSTs")
-    left.tick_params(axis="x", rotation=25)
+    plt.setp(left.get_xticklabels(), rotation=35, ha="right")
     left.legend(fontsize=7, loc="upper left")
     for name, series in conc.items():
         levels = sorted(series)
