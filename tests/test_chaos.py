@@ -23,7 +23,11 @@ from conftest import PaidApi, Sidecars, new_run, run_agent, sql
 
 STEPS = 3
 CALLS = STEPS * 3
-VICTIM = 6  # the 6th call: step 2's payment
+# the 9th call: step 3's payment. Not step 2's (the 6th): step 2's LLM call streams, and an agent
+# that stops reading at [DONE] can reach the 6th call before the upstream has ended that stream, so
+# a kill there would also leave the stream's step in doubt (sent again on resume, as it should be)
+# and the test would be timing one race instead of the fault point.
+VICTIM = 9
 
 # what the resumed attempt should see at the victim call, and how the upstream got there
 EXPECTED = {

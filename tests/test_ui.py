@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import PaidApi, Sidecars, new_run, sql
+from conftest import PaidApi, Sidecars, eventually, new_run, sql
 from durable_sidecar import launcher
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -37,6 +37,8 @@ def crashed_and_resumed(sidecars: Sidecars, http_api: PaidApi) -> tuple[launcher
     run = new_run()
     assert [chat(sidecar, http_api, run, "a1", n) for n in range(3)] == ["recorded"] * 3
     assert [chat(sidecar, http_api, run, "a2", n) for n in range(4)] == ["replayed"] * 3 + ["recorded"]
+    counted = "SELECT sum(replay_count) FROM durable_steps WHERE run_id = %s"
+    assert eventually(lambda: sql(sidecars.dsn, counted, run), [(3,)]) == [(3,)]  # written in the background
     return sidecar, run
 
 
