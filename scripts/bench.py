@@ -215,34 +215,45 @@ def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
 # -- the sections ---------------------------------------------------------------------------------
 
 
+def plain_paths(dsn: str, recorder: Path | None = None) -> dict[str, list[str]]:
+    """The paths measured beside the sidecar, with their mitmdump arguments: bare mitmdump, mitmproxy's
+    recorder (writing `recorder`, when given) and the two-commit floors, each also on the sidecar's
+    hook dispatch."""
+    return {
+        "bare": [],
+        "bare, fast dispatch": DISPATCH_ARGS,
+        **({"mitmdump -w": ["-w", str(recorder)]} if recorder else {}),
+        "two-commit floor": floor_args(dsn),
+        "floor, thread": floor_args(dsn, thread=True),
+        "floor, fast dispatch": DISPATCH_ARGS + floor_args(dsn),
+    }
+
+
 def warm(args: list[str], work: Path, name: str, upstream: int) -> Proxy:
     """A fresh proxy, warmed by 50 calls nobody measures (its imports, connections, the journal's
     pool): each round starts its own, so no path keeps an unlucky process for the whole run."""
-    proxy = start_proxy(args, work / "conf", work / f"{name}.log")
+    proxy = start_proxy(args, work / "conf", work / f"{name.replace(', ', '-').replace(' ', '-')}.log")
     drive(proxy, upstream, f"warm-{uuid.uuid4().hex[:8]}", "warm", 50)
     return proxy
+
+
+def warm_all(paths: dict[str, list[str]], dsn: str, work: Path, upstream: int) -> dict[str, Proxy]:
+    """Every path of `paths` and the sidecar ("sidecar"), fresh and warmed."""
+    return {name: warm(args, work, name, upstream) for name, args in {**paths, "sidecar": sidecar_args(dsn)}.items()}
 
 
 def sequential(dsn: str, upstream: int, work: Path, requests: int, rounds: int) -> dict[str, dict[str, float]]:
     """The judged comparison: every path, in interleaved rounds of fresh proxies, so drift and an
     unlucky process hit them all alike."""
-    results: dict[str, list[dict[str, float]]] = {k: [] for k in (
-        "bare", "bare, fast dispatch", "mitmdump -w", "two-commit floor", "floor, thread", "floor, fast dispatch",
-        "sidecar record", "--server-replay", "sidecar replay")}
+    plain = list(plain_paths(dsn, work / "recorder.flows"))
+    results: dict[str, list[dict[str, float]]] = {
+        k: [] for k in (*plain, "sidecar record", "--server-replay", "sidecar replay")
+    }
     for r in range(rounds):
         flows = work / f"round{r}.flows"
-        proxies = {
-            "bare": warm([], work, "bare", upstream),
-            "bare, fast dispatch": warm(DISPATCH_ARGS, work, "bare-dispatch", upstream),
-            "mitmdump -w": warm(["-w", str(flows)], work, "recorder", upstream),
-            "two-commit floor": warm(floor_args(dsn), work, "floor", upstream),
-            "floor, thread": warm(floor_args(dsn, thread=True), work, "floor-thread", upstream),
-            "floor, fast dispatch": warm(DISPATCH_ARGS + floor_args(dsn), work, "floor-dispatch", upstream),
-            "sidecar": warm(sidecar_args(dsn), work, "sidecar", upstream),
-        }
+        proxies = warm_all(plain_paths(dsn, flows), dsn, work, upstream)
         try:
-            for name in ("bare", "bare, fast dispatch", "mitmdump -w", "two-commit floor", "floor, thread",
-                         "floor, fast dispatch"):
+            for name in plain:
                 results[name].append(drive(proxies[name], upstream, "bench", "x", requests))
             proxies["mitmdump -w"].stop()  # its flow file complete: what --server-replay serves
             run = f"bench-{uuid.uuid4().hex[:8]}"
@@ -262,22 +273,16 @@ def concurrency(
     dsn: str, upstream: int, work: Path, requests: int, levels: list[int], rounds: int
 ) -> dict[str, dict[int, dict[str, float]]]:
     """drive() at each level of concurrency, median of `rounds` interleaved rounds of fresh proxies."""
-    paths = ("bare", "bare, fast dispatch", "two-commit floor", "floor, thread", "floor, fast dispatch", "sidecar record",
-             "sidecar replay")
-    samples: dict[str, dict[int, list[dict[str, float]]]] = {k: {c: [] for c in levels} for k in paths}
+    plain = plain_paths(dsn)
+    samples: dict[str, dict[int, list[dict[str, float]]]] = {
+        k: {c: [] for c in levels} for k in (*plain, "sidecar record", "sidecar replay")
+    }
     for _ in range(rounds):
-        proxies = {
-            "bare": warm([], work, "bare-c", upstream),
-            "bare, fast dispatch": warm(DISPATCH_ARGS, work, "bare-dispatch-c", upstream),
-            "two-commit floor": warm(floor_args(dsn), work, "floor-c", upstream),
-            "floor, thread": warm(floor_args(dsn, thread=True), work, "floor-thread-c", upstream),
-            "floor, fast dispatch": warm(DISPATCH_ARGS + floor_args(dsn), work, "floor-dispatch-c", upstream),
-            "sidecar": warm(sidecar_args(dsn), work, "sidecar-c", upstream),
-        }
+        proxies = warm_all(plain, dsn, work, upstream)
         try:
             for clients in levels:
                 n = max(requests, clients * 25)
-                for name in ("bare", "bare, fast dispatch", "two-commit floor", "floor, thread", "floor, fast dispatch"):
+                for name in plain:
                     samples[name][clients].append(drive(proxies[name], upstream, "bench", "x", n, clients))
                 run = f"conc-{uuid.uuid4().hex[:8]}"
                 samples["sidecar record"][clients].append(drive(proxies["sidecar"], upstream, run, "record", n, clients))
