@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from .httplayer import wrap_once
+from .patching import wrap_once
 
 
 def install() -> bool:

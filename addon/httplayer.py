@@ -40,6 +40,7 @@ from mitmproxy import flow as mflow
 from mitmproxy import http
 
 from . import responses
+from .patching import wrap_once
 
 CAP_KEY = "durable_request_cap"  # flow.metadata: the cap on a request body of unknown length
 DRAIN_KEY = "durable_request_drain"  # flow.metadata: already refused; what still arrives is dropped
@@ -100,19 +101,6 @@ def install() -> list[str]:
     if not _prefer_h2():
         missing.append("clients that list http/1.1 before h2 get HTTP/1.1")
     return missing
-
-
-def wrap_once(owner: Any, name: str, make: Callable[[Any], Any]) -> bool:
-    """Replace `owner.name` by `make(original)`, once (a second install keeps the first wrapper);
-    False when this mitmproxy has no such attribute."""
-    original = getattr(owner, name, None)
-    if original is None:
-        return False
-    if not getattr(original, "durable_wrapped", False):
-        wrapper = make(original)
-        wrapper.durable_wrapped = True
-        setattr(owner, name, wrapper)
-    return True
 
 
 def _prefer_h2() -> bool:
