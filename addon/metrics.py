@@ -55,11 +55,17 @@ class Metrics:
         self.in_doubt = Gauge(
             "durable_in_doubt_steps", "Steps journaled as pending (in doubt) in the journal", registry=self.registry
         )
+        self.read_ahead = Gauge(
+            "durable_read_ahead_bytes",
+            "Bytes of journaled answers held read ahead for replay, all attempts together",
+            registry=self.registry,
+        )
         self._server: object | None = None
 
-    def serve(self, listen: str, in_doubt: Callable[[], float]) -> None:
-        """Start the /metrics endpoint (a thread of prometheus_client's); `in_doubt` is read on each scrape."""
+    def serve(self, listen: str, in_doubt: Callable[[], float], read_ahead: Callable[[], float]) -> None:
+        """Start the /metrics endpoint (a thread of prometheus_client's); the callables are read on each scrape."""
         host, _, port = listen.rpartition(":")
         self.in_doubt.set_function(in_doubt)
+        self.read_ahead.set_function(read_ahead)
         self._server = start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
         logger.info("durable: metrics at http://%s:%s/metrics", host or "127.0.0.1", port)

@@ -122,7 +122,8 @@ class DurableSidecar:
         if self.lifecycle.pacer is not None and self.lifecycle.pacer.port is None:
             await self.lifecycle.pacer.start()
         if self.metrics is not None and self.settings.metrics_listen:
-            self.metrics.serve(self.settings.metrics_listen, self._in_doubt_steps)
+            read_ahead = self.lifecycle.read_ahead
+            self.metrics.serve(self.settings.metrics_listen, self._in_doubt_steps, lambda: float(read_ahead.used))
         if self._housekeeper is None:
             self._housekeeper = asyncio.ensure_future(self._housekeeping())
 
