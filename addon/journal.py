@@ -33,6 +33,14 @@ class JournalError(RuntimeError):
     """The journal could not be read or written; the sidecar fails closed."""
 
 
+class JournalTimeout(JournalError):
+    """A statement got no answer within durable_db_timeout (a frozen link): its outcome is unknown."""
+
+
+class NotOurs(JournalError):
+    """The step is no longer this sidecar's to answer: completed, deleted, or taken over meanwhile."""
+
+
 class SealedError(JournalError):
     """A journaled answer is encrypted with a key this process was not given (or a wrong one)."""
 
@@ -99,6 +107,8 @@ class TakeOver:
     idempotency_key: str | None = None
     age_s: float = 0.0  # since the step was first journaled
     approved: bool = False  # an operator's `durable resolve --reissue`
+    owner: int | None = None  # another sidecar named as sending it (alive or not)
+    generation: int | None = None  # that owner's lease generation
 
 
 @dataclass(frozen=True)
@@ -169,21 +179,25 @@ COPY durable_steps (run_id, seq, fingerprint, fp_version, occurrence, state, att
 
 # Hand a pending or failed step to this sidecar (owner), atomically: the row lock and PostgreSQL's
 # re-check of the WHERE clause on the newest row version mean two sidecars never both take it.
-# Never a completed step; never one whose owner is alive (in flight there); a pending one only if
-# an operator approved it or the policy allows it and it is younger than the window.
+# Never a completed step; never one whose owner is alive (in flight there) or may be (its lock free,
+# but not yet with the generation the caller saw free for a whole grace period: see lease.py); a
+# pending one only if an operator approved it or the policy allows it and it is younger than the window.
+_OWNER_GONE = f"""(owner IS NULL OR owner = %(me)s
+    OR (NOT {lease.ALIVE} AND owner = %(dead_owner)s AND {lease.GENERATION} IS NOT DISTINCT FROM %(dead_gen)s))"""
 _TAKE_OVER = f"""
 WITH taken AS (
     UPDATE durable_steps SET state = 'pending', owner = %(me)s, attempt = %(attempt)s, started_at = now(),
                              last_attempt = %(attempt)s, last_outcome = 'reissued'
     WHERE run_id = %(run)s AND seq = %(seq)s AND fingerprint = %(key)s AND occurrence = %(occ)s
-      AND NOT (owner IS NOT NULL AND owner <> %(me)s AND {lease.ALIVE})
-      AND (state = 'failed' OR (state = 'pending' AND (approved
+      AND {_OWNER_GONE}
+      AND (state = 'failed' OR (state = 'pending' AND (approved OR %(unsent)s
            OR (%(allowed)s AND created_at > now() - make_interval(secs => %(window)s)))))
     RETURNING idempotency_key
 )
 SELECT s.state, (s.owner IS NOT NULL AND s.owner <> %(me)s AND {lease.ALIVE}) AS in_flight,
        EXISTS (SELECT 1 FROM taken) AS taken, (SELECT idempotency_key FROM taken) AS idempotency_key,
-       extract(epoch FROM now() - s.created_at)::float8 AS age_s, s.approved
+       extract(epoch FROM now() - s.created_at)::float8 AS age_s, s.approved,
+       CASE WHEN s.owner <> %(me)s THEN s.owner END AS owner, {lease.GENERATION} AS generation
 FROM durable_steps s
 WHERE s.run_id = %(run)s AND s.seq = %(seq)s AND s.fingerprint = %(key)s AND s.occurrence = %(occ)s
 """
@@ -214,15 +228,24 @@ MAX_BATCH = 64
 
 class Journal:
     def __init__(
-        self, dsn: str | None, timeout_s: float = 5.0, max_connections: int = 20, keyring: Keyring | None = None
+        self,
+        dsn: str | None,
+        timeout_s: float = 5.0,
+        max_connections: int = 20,
+        keyring: Keyring | None = None,
+        deadlines: bool = True,
     ) -> None:
         self._option_dsn = dsn
         self.keyring = keyring or Keyring("")
         self._timeout_s = timeout_s
+        # every statement answers within timeout_s (the agent's path), or none is bounded (operators'
+        # bulk work: imports, exports); connecting is always bounded
+        self._deadline_s: float | None = timeout_s if deadlines else None
         self._max_connections = max_connections
         self._pool: AsyncConnectionPool | None = None
         self._migrated = False
         self._lock = asyncio.Lock()
+        self._reviving = asyncio.Lock()
         self._replays: list[tuple[str, int, str]] = []
         self.observe: Callable[[str, float, bool], None] = lambda what, seconds, ok: None  # metrics hook
         self.on_commit: Callable[[int], None] = lambda writes: None  # metrics hook: writes per group commit
@@ -247,7 +270,8 @@ class Journal:
                     self.target.dsn,
                     min_size=1,
                     max_size=self._max_connections,
-                    kwargs={"autocommit": True},
+                    kwargs={"autocommit": True, **database.link_options(self._timeout_s)},
+                    configure=self._configure,
                     timeout=self._timeout_s,
                     open=False,
                 )
@@ -258,6 +282,22 @@ class Journal:
                 if applied:
                     logger.info("durable: applied journal migrations %s", applied)
                 self._migrated = True
+
+    async def _configure(self, conn: psycopg.AsyncConnection) -> None:
+        if self._deadline_s is not None:
+            await database.keep_session(conn, self._deadline_s)
+
+    async def _within(self, work: Awaitable[T]) -> T:
+        if self._deadline_s is None:
+            return await work
+        try:
+            return await database.within(self._deadline_s, work)
+        except TimeoutError as e:
+            raise JournalTimeout(f"no answer from the journal within durable_db_timeout ({e})") from e
+
+    async def ping(self) -> None:
+        """One round trip on a pooled connection: does the journal answer now?"""
+        await self._run("ping", "SELECT 1", ())
 
     async def owner(self) -> int:
         """This sidecar's lease id, which every step it sends carries; the lease is (re)taken if needed."""
@@ -310,6 +350,8 @@ class Journal:
         """
         try:
             return await self._on_connection_once(whats, work)
+        except JournalTimeout:
+            raise  # the deadline is spent: no second try
         except JournalError:
             if await self._revive():
                 return await self._on_connection_once(whats, work)
@@ -319,8 +361,9 @@ class Journal:
         """On the embedded database, a server that died under this sidecar is started again."""
         if self.target is None or not self.target.origin.startswith("embedded:"):
             return False
-        if not await asyncio.to_thread(embedded.revive, Path(self.target.origin.removeprefix("embedded:"))):
-            return False
+        async with self._reviving:  # one at a time: the embedded server's file lock is per process
+            if not await asyncio.to_thread(embedded.revive, Path(self.target.origin.removeprefix("embedded:"))):
+                return False
         if self._pool is not None:
             await self._pool.check()
         return True
@@ -335,7 +378,10 @@ class Journal:
             for retry in (False, True):
                 async with self._pool.connection() as conn:
                     try:
-                        result = await work(conn)
+                        result = await self._within(work(conn))
+                    except JournalTimeout:
+                        await conn.close()  # stuck mid-statement: the pool discards it and makes another
+                        raise
                     except psycopg.OperationalError:
                         if retry or not conn.broken:
                             raise
@@ -347,6 +393,9 @@ class Journal:
                         self.observe(each, elapsed, True)
                     return result
             raise AssertionError("unreachable: the retry returns or raises")
+        except JournalTimeout:
+            self.observe(what, 0.0, False)
+            raise
         except Exception as e:  # psycopg, pool timeouts, embedded start: all mean "journal unavailable"
             self.observe(what, 0.0, False)
             raise JournalError(f"{what}: {type(e).__name__}: {e}".strip()) from e
@@ -362,7 +411,7 @@ class Journal:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queued.append((Statement(what, sql, params, fetch, run), future))
         self._next_batch()
-        return await future
+        return await self._within(asyncio.shield(future))  # queued behind stuck batches: still on time
 
     def _next_batch(self) -> None:
         if self._queued and len(self._batches) < WRITERS:
@@ -563,7 +612,7 @@ class Journal:
             ),
         )
         if updated != 1:
-            raise JournalError(f"journal response: step {run}/{seq} is gone or no longer this sidecar's")
+            raise NotOurs(f"journal response: step {run}/{seq} is gone, answered, or no longer this sidecar's")
 
     async def fail(self, run: str, seq: int, error: str, duration_ms: float, owner: int | None) -> None:
         """The request provably never left (or the upstream answered a transient status): `failed`."""
@@ -584,6 +633,17 @@ class Journal:
             run,
             "UPDATE durable_steps SET owner = NULL WHERE run_id = %s AND seq = %s AND state = 'pending' AND owner = %s",
             (run, seq, owner),
+        )
+
+    async def give_back(self, run: str, key: str, occurrence: int, owner: int) -> None:
+        """A step this sidecar recorded but never sent (its pending commit went unanswered): nobody
+        has it in flight, and it may be sent whatever the in-doubt policy, since it never left."""
+        await self._write(
+            "hand back unsent step",
+            run,
+            "UPDATE durable_steps SET owner = NULL, approved = true WHERE run_id = %s AND fingerprint = %s"
+            " AND occurrence = %s AND state = 'pending' AND owner = %s",
+            (run, key, occurrence, owner),
         )
 
     async def step_state(self, run: str, step: StepRef) -> tuple[str | None, bool]:
@@ -665,7 +725,14 @@ class Journal:
                 logger.warning("durable: %d replay counts not written: %s", len(batch), e)
 
     async def take_over(
-        self, run: str, step: StepRef, attempt: str, pending_allowed: bool, window_s: float
+        self,
+        run: str,
+        step: StepRef,
+        attempt: str,
+        pending_allowed: bool,
+        window_s: float,
+        dead: tuple[int, int | None] | None = None,
+        unsent: bool = False,
     ) -> TakeOver:
         """Hand a pending or failed step to this sidecar to send again, with its original key.
 
@@ -673,9 +740,12 @@ class Journal:
         it), an in-doubt step the policy keeps (`pending_allowed` false, or older than `window_s`: the
         upstream may have forgotten its key) unless an operator approved it (`durable resolve
         --reissue`), and a row whose key is not this request's (should the index's digest ever name
-        the wrong step, its idempotency key is never lent out).
+        the wrong step, its idempotency key is never lent out). A step whose owner's lock is free is
+        taken only when `dead` names that owner and generation: the caller saw them so for a grace period.
+        `unsent`: this sidecar knows it never sent the step (repairs.py), so no policy holds it back.
         """
         me = await self.owner()
+        dead_owner, dead_gen = dead if dead is not None else (None, None)
         row = await self._run(
             "take over step",
             _TAKE_OVER,
@@ -688,13 +758,23 @@ class Journal:
                 "occ": step.occurrence,
                 "allowed": pending_allowed,
                 "window": window_s,
+                "dead_owner": dead_owner,
+                "dead_gen": dead_gen,
+                "unsent": unsent,
             },
             fetch="one",
         )
         if row is None:
             return TakeOver(None, False, False)
         return TakeOver(
-            row["state"], row["in_flight"], row["taken"], row["idempotency_key"], row["age_s"], row["approved"]
+            row["state"],
+            row["in_flight"],
+            row["taken"],
+            row["idempotency_key"],
+            row["age_s"],
+            row["approved"],
+            row["owner"],
+            row["generation"],
         )
 
     async def requests(self, run: str, seqs: list[int]) -> list[dict[str, Any]]:

@@ -10,10 +10,11 @@ here raises `Refused` or `JournalError` rather than let an unjournaled call thro
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,9 +23,10 @@ from mitmproxy import http
 from . import bodies, divergence, faults, fingerprint, identity, offload, redaction, responses, streams
 from .cursor import Claim, RunCursor, StepRef
 from .inflight import InFlight, Slot
-from .journal import Journal, JournalError, NewStep, encode_headers
+from .journal import Journal, JournalError, NewStep, NotOurs, encode_headers
 from .pacing import Pacer
 from .prefetch import Budget, Prefetch
+from .repairs import Held, Repairs
 from .settings import Settings
 
 logger = logging.getLogger("durable")
@@ -56,6 +58,11 @@ class Position:
     index: asyncio.Future[None]
 
 
+class AnswerHeld(JournalError):
+    """The upstream answered but the journal could not record it: the sidecar holds the answer and
+    commits it when the journal is back; the agent's retry is answered from the journal, not re-sent."""
+
+
 class Refused(Exception):
     """Answer the agent with this error instead of forwarding."""
 
@@ -81,6 +88,7 @@ class Lifecycle:
         self.forgotten: OrderedDict[tuple[str, str], None] = OrderedDict()  # attempts whose position is gone
         self.read_ahead = Budget(settings.read_ahead_bytes)
         self.in_flight = InFlight()
+        self.repairs = Repairs(journal)
         self.divergences = 0
         self.on_divergence: Callable[[], None] = lambda: None  # metrics hook
         self.pacer: Pacer | None = None  # set by the addon with durable_replay_pacing
@@ -129,6 +137,8 @@ class Lifecycle:
         if journaled is not None and self._replayable(cursor, journaled):
             return await self._replay(flow, ident, journaled)
         slot = (ident.run, claim.key, claim.occurrence)
+        if slot in self.repairs.held:  # its answer is in hand: journal it now (or 503), then replay it
+            await self.repairs.commit_now(slot)
         if not await self.in_flight.enter(slot, self.settings.in_flight_wait_s):
             raise self._still_in_flight(ident, journaled)
         try:
@@ -161,8 +171,15 @@ class Lifecycle:
                 step.tee.size,
             )
         step.live = False  # claimed: the error hook of a client that hangs up now must not journal it again
+        state, commit = self._answer(flow.response, step, truncated)
         try:
-            state = await self._journal_answer(flow.response, step, truncated)
+            await commit()
+        except JournalError as e:
+            size = len(step.tee.recorded()) if step.tee is not None else len(flow.response.raw_content or b"")
+            if not isinstance(e, NotOurs) and self._hold(step, state, commit, size):
+                raise AnswerHeld(f"{e}; the answer is held and journaled once the journal is back") from e
+            self.abandon(step)
+            raise
         except BaseException:
             self.abandon(step)
             raise
@@ -181,7 +198,8 @@ class Lifecycle:
         try:
             if flow.response is not None:  # the upstream began to answer: unless it was complete, in doubt
                 truncated = step.tee is None or not step.tee.complete()
-                state = await self._journal_answer(flow.response, step, truncated)
+                state, commit = self._answer(flow.response, step, truncated)
+                await commit()
             elif never_left(flow):
                 await self.journal.fail(step.run, step.seq, message, elapsed_ms(step), step.owner)
                 state = "failed"
@@ -203,6 +221,30 @@ class Lifecycle:
             self.in_flight.leave(step.slot)
             if state == "pending":
                 self._give_back(step)
+
+    def _hold(self, step: Step, state: str, commit: Callable[[], Awaitable[None]], size: int) -> bool:
+        """Keep an answer whose commit failed (repairs.py): the step stays in flight here, its claim
+        goes back to the attempt, and the commit is retried until the journal takes it."""
+        if step.slot is None or step.run is None or step.seq is None:
+            return False
+        slot, cursor, seq = step.slot, step.cursor, step.seq
+
+        def settled(journaled: bool) -> None:
+            if journaled and cursor is not None:
+                cursor.mark(seq, state)
+            self.in_flight.leave(slot)
+
+        if not self.repairs.hold(slot, Held(commit, size, settled)):
+            logger.error("durable: run=%s seq=%s answer dropped: over the answers the sidecar holds", step.run, seq)
+            return False
+        logger.warning(
+            "durable: run=%s seq=%s the journal could not record the answer: held (%d held), its commit retried",
+            step.run,
+            seq,
+            len(self.repairs.held),
+        )
+        self._give_back(step)
+        return True
 
     def abandon(self, step: Step) -> None:
         """The sidecar answers the agent with an error for a step it sent (its answer could not be
@@ -331,26 +373,29 @@ class Lifecycle:
         agent_key = req.headers.get(header)
         owner = await self.journal.owner()
         faults.crash_point("before-pending-commit")
-        recorded = await self.journal.record(
-            NewStep(
-                run=ident.run,
-                attempt=ident.attempt,
-                key=claim.key,
-                fp_version=fingerprint.VERSION,
-                occurrence=claim.occurrence,
-                step_key=ident.step_key,
-                method=req.method,
-                url=self.redactor.url(req.pretty_url),
-                envelope=stored_env,
-                request_headers=encode_headers(self.redactor.headers(req.headers.fields)),
-                request_body=stored_body,
-                agent_idempotency_key=agent_key,
-                mint_idempotency_key=req.method.upper() in s.idempotency_methods,
-                outcome=outcome,
-                divergence=diverged,
-                owner=owner,
-            )
+        new_step = NewStep(
+            run=ident.run,
+            attempt=ident.attempt,
+            key=claim.key,
+            fp_version=fingerprint.VERSION,
+            occurrence=claim.occurrence,
+            step_key=ident.step_key,
+            method=req.method,
+            url=self.redactor.url(req.pretty_url),
+            envelope=stored_env,
+            request_headers=encode_headers(self.redactor.headers(req.headers.fields)),
+            request_body=stored_body,
+            agent_idempotency_key=agent_key,
+            mint_idempotency_key=req.method.upper() in s.idempotency_methods,
+            outcome=outcome,
+            divergence=diverged,
+            owner=owner,
         )
+        try:
+            recorded = await self.journal.record(new_step)
+        except JournalError:  # the row may exist, naming this sidecar, for a call it never sent
+            self.repairs.not_sent((ident.run, claim.key, claim.occurrence), owner)
+            raise
         if recorded is None:
             existing = await self.journal.find(ident.run, claim.key, claim.occurrence)
             if existing is None:
@@ -448,11 +493,16 @@ class Lifecycle:
         s = self.settings
         policy = s.in_doubt_policy(flow.request.host)
         deadline = time.monotonic() + s.in_flight_wait_s
+        slot = (ident.run, step.key, step.occurrence)
+        unsent = self.repairs.never_sent(slot)
+        suspect: tuple[int, int | None] | None = None  # an owner whose lock is free, and its generation
+        suspected_at = 0.0
         while True:
             if step.state == "completed":
                 return await self._replay(flow, ident, step)
+            dead = suspect if suspect and time.monotonic() - suspected_at >= s.lease_grace_s else None
             taken = await self.journal.take_over(
-                ident.run, step, ident.attempt, policy == "reissue", s.in_doubt_window_s
+                ident.run, step, ident.attempt, policy == "reissue", s.in_doubt_window_s, dead, unsent
             )
             if taken.state is None:
                 raise JournalError(f"step {ident.run}/{step.seq} is gone")
@@ -462,7 +512,13 @@ class Lifecycle:
             cursor.mark(step.seq, taken.state)
             if taken.state == "completed":
                 continue
-            if taken.in_flight or (taken.state == "failed"):  # failed and not taken: someone took it just now
+            # an owner whose lock is free may be dead, or between losing its lease and taking it again:
+            # it counts as dead once seen so, with one generation, for durable_lease_grace
+            seen = (taken.owner, taken.generation) if taken.owner is not None and not taken.in_flight else None
+            if seen != suspect:
+                suspect, suspected_at = seen, time.monotonic()
+            dying = seen is not None and dead != seen
+            if dying or taken.in_flight or taken.state == "failed":  # failed, not taken: taken just now
                 if time.monotonic() > deadline or client_gone(flow):
                     raise self._still_in_flight(ident, step)
                 await asyncio.sleep(POLL_S)
@@ -471,19 +527,21 @@ class Lifecycle:
                 await asyncio.sleep(POLL_S)  # taken by another sidecar between our look and our update
                 continue
             raise self._in_doubt_refusal(ident, step, policy)
-        logger.info(
-            "durable: run=%s seq=%s %s %.0fs ago: re-sent with its original idempotency key",
-            ident.run,
-            step.seq,
-            "in doubt since" if step.state == "pending" else "failed,",
-            taken.age_s,
-        )
+        if unsent:  # its first send: the pending commit's reply was lost before it could leave
+            self.repairs.sent(slot)
+        else:
+            logger.info(
+                "durable: run=%s seq=%s %s %.0fs ago: re-sent with its original idempotency key",
+                ident.run,
+                step.seq,
+                "in doubt since" if step.state == "pending" else "failed,",
+                taken.age_s,
+            )
         if taken.idempotency_key:
             flow.request.headers[s.idempotency_header(flow.request.host)] = taken.idempotency_key
         cursor.mark(step.seq, "pending")
-        return Step(
-            ident.run, step.seq, "reissued", ident.attempt, live=True, cursor=cursor, owner=self.journal.lease.id
-        )
+        outcome = "recorded" if unsent else "reissued"
+        return Step(ident.run, step.seq, outcome, ident.attempt, live=True, cursor=cursor, owner=self.journal.lease.id)
 
     def _in_doubt_refusal(self, ident: identity.Identity, step: StepRef, policy: str) -> Refused:
         resolve_hint = f"durable resolve {ident.run} {step.seq} --reissue | --forget | --complete-from FILE"
@@ -505,8 +563,9 @@ class Lifecycle:
             step=step.seq if step else None,
         )
 
-    async def _journal_answer(self, resp: http.Response, step: Step, truncated: bool) -> str:
-        """Commit the answer; returns the step's new state (a truncated answer leaves it pending, in doubt)."""
+    def _answer(self, resp: http.Response, step: Step, truncated: bool) -> tuple[str, Callable[[], Awaitable[None]]]:
+        """The step's new state (a truncated answer leaves it pending, in doubt) and the commit that
+        journals the answer: a callable, so an answer whose commit fails can be held and retried."""
         assert step.run is not None and step.seq is not None
         if truncated:
             state = "pending"
@@ -515,8 +574,8 @@ class Lifecycle:
         else:
             state = "completed"
         body = step.tee.recorded() if step.tee is not None else (resp.raw_content or b"")
-        faults.crash_point("before-complete-commit")
-        await self.journal.complete(
+        complete = functools.partial(
+            self.journal.complete,
             step.run,
             step.seq,
             state,
@@ -532,8 +591,13 @@ class Lifecycle:
             owner=step.owner,
             trailers=encode_headers(resp.trailers.fields) if resp.trailers is not None else None,
         )
-        faults.crash_point("after-complete-commit")
-        return state
+
+        async def commit() -> None:
+            faults.crash_point("before-complete-commit")
+            await complete()
+            faults.crash_point("after-complete-commit")
+
+        return state, commit
 
 
 def elapsed_ms(step: Step) -> float:

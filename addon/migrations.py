@@ -171,6 +171,18 @@ MIGRATIONS: list[tuple[int, str]] = [
         END $$;
         """,
     ),
+    (
+        8,
+        """
+        -- a sidecar lease's generation, bumped each time its id is (re)taken (lease.py): a step's owner
+        -- counts as dead only when its lock stayed free with the same generation for a grace period
+        CREATE TABLE durable_leases (
+            id         integer PRIMARY KEY,
+            generation bigint NOT NULL DEFAULT 1,
+            taken_at   timestamptz NOT NULL DEFAULT now()
+        );
+        """,
+    ),
 ]
 
 

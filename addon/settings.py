@@ -60,7 +60,20 @@ OPTIONS: list[tuple[str, Any, Any, str]] = [
         ["408", "425", "429", "500", "502", "503", "504"],
         "Response statuses journaled as failed: replayed only once the run moved past them.",
     ),
-    ("durable_db_timeout", int, 5000, "Milliseconds to wait for a journal connection before answering 503."),
+    (
+        "durable_db_timeout",
+        int,
+        5000,
+        "Milliseconds to wait for a journal connection or statement before answering 503 (the server's "
+        "statement_timeout is a second longer).",
+    ),
+    (
+        "durable_lease_grace",
+        str,
+        "10s",
+        "How long another sidecar's lease must stay lost (not re-taken) before its steps in flight count as "
+        "abandoned and may be re-sent; longer than any blip of the journal's link you want to ride out.",
+    ),
     (
         "durable_body_cap",
         int,
@@ -178,6 +191,7 @@ class Settings:
     in_flight_wait_s: float
     transient_statuses: frozenset[int]
     db_timeout_s: float
+    lease_grace_s: float
     body_cap: int
     oversize_request: str
     redact_headers: tuple[str, ...]
@@ -261,6 +275,7 @@ def from_options(o: Any) -> Settings:
             in_flight_wait_s=parse_duration(o.durable_in_flight_wait),
             transient_statuses=frozenset(int(s) for s in o.durable_transient_statuses),
             db_timeout_s=o.durable_db_timeout / 1000,
+            lease_grace_s=parse_duration(o.durable_lease_grace),
             body_cap=o.durable_body_cap,
             oversize_request=o.durable_oversize_request,
             redact_headers=tuple(o.durable_redact_headers),

@@ -22,7 +22,7 @@ from mitmproxy import flow as mflow
 
 from . import crypto, database, dispatch, httplayer, identity, quietlog, redaction, responses, settings, streams, usage
 from .journal import Journal, JournalError, SealedError
-from .lifecycle import Lifecycle, Refused, Step, elapsed_ms
+from .lifecycle import AnswerHeld, Lifecycle, Refused, Step, elapsed_ms
 from .metrics import Metrics
 from .pacing import Pacer
 
@@ -262,14 +262,14 @@ class DurableSidecar:
                 if step.tee is not None:
                     flow.kill()  # already streamed: withhold the end so the agent sees the stream cut short
                     return
-                flow.response = responses.refusal(
-                    503,
-                    "the upstream answered but the journal could not record it; the step stays in doubt "
-                    "and the next attempt re-sends it with its original idempotency key",
-                    run=step.run,
-                    step=step.seq,
-                    failed=str(e),
+                reason = (
+                    "the upstream answered but the journal could not record it yet: the sidecar holds the "
+                    "answer and journals it once the journal is back; retry, it is answered from there, not re-sent"
+                    if isinstance(e, AnswerHeld)
+                    else "the upstream answered but the journal could not record it; the step stays in doubt "
+                    "and the next attempt re-sends it with its original idempotency key"
                 )
+                flow.response = responses.refusal(503, reason, run=step.run, step=step.seq, failed=str(e))
             finally:
                 httplayer.ORPHANS.done(flow)
         responses.label(flow.response, step.run, step.seq, step.outcome)
@@ -316,6 +316,7 @@ class DurableSidecar:
         journal = self.lifecycle.journal
         try:
             lease_id = await journal.owner()
+            await journal.ping()  # a frozen link keeps the lease's socket open: ask the journal itself
         except JournalError as e:
             flow.response = responses.refusal(503, "journal unavailable", failed=str(e))
         else:

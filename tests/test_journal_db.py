@@ -288,11 +288,21 @@ def test_take_over_follows_the_single_flight_rules(fresh_dsn: str) -> None:
             seen["completed"] = await first.take_over("tk", ref(done.seq, "v1:done"), "a2", True, 3600)
             seen["alive"] = await first.take_over("tk", ref(busy.seq, "v1:busy"), "a2", True, 3600)
             await sender.lease.close()  # the sender dies: PostgreSQL drops its lease at once
+            # its lock is free, but a lease lost and re-taken looks the same for a moment: not taken
+            # until the caller has seen the owner dead with one generation (for the grace period)
+            for _ in range(50):  # the server ends the closed session's lock a moment later
+                seen["suspect"] = await first.take_over("tk", ref(busy.seq, "v1:busy"), "a2", True, 3600)
+                if not seen["suspect"].in_flight:
+                    break
+                await asyncio.sleep(0.05)
+            dead = (seen["suspect"].owner, seen["suspect"].generation)
+            stale = (dead[0], (dead[1] or 0) - 1)  # a generation before the one last seen: re-taken since
+            seen["stale"] = await first.take_over("tk", ref(busy.seq, "v1:busy"), "a2", True, 3600, stale)
             seen["race"] = await asyncio.gather(
-                first.take_over("tk", ref(busy.seq, "v1:busy"), "a2", True, 3600),
-                second.take_over("tk", ref(busy.seq, "v1:busy"), "a3", True, 3600),
+                first.take_over("tk", ref(busy.seq, "v1:busy"), "a2", True, 3600, dead),
+                second.take_over("tk", ref(busy.seq, "v1:busy"), "a3", True, 3600, dead),
             )
-            seen["fail-policy"] = await third.take_over("tk", ref(busy.seq, "v1:busy"), "a4", False, 3600)
+            seen["fail-policy"] = await third.take_over("tk", ref(busy.seq, "v1:busy"), "a4", False, 3600, dead)
             with pytest.raises(JournalError):  # not ours any more: the late sender's answer is refused
                 await sender.complete("tk", busy.seq, "completed", 200, "OK", "HTTP/1.1", [], b"late", 1.0, owner=owner)
         finally:
@@ -305,6 +315,9 @@ def test_take_over_follows_the_single_flight_rules(fresh_dsn: str) -> None:
     seen = asyncio.run(scenario())
     assert (seen["completed"].state, seen["completed"].taken) == ("completed", False)
     assert (seen["alive"].in_flight, seen["alive"].taken) == (True, False)
+    suspect = seen["suspect"]
+    assert (suspect.in_flight, suspect.taken, suspect.generation) == (False, False, 1) and suspect.owner
+    assert not seen["stale"].taken
     assert sorted(t.taken for t in seen["race"]) == [False, True]
     loser = next(t for t in seen["race"] if not t.taken)
     assert loser.in_flight  # the winner is alive: the loser waits for it

@@ -1,0 +1,118 @@
+"""A TCP relay that breaks the link it carries on demand: the sidecar talks to PostgreSQL through it.
+
+    relay = Relay(5432)            # listens on 127.0.0.1:relay.port, forwards to 127.0.0.1:5432
+    relay.cut()                    # every connection reset now; new ones refused until heal()
+    relay.freeze()                 # bytes held both ways, no reset (a dead NAT entry, a paused VM)
+    relay.drop_replies()           # what the server sends next is lost, then the connection dies
+    relay.heal()                   # new connections pass again (held ones stay as they are)
+
+Used by tests/test_connection_failures.py and scripts/connection_failures.py. One thread per
+direction of each connection; `close()` ends them all.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+CHUNK = 65536
+
+
+class Relay:
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        self.target = (target_host, target_port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self.mode = "pass"  # pass | cut | freeze | drop
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    # -- what the tests do --------------------------------------------------------------------
+
+    def cut(self) -> None:
+        """Reset every connection now and refuse new ones until heal()."""
+        self.mode = "cut"
+        self._flowing.set()
+        self._reset_all()
+
+    def freeze(self) -> None:
+        """Hold every byte in both directions; connections stay open (nothing tells either side)."""
+        self.mode = "freeze"
+        self._flowing.clear()
+
+    def drop_replies(self) -> None:
+        """Lose the server's next bytes on every connection, then reset it: a reply that never arrives
+        although the server did the work (a commit whose answer is lost)."""
+        self.mode = "drop"
+        self._flowing.set()
+
+    def heal(self) -> None:
+        """New connections pass again; connections frozen meanwhile are reset (their state is unknown)."""
+        was = self.mode
+        self.mode = "pass"
+        if was in ("freeze", "drop"):
+            self._reset_all()
+        self._flowing.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+        self._flowing.set()
+        self._reset_all()
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _reset_all(self) -> None:
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for pair in pairs:
+            for sock in pair:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    sock.close()
+                except OSError:
+                    pass
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if self.mode == "cut":
+                client.close()
+                continue
+            try:
+                server = socket.create_connection(self.target, timeout=5)
+                server.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._pairs.append((client, server))
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, from_server: bool) -> None:
+        try:
+            while True:
+                data = source.recv(CHUNK)
+                if not data:
+                    break
+                self._flowing.wait()
+                if self.mode == "drop" and from_server:
+                    break  # the reply is lost with the connection
+                if self.mode == "cut":
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.close()
+            except OSError:
+                pass
