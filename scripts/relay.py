@@ -1,6 +1,7 @@
 """A TCP relay that breaks the link it carries on demand: the sidecar talks to PostgreSQL through it.
 
-    relay = Relay(5432)            # listens on 127.0.0.1:relay.port, forwards to 127.0.0.1:5432
+    relay, dsn = Relay.for_dsn(dsn) # listens on 127.0.0.1:relay.port, forwards to the DSN's server
+                                   # (TCP or unix socket); `dsn` connects through it
     relay.cut()                    # every connection reset now; new ones refused until heal()
     relay.freeze()                 # bytes held both ways, no reset (a dead NAT entry, a paused VM)
     relay.drop_replies()           # what the server sends next is lost, then the connection dies
@@ -19,8 +20,8 @@ CHUNK = 65536
 
 
 class Relay:
-    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
-        self.target = (target_host, target_port)
+    def __init__(self, target: tuple[str, int] | str) -> None:
+        self.target = target  # (host, port), or the path of a unix socket
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
         self._lock = threading.Lock()
@@ -30,6 +31,16 @@ class Relay:
         self._flowing.set()
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
+
+    @classmethod
+    def for_dsn(cls, dsn: str) -> tuple[Relay, str]:
+        """A relay in front of the server `dsn` names, and the DSN that goes through it."""
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+        parts = conninfo_to_dict(dsn)
+        host, port = str(parts.get("host") or "127.0.0.1"), int(parts.get("port") or 5432)
+        relay = cls(f"{host}/.s.PGSQL.{port}" if host.startswith("/") else (host, port))
+        return relay, make_conninfo(dsn, host="127.0.0.1", port=str(relay.port))
 
     # -- what the tests do --------------------------------------------------------------------
 
@@ -71,11 +82,11 @@ class Relay:
             pairs, self._pairs = self._pairs, []
         for pair in pairs:
             for sock in pair:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                    sock.close()
+                try:  # shutdown, not only close: a thread blocked in recv keeps a closed socket open
+                    sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+                sock.close()
 
     def _accept(self) -> None:
         while not self._closed:
@@ -87,8 +98,12 @@ class Relay:
                 client.close()
                 continue
             try:
-                server = socket.create_connection(self.target, timeout=5)
-                server.settimeout(None)
+                if isinstance(self.target, str):
+                    server = socket.socket(socket.AF_UNIX)
+                    server.connect(self.target)
+                else:
+                    server = socket.create_connection(self.target, timeout=5)
+                    server.settimeout(None)
             except OSError:
                 client.close()
                 continue
@@ -113,6 +128,7 @@ class Relay:
             pass
         for sock in (source, sink):
             try:
-                sock.close()
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the other direction's thread
             except OSError:
                 pass
+            sock.close()
