@@ -164,6 +164,13 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def drain_timeout(options: dict[str, str]) -> float:
+    from . import settings  # here, not at the top: it brings mitmproxy, and `durable run` starts fast
+
+    given = options.get("durable_drain_timeout")
+    return settings.parse_duration(given) if given else settings.DEFAULTS.drain_timeout_s
+
+
 @dataclass
 class Outcome:
     status: int  # the agent's exit status, in the shell's convention
@@ -211,6 +218,6 @@ def execute(plan: Plan) -> Outcome:
         finally:
             if tty is not None:
                 _give_terminal(tty, os.getpgrp())
-            if sidecar:
-                sidecar.stop()  # a polite stop: the sidecar writes its last replay counts first
+            if sidecar:  # only once the agent has exited; a polite stop drains the calls it left in flight
+                sidecar.stop(timeout=drain_timeout(plan.options) + 5)
     return Outcome(exit_status(code), plan.attempt, target)

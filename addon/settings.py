@@ -68,6 +68,14 @@ OPTIONS: list[tuple[str, Any, Any, str]] = [
         "statement_timeout is a second longer).",
     ),
     (
+        "durable_drain_timeout",
+        str,
+        "25s",
+        "On SIGTERM/SIGINT, how long the sidecar keeps finishing and journaling the calls in flight (orphans "
+        "included) while refusing new ones, before it exits; keep it under Kubernetes' "
+        "terminationGracePeriodSeconds (30s by default).",
+    ),
+    (
         "durable_lease_grace",
         str,
         "10s",
@@ -192,6 +200,7 @@ class Settings:
     transient_statuses: frozenset[int]
     db_timeout_s: float
     lease_grace_s: float
+    drain_timeout_s: float
     body_cap: int
     oversize_request: str
     redact_headers: tuple[str, ...]
@@ -276,6 +285,7 @@ def from_options(o: Any) -> Settings:
             transient_statuses=frozenset(int(s) for s in o.durable_transient_statuses),
             db_timeout_s=o.durable_db_timeout / 1000,
             lease_grace_s=parse_duration(o.durable_lease_grace),
+            drain_timeout_s=parse_duration(o.durable_drain_timeout),
             body_cap=o.durable_body_cap,
             oversize_request=o.durable_oversize_request,
             redact_headers=tuple(o.durable_redact_headers),

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import time
 import weakref
 from typing import Any
 
@@ -43,6 +44,7 @@ class DurableSidecar:
     def __init__(self) -> None:
         self.lifecycle: Lifecycle | None = None
         self.metrics: Metrics | None = None
+        self.draining = False  # stopping: new calls are refused while those in flight finish
         self._housekeeper: asyncio.Future[None] | None = None
         self.settings: settings.Settings = settings.DEFAULTS
         self.flow_lines = True  # one log line per flow, when the terminal log shows INFO
@@ -190,6 +192,8 @@ class DurableSidecar:
         try:
             ident = self._identify(flow)
             known = {"run": ident.run, "attempt": ident.attempt}
+            if self.draining:
+                raise Refused(503, "the sidecar is stopping (draining its calls in flight): nothing was forwarded")
             if (
                 self.settings.ignored(flow.request.host)
                 or flow.request.headers.get("upgrade", "").lower() == "websocket"
@@ -315,6 +319,8 @@ class DurableSidecar:
         assert self.lifecycle is not None
         journal = self.lifecycle.journal
         try:
+            if self.draining:
+                raise JournalError("the sidecar is stopping")
             lease_id = await journal.owner()
             await journal.ping()  # a frozen link keeps the lease's socket open: ask the journal itself
         except JournalError as e:
@@ -331,9 +337,26 @@ class DurableSidecar:
         flow.metadata[META] = Step(None, None, "refused" if flow.response.status_code != 200 else "passthrough")
 
     async def done(self) -> None:
-        """A polite stop writes the replay counts still gathering (`durable run`'s summary reads them)."""
-        if self.lifecycle is not None:
-            await self.lifecycle.journal.flush_replays()
+        """A polite stop (SIGTERM, SIGINT) drains: new calls are refused, the calls in flight (orphans
+        and held answers included) finish and are journaled, up to durable_drain_timeout; then the
+        replay counts still gathering are written (`durable run`'s summary reads them)."""
+        if self.lifecycle is None:
+            return
+        self.draining = True
+        in_flight = self.lifecycle.in_flight
+        if len(in_flight):
+            logger.info("durable: stopping: draining %d calls in flight", len(in_flight))
+            deadline = time.monotonic() + self.settings.drain_timeout_s
+            while len(in_flight) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if len(in_flight):
+                logger.warning(
+                    "durable: stopping with %d calls still in flight after durable_drain_timeout: left in doubt",
+                    len(in_flight),
+                )
+            else:
+                logger.info("durable: drained: every call in flight was journaled")
+        await self.lifecycle.journal.flush_replays()
 
     async def _housekeeping(self, every_s: float = 600) -> None:
         """Neither the journal nor the sidecar's memory grows without bound: every 10 minutes, delete

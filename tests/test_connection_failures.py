@@ -179,3 +179,43 @@ def test_a_frozen_link_answers_on_time_and_health_says_so(
     again = post(sidecar, run, "a2", f"{http_api.url}/v1/echo?n=new", {"n": "new"})
     assert again.status_code == 200 and again.headers["Durable-Outcome"] in ("recorded", "diverged"), again.text
     assert json.loads(again.content)  # the upstream's own answer
+
+
+DYING_AGENT = """
+import os, sys, threading, time, requests
+threading.Thread(target=lambda: requests.post(sys.argv[1], json={"prompt": "q3"}, timeout=60), daemon=True).start()
+time.sleep(float(sys.argv[2]))
+os._exit(3)  # dies mid-call
+"""
+AGENT = """
+import sys, requests
+r = requests.post(sys.argv[1], json={"prompt": "q3"}, timeout=60)
+print(r.headers.get("durable-outcome"), r.status_code)
+"""
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_durable_run_drains_the_call_its_agent_left_in_flight(
+    http_api: PaidApi, pg_dsn: str, tmp_path, endpoint: str
+) -> None:
+    """`durable run` with its own sidecar; the agent dies while the upstream works on its call (1.5 s).
+    The launcher stops its sidecar only after the agent exited, and the sidecar drains: it finishes and
+    journals the call before it exits. The next run of the agent gets it replayed: one charge."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    durable = str(Path(sys.executable).with_name("durable"))
+    (tmp_path / "dying.py").write_text(DYING_AGENT)
+    (tmp_path / "agent.py").write_text(AGENT)
+    path, _ = ENDPOINTS[endpoint]
+    url, run = f"{http_api.url}{path}?delay_ms=1500", new_run()
+    before = http_api.books()["calls"]
+    first = subprocess.run([durable, "run", "--run", run, "--dsn", pg_dsn, "--", sys.executable,
+                            str(tmp_path / "dying.py"), url, "0.5"], capture_output=True, text=True, timeout=120)
+    assert first.returncode == 3, first.stderr
+    assert "Traceback" not in first.stderr
+    second = subprocess.run([durable, "run", "--run", run, "--dsn", pg_dsn, "--", sys.executable,
+                             str(tmp_path / "agent.py"), url], capture_output=True, text=True, timeout=120)
+    assert second.stdout.split()[0] == "replayed", (second.stdout, second.stderr)
+    assert http_api.books()["calls"] == before + 1
