@@ -60,12 +60,20 @@ class Metrics:
             "Bytes of journaled answers held read ahead for replay, all attempts together",
             registry=self.registry,
         )
+        self.held = Gauge(
+            "durable_held_answers",
+            "Upstream answers held in memory because their journal commit failed, retried until journaled",
+            registry=self.registry,
+        )
         self._server: object | None = None
 
-    def serve(self, listen: str, in_doubt: Callable[[], float], read_ahead: Callable[[], float]) -> None:
+    def serve(
+        self, listen: str, in_doubt: Callable[[], float], read_ahead: Callable[[], float], held: Callable[[], float]
+    ) -> None:
         """Start the /metrics endpoint (a thread of prometheus_client's); the callables are read on each scrape."""
         host, _, port = listen.rpartition(":")
         self.in_doubt.set_function(in_doubt)
         self.read_ahead.set_function(read_ahead)
+        self.held.set_function(held)
         self._server = start_http_server(int(port), addr=host or "127.0.0.1", registry=self.registry)
         logger.info("durable: metrics at http://%s:%s/metrics", host or "127.0.0.1", port)

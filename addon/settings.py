@@ -68,6 +68,13 @@ OPTIONS: list[tuple[str, Any, Any, str]] = [
         "statement_timeout is a second longer).",
     ),
     (
+        "durable_attempt_per_start",
+        bool,
+        True,
+        "When the agent runs on this host, bind each attempt id to the start of the agent (process group) "
+        "that used it first; a later start reusing the id is served as an attempt of its own, which replays.",
+    ),
+    (
         "durable_drain_timeout",
         str,
         "25s",
@@ -201,6 +208,7 @@ class Settings:
     db_timeout_s: float
     lease_grace_s: float
     drain_timeout_s: float
+    attempt_per_start: bool
     body_cap: int
     oversize_request: str
     redact_headers: tuple[str, ...]
@@ -286,6 +294,7 @@ def from_options(o: Any) -> Settings:
             db_timeout_s=o.durable_db_timeout / 1000,
             lease_grace_s=parse_duration(o.durable_lease_grace),
             drain_timeout_s=parse_duration(o.durable_drain_timeout),
+            attempt_per_start=o.durable_attempt_per_start,
             body_cap=o.durable_body_cap,
             oversize_request=o.durable_oversize_request,
             redact_headers=tuple(o.durable_redact_headers),

@@ -9,6 +9,7 @@ flow whose hook raised, so every path catches and answers (fail closed).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -21,7 +22,20 @@ import psycopg
 from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy import flow as mflow
 
-from . import crypto, database, dispatch, httplayer, identity, quietlog, redaction, responses, settings, streams, usage
+from . import (
+    crypto,
+    database,
+    dispatch,
+    httplayer,
+    identity,
+    peers,
+    quietlog,
+    redaction,
+    responses,
+    settings,
+    streams,
+    usage,
+)
 from .journal import Journal, JournalError, SealedError
 from .lifecycle import AnswerHeld, Lifecycle, Refused, Step, elapsed_ms
 from .metrics import Metrics
@@ -50,6 +64,8 @@ class DurableSidecar:
         self.flow_lines = True  # one log line per flow, when the terminal log shows INFO
         self.default_run = identity.mint_id("run")
         self.default_attempt = identity.mint_id("attempt")
+        self.starts = peers.Starts()
+        self.client_starts: weakref.WeakKeyDictionary[connection.Client, str | None] = weakref.WeakKeyDictionary()
         self.credentials: weakref.WeakKeyDictionary[connection.Client, identity.Credentials] = (
             weakref.WeakKeyDictionary()
         )
@@ -124,12 +140,24 @@ class DurableSidecar:
         if self.lifecycle.pacer is not None and self.lifecycle.pacer.port is None:
             await self.lifecycle.pacer.start()
         if self.metrics is not None and self.settings.metrics_listen:
-            read_ahead = self.lifecycle.read_ahead
-            self.metrics.serve(self.settings.metrics_listen, self._in_doubt_steps, lambda: float(read_ahead.used))
+            read_ahead, repairs = self.lifecycle.read_ahead, self.lifecycle.repairs
+            self.metrics.serve(
+                self.settings.metrics_listen,
+                self._in_doubt_steps,
+                lambda: float(read_ahead.used),
+                lambda: float(len(repairs.held)),
+            )
         if self._housekeeper is None:
             self._housekeeper = asyncio.ensure_future(self._housekeeping())
 
     # -- hooks ----------------------------------------------------------------------------------
+
+    async def client_connected(self, client: connection.Client) -> None:
+        """Which start of the agent opened this connection (peers.py), looked up off the event loop."""
+        if self.settings.attempt_per_start:
+            self.client_starts[client] = await asyncio.to_thread(
+                peers.start_of_connection, client.peername, client.sockname
+            )
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         """HTTPS: the run credentials arrive on CONNECT and hold for the whole client connection."""
@@ -421,6 +449,9 @@ class DurableSidecar:
             ident = identity.resolve(control, creds, s.run, s.attempt, self.default_run, self.default_attempt)
         except identity.IdentityError as e:
             raise Refused(400, str(e)) from e
+        start = self.client_starts.get(flow.client_conn) if self.settings.attempt_per_start else None
+        if start is not None:  # a second start of the agent under one attempt id is an attempt of its own
+            ident = dataclasses.replace(ident, attempt=self.starts.attempt(ident.run, ident.attempt, start))
         if ident.attempt_source in ("options", "default") and ident.run not in self.warned_runs:
             self._warn_no_attempt(ident)
         if self.settings.auth_secret:

@@ -219,3 +219,55 @@ def test_durable_run_drains_the_call_its_agent_left_in_flight(
                              str(tmp_path / "agent.py"), url], capture_output=True, text=True, timeout=120)
     assert second.stdout.split()[0] == "replayed", (second.stdout, second.stderr)
     assert http_api.books()["calls"] == before + 1
+
+
+SCRIPT_AGENT = """
+for i in 1 2 3; do
+  curl -s -x "$PROXY" -H 'content-type: application/json' -d '{"prompt": "poll"}' -D - -o /dev/null "$URL" \\
+    | tr -d '\\r' | sed -n 's/^durable-outcome: //ip'
+done
+"""
+POOL_AGENT = """
+import multiprocessing, os, requests
+
+def call(n):
+    r = requests.post(os.environ["URL"], json={"prompt": f"part {n}"}, timeout=30,
+                      proxies={"http": os.environ["PROXY"]})
+    return r.headers["durable-outcome"]
+
+if __name__ == "__main__":
+    with multiprocessing.Pool(3) as pool:
+        print("\\n".join(pool.map(call, range(3))))
+"""
+
+
+@pytest.mark.parametrize("agent", ["shell-calling-curl", "multiprocessing-pool"])
+def test_a_second_start_of_the_agent_under_the_same_attempt_replays(
+    sidecars: Sidecars, http_api: PaidApi, tmp_path, agent: str
+) -> None:
+    """The same run and attempt id exported in a shell, and the agent started twice (each start a
+    process group of its own, as an interactive shell makes them). Within one start, the agent's many
+    processes (curl three times from a script, a pool of three workers) are one attempt: three calls
+    recorded, the polls of one URL not answered with the first poll's answer. The second start is an
+    attempt of its own: everything replayed, nothing paid twice."""
+    import subprocess
+    import sys
+
+    sidecar = sidecars.start()
+    run = new_run()
+    env = {"PROXY": sidecar.proxy_url(run, "exported-once"), "URL": f"{http_api.url}/v1/generate", "PATH": "/usr/bin:/bin"}
+    if agent == "shell-calling-curl":
+        (tmp_path / "agent.sh").write_text(SCRIPT_AGENT)
+        command = ["sh", str(tmp_path / "agent.sh")]
+    else:
+        (tmp_path / "agent.py").write_text(POOL_AGENT)
+        command = [sys.executable, str(tmp_path / "agent.py")]
+    before = http_api.books()["calls"]
+    outcomes = []
+    for _ in range(2):  # up-arrow and Enter
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, start_new_session=True)
+        outcomes.append(done.stdout.split())
+    assert outcomes[0] == ["recorded"] * 3, outcomes
+    assert outcomes[1] == ["replayed"] * 3, outcomes
+    assert http_api.books()["calls"] == before + 3
+    assert "used by a second start of the agent" in sidecar.log()

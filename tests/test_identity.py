@@ -78,3 +78,34 @@ def test_control_headers_are_split_off() -> None:
 def test_minted_ids_are_valid_and_distinct() -> None:
     a, b = identity.mint_id("run"), identity.mint_id("run")
     assert a != b and identity.validate_id(a, "run id")
+
+
+def test_a_connection_is_traced_to_its_process_group_and_leader_start() -> None:
+    """peers.py on real sockets of this process, IPv4 and IPv6: the agent's socket is found by its
+    address, its owner is this process, and its start names this process group and its leader."""
+    import os
+    import socket
+
+    from durable_sidecar import peers
+
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        with socket.create_server((host, 0), family=family) as server:
+            client = socket.create_connection(server.getsockname()[:2])
+            accepted, _ = server.accept()
+            with client, accepted:
+                inode = peers.socket_inode(accepted.getpeername(), accepted.getsockname())
+                assert inode == os.fstat(client.fileno()).st_ino
+                assert peers.owner(inode) == os.getpid()
+                start = peers.start_of_connection(accepted.getpeername(), accepted.getsockname())
+                assert start is not None and start.split(".")[0] == str(os.getpgrp())
+
+
+def test_an_attempt_id_is_bound_to_its_first_start() -> None:
+    from durable_sidecar.peers import Starts
+
+    starts = Starts()
+    assert starts.attempt("r", "a1", "100.5") == "a1"
+    assert starts.attempt("r", "a1", "100.5") == "a1"  # the same start: many processes, one attempt
+    second = starts.attempt("r", "a1", "200.9")
+    assert second.startswith("a1@") and second == starts.attempt("r", "a1", "200.9")
+    assert starts.attempt("other-run", "a1", "200.9") == "a1"  # per run
