@@ -88,7 +88,7 @@ class Lifecycle:
         self.forgotten: OrderedDict[tuple[str, str], None] = OrderedDict()  # attempts whose position is gone
         self.read_ahead = Budget(settings.read_ahead_bytes)
         self.in_flight = InFlight()
-        self.repairs = Repairs(journal)
+        self.repairs = Repairs(journal, self.in_flight)
         self.divergences = 0
         self.on_divergence: Callable[[], None] = lambda: None  # metrics hook
         self.pacer: Pacer | None = None  # set by the addon with durable_replay_pacing

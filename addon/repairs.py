@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from .inflight import Slot
+from .inflight import InFlight, Slot
 from .journal import Journal, JournalError, NotOurs
 
 logger = logging.getLogger("durable")
@@ -39,8 +39,9 @@ class Held:
 
 
 class Repairs:
-    def __init__(self, journal: Journal) -> None:
+    def __init__(self, journal: Journal, in_flight: InFlight) -> None:
         self.journal = journal
+        self.in_flight = in_flight  # a step is handed back only while no flow of this sidecar sends it
         self.held: dict[Slot, Held] = {}
         self.held_bytes = 0
         self.unsent: dict[Slot, int] = {}  # slot -> the lease id its row may name
@@ -106,10 +107,15 @@ class Repairs:
                 except JournalError:
                     break  # still unreachable: try again later
             for slot, owner in list(self.unsent.items()):
+                if not await self.in_flight.enter(slot, 0):
+                    continue  # the agent's retry is sending it right now: nothing to hand back
                 try:
-                    await self.journal.give_back(slot[0], slot[1], slot[2], owner)
+                    if slot in self.unsent:
+                        await self.journal.give_back(slot[0], slot[1], slot[2], owner)
                 except JournalError:
                     break
+                finally:
+                    self.in_flight.leave(slot)
                 self.unsent.pop(slot, None)
                 self.handed_back[slot] = None
                 while len(self.handed_back) > HANDED_KEPT:

@@ -152,9 +152,10 @@ class DurableSidecar:
 
     # -- hooks ----------------------------------------------------------------------------------
 
-    async def client_connected(self, client: connection.Client) -> None:
-        """Which start of the agent opened this connection (peers.py), looked up off the event loop."""
-        if self.settings.attempt_per_start:
+    async def _trace_client(self, client: connection.Client) -> None:
+        """Which start of the agent opened this connection (peers.py): looked up once per connection,
+        off the event loop, on its first request (mitmproxy's client_connected hook must not await)."""
+        if self.settings.attempt_per_start and client not in self.client_starts:
             self.client_starts[client] = await asyncio.to_thread(
                 peers.start_of_connection, client.peername, client.sockname
             )
@@ -217,6 +218,7 @@ class DurableSidecar:
                 await self._health(flow)
             return
         known: dict[str, str] = {}  # the run and attempt, once identified: every refusal names them
+        await self._trace_client(flow.client_conn)
         try:
             ident = self._identify(flow)
             known = {"run": ident.run, "attempt": ident.attempt}

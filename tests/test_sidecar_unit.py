@@ -57,18 +57,25 @@ def test_failed_index_load_is_retried_by_the_next_request(sidecar, mocker) -> No
     assert sidecar.lifecycle.journal.load_index.await_count == 2
 
 
-def test_response_not_journaled_replaces_the_answer_with_503(sidecar, mocker) -> None:
-    from durable_sidecar.journal import Recorded
+@pytest.mark.parametrize("failure", ["unreachable", "not ours"])
+def test_response_not_journaled_replaces_the_answer_with_503(sidecar, mocker, failure: str) -> None:
+    """A commit that fails holds the answer (retried until journaled); one refused because the step
+    is no longer this sidecar's leaves it in doubt. Either way the agent gets a 503 and its step back."""
+    from durable_sidecar.journal import NotOurs, Recorded
 
+    error = JournalError("journal response: disk full") if failure == "unreachable" else NotOurs("taken over")
     sidecar.lifecycle.journal.record = mocker.AsyncMock(return_value=Recorded(seq=1, idempotency_key=None))
-    sidecar.lifecycle.journal.complete = mocker.AsyncMock(side_effect=JournalError("journal response: disk full"))
+    sidecar.lifecycle.journal.complete = mocker.AsyncMock(side_effect=error)
     flow = flow_with_run()
     asyncio.run(sidecar.request(flow))
     assert flow.response is None  # journaled as pending: free to go upstream
     flow.response = tflow.tresp()
     asyncio.run(sidecar.response(flow))
     assert flow.response.status_code == 503 and flow.response.headers["Durable-Outcome"] == "refused"
-    assert "stays in doubt" in json.loads(flow.response.content)["reason"]
+    reason = json.loads(flow.response.content)["reason"]
+    assert ("holds the answer" in reason) == (failure == "unreachable")
+    assert ("stays in doubt" in reason) == (failure == "not ours")
+    assert len(sidecar.lifecycle.repairs.held) == (failure == "unreachable")
     # the error is the sidecar's: the step is given back, so the agent's retry is the same occurrence
     cursor = sidecar.lifecycle.cursors[("r1", "a1")].cursor
     (key, given_back), = cursor.returned.items()

@@ -1,0 +1,338 @@
+#!/usr/bin/env python3
+"""Exactly-once when a connection fails, not a process: each scenario N times, as a table.
+
+Real processes (mitmdump sidecars, `durable run`, agents), a real PostgreSQL reached through a TCP
+relay that cuts, freezes or loses replies (scripts/relay.py), and the local paid API over HTTPS on
+its two endpoints (see agent_failures.py): honours-key (payments) and ignores-key (generations, like
+the LLM APIs). Under `durable_in_doubt=fail` wherever a scenario allows it, the worst case for a
+key-ignoring upstream. The books judge; per run:
+  double charges   calls booked beyond those the agent asked for
+  wrong answers    an answer other than the one booked for that call
+  lost answers     a call booked whose answer no attempt ever got
+  stuck steps      steps still pending once the scenario is over
+  longest wait     the longest an agent waited for an answer of some kind while the link was broken
+
+Scenarios (tests/test_connection_failures.py runs each once):
+  lease-terminated     sidecar A's lease session is terminated mid-call; attempt 2 makes the call on B
+  lease-idle-timeout   the same, the session ended by the database's idle_session_timeout of 2 s
+  link-cut-mid-call    the journal's link is cut while the upstream works, and heals: the answer is held
+  commit-reply-lost    the pending row commits but its reply is lost: the call was never forwarded
+  link-frozen          the link freezes (no reset): every call is answered within durable_db_timeout + 1 s
+  run-drains           `durable run`'s agent dies mid-call: the launcher's sidecar drains before it exits
+  same-shell-rerun     the agent is started twice under one exported attempt id
+
+Usage: .venv/bin/python scripts/connection_failures.py [--runs 20] [--dsn DSN] [--only SCENARIO]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+import paid_api  # noqa: E402
+from agent_failures import ENDPOINTS, Rig, sql  # noqa: E402
+from relay import Relay  # noqa: E402
+
+from durable_sidecar import database, launcher, lease  # noqa: E402
+
+DB_TIMEOUT_MS = 1000
+DURABLE = str(Path(sys.executable).with_name("durable"))
+
+
+@dataclass
+class Result:
+    double_charges: int = 0
+    wrong_answers: int = 0
+    lost_answers: int = 0
+    stuck_steps: int = 0
+    longest_wait_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def ok(self) -> bool:
+        return not (self.double_charges or self.wrong_answers or self.lost_answers or self.stuck_steps)
+
+
+def booked_ids(rig: Rig) -> list[str]:
+    """What the upstream put in each paid answer it booked, in order: pay_N or chatcmpl-N (N counts
+    every booking; searches and other warm-up calls are not judged)."""
+    prefix = {"payment": "pay_", "generation": "chatcmpl-"}
+    return [prefix[b["kind"]] + str(n) for n, b in enumerate(rig.books()["booked"], 1) if b["kind"] in prefix]
+
+
+def judge(rig: Rig, answers: list[str], result: Result, calls: int = 1) -> Result:
+    """`calls` logical calls were made; every answer must be the booked answer of one of them."""
+    booked = booked_ids(rig)
+    result.double_charges += max(0, len(booked) - calls)
+    got = set()
+    for answer in answers:
+        match = next((b for b in booked if f'"{b}"' in answer), None)
+        if match is None:
+            result.wrong_answers += 1
+            result.notes.append(f"answer {answer[:80]!r}, booked {booked}")
+        got.add(match)
+    result.lost_answers += len([b for b in booked if b not in got])
+    result.stuck_steps += sql(rig.dsn, "SELECT count(*) FROM durable_steps WHERE state = 'pending'")[0][0]
+    return result
+
+
+def target(rig: Rig, endpoint: str, delay_ms: int = 0) -> tuple[str, dict[str, Any]]:
+    path, body = ENDPOINTS[endpoint]
+    return f"{rig.api_url}{path}" + (f"?delay_ms={delay_ms}" if delay_ms else ""), body
+
+
+def retry_until_answered(client: httpx.Client, url: str, body: dict, seconds: float = 30) -> httpx.Response:
+    """What an SDK does with the sidecar's 503: retry, in the same attempt."""
+    deadline = time.monotonic() + seconds
+    while (r := client.post(url, json=body)).status_code in (503, 409) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return r
+
+
+def wait_for_calls(rig: Rig, calls: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while rig.books()["calls"] < calls:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the upstream never received the call")
+        time.sleep(0.02)
+
+
+@contextmanager
+def relayed(rig: Rig) -> Iterator[tuple[Relay, str]]:
+    relay, dsn = Relay.for_dsn(rig.dsn)
+    try:
+        yield relay, dsn
+    finally:
+        relay.close()
+
+
+def in_background(work: Callable[[], httpx.Response]) -> tuple[threading.Thread, dict[str, httpx.Response]]:
+    out: dict[str, httpx.Response] = {}
+    thread = threading.Thread(target=lambda: out.setdefault("r", work()))
+    thread.start()
+    return thread, out
+
+
+# -- scenarios ------------------------------------------------------------------------------------
+
+
+def lease_lost(rig: Rig, endpoint: str, how: str) -> Result:
+    """A's lease session ends while A's call (4 s) is in flight; attempt 2 makes the call on B."""
+    if how == "idle-timeout":
+        with psycopg.connect(rig.admin_dsn, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{psycopg.conninfo.conninfo_to_dict(rig.dsn)["dbname"]}"'
+                         " SET idle_session_timeout = '2s'")
+    options = {"durable_in_doubt": "127.0.0.1=fail"}
+    a, b = rig.sidecar(**options), rig.sidecar(**options)
+    url, body = target(rig, endpoint, delay_ms=4000)
+    run = f"lease-{uuid.uuid4().hex[:8]}"
+    with rig.client(a, run, "a1") as first, rig.client(b, run, "a2") as second:
+        thread, out = in_background(lambda: first.post(url, json=body))
+        wait_for_calls(rig, 1)
+        if how == "terminated":
+            lease_id = httpx.get("http://durable.sidecar/health", proxy=f"http://127.0.0.1:{a.port}").json()["lease"]
+            sql(rig.dsn, "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'"
+                         " AND classid = %s AND objid = %s AND granted", lease.CLASS, lease_id)
+        time.sleep(2.5)  # past the idle timeout: without a kept-alive lease, B would take the step over now
+        again = retry_until_answered(second, url, body)
+        thread.join()
+    return judge(rig, [out["r"].text, again.text], Result())
+
+
+def link_cut_mid_call(rig: Rig, endpoint: str) -> Result:
+    """The link is cut while the upstream works on the call and heals 1 s after it answered."""
+    with relayed(rig) as (relay, dsn):
+        sidecar = rig.sidecar(durable_dsn=dsn, durable_in_doubt="127.0.0.1=fail")
+        url, body = target(rig, endpoint, delay_ms=1500)
+        run = f"cut-{uuid.uuid4().hex[:8]}"
+        result = Result()
+        with rig.client(sidecar, run, "a1") as agent:
+            thread, out = in_background(lambda: agent.post(url, json=body))
+            wait_for_calls(rig, 1)
+            relay.cut()
+            thread.join()
+            threading.Timer(1.0, relay.heal).start()
+            answer = retry_until_answered(agent, url, body)
+        with rig.client(sidecar, run, "a2") as later:
+            replayed = later.post(url, json=body)
+        if "holds the answer" not in out["r"].text:
+            result.notes.append(f"first answer: {out['r'].status_code} {out['r'].text[:80]}")
+        return judge(rig, [answer.text, replayed.text], result)
+
+
+def commit_reply_lost(rig: Rig, endpoint: str) -> Result:
+    """The pending commit's reply is lost: the sidecar never forwarded the call; the retry sends it once."""
+    with relayed(rig) as (relay, dsn):
+        sidecar = rig.sidecar(durable_dsn=dsn, durable_in_doubt="127.0.0.1=fail")
+        url, body = target(rig, endpoint)
+        run = f"lost-{uuid.uuid4().hex[:8]}"
+        with rig.client(sidecar, run, "a1") as agent:
+            agent.get(f"{rig.api_url}/v1/search?q=warm")  # the run's index and the lease are in
+            relay.drop_replies()
+            lost = agent.post(url, json=body)
+            relay.heal()
+            answer = retry_until_answered(agent, url, body)
+        with rig.client(sidecar, run, "a2") as later:
+            later.get(f"{rig.api_url}/v1/search?q=warm")
+            replayed = later.post(url, json=body)
+        result = Result()
+        if lost.status_code != 503:
+            result.notes.append(f"the lost commit answered {lost.status_code}")
+        return judge(rig, [answer.text, replayed.text], result)
+
+
+def link_frozen(rig: Rig, endpoint: str) -> Result:
+    """The link freezes for 6 s: a new call, a replay read ahead and a call of another run are each
+    answered (503 or the journaled answer) within durable_db_timeout + 1 s; after it heals, the
+    retries go through, once."""
+    with relayed(rig) as (relay, dsn):
+        sidecar = rig.sidecar(durable_dsn=dsn)
+        url, body = target(rig, endpoint)
+        run = f"frozen-{uuid.uuid4().hex[:8]}"
+        result = Result()
+        with rig.client(sidecar, run, "a1") as a1, rig.client(sidecar, run, "a2") as a2, \
+                rig.client(sidecar, f"other-{run}", "a1") as other:
+            recorded = a1.post(url, json=body)
+            a2.post(url, json=body)  # a2 replays it: its read-ahead is in memory
+            relay.freeze()
+            threading.Timer(6.0, relay.heal).start()
+            for client in (a1, other):
+                started = time.monotonic()
+                client.post(f"{url}{'&' if '?' in url else '?'}n=2", json=body)
+                result.longest_wait_s = max(result.longest_wait_s, time.monotonic() - started)
+            answers = [recorded.text]
+            for client in (a1, other):
+                answers.append(retry_until_answered(client, f"{url}{'&' if '?' in url else '?'}n=2", body).text)
+        return judge(rig, answers, result, calls=3)
+
+
+DYING_AGENT = """
+import json, os, sys, threading, time, requests
+threading.Thread(target=lambda: requests.post(sys.argv[1], json=json.loads(sys.argv[2]), timeout=60), daemon=True).start()
+time.sleep(0.5)
+os._exit(3)  # dies while the upstream works on its call
+"""
+AGENT = """
+import json, sys, requests
+print(requests.post(sys.argv[1], json=json.loads(sys.argv[2]), timeout=60).text)
+"""
+
+
+def run_drains(rig: Rig, endpoint: str) -> Result:
+    """`durable run` with its own sidecar; its agent dies mid-call; the next run of the agent."""
+    url, body = target(rig, endpoint, delay_ms=1500)
+    run = f"drain-{uuid.uuid4().hex[:8]}"
+    answers = []
+    for agent in (DYING_AGENT, AGENT):
+        out = subprocess.run([DURABLE, "run", "--run", run, "--dsn", rig.dsn, "--confdir", str(rig.confdir),
+                              "--set", f"ssl_verify_upstream_trusted_ca={rig.api_ca}",
+                              "--", sys.executable, "-c", agent, url, json.dumps(body)],
+                             capture_output=True, text=True, timeout=120)
+        answers.append(out.stdout)
+    return judge(rig, answers[1:], Result())
+
+
+SHELL_AGENT = """
+for i in 1 2 3; do
+  curl -s --cacert "$CA" -x "$PROXY" -H 'content-type: application/json' -d "$BODY" "$URL"; echo
+done
+"""
+
+
+def same_shell_rerun(rig: Rig, endpoint: str) -> Result:
+    """A shell script calling curl three times (one start), then the same command line again with the
+    same exported run and attempt ids (a second start, as an interactive shell makes it)."""
+    sidecar = rig.sidecar()
+    url, body = target(rig, endpoint)
+    body = {**body, "n": str(uuid.uuid4())}  # three polls of one URL: three calls, three answers
+    env = {"PROXY": sidecar.proxy_url(f"shell-{uuid.uuid4().hex[:8]}", "exported-once"), "URL": url,
+           "BODY": json.dumps(body), "CA": str(rig.bundle()), "PATH": "/usr/bin:/bin"}
+    answers = []
+    for _ in range(2):
+        out = subprocess.run(["sh", "-c", SHELL_AGENT], env=env, capture_output=True, text=True, timeout=60,
+                             start_new_session=True)
+        answers += out.stdout.split("\n")[:3]
+    result = judge(rig, answers, Result(), calls=3)
+    if endpoint == "honours-key" and answers[:3] != answers[3:]:
+        result.wrong_answers += 1
+        result.notes.append("the second start's answers differ from the first's")
+    return result
+
+
+SCENARIOS: dict[str, Callable[[Rig, str], Result]] = {
+    "lease-terminated": lambda rig, endpoint: lease_lost(rig, endpoint, "terminated"),
+    "lease-idle-timeout": lambda rig, endpoint: lease_lost(rig, endpoint, "idle-timeout"),
+    "link-cut-mid-call": link_cut_mid_call,
+    "commit-reply-lost": commit_reply_lost,
+    "link-frozen": link_frozen,
+    "run-drains": run_drains,
+    "same-shell-rerun": same_shell_rerun,
+}
+BOUND_S = DB_TIMEOUT_MS / 1000 + 1  # the longest an agent may wait for an answer of some kind
+
+
+def run_once(rig: Rig, scenario: str, endpoint: str) -> Result:
+    """One run of a scenario in a database of its own, with the upstream's books cleared."""
+    rig.dsn = database.create_database(rig.admin_dsn, "durable_links")
+    rig.reset()
+    try:
+        return SCENARIOS[scenario](rig, endpoint)
+    finally:
+        rig.close()
+        database.drop_database(rig.admin_dsn, rig.dsn)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--dsn", help="a PostgreSQL that may create databases (default: $DATABASE_URL, else embedded)")
+    parser.add_argument("--only", choices=sorted(SCENARIOS), action="append")
+    args = parser.parse_args()
+
+    admin = database.resolve(args.dsn).dsn
+    with tempfile.TemporaryDirectory(prefix="durable-links-") as tmp:
+        work = Path(tmp)
+        api, port = paid_api.spawn(work / "api", tls=True)
+        rig = Rig(work, f"https://127.0.0.1:{port}", work / "api" / "tls" / "ca.pem", admin, work / "certs")
+        print("| scenario | upstream | runs | double charges | wrong answers | lost answers | stuck steps | longest wait |")
+        print("|---|---|---|---|---|---|---|---|")
+        try:
+            for scenario in args.only or list(SCENARIOS):
+                for endpoint in sorted(ENDPOINTS):
+                    total = Result()
+                    for _ in range(args.runs):
+                        r = run_once(rig, scenario, endpoint)
+                        total.double_charges += r.double_charges
+                        total.wrong_answers += r.wrong_answers
+                        total.lost_answers += r.lost_answers
+                        total.stuck_steps += r.stuck_steps
+                        total.longest_wait_s = max(total.longest_wait_s, r.longest_wait_s)
+                        total.notes += r.notes
+                    wait = f"{total.longest_wait_s:.2f} s" if scenario == "link-frozen" else "-"
+                    print(f"| `{scenario}` | {endpoint} | {args.runs} | {total.double_charges} | {total.wrong_answers}"
+                          f" | {total.lost_answers} | {total.stuck_steps} | {wait} |", flush=True)
+                    for note in total.notes[:3]:
+                        print(f"    {note}", file=sys.stderr)
+        finally:
+            api.kill()
+            api.wait()
+
+
+if __name__ == "__main__":
+    main()
