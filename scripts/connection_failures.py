@@ -7,6 +7,8 @@ its two endpoints (see agent_failures.py): honours-key (payments) and ignores-ke
 the LLM APIs). Under `durable_in_doubt=fail` wherever a scenario allows it, the worst case for a
 key-ignoring upstream. The books judge; per run:
   double charges   calls booked beyond those the agent asked for
+  re-sends         calls that reached the upstream beyond those asked for (a key-honouring upstream
+                   deduplicates them: no charge, but a step sent twice)
   wrong answers    an answer other than the one booked for that call
   lost answers     a call booked whose answer no attempt ever got
   stuck steps      steps still pending once the scenario is over
@@ -53,12 +55,14 @@ from relay import Relay  # noqa: E402
 from durable_sidecar import database, launcher, lease  # noqa: E402
 
 DB_TIMEOUT_MS = 1000
+PAID_PATHS = {path for path, _ in ENDPOINTS.values()}
 DURABLE = str(Path(sys.executable).with_name("durable"))
 
 
 @dataclass
 class Result:
     double_charges: int = 0
+    resends: int = 0
     wrong_answers: int = 0
     lost_answers: int = 0
     stuck_steps: int = 0
@@ -66,7 +70,7 @@ class Result:
     notes: list[str] = field(default_factory=list)
 
     def ok(self) -> bool:
-        return not (self.double_charges or self.wrong_answers or self.lost_answers or self.stuck_steps)
+        return not (self.double_charges or self.resends or self.wrong_answers or self.lost_answers or self.stuck_steps)
 
 
 def booked_ids(rig: Rig) -> list[str]:
@@ -78,8 +82,11 @@ def booked_ids(rig: Rig) -> list[str]:
 
 def judge(rig: Rig, answers: list[str], result: Result, calls: int = 1) -> Result:
     """`calls` logical calls were made; every answer must be the booked answer of one of them."""
+    books = rig.books()
     booked = booked_ids(rig)
     result.double_charges += max(0, len(booked) - calls)
+    paid = sum(1 for r in books["requests"] if r["path"].split("?")[0] in PAID_PATHS)
+    result.resends += max(0, paid - calls)
     got = set()
     for answer in answers:
         match = next((b for b in booked if f'"{b}"' in answer), None)
@@ -98,9 +105,9 @@ def target(rig: Rig, endpoint: str, delay_ms: int = 0) -> tuple[str, dict[str, A
 
 
 def retry_until_answered(client: httpx.Client, url: str, body: dict, seconds: float = 30) -> httpx.Response:
-    """What an SDK does with the sidecar's 503: retry, in the same attempt."""
+    """What an SDK does with the sidecar's 503: retry, in the same attempt (a 409 is final)."""
     deadline = time.monotonic() + seconds
-    while (r := client.post(url, json=body)).status_code in (503, 409) and time.monotonic() < deadline:
+    while (r := client.post(url, json=body)).status_code == 503 and time.monotonic() < deadline:
         time.sleep(0.2)
     return r
 
@@ -138,8 +145,7 @@ def lease_lost(rig: Rig, endpoint: str, how: str) -> Result:
         with psycopg.connect(rig.admin_dsn, autocommit=True) as conn:
             conn.execute(f'ALTER DATABASE "{psycopg.conninfo.conninfo_to_dict(rig.dsn)["dbname"]}"'
                          " SET idle_session_timeout = '2s'")
-    options = {"durable_in_doubt": "127.0.0.1=fail"}
-    a, b = rig.sidecar(**options), rig.sidecar(**options)
+    a, b = rig.sidecar(), rig.sidecar()  # the default policy, reissue: B must wait for A, not re-send
     url, body = target(rig, endpoint, delay_ms=4000)
     run = f"lease-{uuid.uuid4().hex[:8]}"
     with rig.client(a, run, "a1") as first, rig.client(b, run, "a2") as second:
@@ -150,7 +156,7 @@ def lease_lost(rig: Rig, endpoint: str, how: str) -> Result:
             sql(rig.dsn, "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'"
                          " AND classid = %s AND objid = %s AND granted", lease.CLASS, lease_id)
         time.sleep(2.5)  # past the idle timeout: without a kept-alive lease, B would take the step over now
-        again = retry_until_answered(second, url, body)
+        again = second.post(url, json=body)  # no retry: a 409 or 503 here would be a false alarm
         thread.join()
     return judge(rig, [out["r"].text, again.text], Result())
 
@@ -310,8 +316,9 @@ def main() -> None:
         work = Path(tmp)
         api, port = paid_api.spawn(work / "api", tls=True)
         rig = Rig(work, f"https://127.0.0.1:{port}", work / "api" / "tls" / "ca.pem", admin, work / "certs")
-        print("| scenario | upstream | runs | double charges | wrong answers | lost answers | stuck steps | longest wait |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| scenario | upstream | runs | double charges | re-sends | wrong answers | lost answers | stuck steps"
+              " | longest wait |")
+        print("|---|---|---|---|---|---|---|---|---|")
         try:
             for scenario in args.only or list(SCENARIOS):
                 for endpoint in sorted(ENDPOINTS):
@@ -319,13 +326,15 @@ def main() -> None:
                     for _ in range(args.runs):
                         r = run_once(rig, scenario, endpoint)
                         total.double_charges += r.double_charges
+                        total.resends += r.resends
                         total.wrong_answers += r.wrong_answers
                         total.lost_answers += r.lost_answers
                         total.stuck_steps += r.stuck_steps
                         total.longest_wait_s = max(total.longest_wait_s, r.longest_wait_s)
                         total.notes += r.notes
                     wait = f"{total.longest_wait_s:.2f} s" if scenario == "link-frozen" else "-"
-                    print(f"| `{scenario}` | {endpoint} | {args.runs} | {total.double_charges} | {total.wrong_answers}"
+                    print(f"| `{scenario}` | {endpoint} | {args.runs} | {total.double_charges} | {total.resends}"
+                          f" | {total.wrong_answers}"
                           f" | {total.lost_answers} | {total.stuck_steps} | {wait} |", flush=True)
                     for note in total.notes[:3]:
                         print(f"    {note}", file=sys.stderr)
