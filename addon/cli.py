@@ -22,7 +22,7 @@ from typing import Any
 
 from rich.console import Console
 
-from . import crypto, database, embedded, identity, launcher, operator, runner, tables
+from . import crypto, database, embedded, identity, launcher, operations, runner, tables
 
 err = Console(stderr=True, soft_wrap=True, highlight=False)
 
@@ -148,8 +148,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     attempt = outcome.attempt
     if outcome.journal is None:
         return outcome.status
-    with operator.connect(outcome.journal.dsn, migrate=False) as conn:  # the sidecar migrated it
-        s = operator.attempt_summary(conn, args.run, attempt)
+    with operations.connect(outcome.journal.dsn, migrate=False) as conn:  # the sidecar migrated it
+        s = operations.attempt_summary(conn, args.run, attempt)
     err.print(
         f"durable: run {args.run} attempt {attempt}: {s['recorded']} recorded, {s['replayed']} replayed, "
         f"{s['reissued']} reissued, {s['diverged']} diverged; replay saved {s['replayed']} upstream calls "
@@ -182,14 +182,14 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    with operator.connect(args.dsn) as conn:
-        emit(args, operator.runs(conn), ["run", "created", "steps", "state", "last_activity", "forked_from"], "runs")
+    with operations.connect(args.dsn) as conn:
+        emit(args, operations.runs(conn), ["run", "created", "steps", "state", "last_activity", "forked_from"], "runs")
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    with operator.connect(args.dsn) as conn:
-        steps = operator.steps(conn, args.run)
+    with operations.connect(args.dsn) as conn:
+        steps = operations.steps(conn, args.run)
     data = {"run": args.run, "steps": steps}
     columns = ["seq", "method", "url", "state", "status", "last_outcome", "replays", "duration_ms", "tokens"]
     emit(args, data, columns, f"run {args.run}")
@@ -197,8 +197,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    with operator.connect(args.dsn) as conn:
-        rows = operator.divergences(conn, args.run)
+    with operations.connect(args.dsn) as conn:
+        rows = operations.divergences(conn, args.run)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
@@ -235,8 +235,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_fork(args: argparse.Namespace) -> int:
     identity.validate_id(args.to, "run id")
-    with operator.connect(args.dsn) as conn:
-        copied = operator.fork(conn, args.run, args.at, args.to)
+    with operations.connect(args.dsn) as conn:
+        copied = operations.fork(conn, args.run, args.at, args.to)
     print(
         f"run {args.to}: forked from {args.run} with its first {copied} steps; "
         f"an agent on run {args.to} replays them, then goes live"
@@ -245,9 +245,9 @@ def cmd_fork(args: argparse.Namespace) -> int:
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
-    with operator.connect(args.dsn) as conn:
+    with operations.connect(args.dsn) as conn:
         if args.complete_from:
-            message = operator.resolve(
+            message = operations.resolve(
                 conn,
                 args.run,
                 args.seq,
@@ -257,21 +257,21 @@ def cmd_resolve(args: argparse.Namespace) -> int:
                 args.content_type,
             )
         else:
-            message = operator.resolve(conn, args.run, args.seq, "reissue" if args.reissue else "forget")
+            message = operations.resolve(conn, args.run, args.seq, "reissue" if args.reissue else "forget")
     print(message)
     return 0
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
     body = Path(args.body_file).read_bytes() if args.body_file else None
-    with operator.connect(args.dsn) as conn:
-        print(operator.edit(conn, args.run, args.seq, args.status, body))
+    with operations.connect(args.dsn) as conn:
+        print(operations.edit(conn, args.run, args.seq, args.status, body))
     return 0
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    with operator.connect(args.dsn) as conn:
-        count = operator.remove(conn, args.run)
+    with operations.connect(args.dsn) as conn:
+        count = operations.remove(conn, args.run)
     print(f"run {args.run} deleted ({count} steps)")
     return 0
 
@@ -300,8 +300,8 @@ def confirmed(question: str) -> bool:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     seconds = age_seconds(args.older_than)
-    with operator.connect(args.dsn) as conn:
-        doomed = operator.gc(conn, seconds, dry_run=True)
+    with operations.connect(args.dsn) as conn:
+        doomed = operations.gc(conn, seconds, dry_run=True)
         go = (
             not args.dry_run
             and doomed
@@ -318,7 +318,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
                 f"durable gc: nothing deleted ({len(doomed)} runs would be): confirm on a terminal or pass --yes"
             )
         if go:
-            operator.gc(conn, seconds, dry_run=False, only=doomed)
+            operations.gc(conn, seconds, dry_run=False, only=doomed)
     if args.json:
         print(json.dumps({"deleted" if not args.dry_run else "would_delete": doomed}))
     else:
@@ -332,8 +332,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from . import exchange
 
-    with err.status(f"reading run {args.run}"), operator.connect(args.dsn) as conn:
-        rows = operator.step_rows(conn, args.run)
+    with err.status(f"reading run {args.run}"), operations.connect(args.dsn) as conn:
+        rows = operations.step_rows(conn, args.run)
     with err.status(f"writing {len(rows)} steps to {args.har or args.flows}"):
         flows = exchange.flows(rows)
         if args.har:
@@ -386,7 +386,7 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 
 def db_init(args: argparse.Namespace) -> int:
-    created = operator.create_journal(args.dsn, args.partitions)
+    created = operations.create_journal(args.dsn, args.partitions)
     if args.json:
         print(json.dumps(created, indent=2))
         return 0
@@ -414,9 +414,9 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_rekey(args: argparse.Namespace) -> int:
-    with operator.connect(args.dsn) as conn:
-        count = operator.rekey(conn)
-    print(f"re-encrypted {count} steps with key {operator.keyring().active!r}")
+    with operations.connect(args.dsn) as conn:
+        count = operations.rekey(conn)
+    print(f"re-encrypted {count} steps with key {operations.keyring().active!r}")
     return 0
 
 
@@ -643,7 +643,7 @@ def main(argv: list[str] | None = None) -> None:
         args.curl = args.curl[1:]
     try:
         sys.exit(args.func(args))
-    except (operator.OperatorError, identity.IdentityError, ValueError, OSError) as e:
+    except (operations.OperatorError, identity.IdentityError, ValueError, OSError) as e:
         err.print(f"durable {args.cmd}: {e}", highlight=False)
         sys.exit(1)
     except Exception as e:  # psycopg errors and the like: one line, not a traceback

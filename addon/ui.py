@@ -2,7 +2,7 @@
 and answer, and the operator's actions (fork, edit, resolve, delete, download).
 
 A small server-rendered tornado app (tornado comes with mitmproxy): pages work with JavaScript off;
-a few lines of script only poll for new steps. Every action is the CLI's own code path (operator.py,
+a few lines of script only poll for new steps. Every action is the CLI's own code path (operations.py,
 exchange.py), asks for confirmation (a required checkbox), and carries tornado's XSRF token. It binds
 127.0.0.1 by default; with DURABLE_AUTH_SECRET set it asks for that secret (HTTP Basic, any user).
 """
@@ -24,7 +24,7 @@ from urllib.parse import quote, urlencode
 import tornado.web
 from tornado.template import Loader
 
-from . import database, identity, operator
+from . import database, identity, operations
 
 PAGE_SIZE = 50
 TIMELINE_BARS = 400  # the timeline draws the first steps of a very long run
@@ -118,7 +118,7 @@ class Handler(tornado.web.RequestHandler):
 
     async def journal(self, work: Callable[..., Any], *args: Any) -> Any:
         def call() -> Any:
-            with operator.connect(self.dsn, migrate=False) as conn:
+            with operations.connect(self.dsn, migrate=False) as conn:
                 return work(conn, *args)
 
         return await asyncio.to_thread(call)
@@ -136,8 +136,8 @@ class Handler(tornado.web.RequestHandler):
         self.finish(render("layout.html", title=f"{status_code}", body=f"<p>{tornado.escape.xhtml_escape(text)}</p>"))
 
     def _handle_request_exception(self, e: BaseException) -> None:
-        if isinstance(e, operator.OperatorError | ValueError):  # a request the journal cannot honour: say why
-            self.send_error(404 if isinstance(e, operator.NotFound) else 400, exc_info=(type(e), e, None))
+        if isinstance(e, operations.OperatorError | ValueError):  # a request the journal cannot honour: say why
+            self.send_error(404 if isinstance(e, operations.NotFound) else 400, exc_info=(type(e), e, None))
             return
         super()._handle_request_exception(e)
 
@@ -147,7 +147,7 @@ class Runs(Handler):
         prefix, state = self.get_argument("prefix", ""), self.get_argument("state", "")
         page = max(int(self.get_argument("page", "0") or 0), 0)
         rows = await self.journal(
-            operator.runs, prefix, state if state in operator.RUN_STATES else "", PAGE_SIZE + 1, page * PAGE_SIZE
+            operations.runs, prefix, state if state in operations.RUN_STATES else "", PAGE_SIZE + 1, page * PAGE_SIZE
         )
 
         def query(n: int) -> str:
@@ -160,7 +160,7 @@ class Runs(Handler):
             page=page,
             prefix=prefix,
             state=state,
-            states=operator.RUN_STATES,
+            states=operations.RUN_STATES,
             when=when,
             url=url,
             query=query,
@@ -170,7 +170,7 @@ class Runs(Handler):
 
 class Run(Handler):
     async def get(self, run: str) -> None:
-        steps = await self.journal(operator.steps, run)
+        steps = await self.journal(operations.steps, run)
         live, version = self.live(run, steps)
         body = render(
             "run.html",
@@ -195,15 +195,15 @@ class Run(Handler):
 
 class Live(Run):
     async def get(self, run: str) -> None:
-        html, version = self.live(run, await self.journal(operator.steps, run))
+        html, version = self.live(run, await self.journal(operations.steps, run))
         self.set_header("Cache-Control", "no-store")
         self.finish({"version": version, "html": html})
 
 
 class StepPage(Handler):
     async def get(self, run: str, seq: str) -> None:
-        step = await self.journal(operator.step_detail, run, int(seq))
-        forked = (await self.journal(operator.run_row, run))["forked_from"] is not None
+        step = await self.journal(operations.step_detail, run, int(seq))
+        forked = (await self.journal(operations.run_row, run))["forked_from"] is not None
         body = render(
             "step.html",
             run=run,
@@ -225,14 +225,14 @@ class Fork(Handler):
     async def post(self, run: str) -> None:
         self.confirmed()
         to = identity.validate_id(self.get_body_argument("to"), "run id")
-        await self.journal(operator.fork, run, int(self.get_body_argument("at")), to)
+        await self.journal(operations.fork, run, int(self.get_body_argument("at")), to)
         self.redirect(f"/runs/{url(to)}")
 
 
 class Delete(Handler):
     async def post(self, run: str) -> None:
         self.confirmed()
-        await self.journal(operator.remove, run)
+        await self.journal(operations.remove, run)
         self.redirect("/")
 
 
@@ -242,7 +242,7 @@ class Resolve(Handler):
         how = self.get_body_argument("how")
         if how == "complete":
             await self.journal(
-                operator.resolve,
+                operations.resolve,
                 run,
                 int(seq),
                 "complete",
@@ -251,7 +251,7 @@ class Resolve(Handler):
                 self.get_body_argument("content_type", "application/json"),
             )
         elif how in ("reissue", "forget"):
-            await self.journal(operator.resolve, run, int(seq), how)
+            await self.journal(operations.resolve, run, int(seq), how)
         else:
             raise tornado.web.HTTPError(400, reason=f"resolve how? {how!r}")
         self.redirect(f"/runs/{url(run)}" if how == "forget" else f"/runs/{url(run)}/steps/{seq}")
@@ -262,7 +262,7 @@ class Edit(Handler):
         self.confirmed()
         status = self.get_body_argument("status", "")
         await self.journal(
-            operator.edit, run, int(seq), int(status) if status else None, self.get_body_argument("body", "").encode()
+            operations.edit, run, int(seq), int(status) if status else None, self.get_body_argument("body", "").encode()
         )
         self.redirect(f"/runs/{url(run)}/steps/{seq}")
 
@@ -271,7 +271,7 @@ class Export(Handler):
     async def get(self, run: str, kind: str) -> None:
         from . import exchange
 
-        rows = await self.journal(operator.step_rows, run)
+        rows = await self.journal(operations.step_rows, run)
         data = await asyncio.to_thread(exchange.dump, exchange.flows(rows), kind)
         self.set_header("Content-Type", "application/json" if kind == "har" else "application/octet-stream")
         self.set_header("Content-Disposition", f'attachment; filename="{run}.{kind}"')
@@ -300,7 +300,7 @@ def app(dsn: str, secret: str | None) -> tornado.web.Application:
 
 def serve(dsn: str | None, host: str, port: int) -> None:
     """Run the UI until interrupted (the journal migrated first, as every command does)."""
-    with operator.connect(dsn):
+    with operations.connect(dsn):
         pass
     target = database.resolve(dsn)
     secret = os.environ.get("DURABLE_AUTH_SECRET") or None

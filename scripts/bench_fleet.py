@@ -25,14 +25,14 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (its upstream, proxies and client)
 
-from durable_sidecar import database, operator  # noqa: E402
+from durable_sidecar import database, operations  # noqa: E402
 
 
 def fleet(server: str, partitions: int, args: argparse.Namespace, upstream: int) -> dict[str, float]:
     """One fleet run on a fresh journal with this layout (0: one table)."""
     dsn = database.create_database(server, "durable_fleet")
     try:
-        operator.create_journal(dsn, partitions)
+        operations.create_journal(dsn, partitions)
         with tempfile.TemporaryDirectory(prefix="durable-fleet-") as tmp:
             work = Path(tmp)
             proxies = [bench.start_proxy(bench.sidecar_args(dsn), work / "conf", work / f"sidecar{i}.log")

@@ -23,7 +23,7 @@ import psycopg
 import pytest
 import requests
 
-from durable_sidecar import database, embedded, launcher, operator
+from durable_sidecar import database, embedded, launcher, operations
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_AGENT = ROOT / "scripts" / "demo_agent.py"
@@ -81,7 +81,7 @@ def new_database(pg_server: str) -> str:
     (`durable db init --partitions N`), so the same tests prove that layout."""
     dsn = database.create_database(pg_server, "durable_test")
     if PARTITIONS:
-        operator.create_journal(dsn, PARTITIONS)
+        operations.create_journal(dsn, PARTITIONS)
     return dsn
 
 

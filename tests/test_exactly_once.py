@@ -205,7 +205,7 @@ def test_a_step_forgotten_while_its_request_is_in_flight(sidecars: Sidecars, htt
     """An operator forgets a pending step while the upstream works on it: the late answer is not
     written back into a row that is gone (nothing resurrected), the agent gets a 503 saying so, and
     the next attempt records the call afresh."""
-    from durable_sidecar import operator
+    from durable_sidecar import operations
 
     sidecar = sidecars.start()
     run, url = new_run(), f"{http_api.url}/v1/generate?delay_ms=1500"
@@ -216,8 +216,8 @@ def test_a_step_forgotten_while_its_request_is_in_flight(sidecars: Sidecars, htt
     while http_api.books()["calls"] == 0:
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    with operator.connect(pg_dsn) as conn:
-        operator.resolve(conn, run, 1, "forget")
+    with operations.connect(pg_dsn) as conn:
+        operations.resolve(conn, run, 1, "forget")
     thread.join()
     assert answer["r"].status_code == 503 and "no longer this sidecar's" in answer["r"].json()["failed"]
     assert sql(pg_dsn, "SELECT count(*) FROM durable_steps WHERE run_id = %s", run) == [(0,)]

@@ -75,3 +75,39 @@ def test_the_wheel_gives_durable_and_an_addon_for_your_own_mitmproxy(
         sidecar.kill()
         sidecar.wait()
     assert str(ROOT / "addon") not in (tmp_path / "mitmdump.log").read_text()  # nothing from the checkout
+
+
+def test_the_wheel_starts_and_stops_the_embedded_postgresql(
+    wheel_venv: Path, http_api: PaidApi, embedded_home: Path, tmp_path: Path
+) -> None:
+    """From the wheel, with no DSN anywhere: `durable run` starts the embedded PostgreSQL, journals
+    the agent's call in it, and once the run is over the watcher stops the server (its last user is
+    gone). The watcher is this package loaded as a package, never a module run as a script (one
+    named like a standard-library module would have shadowed it, and the watcher died at start)."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DATABASE_URL")}
+    env["DURABLE_HOME"] = str(embedded_home)
+    durable = str(wheel_venv / "bin" / "durable")
+    agent = ("import urllib.request; print(urllib.request.urlopen(urllib.request.Request("
+             f"'{http_api.url}/v1/echo', data=b'wheel')).headers['Durable-Outcome'])")
+    done = subprocess.run([durable, "run", "--run", new_run(), "--", str(wheel_venv / "bin" / "python"), "-c", agent],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "recorded", done.stderr
+
+    def status() -> dict:
+        out = subprocess.run([durable, "db", "status", "--json"], capture_output=True, text=True, env=env,
+                             cwd=tmp_path, check=True).stdout
+        return json.loads(out)
+
+    deadline = time.monotonic() + 20
+    while (now := status())["running"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not now["running"], now
+
+
+def test_no_module_of_the_package_is_named_after_a_standard_library_module() -> None:
+    """A module named like the standard library's (`operator.py` was one) shadows it wherever the
+    package's folder comes first on the path, which is how the embedded watcher once died."""
+    modules = {p.stem for p in (ROOT / "addon").rglob("*.py")}
+    assert sorted(modules & sys.stdlib_module_names) == []
