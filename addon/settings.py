@@ -68,6 +68,12 @@ OPTIONS: list[tuple[str, Any, Any, str]] = [
         "statement_timeout is a second longer).",
     ),
     (
+        "durable_raw_tcp",
+        bool,
+        False,
+        "Relay what is not HTTP after a CONNECT (mitmproxy's rawtcp), unjournaled. Off: such bytes are never relayed.",
+    ),
+    (
         "durable_attempt_per_start",
         bool,
         True,
@@ -209,6 +215,7 @@ class Settings:
     lease_grace_s: float
     drain_timeout_s: float
     attempt_per_start: bool
+    raw_tcp: bool
     body_cap: int
     oversize_request: str
     redact_headers: tuple[str, ...]
@@ -295,6 +302,7 @@ def from_options(o: Any) -> Settings:
             lease_grace_s=parse_duration(o.durable_lease_grace),
             drain_timeout_s=parse_duration(o.durable_drain_timeout),
             attempt_per_start=o.durable_attempt_per_start,
+            raw_tcp=o.durable_raw_tcp,
             body_cap=o.durable_body_cap,
             oversize_request=o.durable_oversize_request,
             redact_headers=tuple(o.durable_redact_headers),

@@ -21,6 +21,7 @@ from typing import Any
 import psycopg
 from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy import flow as mflow
+from psycopg.conninfo import conninfo_to_dict
 
 from . import (
     crypto,
@@ -121,6 +122,9 @@ class DurableSidecar:
             lifecycle.on_divergence = self.metrics.divergences.inc
 
     async def running(self) -> None:
+        if ctx.options.rawtcp != self.settings.raw_tcp:
+            # bytes that are not HTTP cannot be journaled: they are relayed only when asked for
+            ctx.options.update(rawtcp=self.settings.raw_tcp)
         if ctx.options.connection_strategy != "lazy":
             # replay must not need the upstream: no eager connection at CONNECT time
             ctx.options.update(connection_strategy="lazy")
@@ -161,10 +165,17 @@ class DurableSidecar:
             )
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
-        """HTTPS: the run credentials arrive on CONNECT and hold for the whole client connection."""
+        """HTTPS: the run credentials arrive on CONNECT and hold for the whole client connection.
+        With durable_auth_secret, a CONNECT without them is refused before anything is relayed:
+        what follows a tunnel may not be HTTP at all (raw TCP), so it cannot be checked later."""
         try:
             creds = identity.parse_proxy_authorization(flow.request.headers.get(identity.PROXY_AUTH_HEADER))
-            if creds.run and self.settings.auth_secret:
+            self._refuse_the_journal(flow)
+            if self.settings.auth_secret:
+                if not creds.run:
+                    raise Refused(
+                        407, "CONNECT needs the run's credentials RUN:ATTEMPT~TOKEN (durable_auth_secret is set)"
+                    )
                 self._authorize(creds.run, creds.token)
         except identity.IdentityError as e:
             logger.warning("durable: CONNECT refused: %s", e)
@@ -220,6 +231,7 @@ class DurableSidecar:
         known: dict[str, str] = {}  # the run and attempt, once identified: every refusal names them
         await self._trace_client(flow.client_conn)
         try:
+            self._refuse_the_journal(flow)
             ident = self._identify(flow)
             known = {"run": ident.run, "attempt": ident.attempt}
             if self.draining:
@@ -483,6 +495,17 @@ class DurableSidecar:
                 "(durable run computes it)",
                 run=run,
             )
+
+    def _refuse_the_journal(self, flow: http.HTTPFlow) -> None:
+        """The journal's own PostgreSQL is never a target: not through a tunnel, not in plain HTTP."""
+        journal = self.lifecycle.journal if self.lifecycle else None
+        if journal is not None and journal.target is not None:
+            parts = conninfo_to_dict(journal.target.dsn)
+            host, port = str(parts.get("host") or ""), int(parts.get("port") or 5432)
+            loopback = {"127.0.0.1", "localhost", "::1"}
+            hosts = {host} | (loopback if host in loopback else set())
+            if flow.request.port == port and flow.request.host.lower() in hosts:
+                raise Refused(403, "the journal's own database is not a destination of this proxy")
 
     def _refuse(self, flow: http.HTTPFlow, status: int, reason: str, **details: Any) -> None:
         logger.warning(

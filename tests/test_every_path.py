@@ -4,6 +4,11 @@ host, WebSocket) checks the run's token first and never lets the sidecar's own h
 from __future__ import annotations
 
 import asyncio
+import base64
+import socket
+import threading
+import time
+from collections.abc import Iterator
 
 import pytest
 import requests
@@ -73,3 +78,75 @@ def test_websocket_needs_the_token_and_gets_no_control_headers(sidecars: Sidecar
     assert handshakes == []
     assert asyncio.run(scenario(identity.run_token(SECRET, run))) == "echo: hi"
     assert not [k for k in handshakes[0] if k.startswith("durable-") or k == "proxy-authorization"]
+
+
+def connect(port: int, target: str, credentials: str | None) -> tuple[bytes, socket.socket]:
+    """A raw CONNECT to the sidecar: its status line, and the socket (the tunnel, if it opened)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    auth = f"Proxy-Authorization: Basic {base64.b64encode(credentials.encode()).decode()}\r\n" if credentials else ""
+    sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    return head.split(b"\r\n", 1)[0], sock
+
+
+@pytest.fixture
+def tcp_sink() -> Iterator[tuple[int, list[bytes]]]:
+    """A TCP server that keeps whatever reaches it."""
+    received: list[bytes] = []
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.settimeout(5)
+            try:
+                while data := conn.recv(4096):
+                    received.append(data)
+            except OSError:
+                pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield server.getsockname()[1], received
+    server.close()
+
+
+def test_every_tunnel_authenticates_and_relays_only_http(
+    sidecars: Sidecars, tcp_sink: tuple[int, list[bytes]], fresh_dsn: str
+) -> None:
+    """With a secret set: a CONNECT without credentials is refused (407) before anything is relayed;
+    with them, bytes that are not HTTP never reach the target (raw TCP is off unless asked for); and
+    the journal's own database is never a destination (403), credentials or not."""
+    from relay import Relay
+
+    relay, journal_dsn = Relay.for_dsn(fresh_dsn)  # the journal at a TCP address of its own
+    sidecar = sidecars.start(durable_auth_secret=SECRET, durable_dsn=journal_dsn)
+    run = new_run()
+    good = f"{run}:a1~{identity.run_token(SECRET, run)}"
+    sink_port, received = tcp_sink
+    try:
+        status, sock = connect(sidecar.port, f"127.0.0.1:{sink_port}", None)
+        sock.close()
+        assert b" 407 " in status, status
+        status, sock = connect(sidecar.port, f"127.0.0.1:{sink_port}", good)
+        assert b" 200 " in status, status
+        sock.sendall(b"\x00\x01 not http, not tls: raw bytes for the target\r\n\r\n")
+        time.sleep(1)
+        sock.close()
+        for who in (None, good):
+            status, sock = connect(sidecar.port, f"127.0.0.1:{relay.port}", who)
+            sock.close()
+            assert b" 407 " in status or b" 403 " in status, status
+            if who:
+                assert b" 403 " in status
+        time.sleep(0.5)
+        assert received == []
+    finally:
+        relay.close()
