@@ -470,6 +470,16 @@ class Journal:
 
         await self._on_connection(["load run"], load)
 
+    async def fp_version(self, run: str) -> int | None:
+        """The fingerprint version a run was journaled with (its first step's); None for a new run."""
+        row = await self._run(
+            "read run version",
+            "SELECT fp_version FROM durable_steps WHERE run_id = %s ORDER BY seq LIMIT 1",
+            (run,),
+            fetch="one",
+        )
+        return int(row["fp_version"]) if row else None
+
     async def has_steps(self, run: str) -> bool:
         row = await self._run(
             "find run", "SELECT EXISTS (SELECT 1 FROM durable_steps WHERE run_id = %s) AS found", (run,), fetch="one"

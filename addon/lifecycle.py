@@ -86,6 +86,7 @@ class Lifecycle:
         self.prefetches: dict[tuple[str, str], Prefetch] = {}
         self.last_used: OrderedDict[tuple[str, str], float] = OrderedDict()  # least recently used first
         self.forgotten: OrderedDict[tuple[str, str], None] = OrderedDict()  # attempts whose position is gone
+        self.fp_versions: OrderedDict[str, int] = OrderedDict()  # each run's fingerprint version
         self.read_ahead = Budget(settings.read_ahead_bytes)
         self.in_flight = InFlight()
         self.repairs = Repairs(journal, self.in_flight)
@@ -101,9 +102,10 @@ class Lifecycle:
         """
         s, req = self.settings, flow.request
         raw = fingerprint.raw_parts(req)
+        version = await self._fp_version(ident.run)
         try:
             decoded, env, key = await offload.run_cpu(
-                len(raw.body), s.offload_bytes, fingerprint.match, raw, ident.step_key, s.body_cap, s.rules
+                len(raw.body), s.offload_bytes, fingerprint.match, raw, ident.step_key, s.body_cap, s.rules, version
             )
             body = raw.body if decoded is None else decoded
         except bodies.OverCap as e:
@@ -123,6 +125,21 @@ class Lifecycle:
             raise
         step.claim = claim
         return step
+
+    async def _fp_version(self, run: str) -> int:
+        """The fingerprint version of the run: the one its steps were journaled with, so a run
+        recorded under v1 keeps matching; a new run gets the current one. Asked once per run."""
+        version = self.fp_versions.get(run)
+        if version is None:
+            version = await self.journal.fp_version(run) or fingerprint.VERSION
+            if version not in fingerprint.VERSIONS:
+                raise Refused(409, f"run {run} was journaled with fingerprint v{version}, unknown to this sidecar")
+            self.fp_versions[run] = version
+            while len(self.fp_versions) > FORGOTTEN_KEPT:
+                self.fp_versions.popitem(last=False)
+        else:
+            self.fp_versions.move_to_end(run)
+        return version
 
     async def _serve(
         self,
@@ -377,7 +394,7 @@ class Lifecycle:
             run=ident.run,
             attempt=ident.attempt,
             key=claim.key,
-            fp_version=fingerprint.VERSION,
+            fp_version=env["v"],
             occurrence=claim.occurrence,
             step_key=ident.step_key,
             method=req.method,

@@ -77,8 +77,9 @@ class Redactor:
         """A fingerprint envelope as stored: credential-looking query values and headers hashed.
         (The fingerprint itself is taken before, so matching is unaffected.)"""
         redacted = dict(env)
-        redacted["query"] = [
-            [k, self.digest(v.encode()) if self.secret_name(k) else v] for k, v in env.get("query", [])
+        redacted["query"] = [  # v2 keeps `?flag` (value None) apart from `?flag=`
+            [k, self.digest(v.encode()) if v is not None and self.secret_name(k) else v]
+            for k, v in env.get("query", [])
         ]
         if "headers" in env:
             redacted["headers"] = [

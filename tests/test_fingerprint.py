@@ -115,5 +115,7 @@ def test_invalid_json_is_compared_by_bytes() -> None:
 
 
 def test_envelope_is_versioned_and_empty_body_marked() -> None:
-    env = fp.envelope(parts(b"", method="GET"))
+    env = fp.envelope(parts(b"", method="GET"), version=1)
     assert env["v"] == 1 and env["body"] == {"kind": "empty"}
+    env = fp.envelope(parts(b"", method="GET"))
+    assert env["v"] == fp.VERSION == 2 and env["body"]["kind"] == "empty"

@@ -29,6 +29,8 @@ def sidecar(mocker):
         addon.lifecycle.journal.load_index = mocker.AsyncMock(return_value=None)
         addon.lifecycle.journal.find = mocker.AsyncMock(return_value=None)  # asked while the index streams in
         addon.lifecycle.journal.owner = mocker.AsyncMock(return_value=7)
+        addon.lifecycle.journal.fp_version = mocker.AsyncMock(return_value=None)  # a new run
+        addon.lifecycle.journal.target = None  # not opened: no address of its own to keep agents from
         yield addon
 
 
