@@ -399,7 +399,7 @@ def db_init(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     from . import ui  # tornado: only for this command
 
-    ui.serve(args.dsn, args.host, args.port)
+    ui.serve(args.dsn, args.host, args.port, args.allow_host)
     return 0
 
 
@@ -615,6 +615,13 @@ def parser() -> argparse.ArgumentParser:
     s = command("ui", cmd_ui, "see and steer runs in a browser (DURABLE_AUTH_SECRET, when set, is asked for)", journal)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     s.add_argument("--port", type=int, default=8081, help="port to listen on (default: %(default)s)")
+    s.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another Host name the UI answers (a reverse proxy's), besides its address; repeatable",
+    )
 
     addon_help = 'the script to load into your own mitmproxy: mitmdump -s "$(durable addon-path)"'
     command("addon-path", cmd_addon_path, addon_help)

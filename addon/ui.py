@@ -3,8 +3,15 @@ and answer, and the operator's actions (fork, edit, resolve, delete, download).
 
 A small server-rendered tornado app (tornado comes with mitmproxy): pages work with JavaScript off;
 a few lines of script only poll for new steps. Every action is the CLI's own code path (operations.py,
-exchange.py), asks for confirmation (a required checkbox), and carries tornado's XSRF token. It binds
-127.0.0.1 by default; with DURABLE_AUTH_SECRET set it asks for that secret (HTTP Basic, any user).
+exchange.py) and asks for confirmation (a required checkbox). It binds 127.0.0.1 by default; with
+DURABLE_AUTH_SECRET set it asks for that secret (HTTP Basic, any user).
+
+Another page in the operator's browser must not drive it. The UI answers only requests addressed to
+it (the `Host` it listens on, `localhost` for a loopback address, and names given with --allow-host):
+a page on a rebound DNS name is refused. An action must come from the UI's own pages (`Origin` and
+`Sec-Fetch-Site` checked where the browser sends them) and carry the action token, which is bound to
+a secret of this process, not to a cookie: cookies are not isolated by port, so a page on another
+local port could set a double-submit cookie of its own choosing.
 """
 
 from __future__ import annotations
@@ -98,10 +105,15 @@ def timeline(steps: list[dict[str, Any]], width: int = 900) -> tuple[list[dict[s
 class Handler(tornado.web.RequestHandler):
     """Shared by every page: the secret, the journal (a connection per request, in a thread), the layout."""
 
-    def initialize(self, dsn: str, secret: str | None) -> None:
-        self.dsn, self.secret = dsn, secret
+    def initialize(self, dsn: str, secret: str | None, hosts: frozenset[str], action_token: str) -> None:
+        self.dsn, self.secret, self.hosts, self.action_token = dsn, secret, hosts, action_token
 
     def prepare(self) -> None:
+        host = self.request.headers.get("Host", "").lower()
+        if host not in self.hosts:  # DNS rebinding: a foreign name that resolves here
+            raise tornado.web.HTTPError(403, f"this UI answers only {', '.join(sorted(self.hosts))}")
+        if self.request.method not in ("GET", "HEAD") and not self._from_this_ui():
+            raise tornado.web.HTTPError(403, "actions are taken only from the UI's own pages")
         if not self.secret:
             return
         given = self.request.headers.get("Authorization", "")
@@ -115,6 +127,22 @@ class Handler(tornado.web.RequestHandler):
             self.set_status(401)
             self.set_header("WWW-Authenticate", 'Basic realm="durable ui: the DURABLE_AUTH_SECRET"')
             self.finish("the durable ui asks for DURABLE_AUTH_SECRET as the password")
+
+    def _from_this_ui(self) -> bool:
+        origin = self.request.headers.get("Origin")
+        if origin is not None and origin.lower() not in {f"http://{h}" for h in self.hosts}:
+            return False
+        return self.request.headers.get("Sec-Fetch-Site", "same-origin") in ("same-origin", "none")
+
+    @property
+    def xsrf_token(self) -> bytes:
+        """The action token: the same for every page of this process, and known only to it."""
+        return self.action_token.encode()
+
+    def check_xsrf_cookie(self) -> None:
+        given = self.get_argument("_xsrf", None) or self.request.headers.get("X-Xsrftoken") or ""
+        if not hmac.compare_digest(given.encode(), self.xsrf_token):
+            raise tornado.web.HTTPError(403, "the action token is missing or wrong: reload the page")
 
     async def journal(self, work: Callable[..., Any], *args: Any) -> Any:
         def call() -> Any:
@@ -278,8 +306,17 @@ class Export(Handler):
         self.finish(data)
 
 
-def app(dsn: str, secret: str | None) -> tornado.web.Application:
-    state = {"dsn": dsn, "secret": secret}
+def allowed_hosts(host: str, port: int, names: list[str]) -> frozenset[str]:
+    """The `Host` values the UI answers: its address (and `localhost` for a loopback one) with its
+    port, and each of `names` (with this port, unless the name gives one: a reverse proxy's)."""
+    hosts = {host} | ({"localhost", "127.0.0.1"} if host in ("127.0.0.1", "::1", "localhost") else set())
+    allowed = {f"[{h}]:{port}" if ":" in h else f"{h}:{port}" for h in hosts}
+    allowed |= {n.lower() if ":" in n else f"{n.lower()}:{port}" for n in names}
+    return frozenset(allowed)
+
+
+def app(dsn: str, secret: str | None, hosts: frozenset[str]) -> tornado.web.Application:
+    state = {"dsn": dsn, "secret": secret, "hosts": hosts, "action_token": secrets.token_urlsafe(32)}
     run = r"/runs/([^/]+)"
     return tornado.web.Application(
         [
@@ -298,7 +335,7 @@ def app(dsn: str, secret: str | None) -> tornado.web.Application:
     )
 
 
-def serve(dsn: str | None, host: str, port: int) -> None:
+def serve(dsn: str | None, host: str, port: int, allow_hosts: list[str] | None = None) -> None:
     """Run the UI until interrupted (the journal migrated first, as every command does)."""
     with operations.connect(dsn):
         pass
@@ -306,7 +343,7 @@ def serve(dsn: str | None, host: str, port: int) -> None:
     secret = os.environ.get("DURABLE_AUTH_SECRET") or None
 
     async def main() -> None:
-        app(target.dsn, secret).listen(port, host)
+        app(target.dsn, secret, allowed_hosts(host, port, allow_hosts or [])).listen(port, host)
         print(f"durable ui: http://{host}:{port}/ (journal: {target.origin})", flush=True)
         await asyncio.Event().wait()
 

@@ -4,8 +4,11 @@ update, and each action (fork, edit, resolve, delete, download) taking effect in
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import re
+import threading
 import shutil
 import subprocess
 import sys
@@ -154,8 +157,8 @@ def test_an_action_without_confirmation_or_token_changes_nothing(ui: str, crashe
     r = requests.post(f"{ui}/runs/{run}/delete", data={"confirm": "yes"}, timeout=10)  # no XSRF token: refused
     assert r.status_code == 403
     session = requests.Session()
-    session.get(f"{ui}/runs/{run}", timeout=10)
-    token = session.cookies["_xsrf"]
+    page = session.get(f"{ui}/runs/{run}", timeout=10).text
+    token = re.search(r'name="_xsrf" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
     r = session.post(f"{ui}/runs/{run}/delete", data={"_xsrf": token}, timeout=10)  # not confirmed
     assert r.status_code == 400 and "confirm" in r.text
     assert sql(pg_dsn, "SELECT count(*) FROM durable_runs WHERE id = %s", run) == [(1,)]
@@ -170,3 +173,73 @@ def test_the_ui_asks_for_the_auth_secret(pg_dsn: str, browser, crashed_and_resum
         allowed = browser.new_context(http_credentials={"username": "me", "password": "team-secret"}).new_page()
         assert allowed.goto(f"{base}/?prefix={run}").status == 200
         assert allowed.locator("#runs tr", has_text=run).count() == 1
+
+
+ATTACK = """<form id="f" method="POST" action="{ui}/runs/{run}/delete">
+<input name="_xsrf" value="deadbeef"><input name="confirm" value="yes"></form>
+<script>document.cookie = "_xsrf=deadbeef; path=/"; document.getElementById("f").submit();</script>"""
+
+
+@pytest.fixture
+def foreign_page() -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Another local web server (a dev server, a notebook): it serves whatever page the test sets."""
+    pages: dict[str, bytes] = {}
+
+    class Serve(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = pages.get(self.path, b"")
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Serve)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", pages
+    server.shutdown()
+
+
+def test_a_page_on_another_local_port_cannot_delete_a_run(
+    ui: str, browser, crashed_and_resumed, pg_dsn: str, foreign_page
+) -> None:
+    """Cookie tossing: a page on another port of 127.0.0.1 sets the `_xsrf` cookie (cookies are not
+    isolated by port) and posts a delete carrying the same value. The action token is bound to the
+    UI's own secret and the request comes from a foreign origin: refused, the run stays."""
+    _, run = crashed_and_resumed
+    base, pages = foreign_page
+    pages["/attack"] = ATTACK.format(ui=ui, run=run).encode()
+    page = browser.new_page()
+    page.goto(f"{ui}/runs/{run}")  # the operator has the UI open
+    page.goto(f"{base}/attack")
+    page.wait_for_load_state("load")
+    time.sleep(1)
+    assert sql(pg_dsn, "SELECT count(*) FROM durable_runs WHERE id = %s", run) == [(1,)]
+
+
+def test_a_rebound_dns_name_gets_nothing(pg_dsn: str, crashed_and_resumed) -> None:
+    """DNS rebinding: a foreign name that resolves to 127.0.0.1 (here by Chromium's resolver rules)
+    reaches the UI's port, but the UI answers only requests addressed to it."""
+    from playwright.sync_api import sync_playwright
+
+    _, run = crashed_and_resumed
+    for base in start_ui(pg_dsn):
+        port = base.rsplit(":", 1)[1]
+        with sync_playwright() as p:
+            chromium = p.chromium.launch(executable_path=CHROMIUM,
+                                         args=["--no-sandbox", "--host-resolver-rules=MAP rebind.test 127.0.0.1"])
+            try:
+                page = chromium.new_page()
+                answer = page.goto(f"http://rebind.test:{port}/runs/{run}")
+                assert answer is not None and answer.status == 403 and run not in page.content()
+                deleted = page.evaluate(
+                    f"fetch('/runs/{run}/delete', {{method: 'POST', body: new URLSearchParams({{confirm: 'yes'}})}})"
+                    ".then(r => r.status)")
+                assert deleted == 403
+            finally:
+                chromium.close()
+        assert requests.get(f"{base}/runs/{run}", timeout=10).status_code == 200  # its own address works
+    assert sql(pg_dsn, "SELECT count(*) FROM durable_runs WHERE id = %s", run) == [(1,)]
