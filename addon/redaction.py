@@ -17,14 +17,21 @@ import secrets
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit, urlunsplit
 
 from . import jsonpointer
 
 # header and query parameter names that carry credentials (matched anywhere in the lower-case name)
 SECRET_NAMES = re.compile(
-    r"authorization|api[-_]?key|secret|passw(or)?d|cookie|signature|credential"
-    r"|(^|[-_])(session|token|key|auth|sig)($|[-_])"
+    r"authorization|api[-_]?key|secret|passw(or)?d|pwd|cookie|signature|credential"
+    r"|(^|[-_])(session|token|key|auth|sig|code|pass|otp)($|[-_])"
+)
+# credentials inside a value, whatever its name: the password of a URL or DSN (scheme://user:PASS@)
+USERINFO = re.compile(r"([a-z][a-z0-9+.-]*://[^/:@\s?#]*:)([^@/\s?#]+)(@)", re.IGNORECASE)
+# path segments that are credentials: a Telegram bot token (/bot<id>:<secret>/), and keys by their
+# well-known prefixes (sk-..., ghp_..., xoxb-...)
+SECRET_SEGMENT = re.compile(
+    r"^(bot\d+:[A-Za-z0-9_-]{20,}|(sk|pk|rk|ghp|gho|ghs|github_pat|xox[abpr])[-_][A-Za-z0-9_-]{16,})$"
 )
 MARK = "redacted:"
 
@@ -60,25 +67,44 @@ class Redactor:
             for name, value in fields
         ]
 
+    def value(self, value: str) -> str:
+        """A value with the credentials it carries inside hashed (a URL's or DSN's password)."""
+        if "://" not in value:
+            return value
+        return USERINFO.sub(lambda m: m.group(1) + self.digest(m.group(2).encode()) + m.group(3), value)
+
+    def _raw(self, value: str) -> str:
+        """A query value as sent (percent-encoded): redacted in its decoded form if it carries a password."""
+        decoded = unquote_plus(value)
+        redacted = self.value(decoded)
+        return value if redacted == decoded else redacted
+
+    def path(self, path: str) -> str:
+        """A path with credential segments (a bot token, a prefixed key) hashed."""
+        if not any(SECRET_SEGMENT.match(segment) for segment in path.split("/")):
+            return path
+        return "/".join(self.digest(s.encode()) if SECRET_SEGMENT.match(s) else s for s in path.split("/"))
+
     def url(self, url: str) -> str:
-        """The URL with credential-looking query parameters (`?key=`, `access_token=`...) hashed."""
-        if "?" not in url:
-            return url
+        """The URL with credentials hashed: credential-looking query parameters (`?key=`,
+        `access_token=`, `code=`...), passwords of URLs inside values, and credential path segments."""
         split = urlsplit(url)
+        path = self.path(split.path)
         if not split.query:
-            return url
+            return url if path == split.path else urlunsplit(split._replace(path=path))
         pairs = parse_qsl(split.query, keep_blank_values=True)
-        if not any(self.secret_name(k) for k, _ in pairs):
+        redacted = [(k, self.digest(v.encode()) if self.secret_name(k) else self.value(v)) for k, v in pairs]
+        if redacted == pairs and path == split.path:
             return url
-        redacted = [(k, self.digest(v.encode()) if self.secret_name(k) else v) for k, v in pairs]
-        return urlunsplit(split._replace(query=urlencode(redacted)))
+        return urlunsplit(split._replace(path=path, query=urlencode(redacted)))
 
     def envelope(self, env: dict[str, Any]) -> dict[str, Any]:
         """A fingerprint envelope as stored: credential-looking query values and headers hashed.
         (The fingerprint itself is taken before, so matching is unaffected.)"""
         redacted = dict(env)
+        redacted["path"] = self.path(env.get("path", ""))
         redacted["query"] = [  # v2 keeps `?flag` (value None) apart from `?flag=`
-            [k, self.digest(v.encode()) if v is not None and self.secret_name(k) else v]
+            [k, v if v is None else self.digest(v.encode()) if self.secret_name(unquote_plus(k)) else self._raw(v)]
             for k, v in env.get("query", [])
         ]
         if "headers" in env:

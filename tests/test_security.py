@@ -215,7 +215,7 @@ def test_nul_bytes_in_query_and_headers_are_journaled_and_replayed(
     sidecars: Sidecars, http_api: PaidApi, pg_dsn: str
 ) -> None:
     """PostgreSQL text cannot hold U+0000: a %00 in a query and a NUL in a header value are journaled
-    (shown escaped, header pairs kept as base64) and replayed, never a 'journal unavailable'."""
+    (header pairs kept as base64) and replayed, never a 'journal unavailable'."""
     sidecar = sidecars.start()
     run = new_run()
     line = f"GET {http_api.url}/v1/search?q=a%00b HTTP/1.1"
@@ -226,5 +226,37 @@ def test_nul_bytes_in_query_and_headers_are_journaled_and_replayed(
     assert first.partition(b"\r\n\r\n")[2] == second.partition(b"\r\n\r\n")[2]
     assert http_api.books()["calls"] == 1
     ((envelope, headers),) = sql(pg_dsn, "SELECT envelope, request_headers FROM durable_steps WHERE run_id = %s", run)
-    assert envelope["query"] == [["q", "a\\x00b"]]
+    assert envelope["query"] == [["q", "a%00b"]]  # fingerprint v2 keeps the query as sent
     assert ["WC1Gb28=", "YQBi", "b64"] in headers  # X-Foo: a\0b, byte for byte
+
+
+BOT_TOKEN = "bot123456789:AAHsecretTelegramTokenXYZ0123456789"
+CODE = "oauth-code-SECRET-0451"
+PWD = "pwd-SECRET-8812"
+DSN_PASSWORD = "dsnpassSECRET77"
+URL_SECRETS = (BOT_TOKEN, CODE, PWD, DSN_PASSWORD)
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["no key", "encryption key"])
+def test_secrets_in_urls_are_never_stored_or_logged_in_clear(
+    sidecars: Sidecars, http_api: PaidApi, fresh_dsn: str, encrypted: bool
+) -> None:
+    """Planted in the URL, in every shape the redaction rules know: a Telegram-style bot token in the
+    path, `?code=` and `?pwd=`, and the password of a DSN inside a query value. None of them is in the
+    journal (pg_dump) or the sidecar's log, with or without an encryption key, and the calls replay."""
+    options = {"durable_encryption_key": crypto.new_key_spec("k1")} if encrypted else {}
+    sidecar = sidecars.start(durable_dsn=fresh_dsn, termlog_verbosity="debug", **options)
+    run = new_run()
+    dsn = f"postgresql://app:{DSN_PASSWORD}@db.internal:5432/app"
+    url = f"{http_api.url}/{BOT_TOKEN}/sendMessage"
+    params = {"code": CODE, "pwd": PWD, "db": dsn, "q": "kept"}
+    outcomes = []
+    for attempt in ("a1", "a2"):
+        r = requests.get(url, params=params, proxies={"http": sidecar.proxy_url(run, attempt)}, timeout=30)
+        outcomes.append(r.headers["Durable-Outcome"])
+    assert outcomes[1] == "replayed"
+    dump, log = pg_dump(fresh_dsn), sidecar.log()
+    assert "sendMessage" in dump and "kept" in dump  # what the operator needs to find the call stays
+    for secret in URL_SECRETS:
+        assert secret not in dump, f"{secret} is in the journal"
+        assert secret not in log, f"{secret} is in the sidecar's log"
