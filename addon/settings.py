@@ -25,6 +25,20 @@ OPTIONS: list[tuple[str, Any, Any, str]] = [
     ("durable_attempt", str, "", "Attempt id for requests that carry none. Empty: one per proxy process."),
     ("durable_strict", bool, False, "Answer 409 to a request that diverges from the journal instead of recording it."),
     ("durable_ignore_hosts", Sequence[str], [], "Regexes of hosts whose traffic passes through unjournaled."),
+    (
+        "durable_ignore_paths",
+        Sequence[str],
+        [],
+        "HOST/PATH patterns (* matches anything, e.g. */v1/traces or api.example.com/telemetry/*) whose "
+        "requests pass through unjournaled, besides the built-in telemetry list.",
+    ),
+    (
+        "durable_builtin_ignores",
+        bool,
+        True,
+        "Pass known telemetry exporters through unjournaled (OpenAI Agents traces, LangSmith, OTLP/HTTP): "
+        "they carry fresh ids and timestamps and would diverge on every attempt.",
+    ),
     ("durable_ignore_json", Sequence[str], [], "JSON pointers left out of the fingerprint, as /ptr or host=/ptr."),
     ("durable_ignore_query", Sequence[str], [], "Query parameters left out of the fingerprint, as name or host=name."),
     ("durable_match_headers", Sequence[str], [], "Request headers added to the fingerprint, as name or host=name."),
@@ -204,6 +218,7 @@ class Settings:
     attempt: str | None
     strict: bool
     ignore_hosts: tuple[re.Pattern[str], ...]
+    ignore_paths: tuple[re.Pattern[str], ...]
     rules: MatchRules
     idempotency_methods: frozenset[str]
     idempotency_headers: dict[str | None, str]
@@ -240,8 +255,28 @@ class Settings:
     def in_doubt_policy(self, host: str) -> str:
         return self.in_doubt.get(host.lower()) or self.in_doubt[None]
 
-    def ignored(self, host: str) -> bool:
-        return any(p.search(host) for p in self.ignore_hosts)
+    def ignored(self, host: str, path: str = "") -> bool:
+        """Passes through unjournaled: an ignored host, or a HOST/PATH an ignore pattern matches."""
+        if any(p.search(host) for p in self.ignore_hosts):
+            return True
+        target = host.lower() + path.partition("?")[0]
+        return any(p.fullmatch(target) for p in self.ignore_paths)
+
+
+# Telemetry exporters: fresh ids and timestamps in every request, so they would diverge on every
+# attempt; nothing an agent pays for or depends on. Turned off with durable_builtin_ignores=false.
+BUILTIN_IGNORES = (
+    "*/v1/traces/ingest",  # the OpenAI Agents SDK's trace exporter (on the LLM's own host)
+    "*/v1/traces",  # OTLP/HTTP exporters (OpenTelemetry), on any collector
+    "*/v1/logs",
+    "*/v1/metrics",
+    "*smith.langchain.com/*",  # LangSmith's run exporter (/runs/multipart, /runs/batch)
+)
+
+
+def path_pattern(spec: str) -> re.Pattern[str]:
+    """A HOST/PATH glob (`*` matches anything, `/` included) as a case-insensitive regex."""
+    return re.compile(".*".join(re.escape(part) for part in spec.lower().split("*")), re.IGNORECASE)
 
 
 def per_host(
@@ -287,6 +322,10 @@ def from_options(o: Any) -> Settings:
             attempt=o.durable_attempt or None,
             strict=o.durable_strict,
             ignore_hosts=tuple(re.compile(p, re.IGNORECASE) for p in o.durable_ignore_hosts),
+            ignore_paths=tuple(
+                path_pattern(p)
+                for p in (*o.durable_ignore_paths, *(BUILTIN_IGNORES if o.durable_builtin_ignores else ()))
+            ),
             rules=MatchRules(
                 ignore_json=tuple(Rule.parse(s) for s in o.durable_ignore_json),
                 ignore_query=tuple(Rule.parse(s) for s in o.durable_ignore_query),

@@ -237,7 +237,7 @@ class DurableSidecar:
             if self.draining:
                 raise Refused(503, "the sidecar is stopping (draining its calls in flight): nothing was forwarded")
             if (
-                self.settings.ignored(flow.request.host)
+                self.settings.ignored(flow.request.host, flow.request.path)
                 or flow.request.headers.get("upgrade", "").lower() == "websocket"
             ):
                 step = Step(ident.run, None, "passthrough", ident.attempt)
