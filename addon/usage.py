@@ -16,8 +16,9 @@ def _counts(doc: Any) -> dict[str, int]:
     if not isinstance(doc, dict):
         return {}
     usage = doc.get("usage")
-    if usage is None and isinstance(doc.get("message"), dict):  # Anthropic's message_start event
-        usage = doc["message"].get("usage")
+    for wrapper in ("message", "response"):  # Anthropic's message_start; the Responses API's response.completed
+        if usage is None and isinstance(doc.get(wrapper), dict):
+            usage = doc[wrapper].get("usage")
     if not isinstance(usage, dict):
         return {}
     return {k: v for k, v in usage.items() if k in ("total_tokens", *_INPUT, *_OUTPUT) and isinstance(v, int)}

@@ -54,3 +54,15 @@ def test_compressed_answers_and_answers_without_usage() -> None:
     assert usage.tokens(b'{"id": 1}', JSON) == 0
     assert usage.tokens(b"not json", JSON) == 0
     assert usage.tokens(b"\xff\xfe", JSON) == 0
+
+
+def test_a_streamed_responses_api_answer_counts_its_usage() -> None:
+    """The Responses API streams its usage inside the `response.completed` event's response."""
+    events = [
+        {"type": "response.created", "response": {"id": "resp_1", "usage": None}},
+        {"type": "response.output_text.delta", "delta": "Hel"},
+        {"type": "response.completed",
+         "response": {"id": "resp_1", "usage": {"input_tokens": 12, "output_tokens": 5, "total_tokens": 17}}},
+    ]
+    stream = b"".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events)
+    assert usage.tokens(stream, SSE) == 17
