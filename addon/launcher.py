@@ -28,6 +28,7 @@ SCRIPT = Path(__file__).with_name("durable.py")
 CA_CERT = "mitmproxy-ca-cert.pem"
 HEALTH_URL = "http://durable.sidecar/health"  # answered by the addon itself (sidecar.HEALTH_HOST)
 CA_URL = "http://durable.sidecar/ca.pem"  # the CA that sidecar signs with
+FLUSH_URL = "http://durable.sidecar/flush"  # write the replay counts gathered so far
 KEPT_LOGS = 20  # sidecar logs kept in $DURABLE_HOME/logs, newest first
 
 

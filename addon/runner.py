@@ -164,6 +164,14 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def flush_replay_counts(address: str) -> None:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": f"http://{address}"}))
+    try:
+        opener.open(launcher.FLUSH_URL, timeout=PROXY_CHECK_S).close()
+    except (urllib.error.URLError, OSError):
+        pass  # an older sidecar: the summary may miss the last half second of replays
+
+
 def drain_timeout(options: dict[str, str]) -> float:
     from . import settings  # here, not at the top: it brings mitmproxy, and `durable run` starts fast
 
@@ -213,6 +221,8 @@ def execute(plan: Plan) -> Outcome:
             )
             agent.append(start_agent(plan.command, launcher.agent_env(url, bundle)))
             code = agent[0].wait()  # a signal meanwhile is passed on by the handler, and the wait goes on
+            if plan.proxy:
+                flush_replay_counts(address)  # the summary reads them: a sidecar of our own writes them as it stops
         except Interrupted as e:
             code = -e.signum
         finally:

@@ -225,6 +225,8 @@ class DurableSidecar:
         if for_the_sidecar(flow.request):
             if flow.request.path == "/ca.pem":
                 self._ca(flow)
+            elif flow.request.path == "/flush":
+                await self._flush(flow)
             else:
                 await self._health(flow)
             return
@@ -353,6 +355,14 @@ class DurableSidecar:
         flow.response = http.Response.make(
             200, tlsconfig.certstore.default_ca.to_pem(), {"Content-Type": "application/x-pem-file"}
         )
+        flow.metadata[META] = Step(None, None, "passthrough")
+
+    async def _flush(self, flow: http.HTTPFlow) -> None:
+        """Write the replay counts gathered so far (every 0.5 s otherwise): `durable run --proxy`
+        asks for it once the agent has exited, before it reads the attempt's summary."""
+        assert self.lifecycle is not None
+        await self.lifecycle.journal.flush_replays()
+        flow.response = http.Response.make(204)
         flow.metadata[META] = Step(None, None, "passthrough")
 
     async def _health(self, flow: http.HTTPFlow) -> None:

@@ -148,6 +148,23 @@ def test_proxy_hands_the_agent_the_ca_of_that_sidecar(
     assert https_api.books()["calls"] == 1
 
 
+def test_the_summary_behind_a_running_sidecar_counts_the_replays(
+    sidecars: Sidecars, http_api: PaidApi, pg_dsn: str
+) -> None:
+    """`durable run --proxy`: an attempt whose three calls were all replayed says so (the sidecar
+    writes replay counts every half second; the launcher asks it to write them before it reads)."""
+    sidecar = sidecars.start()
+    proxy, run = f"http://127.0.0.1:{sidecar.port}", new_run()
+    curl = ["sh", "-c", " ; ".join(f"curl -s -o /dev/null {http_api.url}/v1/search?q={n}" for n in range(3))]
+    first = subprocess.run([DURABLE, "run", "--run", run, "--dsn", pg_dsn, "--proxy", proxy, "--", *curl],
+                           capture_output=True, text=True, env=env_without_proxy(), timeout=60)
+    again = subprocess.run([DURABLE, "run", "--run", run, "--dsn", pg_dsn, "--proxy", proxy, "--", *curl],
+                           capture_output=True, text=True, env=env_without_proxy(), timeout=60)
+    assert "3 recorded, 0 replayed" in first.stderr, first.stderr
+    assert "0 recorded, 3 replayed" in again.stderr, again.stderr
+    assert http_api.books()["calls"] == 3
+
+
 def test_a_failed_sidecar_names_its_log_and_logs_are_pruned(pg_dsn: str) -> None:
     out = durable_run("--dsn", pg_dsn, "--set", "durable_in_doubt=sometimes", "--", "true")
     assert out.returncode == 1 and "the sidecar did not start" in out.stderr
