@@ -17,6 +17,9 @@
    no longer forwards the client's error, the client's connection handler waits for such orphans
    (up to durable_orphan_timeout) before mitmproxy tears the rest down, and writes to the gone
    client are dropped. The upstream exchange runs to its end and the response hook journals it.
+   A streamed answer already complete when the client goes (COMPLETE_KEY: its end marker, or the
+   JSON-RPC response to its request, arrived) is no orphan: it is journaled at once, and the
+   upstream's stream (which an MCP server may keep open for pushes) is closed.
 
 4. HTTP/2 for clients that offer it. Lazy connections (replay never opens one upstream) know no
    server protocol when the client's TLS handshake is answered, and mitmproxy's ALPN callback then
@@ -48,6 +51,7 @@ LABEL = "_durable_label"  # on an http.Request: the Durable-* headers of its ans
 UNLABELLED = responses.labels(None, None, "refused")  # an error for a request the addon never got to label
 ORPHAN_KEY = "durable_orphanable"  # flow.metadata: a live step whose exchange may finish without its agent
 ORPHANED = "_durable_orphaned"  # on an http.Request: its agent hung up; its answer goes to the journal only
+COMPLETE_KEY = "durable_answer_complete"  # flow.metadata: a callable, True once a streamed answer is whole
 
 
 class Orphans:
@@ -220,6 +224,7 @@ def _finish_orphans() -> bool:
                 and flow.metadata.get(ORPHAN_KEY)
                 and self.client_state == self.state_done  # the whole request went upstream
                 and self.server_state not in (self.state_done, self.state_errored)
+                and not flow.metadata.get(COMPLETE_KEY, lambda: False)()  # whole already: journaled now
             ):
                 self.client_state = self.state_errored
                 ORPHANS.adopt(flow)

@@ -48,6 +48,7 @@ class Step:
     claim: Claim | None = None  # the attempt's claim on the step: given back if the agent gets no answer
     slot: Slot | None = None  # held while this flow sends the step (single flight)
     owner: int | None = None  # the lease id the journal row names while the step is in flight
+    session: bool = False  # the request belongs to an upstream session (MCP's Mcp-Session-Id)
 
 
 @dataclass
@@ -586,7 +587,7 @@ class Lifecycle:
         assert step.run is not None and step.seq is not None
         if truncated:
             state = "pending"
-        elif resp.status_code in self.settings.transient_statuses:
+        elif resp.status_code in self.settings.transient_statuses or session_gone(step, resp):
             state = "failed"
         else:
             state = "completed"
@@ -615,6 +616,14 @@ class Lifecycle:
             faults.crash_point("after-complete-commit")
 
         return state, commit
+
+
+def session_gone(step: Step, resp: http.Response) -> bool:
+    """A 404 to a request of an upstream session (MCP's Mcp-Session-Id): the session is gone (the
+    server restarted, or it expired), not the call's answer. Journaled `failed`, never `completed`,
+    so it is not replayed as the answer forever: the client starts a new session, and a step in doubt
+    behind it can still be resolved."""
+    return resp.status_code == 404 and step.session
 
 
 def elapsed_ms(step: Step) -> float:

@@ -241,11 +241,13 @@ class DurableSidecar:
             if (
                 self.settings.ignored(flow.request.host, flow.request.path)
                 or flow.request.headers.get("upgrade", "").lower() == "websocket"
+                or mcp_notifications(flow.request)
             ):
                 step = Step(ident.run, None, "passthrough", ident.attempt)
             else:
                 assert self.lifecycle is not None
                 step = await self.lifecycle.begin(flow, ident)
+                step.session = "mcp-session-id" in flow.request.headers
             flow.metadata[META] = step
             if step.live:  # should the agent hang up now, the sidecar finishes the call (httplayer.py)
                 flow.metadata[httplayer.ORPHAN_KEY] = True
@@ -278,8 +280,9 @@ class DurableSidecar:
             responses.label(flow.response, step.run, step.seq, step.outcome)
             return
         if step.live and streams.streams(flow.response.headers, self.settings.body_cap):
-            step.tee = streams.StreamTee(self.settings.body_cap)
+            step.tee = streams.StreamTee(self.settings.body_cap, streams.rpc_id(flow.request))
             flow.response.stream = step.tee
+            flow.metadata[httplayer.COMPLETE_KEY] = step.tee.complete
             length = streams.declared_length(flow.response.headers)
             if length is not None and length > self.settings.body_cap:
                 step.outcome = "passthrough"  # it will not be journaled: the label must not say recorded
@@ -543,6 +546,15 @@ class DurableSidecar:
         self._count(flow, step)
         if self.flow_lines:
             logger.info("%s", FlowLine(self, flow, step, status, note))
+
+
+def mcp_notifications(request: http.Request) -> bool:
+    """MCP's long-lived GET stream of a session's server notifications: not a call, not a step."""
+    return (
+        request.method == "GET"
+        and "mcp-session-id" in request.headers
+        and "text/event-stream" in request.headers.get("accept", "")
+    )
 
 
 def for_the_sidecar(request: http.Request) -> bool:

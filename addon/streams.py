@@ -8,6 +8,7 @@ each chunk into a bounded buffer and passes it on untouched.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable
 
@@ -25,8 +26,9 @@ MAX_TIMINGS = 10_000  # chunk timings kept per stream, for paced replay
 class StreamTee:
     """Records what streams through, up to `cap` bytes; past the cap it keeps nothing."""
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, rpc_id: object = None) -> None:
         self.cap = cap
+        self.rpc_id = rpc_id  # the JSON-RPC request's id (MCP): its response ends the answer
         self.buffer = bytearray()
         self.size = 0
         self.ended = False
@@ -59,7 +61,9 @@ class StreamTee:
 
     def finished(self) -> bool:
         """The upstream ended the stream, or its last event says the answer is complete."""
-        return self.ended or ends_with_marker(self.tail)
+        return (
+            self.ended or ends_with_marker(self.tail) or (self.rpc_id is not None and answers(self.tail, self.rpc_id))
+        )
 
     def complete(self) -> bool:
         """Finished and wholly recorded: the journal holds the entire answer."""
@@ -73,6 +77,31 @@ def ends_with_marker(tail: bytes) -> bool:
         and tail.rstrip(b"\r\n") != tail
         and any(line.strip().startswith(END_MARKERS) for line in events[-1].split(b"\n"))
     )
+
+
+def answers(tail: bytes, rpc_id: object) -> bool:
+    """The stream's last complete event is the JSON-RPC response to request `rpc_id`: an MCP server
+    may keep the stream open after it, and a client stops reading there."""
+    events = [e for e in tail.replace(b"\r\n", b"\n").split(b"\n\n") if e.strip()]
+    if not events or tail.rstrip(b"\r\n") == tail:
+        return False
+    data = b"\n".join(line[5:].strip() for line in events[-1].split(b"\n") if line.startswith(b"data:"))
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and doc.get("id") == rpc_id and ("result" in doc or "error" in doc)
+
+
+def rpc_id(request: http.Request) -> object:
+    """The id of a JSON-RPC request (an MCP call), None for anything else."""
+    if "json" not in request.headers.get("content-type", "") or not request.raw_content:
+        return None
+    try:
+        doc = json.loads(request.get_content(strict=False) or b"")
+    except ValueError:
+        return None
+    return doc.get("id") if isinstance(doc, dict) and "jsonrpc" in doc and "method" in doc else None
 
 
 def declared_length(headers: http.Headers) -> int | None:

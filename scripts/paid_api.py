@@ -16,6 +16,13 @@ gets the stored answer back and is not billed again):
   GET  /v1/encoded?enc=E      a JSON body sent with Content-Encoding E (gzip, deflate, br, zstd)
   POST /v1/echo               the request body back, as application/octet-stream
   GET  /v1/download?mb=N      N MiB of bytes, with Content-Length, written in 64 KiB pieces
+  POST /mcp                   an MCP-style server (Streamable HTTP): `initialize` opens a session
+                              (Mcp-Session-Id), any other method is a billed tool call of that session
+                              (404 for an unknown session); each answer is an event stream holding the
+                              JSON-RPC response, kept open `?hold_ms=N` (default 1500) after it, as
+                              servers that push on the same stream do
+  GET  /mcp                   the session's notification stream (open for 3 s, not billed)
+  POST /_mcp_restart          the MCP server "restarts": every session is forgotten
 Chat streams take two extra body fields: x_event_delay_ms (pause between events) and
 x_die_after_events (drop the connection after that many events, without ending the stream).
 Request bodies sent with a Content-Encoding are decoded first.
@@ -39,6 +46,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -59,6 +67,7 @@ class Ledger:
         self.keys: dict[str, dict] = {}  # idempotency key -> stored answer (or in flight)
         self.flaky_failures = 0  # how many more /v1/flaky calls answer 503
         self.streams_finished = 0  # chat streams written to their end
+        self.mcp_sessions: set[str] = set()
 
     def books(self) -> dict:
         return {
@@ -237,11 +246,46 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(2)
             return
+        if url.path == "/mcp":
+            return self._event_stream([b": ping\n\n"], 3.0)
         if url.path == "/v1/slow":
             time.sleep(int(query.get("ms", ["500"])[0]) / 1000)
             _, _, body, _ = self._book("slow", 1, lambda n: (200, [], json.dumps({"call": n}).encode()))
             return self._send(200, body, [("Content-Type", "application/json")])
         self._json(404, {"error": f"no route {url.path}"})
+
+    def _mcp(self, doc: dict, hold_s: float) -> None:
+        self._note()
+        session = self.headers.get("Mcp-Session-Id")
+        if doc.get("method") == "initialize":
+            session = f"sess-{uuid.uuid4().hex[:8]}"
+            with LEDGER.lock:
+                LEDGER.mcp_sessions.add(session)
+            result: dict = {"protocolVersion": "2025-06-18", "serverInfo": {"name": "paid-mcp"}}
+        elif session not in LEDGER.mcp_sessions:
+            return self._json(404, {"jsonrpc": "2.0", "id": doc.get("id"), "error": {"code": -32001,
+                                                                                   "message": "Session not found"}})
+        else:
+            _, _, body, _ = self._book("tool", 1, lambda n: (200, [], json.dumps({"call": n}).encode()))
+            result = {"content": [{"type": "text", "text": body.decode()}]}
+        event = f"event: message\ndata: {json.dumps({'jsonrpc': '2.0', 'id': doc.get('id'), 'result': result})}\n\n"
+        self._event_stream([event.encode()], hold_s, [("Mcp-Session-Id", session)])
+
+    def _event_stream(self, events: list[bytes], hold_s: float, headers: list[tuple[str, str]] = ()) -> None:
+        """Chunked events, then the stream held open for `hold_s` before it ends."""
+        self.send_response(200)
+        for k, v in [("Content-Type", "text/event-stream"), *headers]:
+            self.send_header(k, v)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for event in events:
+                self.wfile.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
+                self.wfile.flush()
+            time.sleep(hold_s)
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            self.close_connection = True
 
     def do_POST(self) -> None:
         url = urlsplit(self.path)
@@ -251,6 +295,12 @@ class Handler(BaseHTTPRequestHandler):
             with LEDGER.lock:
                 LEDGER.reset()
             return self._json(200, {"reset": True})
+        if url.path == "/_mcp_restart":
+            with LEDGER.lock:
+                LEDGER.mcp_sessions.clear()
+            return self._json(200, {"restarted": True})
+        if url.path == "/mcp":
+            return self._mcp(json.loads(raw or b"{}"), int(query.get("hold_ms", ["1500"])[0]) / 1000)
         if url.path == "/_config":
             with LEDGER.lock:
                 LEDGER.flaky_failures = int(json.loads(raw or b"{}").get("flaky_failures", 0))

@@ -213,7 +213,7 @@ def test_journal_view_answers_the_seed_query(sidecars: Sidecars, http_api: PaidA
     rows = sql(pg_dsn, "SELECT step_id, request_hash, response_body, completed_at FROM journal WHERE run_id = %s", run)
     assert len(rows) == 1
     step_id, request_hash, response_body, completed_at = rows[0]
-    assert step_id == 1 and request_hash.startswith("v1:") and completed_at is not None
+    assert step_id == 1 and request_hash.startswith("v2:") and completed_at is not None
     assert response_body["amount"] == 7 and response_body["status"] == "succeeded"
     json.dumps(response_body)
 

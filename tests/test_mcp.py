@@ -1,0 +1,61 @@
+"""MCP over Streamable HTTP through the sidecar (against the paid API's MCP-style server): a tool
+call's answer is complete at its JSON-RPC response, the session's notification stream is not a step,
+and a session that is gone (404) is never journaled as a call's answer."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import requests
+
+from conftest import PaidApi, Sidecars, new_run, sql
+
+
+def rpc(sidecar, api: PaidApi, run: str, attempt: str, method: str, rpc_id: int, session: str | None = None):
+    """What an MCP client does: POST, read the event stream up to the response to its id, hang up."""
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    if session:
+        headers["Mcp-Session-Id"] = session
+    r = requests.post(f"{api.url}/mcp", json={"jsonrpc": "2.0", "id": rpc_id, "method": method, "params": {}},
+                      headers=headers, stream=True, timeout=30, proxies={"http": sidecar.proxy_url(run, attempt)})
+    if r.status_code != 200:
+        return r, None
+    for line in r.iter_lines():
+        if line.startswith(b"data:"):
+            doc = json.loads(line[5:])
+            if doc.get("id") == rpc_id:
+                r.close()  # the client stops reading here; the server keeps the stream open
+                return r, doc
+    return r, None
+
+
+def test_a_tool_call_is_complete_at_its_response_and_the_notification_stream_is_no_step(
+    sidecars: Sidecars, http_api: PaidApi, pg_dsn: str
+) -> None:
+    sidecar = sidecars.start()
+    run = new_run()
+    init, _ = rpc(sidecar, http_api, run, "a1", "initialize", 1)
+    session = init.headers["Mcp-Session-Id"]
+    notifications = requests.get(f"{http_api.url}/mcp", headers={"Accept": "text/event-stream", "Mcp-Session-Id": session},
+                                 stream=True, timeout=30, proxies={"http": sidecar.proxy_url(run, "a1")})
+    assert notifications.headers["Durable-Outcome"] == "passthrough"
+    notifications.close()
+    call, answer = rpc(sidecar, http_api, run, "a1", "tools/call", 2, session)
+    assert answer is not None and call.headers["Durable-Outcome"] == "recorded"
+    time.sleep(0.5)  # well before the server ends its stream (1.5 s)
+    states = sql(pg_dsn, "SELECT seq, state FROM durable_steps WHERE run_id = %s ORDER BY seq", run)
+    assert states == [(1, "completed"), (2, "completed")]  # journaled at the response, not held as an orphan
+    assert "orphan" not in sidecar.log()
+    again, replayed = rpc(sidecar, http_api, run, "a2", "tools/call", 2, session)
+    assert again.headers["Durable-Outcome"] == "replayed" and replayed == answer
+
+
+def test_a_404_for_a_gone_session_is_not_journaled_as_the_answer(sidecars: Sidecars, http_api: PaidApi, pg_dsn: str) -> None:
+    sidecar = sidecars.start()
+    run = new_run()
+    init, _ = rpc(sidecar, http_api, run, "a1", "initialize", 1)
+    requests.post(f"{http_api.url}/_mcp_restart", timeout=10)  # the MCP server is redeployed
+    gone, _ = rpc(sidecar, http_api, run, "a1", "tools/call", 2, init.headers["Mcp-Session-Id"])
+    assert gone.status_code == 404
+    assert sql(pg_dsn, "SELECT state FROM durable_steps WHERE run_id = %s AND seq = 2", run) == [("failed",)]
