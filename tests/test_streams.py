@@ -299,3 +299,24 @@ def test_a_response_cut_mid_body_stays_in_doubt(sidecars: Sidecars, http_api: Pa
     again = via(sidecar, run, "a2").get(f"{http_api.url}/v1/cut")
     assert again.headers.get("Durable-Outcome") != "replayed"
     assert http_api.books()["calls"] == 2
+
+
+def test_the_retry_after_a_broken_exchange_is_the_same_step_with_the_same_key(
+    sidecars: Sidecars, http_api: PaidApi, pg_dsn: str
+) -> None:
+    """The upstream dies mid-answer; the agent's SDK retries in the SAME attempt. The retry is that
+    step again (re-sent with its original idempotency key), never a new step with a new key: on a
+    payments API that would be a second charge."""
+    sidecar = sidecars.start()
+    run = new_run()
+    session = via(sidecar, run, "a1")
+    for _ in range(2):
+        try:
+            session.get(f"{http_api.url}/v1/cut")
+        except requests.RequestException:
+            pass
+        eventually(lambda: sql(pg_dsn, "SELECT count(*) FROM durable_steps WHERE run_id = %s AND owner IS NULL", run),
+                   [(1,)])
+    assert sql(pg_dsn, "SELECT seq, state, last_outcome FROM durable_steps WHERE run_id = %s", run) == [
+        (1, "pending", "reissued")  # the retry took the step over: re-sent as itself
+    ]
