@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 
 import hashlib
 
@@ -151,3 +153,26 @@ def test_a_digest_is_stable_and_names_key_and_occurrence() -> None:
     # the journal's SQL computes the same value (tests/test_journal_db.py checks it against PostgreSQL)
     assert digest("v1:abc", 0) == int.from_bytes(hashlib.sha256(b"0:v1:abc").digest()[:8], "big", signed=True)
     assert digest("v1:abc", 0) != digest("v1:abc", 1) != digest("v1:abd", 1)
+
+
+def test_one_sender_per_step_however_many_flows_wait_for_it() -> None:
+    """Three flows on one step: each waiter re-checks the slot when woken, so one holds it at a time
+    (were a woken waiter to take it without looking, two would send the step at once)."""
+    from durable_sidecar.inflight import InFlight
+
+    async def scenario() -> int:
+        in_flight, holding, most = InFlight(), 0, 0
+
+        async def flow() -> None:
+            nonlocal holding, most
+            assert await in_flight.enter(("r", "k", 0), 5)
+            holding += 1
+            most = max(most, holding)
+            await asyncio.sleep(0.01)
+            holding -= 1
+            in_flight.leave(("r", "k", 0))
+
+        await asyncio.gather(*(flow() for _ in range(3)))
+        return most
+
+    assert asyncio.run(scenario()) == 1

@@ -281,6 +281,7 @@ def test_take_over_follows_the_single_flight_rules(fresh_dsn: str) -> None:
         seen: dict[str, object] = {}
         try:
             owner = await sender.owner()
+            seen["lease-first"], seen["lease-second"] = await first.owner(), await second.owner()
             done = await sender.record(bare_step("tk", "v1:done", owner=owner))
             await sender.complete("tk", done.seq, "completed", 200, "OK", "HTTP/1.1", [], b"paid", 1.0, owner=owner)
             busy = await sender.record(bare_step("tk", "v1:busy", owner=owner))
@@ -305,6 +306,11 @@ def test_take_over_follows_the_single_flight_rules(fresh_dsn: str) -> None:
             seen["fail-policy"] = await third.take_over("tk", ref(busy.seq, "v1:busy"), "a4", False, 3600, dead)
             with pytest.raises(JournalError):  # not ours any more: the late sender's answer is refused
                 await sender.complete("tk", busy.seq, "completed", 200, "OK", "HTTP/1.1", [], b"late", 1.0, owner=owner)
+            # nor may its late failure or hang-up touch the step the winner is sending
+            await sender.fail("tk", busy.seq, "late failure", 1.0, owner)
+            await sender.let_go("tk", busy.seq, owner)
+            seen["after-late-sender"] = sql(fresh_dsn, "SELECT state, owner FROM durable_steps WHERE run_id = 'tk'"
+                                            " AND fingerprint = 'v1:busy'")
         finally:
             for journal in (sender, first, second, third):
                 await journal.close()
@@ -319,8 +325,10 @@ def test_take_over_follows_the_single_flight_rules(fresh_dsn: str) -> None:
     assert (suspect.in_flight, suspect.taken, suspect.generation) == (False, False, 1) and suspect.owner
     assert not seen["stale"].taken
     assert sorted(t.taken for t in seen["race"]) == [False, True]
-    loser = next(t for t in seen["race"] if not t.taken)
-    assert loser.in_flight  # the winner is alive: the loser waits for it
+    winner = next(j for j, t in zip(("first", "second"), seen["race"]) if t.taken)
+    assert seen["after-late-sender"] == [("pending", seen["lease-" + winner])]  # still the winner's, in flight
+    # the loser's look may predate the winner's commit (it saw the dead sender): it waits and looks
+    # again either way, and then sees the winner in flight, as the fail-policy sidecar does below
     assert seen["fail-policy"].in_flight and not seen["fail-policy"].taken
     assert sql(fresh_dsn, "SELECT state, response_body FROM durable_steps WHERE run_id = 'tk' AND fingerprint = 'v1:done'") == [
         ("completed", b"paid")
