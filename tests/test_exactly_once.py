@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import psycopg
+import pytest
 import requests
 
 from durable_sidecar import launcher
@@ -271,3 +272,24 @@ def test_an_orphan_is_finished_counted_and_replayed(sidecars: Sidecars, http_api
     assert "the sidecar finished the call and journaled its answer (orphan #1)" in sidecar.log()
     metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     assert "durable_orphans_finished_total 1.0" in metrics
+
+
+def test_an_orphan_past_its_timeout_is_let_go_and_resent_with_its_key(
+    sidecars: Sidecars, http_api: PaidApi, pg_dsn: str
+) -> None:
+    """The agent hangs up while the upstream works for 4 s; with durable_orphan_timeout=1s the sidecar
+    stops carrying the call after a second and leaves the step in doubt, nobody sending it (a later
+    attempt need not wait for the upstream), and the next attempt re-sends it with its original key."""
+    sidecar = sidecars.start(durable_orphan_timeout="1s")
+    run = new_run()
+    with pytest.raises(requests.RequestException):
+        via(sidecar, run, "a1").post(f"{http_api.url}/v1/payments?delay_ms=4000", json={"amount": 5}, timeout=0.5)
+    started = time.monotonic()
+    owner = "SELECT state, owner IS NULL FROM durable_steps WHERE run_id = %s"
+    while sql(pg_dsn, owner, run) != [("pending", True)] and time.monotonic() - started < 3:
+        time.sleep(0.05)
+    assert sql(pg_dsn, owner, run) == [("pending", True)] and time.monotonic() - started < 3  # let go at ~1 s, not 4
+    assert "orphan still unanswered after durable_orphan_timeout" in sidecar.log()
+    again = via(sidecar, run, "a2").post(f"{http_api.url}/v1/payments?delay_ms=4000", json={"amount": 5}, timeout=30)
+    assert again.headers["Durable-Outcome"] == "reissued" and again.json()["payment_id"] == "pay_1"
+    assert len(http_api.books()["booked"]) == 1  # the original key: the upstream booked it once
