@@ -260,3 +260,24 @@ def test_secrets_in_urls_are_never_stored_or_logged_in_clear(
     for secret in URL_SECRETS:
         assert secret not in dump, f"{secret} is in the journal"
         assert secret not in log, f"{secret} is in the sidecar's log"
+
+
+def test_cookies_and_matched_credentials_are_never_journaled_in_clear(
+    sidecars: Sidecars, http_api: PaidApi, fresh_dsn: str
+) -> None:
+    """A Cookie header, and an Authorization header the fingerprint matches on (two tenants, two
+    steps): in the journal only as keyed hashes, though matching still tells the two apart."""
+    sidecar = sidecars.start(durable_dsn=fresh_dsn, durable_match_headers="authorization")
+    run = new_run()
+    tenants = ("Bearer tenant-one-SECRET-111", "Bearer tenant-two-SECRET-222")
+    cookie = "session=cookie-SECRET-333"
+    outcomes = []
+    for attempt in ("a1", "a2"):
+        for tenant in tenants:
+            r = requests.get(f"{http_api.url}/v1/search?q=same", headers={"Authorization": tenant, "Cookie": cookie},
+                             proxies={"http": sidecar.proxy_url(run, attempt)}, timeout=30)
+            outcomes.append(r.headers["Durable-Outcome"])
+    assert outcomes == ["recorded", "recorded", "replayed", "replayed"]
+    dump = pg_dump(fresh_dsn)
+    for secret in (*tenants, "tenant-one-SECRET-111", "tenant-two-SECRET-222", "cookie-SECRET-333"):
+        assert secret not in dump, f"{secret} is in the journal"
