@@ -42,12 +42,15 @@ def gone(pids: list[int], timeout: float = 15) -> list[int]:
         time.sleep(0.1)
 
 
-def start_run(tmp_path: Path, dsn: str | None, env: dict[str, str]) -> tuple[subprocess.Popen[str], int, list[int]]:
-    """`durable run -- sh` whose agent writes its pid and sleeps: the launcher, the agent's pid, and
-    every process the launcher started."""
+def start_run(
+    tmp_path: Path, dsn: str | None, env: dict[str, str], agent: str = "exec sleep 60"
+) -> tuple[subprocess.Popen[str], int, list[int]]:
+    """`durable run -- sh` whose agent writes its pid and sleeps (or runs `agent`): the launcher, the
+    agent's pid, and every process the launcher started."""
     pidfile = tmp_path / f"agent-{time.monotonic_ns()}.pid"
     args = [DURABLE, "run", "--run", new_run()] + (["--dsn", dsn] if dsn else [])
-    proc = subprocess.Popen(args + ["--", "sh", "-c", f"echo $$ > {pidfile}; exec sleep 60"],
+    proc = subprocess.Popen(args + ["--", "sh", "-c", f"{agent.replace('PIDFILE', str(pidfile))}" if "PIDFILE" in agent
+                                    else f"echo $$ > {pidfile}; {agent}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     agent = int(wait_for(pidfile))
     started = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
@@ -65,6 +68,18 @@ def test_a_signal_to_durable_run_reaches_the_agent_and_leaves_nothing_behind(
     assert proc.returncode == 128 + sig  # the agent's status: killed by the signal passed on
     assert "0 recorded, 0 replayed" in stderr and "Traceback" not in stderr  # the summary, no traceback
     assert gone(started) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_signal_to_durable_run_reaches_the_agents_children_too(sig: signal.Signals, pg_dsn: str, tmp_path: Path) -> None:
+    """An agent that is a shell with a child of its own: the signal goes to the agent's whole process
+    group, so the child does not live on (sent to the shell's pid alone, the sleep would)."""
+    proc, agent, started = start_run(tmp_path, pg_dsn, env_without_proxy(), "sleep 60 & echo $$ > PIDFILE; wait")
+    children = [c.pid for c in psutil.Process(agent).children()]
+    assert children and all(c in started for c in children)
+    proc.send_signal(sig)
+    proc.communicate(timeout=30)
+    assert gone(children) == [] and gone(started) == []
 
 
 def test_embedded_postgres_stops_with_the_last_launcher(embedded_home: Path, tmp_path: Path) -> None:
