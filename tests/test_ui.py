@@ -243,3 +243,34 @@ def test_a_rebound_dns_name_gets_nothing(pg_dsn: str, crashed_and_resumed) -> No
                 chromium.close()
         assert requests.get(f"{base}/runs/{run}", timeout=10).status_code == 200  # its own address works
     assert sql(pg_dsn, "SELECT count(*) FROM durable_runs WHERE id = %s", run) == [(1,)]
+
+
+PAYLOAD = "<script>window.pwned = 1</script><img src=x onerror='window.pwned = 2'>"
+
+
+def test_journaled_markup_is_shown_as_text_never_run(ui: str, browser, sidecars: Sidecars, http_api: PaidApi) -> None:
+    """A recorded request and answer carrying markup: the step page and the error page show it as
+    text, and no script of it runs in the operator's browser (the page holds the action token)."""
+    sidecar = sidecars.start()
+    run = new_run()
+    r = requests.post(f"{http_api.url}/v1/echo?note={PAYLOAD}", data=PAYLOAD.encode(),
+                      proxies={"http": sidecar.proxy_url(run, "a1")}, timeout=30)
+    assert r.headers["Durable-Outcome"] == "recorded"
+    page = browser.new_page()
+    page.goto(f"{ui}/runs/{run}/steps/1")
+    assert PAYLOAD in page.inner_text("body")
+    assert page.evaluate("window.pwned === undefined")
+    page.goto(f"{ui}/runs/{PAYLOAD.replace('/', '%2F')}/steps/1")  # an error page naming the bad run id
+    assert page.evaluate("window.pwned === undefined")
+
+
+def test_actions_need_the_auth_secret_as_much_as_pages(pg_dsn: str, crashed_and_resumed) -> None:
+    """With DURABLE_AUTH_SECRET set, an action with a valid action token but no credentials is refused
+    and changes nothing (the token alone is not the secret)."""
+    _, run = crashed_and_resumed
+    for base in start_ui(pg_dsn, DURABLE_AUTH_SECRET="team-secret"):
+        page = requests.get(f"{base}/runs/{run}", auth=("me", "team-secret"), timeout=10).text
+        token = re.search(r'name="_xsrf" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+        r = requests.post(f"{base}/runs/{run}/delete", data={"_xsrf": token, "confirm": "yes"}, timeout=10)
+        assert r.status_code == 401
+    assert sql(pg_dsn, "SELECT count(*) FROM durable_runs WHERE id = %s", run) == [(1,)]
