@@ -30,7 +30,9 @@ err = Console(stderr=True, soft_wrap=True, highlight=False)
 OWN_OPTIONS = {"listen_port": "--port", "listen_host": "--listen-host", "confdir": "--confdir"}
 
 
-def set_options(cmd: str, pairs: list[str], dsn: str | None) -> dict[str, str]:
+def set_options(args: argparse.Namespace) -> dict[str, str]:
+    """The sidecar's options from --set, --dsn and --upstream-ca."""
+    cmd, pairs, dsn = args.cmd, args.set, args.dsn
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -49,6 +51,10 @@ def set_options(cmd: str, pairs: list[str], dsn: str | None) -> dict[str, str]:
         options[key] = value
     if dsn:
         options["durable_dsn"] = dsn
+    if args.upstream_ca:  # mitmproxy's own option, under a name a user looks for
+        if not Path(args.upstream_ca).is_file():
+            raise SystemExit(f"durable {cmd}: --upstream-ca {args.upstream_ca}: no such file")
+        options["ssl_verify_upstream_trusted_ca"] = str(Path(args.upstream_ca).resolve())
     return options
 
 
@@ -87,7 +93,7 @@ def emit(args: argparse.Namespace, data: Any, columns: list[str], title: str) ->
 
 
 def cmd_proxy(args: argparse.Namespace) -> int:
-    options = set_options("proxy", args.set, args.dsn)
+    options = set_options(args)
     with socket.socket() as probe:  # mitmproxy's own message for a busy port names its flags, not ours
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -129,7 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.command:
         raise SystemExit("durable run: give the agent's command after --")
     identity.validate_id(args.run, "run id")
-    options = set_options("run", args.set, args.dsn)
+    options = set_options(args)
     secret = options.get("durable_auth_secret") or os.environ.get("DURABLE_AUTH_SECRET")
     plan = runner.Plan(
         run=args.run,
@@ -497,6 +503,12 @@ def parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a mitmproxy or durable_* option for the sidecar (repeatable)",
     )
+    sidecar_opts.add_argument(
+        "--upstream-ca",
+        metavar="FILE",
+        help="also trust this CA (PEM) for upstreams with a private or self-signed certificate "
+        "(mitmproxy's ssl_verify_upstream_trusted_ca)",
+    )
 
     p = argparse.ArgumentParser(prog="durable", description=__doc__)
     p.add_argument("--version", action="version", version=f"durable {version()}")
@@ -649,7 +661,12 @@ def main(argv: list[str] | None = None) -> None:
     if getattr(args, "curl", None) and args.curl[:1] == ["--"]:
         args.curl = args.curl[1:]
     try:
-        sys.exit(args.func(args))
+        code = args.func(args)
+        sys.stdout.flush()  # here, not at exit: a reader that left (`| head -1`) is handled below
+        sys.exit(code)
+    except BrokenPipeError:  # `durable db stop | head -1`: the reader left, nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     except (operations.OperatorError, identity.IdentityError, ValueError, OSError) as e:
         err.print(f"durable {args.cmd}: {e}", highlight=False)
         sys.exit(1)

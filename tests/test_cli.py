@@ -285,3 +285,18 @@ def test_an_encrypted_journal_keeps_divergence_values_sealed(sidecars: Sidecars,
     rotated = crypto.new_key_spec("k2")  # rekey re-seals the diff too: k2 alone then opens it
     durable("rekey", "--dsn", pg_dsn, env={**env, crypto.ENV: f"{rotated},{key}"})
     assert '"PASSWORD-SECRET111"' in durable("diff", run, "--dsn", pg_dsn, env={**env, crypto.ENV: rotated}).stdout
+
+
+def test_a_reader_that_leaves_early_gets_no_broken_pipe_error() -> None:
+    """`durable ... | head -1`: the pipe's reader is gone before durable writes; it exits quietly."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    read, write = os.pipe()
+    os.close(read)  # the reader left
+    done = subprocess.run([str(Path(sys.executable).with_name("durable")), "ca", "path"], stdout=write,
+                          stderr=subprocess.PIPE, text=True, timeout=60)
+    os.close(write)
+    assert done.returncode == 0 and "Broken pipe" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr

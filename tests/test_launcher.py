@@ -180,6 +180,16 @@ def test_the_summary_behind_a_running_sidecar_counts_the_replays(
     assert http_api.books()["calls"] == 3
 
 
+def test_an_upstream_with_a_private_ca_needs_upstream_ca(https_api: PaidApi, pg_dsn: str) -> None:
+    """The local HTTPS upstream signs with a CA of its own: refused (502) until `--upstream-ca` names it."""
+    curl = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{https_api.url}/v1/search?q=private-ca"]
+    refused = durable_run("--dsn", pg_dsn, "--", *curl)
+    trusted = durable_run("--dsn", pg_dsn, "--upstream-ca", str(https_api.ca), "--", *curl)
+    assert refused.stdout == "502" and trusted.stdout == "200", (refused.stdout, trusted.stdout, trusted.stderr)
+    missing = durable_run("--dsn", pg_dsn, "--upstream-ca", "/nonexistent/ca.pem", "--", "true")
+    assert missing.returncode != 0 and "no such file" in missing.stderr
+
+
 def test_a_failed_sidecar_names_its_log_and_logs_are_pruned(pg_dsn: str) -> None:
     out = durable_run("--dsn", pg_dsn, "--set", "durable_in_doubt=sometimes", "--", "true")
     assert out.returncode == 1 and "the sidecar did not start" in out.stderr
