@@ -36,6 +36,7 @@ STAMP="$ROOT/.venv/.installed-$EXTRA-$(cksum < "$ROOT/pyproject.toml" | cut -d' 
 if [ ! -f "$STAMP" ]; then
     echo "installing durable-sidecar[$EXTRA] into .venv" >&2
     "$PY" -m pip install --quiet --disable-pip-version-check --upgrade pip >&2
-    "$PY" -m pip install --quiet --disable-pip-version-check -e "$ROOT[$EXTRA]" >&2
+    # PYTHONWARNINGS: setuptools' boxed "Editable installation" notice says nothing a user can act on
+    PYTHONWARNINGS=ignore "$PY" -m pip install --quiet --disable-pip-version-check -e "$ROOT[$EXTRA]" >&2
     touch "$STAMP"
 fi
