@@ -306,6 +306,14 @@ class Export(Handler):
         self.finish(data)
 
 
+class NoIcon(tornado.web.RequestHandler):
+    """Browsers ask every page for /favicon.ico: nothing to show, and not a 404 in every console."""
+
+    def get(self) -> None:
+        self.set_status(204)
+        self.finish()
+
+
 def allowed_hosts(host: str, port: int, names: list[str]) -> frozenset[str]:
     """The `Host` values the UI answers: its address (and `localhost` for a loopback one) with its
     port, and each of `names` (with this port, unless the name gives one: a reverse proxy's)."""
@@ -321,6 +329,7 @@ def app(dsn: str, secret: str | None, hosts: frozenset[str]) -> tornado.web.Appl
     return tornado.web.Application(
         [
             (r"/", Runs, state),
+            (r"/favicon\.ico", NoIcon),
             (run, Run, state),
             (run + "/live", Live, state),
             (run + r"/steps/(\d+)", StepPage, state),

@@ -274,3 +274,15 @@ def test_actions_need_the_auth_secret_as_much_as_pages(pg_dsn: str, crashed_and_
         r = requests.post(f"{base}/runs/{run}/delete", data={"_xsrf": token, "confirm": "yes"}, timeout=10)
         assert r.status_code == 401
     assert sql(pg_dsn, "SELECT count(*) FROM durable_runs WHERE id = %s", run) == [(1,)]
+
+
+def test_a_step_page_shows_durations_and_doubt_as_people_read_them(ui: str, crashed_and_resumed, pg_dsn: str) -> None:
+    """A duration to a tenth of a millisecond (not 196.32857799996373 ms); an in-doubt step says it was
+    not answered (not `completed · 0 ms`); no page 404s on /favicon.ico."""
+    _, run = crashed_and_resumed
+    page = requests.get(f"{ui}/runs/{run}/steps/1", timeout=10).text
+    assert re.search(r"completed [^<]*·\s+\d+\.\d ms", page) and not re.search(r"\d+\.\d{2,} ms", page)
+    sql(pg_dsn, "UPDATE durable_steps SET state = 'pending', completed_at = NULL WHERE run_id = %s AND seq = 4 RETURNING seq", run)
+    doubt = requests.get(f"{ui}/runs/{run}/steps/4", timeout=10).text
+    assert "not answered (in doubt)" in doubt and "completed" not in doubt.split("not answered")[0][-80:]
+    assert requests.get(f"{ui}/favicon.ico", timeout=10).status_code == 204
