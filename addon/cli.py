@@ -128,7 +128,7 @@ def cmd_proxy(args: argparse.Namespace) -> int:
 NO_CALLS_HINT = """durable: the agent made no call through the sidecar. Clients that ignore HTTPS_PROXY:
   Node's built-in fetch before Node 22.21 / 24.5 (durable run sets NODE_USE_ENV_PROXY=1, which later ones honour;
   older ones: undici's EnvHttpProxyAgent), Go programs with their own http.Transport, clients built with
-  trust_env=False or an explicit proxy=None. See "Clients that ignore proxy variables" in the README."""
+  trust_env=False or an explicit proxy=None. See docs/cli.md, "Clients that ignore proxy variables"."""
 
 
 def cmd_run(args: argparse.Namespace) -> int:
