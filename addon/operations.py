@@ -137,7 +137,8 @@ def steps(conn: Conn, run: str) -> list[dict[str, Any]]:
         """
         SELECT seq, method, url, state, status, attempt, last_attempt, last_outcome, replay_count AS replays,
                round(duration_ms::numeric, 1)::float8 AS duration_ms, streamed, truncated, idempotency_key,
-               started_at, completed_at, divergence IS NOT NULL AS diverged, response_headers, response_body
+               started_at, completed_at, divergence IS NOT NULL AS diverged, approved, response_headers,
+               response_body
         FROM durable_steps WHERE run_id = %s ORDER BY seq
         """,
         (run,),

@@ -138,7 +138,15 @@ def test_fork_edit_resolve_delete_and_download_from_the_browser(
         (201, b'{"edited": true}')]
 
     sql(pg_dsn, "UPDATE durable_steps SET state = 'pending' WHERE run_id = %s AND seq = 4 RETURNING 1", run)
-    page.goto(f"{ui}/runs/{run}/steps/4")  # an in-doubt step (as a crash mid-call leaves it): forget it
+    page.goto(f"{ui}/runs/{run}/steps/4")  # an in-doubt step (as a crash mid-call leaves it): approve its re-send
+    page.check("input[name=how][value=reissue]")
+    page.locator("form[action$='/resolve'] input[name=confirm]").check()
+    page.locator("form[action$='/resolve'] button").click()
+    page.goto(f"{ui}/runs/{run}/steps/4")
+    assert "approved for re-send" in page.inner_text("body")  # the choice shows where it was made
+    shown = subprocess.run([DURABLE, "show", run, "--dsn", pg_dsn, "--json"], capture_output=True, text=True, check=True)
+    assert [s["approved"] for s in json.loads(shown.stdout)["steps"] if s["seq"] == 4] == [True]
+    page.goto(f"{ui}/runs/{run}/steps/4")  # then think again: forget it
     page.check("input[name=how][value=forget]")
     page.locator("form[action$='/resolve'] input[name=confirm]").check()
     page.locator("form[action$='/resolve'] button").click()
