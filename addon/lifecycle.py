@@ -600,7 +600,7 @@ class Lifecycle:
             resp.status_code,
             resp.reason,
             resp.http_version,
-            encode_headers(resp.headers.fields),
+            encode_headers(responses.unlabelled(resp.headers.fields)),
             body,
             elapsed_ms(step),
             streamed=step.tee is not None,

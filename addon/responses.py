@@ -140,13 +140,19 @@ def refusal(status: int, reason: str, **details: Any) -> http.Response:
     return http.Response.make(status, json.dumps(body, indent=None).encode() + b"\n", headers)
 
 
+def unlabelled(fields: tuple[tuple[bytes, bytes], ...]) -> tuple[tuple[bytes, bytes], ...]:
+    """Header pairs without the sidecar's own labels: what the upstream sent, as journaled (a streamed
+    answer was labelled before its end, and the journal must not say `recorded` for its replays)."""
+    return tuple(pair for pair in fields if pair[0].lower() not in LABEL_NAMES)
+
+
 def label(response: http.Response, run: str | None, seq: int | None, outcome: str) -> None:
     """Stamp the durable headers on what the agent receives, replacing any the answer carried. One
     pass over the raw pairs (three `headers[name] = value` would scan and rebuild them three times,
     on every call)."""
     fields = response.headers.fields
     if any(name.lower() in LABEL_NAMES for name, _ in fields):
-        fields = tuple(pair for pair in fields if pair[0].lower() not in LABEL_NAMES)
+        fields = unlabelled(fields)
     response.headers.fields = fields + tuple(
         (name.encode(), value.encode("latin-1", "replace")) for name, value in labels(run, seq, outcome)
     )

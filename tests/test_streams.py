@@ -48,7 +48,8 @@ def test_openai_stream_arrives_live_and_replays_identically(
     state = lambda: sql(pg_dsn, "SELECT state, streamed, truncated FROM durable_steps WHERE run_id = %s", run)  # noqa: E731
     assert eventually(state, [("completed", True, False)]) == [("completed", True, False)]
 
-    raw_first = sql(pg_dsn, "SELECT response_body FROM durable_steps WHERE run_id = %s", run)[0][0]
+    raw_first, stored = sql(pg_dsn, "SELECT response_body, response_headers FROM durable_steps WHERE run_id = %s", run)[0]
+    assert not [k for k, *_ in stored if k.lower().startswith("durable-")]  # the upstream's headers, not our labels
     with httpx.Client(proxy=sidecar.proxy_url(run, "a2"), verify=ssl.create_default_context(cafile=str(ca_bundle)), trust_env=False) as c:
         r = c.post(f"{https_api.url}/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "stream": True,
                                                                  "x_event_delay_ms": 150})
