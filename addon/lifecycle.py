@@ -106,7 +106,14 @@ class Lifecycle:
         version = await self._fp_version(ident.run)
         try:
             decoded, env, key = await offload.run_cpu(
-                len(raw.body), s.offload_bytes, fingerprint.match, raw, ident.step_key, s.body_cap, s.rules, version
+                fingerprint.cost(raw),
+                s.offload_bytes,
+                fingerprint.match,
+                raw,
+                ident.step_key,
+                s.body_cap,
+                s.rules,
+                version,
             )
             body = raw.body if decoded is None else decoded
         except bodies.OverCap as e:

@@ -4,8 +4,10 @@ agent's replay.
 Two kinds of work, two places. Parsing and canonicalising JSON (fingerprints, redaction, diffs) is
 C code that holds the GIL for its whole run (json.loads of 15 MiB: ~200 ms), so a thread would not
 free the loop: it goes to a worker process (spawned on first use, one per sidecar). Encryption
-releases the GIL: a thread is enough. Bodies up to the threshold (durable_offload_bytes, 1 MiB)
-stay inline, where the hop would cost more than the work.
+releases the GIL: a thread is enough. Work whose estimated cost stays under the threshold
+(durable_offload_bytes, 1 MiB) stays inline, where the hop would cost more than the work; the cost
+of a body is its bytes plus its structure (fingerprint.cost: a multipart part costs like a KiB), so
+a small body of thousands of parts does not stall the loop either.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def _pool() -> ProcessPoolExecutor:
     global _processes
     if _processes is None:  # spawned, not forked: the sidecar has threads (psycopg, metrics)
         _processes = ProcessPoolExecutor(
-            max_workers=1,
+            max_workers=max(1, min(4, (os.cpu_count() or 2) - 1)),  # one big body never queues the rest
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_die_with,
             initargs=(os.getpid(),),

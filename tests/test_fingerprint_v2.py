@@ -132,3 +132,24 @@ def test_a_run_journaled_under_v1_keeps_matching_under_v1(sidecars: Sidecars, ht
     assert again.headers["Durable-Outcome"] == third.headers["Durable-Outcome"] == "replayed"
     assert again.content == third.content == first.content
     assert http_api.books()["calls"] == 1
+
+
+def test_the_cost_of_a_body_counts_its_structure_not_only_its_bytes() -> None:
+    """A 280 KB multipart body of 5,000 parts costs more than the 1 MiB offload threshold (it is
+    parsed in the worker, not on the event loop); the same bytes as plain text stay inline."""
+    parts = b"".join(f'--b\r\nContent-Disposition: form-data; name="f{n}"\r\n\r\nv\r\n'.encode() for n in range(5000))
+    body = parts + b"--b--\r\n"
+    assert len(body) < 400_000
+    assert fp.cost(req(body=body, headers=[("Content-Type", "multipart/form-data; boundary=b")])) > 1024 * 1024
+    assert fp.cost(req(body=body, headers=[("Content-Type", "text/plain")])) == len(body)
+
+
+def test_a_body_too_deep_or_too_many_parted_is_digested_as_its_bytes() -> None:
+    """JSON nested 1,500 deep and a multipart body past MAX_PARTS are never refused: each is digested
+    as its bytes, so it matches itself and differs from any other body."""
+    deep = b"[" * 1500 + b"]" * 1500
+    assert key(req(body=deep)) == key(req(body=deep)) != key(req(body=b"[" * 1499 + b"]" * 1499))
+    assert fp.envelope(req(body=deep))["body"]["kind"] == "raw"
+    many = b"".join(b"--b\r\n\r\nv\r\n" for _ in range(fp.MAX_PARTS + 1)) + b"--b--\r\n"
+    env = fp.envelope(req(body=many, headers=[("Content-Type", "multipart/form-data; boundary=b")]))
+    assert env["body"]["kind"] == "raw"
