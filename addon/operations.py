@@ -130,6 +130,18 @@ def _require_run(conn: Conn, run: str) -> dict[str, Any]:
     return row
 
 
+def run_version(conn: Conn, run: str) -> str:
+    """What changes whenever a run's steps do (a step added, answered, resolved, replayed): one
+    indexed aggregate, so a live view asks it every second and reads the steps only on a change."""
+    row = conn.execute(
+        "SELECT count(*) AS n, sum(replay_count) AS replays, max(greatest(started_at, completed_at, replayed_at))"
+        " AS latest, count(*) FILTER (WHERE state = 'pending') AS pending, bool_or(approved) AS approved"
+        " FROM durable_steps WHERE run_id = %s",
+        (run,),
+    ).fetchone()
+    return "-".join(str(row[k]) for k in ("n", "replays", "latest", "pending", "approved")) if row else ""
+
+
 def steps(conn: Conn, run: str) -> list[dict[str, Any]]:
     """One row per step, with the tokens its answer reports (what a replay of it saves)."""
     _require_run(conn, run)

@@ -294,3 +294,19 @@ def test_a_step_page_shows_durations_and_doubt_as_people_read_them(ui: str, cras
     doubt = requests.get(f"{ui}/runs/{run}/steps/4", timeout=10).text
     assert "not answered (in doubt)" in doubt and "completed" not in doubt.split("not answered")[0][-80:]
     assert requests.get(f"{ui}/favicon.ico", timeout=10).status_code == 204
+
+
+def test_the_live_view_sends_nothing_while_the_run_is_unchanged(
+    ui: str, crashed_and_resumed, sidecars: Sidecars, http_api: PaidApi
+) -> None:
+    """The run page polls every second: while nothing changed the answer is a bodiless 204 (a long
+    run's page is megabytes); a new step sends the steps again, with a new version."""
+    sidecar, run = crashed_and_resumed
+    page = requests.get(f"{ui}/runs/{run}", timeout=10).text
+    version = re.search(r'data-version="([^"]*)"', page).group(1)  # type: ignore[union-attr]
+    quiet = requests.get(f"{ui}/runs/{run}/live", params={"since": version}, timeout=10)
+    assert quiet.status_code == 204 and quiet.content == b""
+    assert chat(sidecar, http_api, run, "a2", 9) == "recorded"
+    changed = requests.get(f"{ui}/runs/{run}/live", params={"since": version}, timeout=10)
+    assert changed.status_code == 200 and changed.json()["version"] != version
+    assert f"/runs/{run}/steps/5" in changed.json()["html"]
