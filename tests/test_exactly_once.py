@@ -293,3 +293,23 @@ def test_an_orphan_past_its_timeout_is_let_go_and_resent_with_its_key(
     again = via(sidecar, run, "a2").post(f"{http_api.url}/v1/payments?delay_ms=4000", json={"amount": 5}, timeout=30)
     assert again.headers["Durable-Outcome"] == "reissued" and again.json()["payment_id"] == "pay_1"
     assert len(http_api.books()["booked"]) == 1  # the original key: the upstream booked it once
+
+
+def test_under_fail_a_step_in_flight_elsewhere_is_waited_for_not_refused(
+    sidecars: Sidecars, http_api: PaidApi
+) -> None:
+    """durable_in_doubt=fail is for steps nobody is sending. A second attempt, on another sidecar,
+    reaching a step the first sidecar has in flight waits for it and gets it replayed: no 409."""
+    options = {"durable_in_doubt": "127.0.0.1=fail"}
+    first, second = sidecars.start(**options), sidecars.start(**options)
+    run, url = new_run(), f"{http_api.url}/v1/generate?delay_ms=2000"
+    answers: dict[str, requests.Response] = {}
+    sender = threading.Thread(target=lambda: answers.setdefault("a1", via(first, run, "a1").post(url, json={"prompt": "p"})))
+    sender.start()
+    deadline = time.monotonic() + 10
+    while http_api.books()["calls"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    waiting = via(second, run, "a2").post(url, json={"prompt": "p"})
+    sender.join()
+    assert waiting.status_code == 200 and waiting.headers["Durable-Outcome"] == "replayed", waiting.text
+    assert waiting.content == answers["a1"].content and http_api.books()["calls"] == 1
