@@ -128,9 +128,19 @@ class Lease:
                     await asyncio.sleep(RETAKE_S)
 
     async def close(self) -> None:
+        """Give the lease up, deterministically: the keeper has stopped and the lock is released by the
+        time this returns (a closed session's lock is dropped by the server a moment later)."""
         self._dsn = ""
-        if self._keeper is not None:
-            self._keeper.cancel()
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
         conn, self._conn = self._conn, None
         if conn is not None:
+            try:
+                await database.within(
+                    self._timeout_s, conn.execute("SELECT pg_advisory_unlock(%s, %s)", (CLASS, self.id))
+                )
+            except (psycopg.Error, TimeoutError):
+                pass  # a broken connection: its lock goes with it
             await conn.close()
