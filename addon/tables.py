@@ -7,15 +7,27 @@ than the terminal, the wide columns (URLs, run ids) shrink and their cells fold 
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 
 GAP = "  "
 MIN_WIDE = 12
 
 
+def output_width() -> int | None:
+    """How wide a table may be: $COLUMNS when set, else the terminal's; None (no limit) when the
+    output is piped or redirected: a file or `grep` wants whole run ids and rows, as `ps` gives them."""
+    if os.environ.get("COLUMNS", "").isdigit():
+        return int(os.environ["COLUMNS"])
+    if not sys.stdout.isatty():
+        return None
+    return shutil.get_terminal_size().columns
+
+
 def render(title: str, headers: list[str], rows: list[list[str]], wide: set[int], width: int | None = None) -> str:
-    """The table as text no wider than `width` (default: the terminal's, $COLUMNS when piped)."""
-    width = width or shutil.get_terminal_size().columns
+    """The table as text no wider than `width` (default: output_width(); None: as wide as it is)."""
+    width = width or output_width() or 1 << 30
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
     over = sum(widths) + len(GAP) * (len(widths) - 1) - width
     for i in sorted(wide, key=lambda i: -widths[i]):  # take from the widest first, never below MIN_WIDE

@@ -22,3 +22,16 @@ def test_a_table_fits_the_width_and_folds_the_wide_column_without_losing_text() 
 def test_a_narrow_table_is_left_as_it_is() -> None:
     text = tables.render("runs", ["run", "steps"], [["r1", "3"]], wide={0}, width=200)
     assert text.splitlines()[2:] == ["───  ─────", "r1   3"]
+
+
+def test_piped_tables_keep_whole_rows_and_columns_is_honoured(monkeypatch) -> None:
+    """`durable runs | grep x` or `> file`: no terminal, so no 80-column folding of run ids; an
+    explicit $COLUMNS still fits the table."""
+    import io
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.setattr("sys.stdout", io.StringIO())  # piped: not a terminal
+    text = tables.render("run", ["seq", "url"], [["1", URL * 2]], wide={1})
+    assert URL * 2 in text
+    monkeypatch.setenv("COLUMNS", "60")
+    assert max(map(len, tables.render("run", ["seq", "url"], [["1", URL]], wide={1}).splitlines())) <= 60
