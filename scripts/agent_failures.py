@@ -290,15 +290,30 @@ SCENARIOS: dict[str, Callable[[Rig, str], Result]] = {
 }
 
 
-def run_once(rig: Rig, scenario: str, endpoint: str) -> Result:
-    """One run of a scenario in a database of its own, with the upstream's books cleared."""
-    rig.dsn = database.create_database(rig.admin_dsn, "durable_failures")
+def isolated[T](rig: Rig, prefix: str, work: Callable[[], T]) -> T:
+    """`work` in a database of its own with the upstream's books cleared; its sidecars and database
+    are gone afterwards (shared with connection_failures.py)."""
+    rig.dsn = database.create_database(rig.admin_dsn, prefix)
     rig.reset()
     try:
-        return SCENARIOS[scenario](rig, endpoint)
+        return work()
     finally:
         rig.close()
         database.drop_database(rig.admin_dsn, rig.dsn)
+
+
+def arguments(doc: str, scenarios: list[str]) -> argparse.Namespace:
+    """The command line both failure tables take: --runs, --dsn, --only."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--dsn", help="a PostgreSQL that may create databases (default: $DATABASE_URL, else embedded)")
+    parser.add_argument("--only", choices=sorted(scenarios), action="append")
+    return parser.parse_args()
+
+
+def run_once(rig: Rig, scenario: str, endpoint: str) -> Result:
+    """One run of a scenario in a database of its own, with the upstream's books cleared."""
+    return isolated(rig, "durable_failures", lambda: SCENARIOS[scenario](rig, endpoint))
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -321,11 +336,7 @@ def sql(dsn: str, query: str, *params: Any) -> list[tuple]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--dsn", help="a PostgreSQL that may create databases (default: $DATABASE_URL, else embedded)")
-    parser.add_argument("--only", choices=sorted(SCENARIOS), action="append")
-    args = parser.parse_args()
+    args = arguments(__doc__ or "", list(SCENARIOS))
 
     admin = database.resolve(args.dsn).dsn
     with tempfile.TemporaryDirectory(prefix="durable-failures-") as tmp:

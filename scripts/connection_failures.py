@@ -28,7 +28,6 @@ Usage: .venv/bin/python scripts/connection_failures.py [--runs 20] [--dsn DSN] [
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -49,10 +48,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 import paid_api  # noqa: E402
-from agent_failures import ENDPOINTS, Rig, sql  # noqa: E402
+from agent_failures import ENDPOINTS, Rig, arguments, isolated, sql  # noqa: E402
 from relay import Relay  # noqa: E402
 
-from durable_sidecar import database, launcher, lease  # noqa: E402
+from durable_sidecar import database, lease  # noqa: E402
 
 DB_TIMEOUT_MS = 1000
 PAID_PATHS = {path for path, _ in ENDPOINTS.values()}
@@ -230,7 +229,8 @@ def link_frozen(rig: Rig, endpoint: str) -> Result:
 
 DYING_AGENT = """
 import json, os, sys, threading, time, requests
-threading.Thread(target=lambda: requests.post(sys.argv[1], json=json.loads(sys.argv[2]), timeout=60), daemon=True).start()
+call = lambda: requests.post(sys.argv[1], json=json.loads(sys.argv[2]), timeout=60)  # noqa: E731
+threading.Thread(target=call, daemon=True).start()
 time.sleep(0.5)
 os._exit(3)  # dies while the upstream works on its call
 """
@@ -295,21 +295,11 @@ BOUND_S = DB_TIMEOUT_MS / 1000 + 1  # the longest an agent may wait for an answe
 
 def run_once(rig: Rig, scenario: str, endpoint: str) -> Result:
     """One run of a scenario in a database of its own, with the upstream's books cleared."""
-    rig.dsn = database.create_database(rig.admin_dsn, "durable_links")
-    rig.reset()
-    try:
-        return SCENARIOS[scenario](rig, endpoint)
-    finally:
-        rig.close()
-        database.drop_database(rig.admin_dsn, rig.dsn)
+    return isolated(rig, "durable_links", lambda: SCENARIOS[scenario](rig, endpoint))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--dsn", help="a PostgreSQL that may create databases (default: $DATABASE_URL, else embedded)")
-    parser.add_argument("--only", choices=sorted(SCENARIOS), action="append")
-    args = parser.parse_args()
+    args = arguments(__doc__ or "", list(SCENARIOS))
 
     admin = database.resolve(args.dsn).dsn
     with tempfile.TemporaryDirectory(prefix="durable-links-") as tmp:
