@@ -219,12 +219,18 @@ class Lifecycle:
         connection to the upstream); otherwise the upstream may have it: the step is in doubt."""
         assert step.run is not None and step.seq is not None
         step.live = False
-        state = "pending"
+        state, held = "pending", False
         try:
             if flow.response is not None:  # the upstream began to answer: unless it was complete, in doubt
                 truncated = step.tee is None or not step.tee.complete()
                 state, commit = self._answer(flow.response, step, truncated)
-                await commit()
+                try:
+                    await commit()
+                except JournalError as e:  # a whole answer in hand is held, as finish() does
+                    size = len(step.tee.recorded()) if step.tee is not None else 0
+                    if truncated or isinstance(e, NotOurs) or not (held := self._hold(step, state, commit, size)):
+                        raise
+                    return
             elif never_left(flow):
                 await self.journal.fail(step.run, step.seq, message, elapsed_ms(step), step.owner)
                 state = "failed"
@@ -243,9 +249,10 @@ class Lifecycle:
                 "durable: run=%s seq=%s failure not journaled (%s); step stays in doubt", step.run, step.seq, e
             )
         finally:
-            self.in_flight.leave(step.slot)
-            if state == "pending":
-                self._give_back(step)
+            if not held:  # a held answer keeps its step in flight here until it is journaled
+                self.in_flight.leave(step.slot)
+                if state == "pending":
+                    self._give_back(step)
 
     def _hold(self, step: Step, state: str, commit: Callable[[], Awaitable[None]], size: int) -> bool:
         """Keep an answer whose commit failed (repairs.py): the step stays in flight here, its claim

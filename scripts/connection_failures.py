@@ -22,6 +22,7 @@ Scenarios (tests/test_connection_failures.py runs each once):
   link-frozen          the link freezes (no reset): every call is answered within durable_db_timeout + 1 s
   run-drains           `durable run`'s agent dies mid-call: the launcher's sidecar drains before it exits
   same-shell-rerun     the agent is started twice under one exported attempt id
+  hangup-commit-fails  an MCP client hangs up at its response while the journal's link is cut
 
 Usage: .venv/bin/python scripts/connection_failures.py [--runs 20] [--dsn DSN] [--only SCENARIO]
 """
@@ -227,6 +228,47 @@ def link_frozen(rig: Rig, endpoint: str) -> Result:
         return judge(rig, answers, result, calls=3)
 
 
+def mcp_call(
+    client: httpx.Client, url: str, session: str | None, rpc_id: int, method: str, at_response: Callable[[], None] = str
+) -> tuple[str, str | None]:
+    """An MCP client's call: read the event stream up to the response to `rpc_id`, then hang up
+    (`at_response` runs between the two)."""
+    headers = {"Accept": "application/json, text/event-stream"} | ({"Mcp-Session-Id": session} if session else {})
+    with client.stream("POST", url, json={"jsonrpc": "2.0", "id": rpc_id, "method": method}, headers=headers) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:") and json.loads(line[5:]).get("id") == rpc_id:
+                at_response()
+                return line, r.headers.get("mcp-session-id")
+    return "", None
+
+
+def hangup_commit_fails(rig: Rig, endpoint: str) -> Result:
+    """An MCP client reads its tool call's response and hangs up while the server keeps the stream
+    open; the journal's link is cut at that moment, so the answer's commit fails. The answer is held
+    and journaled when the link heals; the next attempt replays it (one tool call upstream)."""
+    with relayed(rig) as (relay, dsn):
+        sidecar = rig.sidecar(durable_dsn=dsn)
+        url, run = f"{rig.api_url}/mcp?hold_ms=3000", f"mcp-{uuid.uuid4().hex[:8]}"
+        with rig.client(sidecar, run, "a1") as agent:
+            _, session = mcp_call(agent, url, None, 1, "initialize")
+            first, _ = mcp_call(agent, url, session, 2, "tools/call", at_response=relay.cut)
+            time.sleep(3)  # longer than the commit's own deadline and retry: it fails, the answer is held
+            relay.heal()
+        time.sleep(1.5)  # the held answer's commit is retried every 0.5 s
+        with rig.client(sidecar, run, "a2") as later:
+            mcp_call(later, url, session, 1, "initialize")
+            again, _ = mcp_call(later, url, session, 2, "tools/call")
+    books = rig.books()
+    tools = sum(1 for b in books["booked"] if b["kind"] == "tool")
+    calls = sum(1 for r in books["requests"] if r["path"].startswith("/mcp"))
+    result = Result(double_charges=max(0, tools - 1), resends=max(0, calls - 2))  # initialize and the tool, once each
+    if not first or again != first:
+        result.wrong_answers += 1
+        result.notes.append(f"first {first[:60]!r}, again {again[:60]!r}")
+    result.stuck_steps = sql(rig.dsn, "SELECT count(*) FROM durable_steps WHERE state = 'pending'")[0][0]
+    return result
+
+
 DYING_AGENT = """
 import json, os, sys, threading, time, requests
 call = lambda: requests.post(sys.argv[1], json=json.loads(sys.argv[2]), timeout=60)  # noqa: E731
@@ -289,6 +331,7 @@ SCENARIOS: dict[str, Callable[[Rig, str], Result]] = {
     "link-frozen": link_frozen,
     "run-drains": run_drains,
     "same-shell-rerun": same_shell_rerun,
+    "hangup-commit-fails": hangup_commit_fails,
 }
 BOUND_S = DB_TIMEOUT_MS / 1000 + 1  # the longest an agent may wait for an answer of some kind
 
