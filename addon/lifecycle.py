@@ -200,8 +200,7 @@ class Lifecycle:
         try:
             await commit()
         except JournalError as e:
-            size = len(step.tee.recorded()) if step.tee is not None else len(flow.response.raw_content or b"")
-            if not isinstance(e, NotOurs) and self._hold(step, state, commit, size):
+            if not isinstance(e, NotOurs) and self._hold(step, flow.response, state, commit):
                 raise AnswerHeld(f"{e}; the answer is held and journaled once the journal is back") from e
             self.abandon(step)
             raise
@@ -227,8 +226,11 @@ class Lifecycle:
                 try:
                     await commit()
                 except JournalError as e:  # a whole answer in hand is held, as finish() does
-                    size = len(step.tee.recorded()) if step.tee is not None else 0
-                    if truncated or isinstance(e, NotOurs) or not (held := self._hold(step, state, commit, size)):
+                    if (
+                        truncated
+                        or isinstance(e, NotOurs)
+                        or not (held := self._hold(step, flow.response, state, commit))
+                    ):
                         raise
                     return
             elif never_left(flow):
@@ -254,12 +256,13 @@ class Lifecycle:
                 if state == "pending":
                     self._give_back(step)
 
-    def _hold(self, step: Step, state: str, commit: Callable[[], Awaitable[None]], size: int) -> bool:
+    def _hold(self, step: Step, resp: http.Response, state: str, commit: Callable[[], Awaitable[None]]) -> bool:
         """Keep an answer whose commit failed (repairs.py): the step stays in flight here, its claim
         goes back to the attempt, and the commit is retried until the journal takes it."""
         if step.slot is None or step.run is None or step.seq is None:
             return False
         slot, cursor, seq = step.slot, step.cursor, step.seq
+        size = len(step.tee.recorded()) if step.tee is not None else len(resp.raw_content or b"")
 
         def settled(journaled: bool) -> None:
             if journaled and cursor is not None:

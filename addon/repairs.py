@@ -69,24 +69,22 @@ class Repairs:
         self.unsent.pop(slot, None)
         self.handed_back.pop(slot, None)
 
-    async def commit_now(self, slot: Slot) -> bool:
-        """Commit the answer held for `slot` now (the agent asks for it again); True once it is in the
-        journal, False if it was dropped (another sidecar's now); raises JournalError while it cannot be."""
+    async def commit_now(self, slot: Slot) -> None:
+        """Commit the answer held for `slot` now (the agent asks for it again); raises JournalError
+        while the journal cannot take it. Dropped instead if the step is another sidecar's now."""
         held = self.held.get(slot)
-        if held is None:
-            return True
-        return await self._commit(slot, held)
+        if held is not None:
+            await self._commit(slot, held)
 
-    async def _commit(self, slot: Slot, held: Held) -> bool:
+    async def _commit(self, slot: Slot, held: Held) -> None:
         try:
             await held.commit()
         except NotOurs as e:
             logger.error("durable: run=%s held answer dropped: %s", slot[0], e)
             self._drop(slot, held, False)
-            return False
+            return
         self._drop(slot, held, True)
         logger.warning("durable: run=%s held answer journaled; the agent's retry is answered from it", slot[0])
-        return True
 
     def _drop(self, slot: Slot, held: Held, journaled: bool) -> None:
         if self.held.get(slot) is held:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -513,11 +514,7 @@ class DurableSidecar:
         """The journal's own PostgreSQL is never a target: not through a tunnel, not in plain HTTP."""
         journal = self.lifecycle.journal if self.lifecycle else None
         if journal is not None and journal.target is not None:
-            parts = conninfo_to_dict(journal.target.dsn)
-            host, port = str(parts.get("host") or ""), int(parts.get("port") or 5432)
-            loopback = {"127.0.0.1", "localhost", "::1"}
-            hosts = {host} | (loopback if host in loopback else set())
-            if flow.request.port == port and flow.request.host.lower() in hosts:
+            if (flow.request.host.lower(), flow.request.port) in journal_addresses(journal.target.dsn):
                 raise Refused(403, "the journal's own database is not a destination of this proxy")
 
     def _refuse(self, flow: http.HTTPFlow, status: int, reason: str, **details: Any) -> None:
@@ -546,6 +543,15 @@ class DurableSidecar:
         self._count(flow, step)
         if self.flow_lines:
             logger.info("%s", FlowLine(self, flow, step, status, note))
+
+
+@functools.lru_cache(maxsize=4)
+def journal_addresses(dsn: str) -> frozenset[tuple[str, int]]:
+    """The (host, port) pairs that reach the journal's server: parsed once per DSN, not per request."""
+    parts = conninfo_to_dict(dsn)
+    host, port = str(parts.get("host") or ""), int(parts.get("port") or 5432)
+    loopback = {"127.0.0.1", "localhost", "::1"}
+    return frozenset((h, port) for h in {host} | (loopback if host in loopback else set()))
 
 
 def mcp_notifications(request: http.Request) -> bool:

@@ -70,22 +70,24 @@ class StreamTee:
         return self.finished() and not self.overflowed
 
 
-def ends_with_marker(tail: bytes) -> bool:
+def _last_event(tail: bytes) -> bytes | None:
+    """The stream's last complete event (its tail ends with a newline), None if there is none yet."""
     events = [e for e in tail.replace(b"\r\n", b"\n").split(b"\n\n") if e.strip()]
-    return (
-        bool(events)
-        and tail.rstrip(b"\r\n") != tail
-        and any(line.strip().startswith(END_MARKERS) for line in events[-1].split(b"\n"))
-    )
+    return events[-1] if events and tail.rstrip(b"\r\n") != tail else None
+
+
+def ends_with_marker(tail: bytes) -> bool:
+    event = _last_event(tail)
+    return event is not None and any(line.strip().startswith(END_MARKERS) for line in event.split(b"\n"))
 
 
 def answers(tail: bytes, rpc_id: object) -> bool:
     """The stream's last complete event is the JSON-RPC response to request `rpc_id`: an MCP server
     may keep the stream open after it, and a client stops reading there."""
-    events = [e for e in tail.replace(b"\r\n", b"\n").split(b"\n\n") if e.strip()]
-    if not events or tail.rstrip(b"\r\n") == tail:
+    event = _last_event(tail)
+    if event is None:
         return False
-    data = b"\n".join(line[5:].strip() for line in events[-1].split(b"\n") if line.startswith(b"data:"))
+    data = b"\n".join(line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:"))
     try:
         doc = json.loads(data)
     except ValueError:
@@ -93,12 +95,18 @@ def answers(tail: bytes, rpc_id: object) -> bool:
     return isinstance(doc, dict) and doc.get("id") == rpc_id and ("result" in doc or "error" in doc)
 
 
+RPC_MAX = 64 * 1024  # a JSON-RPC call (MCP) is small; a bigger body (an LLM prompt) is never parsed for it
+
+
 def rpc_id(request: http.Request) -> object:
-    """The id of a JSON-RPC request (an MCP call), None for anything else."""
-    if "json" not in request.headers.get("content-type", "") or not request.raw_content:
+    """The id of a JSON-RPC request (an MCP call), None for anything else. Cheap for everything
+    else: a streamed LLM call's body is only searched (in C) for `"jsonrpc"`, never parsed."""
+    raw = request.raw_content
+    if not raw or len(raw) > RPC_MAX or "json" not in request.headers.get("content-type", ""):
         return None
     try:
-        doc = json.loads(request.get_content(strict=False) or b"")
+        body = request.get_content(strict=False) or b""
+        doc = json.loads(body) if b'"jsonrpc"' in body else None
     except ValueError:
         return None
     return doc.get("id") if isinstance(doc, dict) and "jsonrpc" in doc and "method" in doc else None
