@@ -14,6 +14,7 @@ import json
 import os
 import re
 import secrets
+from urllib.parse import urlsplit
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -110,12 +111,53 @@ def open_json(keyring: Keyring, value: object) -> object:
     return value
 
 
+URL_MARK = "sealed:"  # where the sealed part of a stored URL begins
+
+
+def seal_url(keyring: Keyring, url: str, clear_path: bool = False) -> str:
+    """A URL as stored: itself, or with a key only its origin in clear (what an operator needs to find
+    a call) and the rest sealed; `clear_path` keeps the path too (an allow-listed path), not the query."""
+    if not keyring.enabled:
+        return url
+    split = urlsplit(url)
+    origin = f"{split.scheme}://{split.netloc}"
+    if clear_path:
+        query = split.query
+        return origin + split.path + ("?" + URL_MARK + _b64(keyring.seal(query.encode())) if query else "")
+    rest = split.path + ("?" + split.query if split.query else "")
+    return origin + "/" + URL_MARK + _b64(keyring.seal(rest.encode()))
+
+
+def open_url(keyring: Keyring, stored: str) -> str:
+    """A stored URL opened; without the key its sealed part shows as `[sealed]` (never an error: an
+    operator without the key still sees which host a step called)."""
+    head, mark, blob = stored.partition(URL_MARK)
+    if not mark:
+        return stored
+    try:
+        rest = keyring.open(base64.urlsafe_b64decode(blob)).decode()
+    except (KeyringError, binascii.Error, UnicodeDecodeError):
+        return head + "[sealed]"
+    return head + rest if head.endswith("?") else head[:-1] + rest
+
+
+def reseal_url(keyring: Keyring, stored: str) -> str:
+    """A stored URL sealed again with the active key, its path kept in clear if it was."""
+    return seal_url(keyring, open_url(keyring, stored), clear_path="?" + URL_MARK in stored)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode()
+
+
 SEALED_COLUMNS = ("request_body", "response_body")
-SEALED_JSON_COLUMNS = ("request_headers", "response_headers", "response_trailers")
+SEALED_JSON_COLUMNS = ("envelope", "request_headers", "response_headers", "response_trailers")
 
 
 def open_row(keyring: Keyring, row: dict) -> dict:
     """A journal row with its sealed columns opened (those present in the row)."""
+    if row.get("url") is not None:
+        row["url"] = open_url(keyring, row["url"])
     for column in SEALED_COLUMNS:
         if row.get(column) is not None:
             row[column] = keyring.open(bytes(row[column]))

@@ -17,7 +17,7 @@ from mitmproxy import connection, http, io
 from mitmproxy.addons.savehar import SaveHar
 
 from . import database, fingerprint, redaction
-from .crypto import Keyring
+from .crypto import Keyring, seal_url
 from .journal import Answer, Journal, NewStep, decode_headers, encode_headers
 
 
@@ -98,7 +98,8 @@ def read(path: Path) -> list[http.HTTPFlow]:
 
 async def import_flows(dsn: str | None, run: str, flows_in: list[http.HTTPFlow]) -> int:
     """Journal each flow as a completed step of `run`, as if the sidecar had recorded it."""
-    journal = Journal(dsn, keyring=Keyring.from_option(""), deadlines=False)
+    keyring = Keyring.from_option("")
+    journal = Journal(dsn, keyring=keyring, deadlines=False)
     redactor = redaction.Redactor(redaction.load_key("", database.durable_home()))
     await journal.open()
     occurrences: dict[str, int] = {}
@@ -124,7 +125,7 @@ async def import_flows(dsn: str | None, run: str, flows_in: list[http.HTTPFlow])
                         occurrence=occurrence,
                         step_key=None,
                         method=req.method,
-                        url=redactor.url(req.pretty_url),
+                        url=seal_url(keyring, redactor.url(req.pretty_url)),
                         envelope=redactor.envelope(env),
                         request_headers=encode_headers(redactor.headers(req.headers.fields)),
                         request_body=parts.body,

@@ -20,7 +20,7 @@ from typing import Any
 
 from mitmproxy import http
 
-from . import bodies, divergence, faults, fingerprint, identity, offload, redaction, responses, streams
+from . import bodies, crypto, divergence, faults, fingerprint, identity, offload, redaction, responses, streams
 from .cursor import Claim, RunCursor, StepRef
 from .inflight import InFlight, Slot
 from .journal import Journal, JournalError, NewStep, NotOurs, encode_headers
@@ -416,7 +416,9 @@ class Lifecycle:
             occurrence=claim.occurrence,
             step_key=ident.step_key,
             method=req.method,
-            url=self.redactor.url(req.pretty_url),
+            url=crypto.seal_url(
+                self.journal.keyring, self.redactor.url(req.pretty_url), s.clear_path(req.host, req.path)
+            ),
             envelope=stored_env,
             request_headers=encode_headers(self.redactor.headers(req.headers.fields)),
             request_body=stored_body,

@@ -17,7 +17,17 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from . import database, migrations, usage
-from .crypto import Keyring, KeyringError, open_json, open_row, seal_json
+from .crypto import (
+    SEALED_COLUMNS,
+    SEALED_JSON_COLUMNS,
+    Keyring,
+    KeyringError,
+    open_json,
+    open_row,
+    open_url,
+    reseal_url,
+    seal_json,
+)
 from .journal import DELETE_RUNS, IDLE_RUNS, decode_headers
 
 Conn = psycopg.Connection[dict[str, Any]]  # rows as dicts (dict_row)
@@ -180,7 +190,7 @@ def step_detail(conn: Conn, run: str, seq: int) -> dict[str, Any]:
             row["divergence"] = {**row["divergence"], "diff": open_json(keyring(), row["divergence"].get("diff"))}
     except KeyringError as e:
         row["sealed"] = str(e)
-        for column in ("request_body", "response_body", "request_headers", "response_headers", "response_trailers"):
+        for column in (*SEALED_COLUMNS, *SEALED_JSON_COLUMNS):
             row[column] = None
         if row["divergence"] is not None:
             row["divergence"] = {**row["divergence"], "diff": None}
@@ -233,7 +243,7 @@ def divergences(conn: Conn, run: str) -> list[dict[str, Any]]:
     ).fetchall()
     keys = keyring()
     for row in rows:
-        row["sealed"] = None
+        row["sealed"], row["url"] = None, open_url(keys, row["url"])
         try:
             row["diff"] = open_json(keys, row["diff"])
         except ValueError as e:  # KeyringError: no key, or the wrong one
@@ -338,8 +348,8 @@ def rekey(conn: Conn, batch: int = 200) -> int:
     done = 0
     while True:
         rows = conn.execute(
-            "SELECT run_id, seq, request_headers, request_body, response_headers, response_body, response_trailers,"
-            " divergence"
+            "SELECT run_id, seq, url, envelope, request_headers, request_body, response_headers, response_body,"
+            " response_trailers, divergence"
             " FROM durable_steps WHERE key_id IS DISTINCT FROM %s LIMIT %s",
             (keys.active, batch),
         ).fetchall()
@@ -347,15 +357,18 @@ def rekey(conn: Conn, batch: int = 200) -> int:
             return done
         with conn.transaction():
             for row in rows:
+                url = reseal_url(keys, row["url"])
                 open_row(keys, row)
                 divergence = row["divergence"]
                 if divergence is not None:  # its diff holds body values: sealed like the bodies
                     divergence = {**divergence, "diff": seal_json(keys, open_json(keys, divergence.get("diff")))}
                 conn.execute(
-                    "UPDATE durable_steps SET request_headers = %s, request_body = %s, response_headers = %s,"
-                    " response_body = %s, response_trailers = %s, divergence = %s, key_id = %s"
+                    "UPDATE durable_steps SET url = %s, envelope = %s, request_headers = %s, request_body = %s,"
+                    " response_headers = %s, response_body = %s, response_trailers = %s, divergence = %s, key_id = %s"
                     " WHERE run_id = %s AND seq = %s",
                     (
+                        url,
+                        Jsonb(seal_json(keys, row["envelope"])),
                         Jsonb(seal_json(keys, row["request_headers"])),
                         keys.seal(bytes(row["request_body"] or b"")),
                         Jsonb(seal_json(keys, row["response_headers"]))

@@ -192,6 +192,13 @@ OPTIONS: list[tuple[str, Any, Any, str]] = [
         "Empty: $DURABLE_ENCRYPTION_KEY, else no encryption.",
     ),
     (
+        "durable_clear_paths",
+        Sequence[str],
+        [],
+        "With an encryption key, HOST/PATH patterns (* matches anything, e.g. */v1/chat/completions) whose "
+        "URL path is stored in clear; every other URL keeps only its scheme and host in clear, the rest sealed.",
+    ),
+    (
         "durable_auth_secret",
         str,
         "",
@@ -219,6 +226,7 @@ class Settings:
     strict: bool
     ignore_hosts: tuple[re.Pattern[str], ...]
     ignore_paths: tuple[re.Pattern[str], ...]
+    clear_paths: tuple[re.Pattern[str], ...]
     rules: MatchRules
     idempotency_methods: frozenset[str]
     idempotency_headers: dict[str | None, str]
@@ -261,6 +269,11 @@ class Settings:
             return True
         target = host.lower() + path.partition("?")[0]
         return any(p.fullmatch(target) for p in self.ignore_paths)
+
+    def clear_path(self, host: str, path: str) -> bool:
+        """With an encryption key, is this URL's path stored in clear? (An operator's allow-list.)"""
+        target = host.lower() + path.partition("?")[0]
+        return any(p.fullmatch(target) for p in self.clear_paths)
 
 
 # Telemetry exporters: fresh ids and timestamps in every request, so they would diverge on every
@@ -326,6 +339,7 @@ def from_options(o: Any) -> Settings:
                 path_pattern(p)
                 for p in (*o.durable_ignore_paths, *(BUILTIN_IGNORES if o.durable_builtin_ignores else ()))
             ),
+            clear_paths=tuple(path_pattern(p) for p in o.durable_clear_paths),
             rules=MatchRules(
                 ignore_json=tuple(Rule.parse(s) for s in o.durable_ignore_json),
                 ignore_query=tuple(Rule.parse(s) for s in o.durable_ignore_query),

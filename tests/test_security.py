@@ -111,7 +111,8 @@ def test_encrypted_journal_replays_and_shows_no_plaintext(
     keyless_env = {k: v for k, v in os.environ.items() if k != crypto.ENV}
     shown = subprocess.run([durable, "show", run, "--dsn", pg_dsn, "--json"], env=keyless_env, capture_output=True, text=True)
     (step,) = json.loads(shown.stdout)["steps"]  # readable without the key: what is sealed is marked
-    assert step["url"] == url and step["state"] == "completed" and "'k2'" in step["sealed"] and step["tokens"] is None
+    assert durable_show(run, pg_dsn, rotated.split(",")[0]) == url  # its URL sealed again with k2 alone
+    assert step["url"] == f"{http_api.url}/[sealed]" and step["state"] == "completed" and "'k2'" in step["sealed"] and step["tokens"] is None
     only_new = sidecars.start(durable_encryption_key=rotated.split(",")[0])
     replayed = requests.post(url, data=marker.encode(), proxies={"http": only_new.proxy_url(run, "a5")}, timeout=30)
     assert replayed.headers["Durable-Outcome"] == "replayed" and replayed.content == marker.encode()
@@ -243,8 +244,11 @@ def test_secrets_in_urls_are_never_stored_or_logged_in_clear(
 ) -> None:
     """Planted in the URL, in every shape the redaction rules know: a Telegram-style bot token in the
     path, `?code=` and `?pwd=`, and the password of a DSN inside a query value. None of them is in the
-    journal (pg_dump) or the sidecar's log, with or without an encryption key, and the calls replay."""
-    options = {"durable_encryption_key": crypto.new_key_spec("k1")} if encrypted else {}
+    journal (pg_dump) or the sidecar's log, with or without an encryption key, and the calls replay.
+    With a key, the URL's path and query are sealed like its body: the journal keeps the host in
+    clear, and `durable show` with the key shows the redacted URL."""
+    key = crypto.new_key_spec("k1")
+    options = {"durable_encryption_key": key} if encrypted else {}
     sidecar = sidecars.start(durable_dsn=fresh_dsn, termlog_verbosity="debug", **options)
     run = new_run()
     dsn = f"postgresql://app:{DSN_PASSWORD}@db.internal:5432/app"
@@ -256,10 +260,44 @@ def test_secrets_in_urls_are_never_stored_or_logged_in_clear(
         outcomes.append(r.headers["Durable-Outcome"])
     assert outcomes[1] == "replayed"
     dump, log = pg_dump(fresh_dsn), sidecar.log()
-    assert "sendMessage" in dump and "kept" in dump  # what the operator needs to find the call stays
     for secret in URL_SECRETS:
         assert secret not in dump, f"{secret} is in the journal"
         assert secret not in log, f"{secret} is in the sidecar's log"
+    host = http_api.url.split("://")[1]
+    assert host in dump  # what the operator needs to find the call stays
+    if encrypted:  # the rest of the URL, sealed: nothing of its path or query
+        assert "sendMessage" not in dump and "kept" not in dump and "db.internal" not in dump
+    else:
+        assert "sendMessage" in dump and "kept" in dump
+    shown = durable_show(run, fresh_dsn, key if encrypted else None)
+    assert "/sendMessage?" in shown and "q=kept" in shown and not any(s in shown for s in URL_SECRETS)
+
+
+def durable_show(run: str, dsn: str, key: str | None) -> str:
+    """The run's first step's URL as `durable show --json` prints it, with or without the key."""
+    env = {k: v for k, v in os.environ.items() if k != crypto.ENV} | ({crypto.ENV: key} if key else {})
+    durable = str(Path(sys.executable).with_name("durable"))
+    shown = subprocess.run([durable, "show", run, "--dsn", dsn, "--json"], env=env, capture_output=True, text=True,
+                           check=True)
+    return json.loads(shown.stdout)["steps"][0]["url"]
+
+
+def test_with_a_key_only_allow_listed_paths_are_stored_in_clear(
+    sidecars: Sidecars, http_api: PaidApi, fresh_dsn: str
+) -> None:
+    """`durable_clear_paths` keeps a path in clear, never its query; a listing without the key shows
+    the host (and an allow-listed path) and marks the rest sealed."""
+    key = crypto.new_key_spec("k1")
+    sidecar = sidecars.start(durable_dsn=fresh_dsn, durable_encryption_key=key,
+                             durable_clear_paths="*/v1/search")
+    run = new_run()
+    for path in ("/v1/search?q=findable-QUERY", "/v1/private-PATH?q=2"):
+        r = requests.get(http_api.url + path, proxies={"http": sidecar.proxy_url(run, "a1")}, timeout=30)
+        assert r.headers["Durable-Outcome"] == "recorded"
+    dump = pg_dump(fresh_dsn)
+    assert "/v1/search?sealed:" in dump and "findable-QUERY" not in dump and "private-PATH" not in dump
+    assert durable_show(run, fresh_dsn, None) == f"{http_api.url}/v1/search?[sealed]"
+    assert durable_show(run, fresh_dsn, key) == f"{http_api.url}/v1/search?q=findable-QUERY"
 
 
 def test_cookies_and_matched_credentials_are_never_journaled_in_clear(
