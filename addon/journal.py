@@ -624,6 +624,16 @@ class Journal:
         if updated != 1:
             raise NotOurs(f"journal response: step {run}/{seq} is gone, answered, or no longer this sidecar's")
 
+    async def append_answer(self, run: str, seq: int, body: bytes) -> None:
+        """A WebSocket step's answer grown by the server pushes that followed it (conversations.py):
+        the only rewrite of a completed answer, and it only adds messages to it."""
+        await self._write(
+            "journal server pushes",
+            run,
+            "UPDATE durable_steps SET response_body = %s WHERE run_id = %s AND seq = %s AND state = 'completed'",
+            (self.keyring.seal(body), run, seq),
+        )
+
     async def fail(self, run: str, seq: int, error: str, duration_ms: float, owner: int | None) -> None:
         """The request provably never left (or the upstream answered a transient status): `failed`."""
         await self._write(

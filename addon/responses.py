@@ -69,8 +69,8 @@ def rebuild(
         status,
         (reason or "").encode("latin-1", "replace"),
         http.Headers(fields),
-        b"" if bodyless else body,
-        time.time(),
+        body if status == 101 or not bodyless else b"",  # a 101's: its WebSocket's greeting, taken out
+        time.time(),  # by conversations.py before the 101 is sent
     )
     if trailers is not None:
         response.data.trailers = http.Headers(trailers)

@@ -25,6 +25,7 @@ from mitmproxy import flow as mflow
 from psycopg.conninfo import conninfo_to_dict
 
 from . import (
+    conversations,
     crypto,
     database,
     dispatch,
@@ -36,6 +37,7 @@ from . import (
     responses,
     settings,
     streams,
+    upstream_ws,
     usage,
 )
 from .journal import Journal, JournalError, SealedError
@@ -46,6 +48,8 @@ from .pacing import Pacer
 logger = logging.getLogger("durable")
 
 META = "durable"
+CONVERSATION = "durable-conversation"  # a WebSocket's Conversation (conversations.py)
+HANDSHAKE = "durable-handshake"  # a WebSocket handshake's identity and replayed greeting, for websocket_start
 HEALTH_HOST = "durable.sidecar"  # http://durable.sidecar/health through the proxy: is it serving?
 # (matched on the Host header too: in transparent mode the request names no host of its own)
 WARNED_RUNS_MAX = 10_000
@@ -83,6 +87,11 @@ class DurableSidecar:
         quietlog.quiet("psycopg.pool")  # a reconnect error per second while the journal is down: once per 30 s
         for missing in httplayer.install():
             logger.warning("durable: this mitmproxy's HTTP layer is not the one expected: %s", missing)
+        if not upstream_ws.install():
+            logger.warning(
+                "durable: this mitmproxy's WebSocket layer is not the one expected: pings go unanswered "
+                "while a conversation is replayed"
+            )
         if not dispatch.install():
             logger.info("durable: mitmproxy's own hook dispatch in use (this version's is not the one expected)")
 
@@ -239,16 +248,17 @@ class DurableSidecar:
             known = {"run": ident.run, "attempt": ident.attempt}
             if self.draining:
                 raise Refused(503, "the sidecar is stopping (draining its calls in flight): nothing was forwarded")
-            if (
-                self.settings.ignored(flow.request.host, flow.request.path)
-                or flow.request.headers.get("upgrade", "").lower() == "websocket"
-                or mcp_notifications(flow.request)
-            ):
+            if self.settings.ignored(flow.request.host, flow.request.path) or mcp_notifications(flow.request):
                 step = Step(ident.run, None, "passthrough", ident.attempt)
             else:
                 assert self.lifecycle is not None
                 step = await self.lifecycle.begin(flow, ident)
                 step.session = "mcp-session-id" in flow.request.headers
+                if conversations.is_upgrade(flow.request):
+                    greeting: list[conversations.Frame] = []
+                    if flow.response is not None:
+                        greeting = conversations.replayed_handshake(flow)
+                    flow.metadata[HANDSHAKE] = (ident, greeting)
             flow.metadata[META] = step
             if step.live:  # should the agent hang up now, the sidecar finishes the call (httplayer.py)
                 flow.metadata[httplayer.ORPHAN_KEY] = True
@@ -280,7 +290,8 @@ class DurableSidecar:
             flow.response.stream = True
             responses.label(flow.response, step.run, step.seq, step.outcome)
             return
-        if step.live and streams.streams(flow.response.headers, self.settings.body_cap):
+        upgraded = flow.response.status_code == 101  # no body follows; a WebSocket's messages are steps
+        if step.live and not upgraded and streams.streams(flow.response.headers, self.settings.body_cap):
             step.tee = streams.StreamTee(self.settings.body_cap, streams.rpc_id(flow.request))
             flow.response.stream = step.tee
             flow.metadata[httplayer.COMPLETE_KEY] = step.tee.complete
@@ -293,7 +304,9 @@ class DurableSidecar:
         step: Step | None = flow.metadata.get(META)
         if step is None or flow.response is None:
             return
-        if step.live:
+        if step.live and flow.websocket is not None:  # journaled with its greeting (websocket_start)
+            httplayer.ORPHANS.done(flow)
+        elif step.live:
             try:
                 assert self.lifecycle is not None
                 await self.lifecycle.finish(flow, step)
@@ -338,6 +351,34 @@ class DurableSidecar:
         finally:
             httplayer.ORPHANS.done(flow)
         self._log(flow, step, None, note=message)
+
+    async def websocket_start(self, flow: http.HTTPFlow) -> None:
+        step: Step | None = flow.metadata.get(META)
+        if step is None or step.seq is None or HANDSHAKE not in flow.metadata or self.lifecycle is None:
+            return  # passed through (an ignored host) or refused
+        ident, greeting = flow.metadata.pop(HANDSHAKE)
+        flow.metadata[CONVERSATION] = conversations.Conversation(
+            flow, ident, self.lifecycle, inject, self._report, step if step.live else None, greeting
+        )
+
+    async def websocket_message(self, flow: http.HTTPFlow) -> None:
+        conversation: conversations.Conversation | None = flow.metadata.get(CONVERSATION)
+        assert flow.websocket is not None
+        message = flow.websocket.messages[-1]
+        if conversation is None or message.injected:
+            return
+        if message.from_client:
+            await conversation.client_message(message)
+        else:
+            await conversation.server_message(message)
+
+    async def websocket_end(self, flow: http.HTTPFlow) -> None:
+        conversation: conversations.Conversation | None = flow.metadata.pop(CONVERSATION, None)
+        if conversation is not None:
+            await conversation.ended()
+
+    def _report(self, flow: http.HTTPFlow, step: Step) -> None:
+        self._log(flow, step, flow.response.status_code if flow.response else None)
 
     def _orphan_expired(self, flow: mflow.Flow) -> None:
         """An orphan ran past durable_orphan_timeout: mitmproxy drops its exchange; the step stays in doubt."""
@@ -552,6 +593,11 @@ def journal_addresses(dsn: str) -> frozenset[tuple[str, int]]:
     host, port = str(parts.get("host") or ""), int(parts.get("port") or 5432)
     loopback = {"127.0.0.1", "localhost", "::1"}
     return frozenset((h, port) for h in {host} | (loopback if host in loopback else set()))
+
+
+def inject(flow: http.HTTPFlow, content: bytes, text: bool) -> None:
+    """A server message to the agent, from the journal or the sidecar's own upstream connection."""
+    ctx.master.commands.call("inject.websocket", flow, True, content, text)
 
 
 def mcp_notifications(request: http.Request) -> bool:

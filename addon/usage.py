@@ -33,8 +33,9 @@ def _total(counts: dict[str, int]) -> int:
 def tokens(body: bytes, headers: list[tuple[bytes, bytes]]) -> int:
     """Total tokens an answer reports; 0 when it reports none or cannot be read.
 
-    A stream's counters are running totals, not increments (Anthropic repeats `output_tokens` in
-    `message_start` and again, cumulatively, in `message_delta`), so each counter's highest value counts.
+    A stream's (or a WebSocket answer's) counters are running totals, not increments (Anthropic
+    repeats `output_tokens` in `message_start` and again, cumulatively, in `message_delta`), so each
+    counter's highest value counts.
     """
     fields = {k.lower(): v for k, v in headers}
     coding = fields.get(b"content-encoding", b"").decode("latin-1")
@@ -43,18 +44,25 @@ def tokens(body: bytes, headers: list[tuple[bytes, bytes]]) -> int:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
     except (ValueError, UnicodeDecodeError):
         return 0
-    if b"text/event-stream" not in fields.get(b"content-type", b""):
+    content_type = fields.get(b"content-type", b"")
+    if b"text/event-stream" in content_type:
+        events = [line[5:] for line in text.splitlines() if line.startswith("data:")]
+    elif b"x-durable-websocket" in content_type:  # a WebSocket answer: its server messages (conversations.py)
+        try:
+            events = [m["text"] for m in json.loads(text)["messages"] if "text" in m]
+        except (ValueError, KeyError, TypeError):
+            return 0
+    else:
         try:
             return _total(_counts(json.loads(text)))
         except ValueError:
             return 0
     highest: dict[str, int] = {}
-    for line in text.splitlines():
-        if line.startswith("data:"):
-            try:
-                counts = _counts(json.loads(line[5:]))
-            except ValueError:
-                continue
-            for name, value in counts.items():
-                highest[name] = max(highest.get(name, 0), value)
+    for event in events:
+        try:
+            counts = _counts(json.loads(event))
+        except ValueError:
+            continue
+        for name, value in counts.items():
+            highest[name] = max(highest.get(name, 0), value)
     return _total(highest)

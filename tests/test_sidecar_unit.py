@@ -9,6 +9,7 @@ import json
 import pytest
 from mitmproxy.test import taddons, tflow
 
+from durable_sidecar import crypto
 from durable_sidecar.journal import JournalError
 from durable_sidecar.sidecar import META, DurableSidecar
 
@@ -26,6 +27,7 @@ def sidecar(mocker):
     with taddons.context(addon) as tctx:
         tctx.configure(addon, durable_dsn="postgresql://unused")
         addon.lifecycle.journal = mocker.Mock()
+        addon.lifecycle.journal.keyring = crypto.Keyring("")  # no encryption key: URLs stored as they are
         addon.lifecycle.journal.load_index = mocker.AsyncMock(return_value=None)
         addon.lifecycle.journal.find = mocker.AsyncMock(return_value=None)  # asked while the index streams in
         addon.lifecycle.journal.owner = mocker.AsyncMock(return_value=7)

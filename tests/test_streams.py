@@ -1,5 +1,5 @@
 """Streams and bodies through a real sidecar: live SSE, truncation, compression, binary, HTTP/2,
-WebSockets, bodies over the cap."""
+plain WebSockets, bodies over the cap."""
 
 from __future__ import annotations
 
@@ -228,31 +228,38 @@ def test_ignored_hosts_pass_through(sidecars: Sidecars, http_api: PaidApi, pg_ds
     assert sql(pg_dsn, "SELECT count(*) FROM durable_steps WHERE run_id = %s", run) == [(0,)]
 
 
-def test_websocket_echo_passes_through(sidecars: Sidecars, tmp_path: Path, pg_dsn: str) -> None:
+def test_plain_websocket_is_journaled_and_replays_with_its_server_gone(sidecars: Sidecars, pg_dsn: str) -> None:
+    """ws:// (no TLS): the handshake and each message are steps; a second attempt is answered
+    from the journal after the server has stopped."""
     import websockets.asyncio.client
     import websockets.asyncio.server
 
     sidecar = sidecars.start()
     run = new_run()
 
-    async def scenario() -> list[str]:
+    async def talk(port: int, attempt: str) -> list[str]:
+        async with websockets.asyncio.client.connect(
+            f"ws://127.0.0.1:{port}/chat", proxy=sidecar.proxy_url(run, attempt)
+        ) as ws:
+            got = []
+            for word in ("one", "two"):
+                await ws.send(word)
+                got.append(await ws.recv())
+            return got
+
+    async def scenario() -> tuple[list[str], list[str]]:
         async def echo(ws) -> None:
             async for message in ws:
                 await ws.send(f"echo: {message}")
 
         async with websockets.asyncio.server.serve(echo, "127.0.0.1", 0) as server:
             port = server.sockets[0].getsockname()[1]
-            async with websockets.asyncio.client.connect(
-                f"ws://127.0.0.1:{port}/chat", proxy=sidecar.proxy_url(run, "a1")
-            ) as ws:
-                got = []
-                for word in ("one", "two"):
-                    await ws.send(word)
-                    got.append(await ws.recv())
-                return got
+            first = await talk(port, "a1")
+        return first, await talk(port, "a2")  # the server is gone
 
-    assert asyncio.run(scenario()) == ["echo: one", "echo: two"]
-    assert sql(pg_dsn, "SELECT count(*) FROM durable_steps WHERE run_id = %s", run) == [(0,)]
+    assert asyncio.run(scenario()) == (["echo: one", "echo: two"], ["echo: one", "echo: two"])
+    assert sql(pg_dsn, "SELECT method FROM durable_steps WHERE run_id = %s ORDER BY seq", run) == [
+        ("GET",), ("WS",), ("WS",)]
 
 
 def test_paced_replay_keeps_the_recorded_rhythm(sidecars: Sidecars, https_api: PaidApi, ca_bundle: Path, pg_dsn: str) -> None:

@@ -1,0 +1,322 @@
+"""WebSocket conversations as steps: each client message is a step, the server messages that follow
+it are its answer.
+
+A client message is journaled like a request (`WS <url>`, the message as its body, fingerprinted
+like one, with its occurrence in the run) before it may leave; its answer (the server messages
+until the next client message, an end marker or the close, with their timing) is journaled before
+the end reaches the agent. The handshake is a step of its own, whose answer is the 101 and any
+greeting the server sends before the first client message. On resume the handshake and every
+matching message are answered from the journal with no upstream connection; the first message that
+matches nothing opens one (upstream_ws.py) and the conversation goes live, recorded from there.
+
+An answer ends early, committed at once, at a known end marker: the Responses API's
+`response.completed` (or `.failed`, `.incomplete`, `error`), or the JSON-RPC response to the
+message's id. Server pushes after that are appended to the step they follow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mitmproxy import connection, http
+from mitmproxy.websocket import WebSocketMessage
+
+from . import identity
+from .journal import JournalError
+from .lifecycle import AnswerHeld, Lifecycle, Refused, Step
+from .upstream_ws import Upstream
+
+logger = logging.getLogger("durable")
+
+METHOD = "WS"
+CONTENT_TYPE = "application/x-durable-websocket+json"
+END_TYPES = frozenset({"response.completed", "response.failed", "response.incomplete", "error"})
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455's, for Sec-WebSocket-Accept
+ABNORMAL = 1006  # no close frame: the peer's process or connection died
+
+
+@dataclass
+class Frame:
+    """One server message: when it came (ms after the client message), its bytes, text or binary."""
+
+    at_ms: float
+    content: bytes
+    text: bool
+
+
+def encode_answer(frames: list[Frame], closed: int | None = None) -> bytes:
+    """An answer as journaled: JSON a person can read in `durable show` (binary messages in base64)."""
+    messages = [
+        {"at_ms": round(f.at_ms, 1), "text": f.content.decode("utf-8", "replace")}
+        if f.text
+        else {"at_ms": round(f.at_ms, 1), "binary": base64.b64encode(f.content).decode()}
+        for f in frames
+    ]
+    return json.dumps({"messages": messages, "closed": closed}).encode()
+
+
+def decode_answer(body: bytes) -> list[Frame]:
+    if not body:
+        return []
+    return [
+        Frame(m["at_ms"], m["text"].encode(), True)
+        if "text" in m
+        else Frame(m["at_ms"], base64.b64decode(m["binary"]), False)
+        for m in json.loads(body)["messages"]
+    ]
+
+
+def ends(request: bytes, frame: Frame) -> bool:
+    """Does this server message end the answer to `request`? (Responses API events; JSON-RPC.)"""
+    if not frame.text or not frame.content.lstrip().startswith(b"{"):
+        return False
+    try:
+        doc = json.loads(frame.content)
+    except ValueError:
+        return False
+    if doc.get("type") in END_TYPES:
+        return True
+    if "id" in doc and ("result" in doc or "error" in doc):
+        try:
+            asked = json.loads(request)
+        except ValueError:
+            return False
+        return isinstance(asked, dict) and asked.get("id") == doc["id"]
+    return False
+
+
+def is_upgrade(request: http.Request) -> bool:
+    return request.headers.get("upgrade", "").lower() == "websocket"
+
+
+def accept(key: str) -> str:
+    return base64.b64encode(hashlib.sha1(key.encode() + GUID).digest()).decode()
+
+
+def replayed_handshake(flow: http.HTTPFlow) -> list[Frame]:
+    """A 101 answered from the journal: its greeting taken out of the body (sent as messages once the
+    conversation starts), and its Sec-WebSocket-Accept made for this client's key."""
+    assert flow.response is not None
+    greeting = decode_answer(flow.response.content or b"") if flow.response.status_code == 101 else []
+    if flow.response.status_code == 101:
+        flow.response.content = b""
+        flow.response.headers.pop("content-length", None)
+        flow.response.headers["connection"] = "Upgrade"  # framing headers, which a replay leaves out
+        flow.response.headers["upgrade"] = "websocket"
+        flow.response.headers["sec-websocket-accept"] = accept(flow.request.headers.get("sec-websocket-key", ""))
+    return greeting
+
+
+def message_flow(upgrade: http.HTTPFlow, message: WebSocketMessage) -> http.HTTPFlow:
+    """A client message as the request the lifecycle journals: `WS <url>`, the message its body."""
+    req = upgrade.request
+    text = message.is_text
+    kind = "application/json" if text and message.content.lstrip()[:1] in (b"{", b"[") else "text/plain"
+    headers = http.Headers(content_type=f"{kind}; charset=utf-8" if text else "application/octet-stream")
+    request = http.Request(
+        req.host,
+        req.port,
+        METHOD.encode(),
+        req.scheme.encode(),
+        b"",
+        req.path.encode(),
+        b"HTTP/1.1",
+        headers,
+        message.content,
+        None,
+        time.time(),
+        time.time(),
+    )
+    # not connected until the message leaves: should journaling fail first, it provably never did
+    return flow_of(upgrade.client_conn, connection.Server(address=upgrade.server_conn.address), request)
+
+
+def flow_of(client: connection.Client, server: connection.Server, request: http.Request) -> http.HTTPFlow:
+    flow = http.HTTPFlow(client, server)
+    flow.request = request
+    return flow
+
+
+@dataclass
+class Open:
+    """The step whose answer is arriving."""
+
+    step: Step
+    flow: http.HTTPFlow
+    frames: list[Frame] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    def add(self, content: bytes, text: bool) -> Frame:
+        frame = Frame((time.monotonic() - self.started) * 1000, content, text)
+        self.frames.append(frame)
+        return frame
+
+
+Inject = Callable[[http.HTTPFlow, bytes, bool], None]
+Report = Callable[[http.HTTPFlow, Step], None]
+
+
+class Conversation:
+    """One WebSocket connection of a run."""
+
+    def __init__(
+        self,
+        flow: http.HTTPFlow,
+        ident: identity.Identity,
+        lifecycle: Lifecycle,
+        inject: Inject,
+        report: Report,
+        handshake: Step | None,
+        greeting: list[Frame],
+    ) -> None:
+        self.flow, self.lifecycle, self.inject, self.report = flow, lifecycle, inject, report
+        self.ident = dataclasses.replace(ident, step_key=None)  # a step key names the handshake, not each message
+        self.native = handshake is not None  # mitmproxy holds the upstream connection
+        self.upstream: Upstream | None = None
+        self.open: Open | None = None
+        if handshake is not None:  # journaled with its greeting at the first client message or the close
+            handshake_flow = flow_of(flow.client_conn, flow.server_conn, flow.request)
+            handshake_flow.response = flow.response.copy() if flow.response else None
+            self.open = Open(handshake, handshake_flow, started=handshake.started)
+        self.last: Open | None = None  # the answer last journaled, while pushes may follow it
+        self.pushes: list[Frame] = []
+        self.turn = asyncio.Lock()  # the upstream's reader and mitmproxy's hooks take turns
+        for frame in greeting:
+            self.inject(flow, frame.content, frame.text)
+
+    async def client_message(self, message: WebSocketMessage) -> None:
+        """Journal the message before it may leave; answer it from the journal if it was."""
+        async with self.turn:
+            await self._client_message(message)
+
+    async def _client_message(self, message: WebSocketMessage) -> None:
+        await self._end_answer(complete=True)
+        fake = message_flow(self.flow, message)
+        try:
+            step = await self.lifecycle.begin(fake, self.ident)
+        except (Refused, JournalError) as e:
+            self._refuse(message, getattr(e, "reason", str(e)))
+            return
+        if not step.live:
+            message.drop()
+            assert fake.response is not None
+            for frame in decode_answer(fake.response.content or b""):
+                self.inject(self.flow, frame.content, frame.text)
+            self.report(fake, step)
+            return
+        self.open = Open(step, fake)
+        if not self.native:
+            message.drop()
+            try:
+                if self.upstream is None:
+                    self.upstream = await Upstream.open(self.flow, self._upstream_message, self._upstream_closed)
+                fake.server_conn.timestamp_tcp_setup = time.time()
+                await self.upstream.send(message.content, message.is_text)
+            except OSError as e:
+                await self._end_answer(complete=False, error=f"upstream WebSocket: {e}")
+                self.flow.kill()
+                return
+        fake.server_conn.timestamp_tcp_setup = time.time()  # it leaves as this hook returns
+
+    async def server_message(self, message: WebSocketMessage) -> None:
+        """A server message through mitmproxy's own upstream connection."""
+        if not await self._answer(message.content, message.is_text):
+            message.drop()
+            self.flow.kill()
+
+    async def _upstream_message(self, content: bytes, text: bool) -> None:
+        """A server message on the upstream this sidecar opened after a replay."""
+        async with self.turn:
+            if await self._answer(content, text):
+                self.inject(self.flow, content, text)
+            else:
+                self.flow.kill()
+
+    async def _upstream_closed(self, code: int | None) -> None:
+        async with self.turn:
+            await self._end_answer(complete=True, closed=code)
+        self.flow.kill()
+
+    async def _answer(self, content: bytes, text: bool) -> bool:
+        """Add a server message to the answer arriving; False if it may not reach the agent."""
+        if self.open is None:
+            self.pushes.append(Frame(0.0, content, text))
+            return True
+        frame = self.open.add(content, text)
+        if self.open.step.seq is not None and self.open.flow.request.method == METHOD:
+            if ends(self.open.flow.request.content or b"", frame):
+                return await self._end_answer(complete=True)
+        return True
+
+    async def ended(self) -> None:
+        """The connection closed: the answer in hand is complete unless the agent's end died."""
+        ws = self.flow.websocket
+        died = ws is not None and ws.closed_by_client and ws.close_code == ABNORMAL
+        if self.upstream is not None:
+            await self.upstream.close()
+        await self._end_answer(
+            complete=not died,
+            closed=None if ws is None or ws.closed_by_client else ws.close_code,
+            error="the agent's connection died mid-answer",
+        )
+
+    async def _end_answer(self, complete: bool, closed: int | None = None, error: str = "") -> bool:
+        """Journal the open answer (or, in doubt, leave it); True if journaled or nothing was open."""
+        await self._append_pushes()
+        current, self.open = self.open, None
+        if current is None:
+            return True
+        fake, step = current.flow, current.step
+        body = encode_answer(current.frames, closed)
+        if fake.response is not None and fake.response.status_code == 101:  # the handshake's answer
+            fake.response.content = body
+        else:
+            fake.response = http.Response.make(200, body, {"content-type": CONTENT_TYPE})
+        try:
+            if complete:
+                await self.lifecycle.finish(fake, step)
+                self.last = current
+            else:
+                fake.response = None
+                await self.lifecycle.break_off(fake, step, error)
+        except AnswerHeld:
+            return True  # held and journaled once the journal is back: the agent may have it
+        except Exception as e:
+            logger.error("durable: run=%s seq=%s WebSocket answer not journaled: %s", step.run, step.seq, e)
+            step.outcome = "refused"
+            return False
+        if fake.request.method == METHOD:
+            self.report(fake, step)
+        return True
+
+    async def _append_pushes(self) -> None:
+        """Server messages that came after an answer was journaled: appended to that step."""
+        pushes, self.pushes = self.pushes, []
+        last = self.last
+        if not pushes or last is None or last.step.run is None or last.step.seq is None:
+            return
+        last.frames.extend(pushes)
+        try:
+            await self.lifecycle.journal.append_answer(last.step.run, last.step.seq, encode_answer(last.frames))
+        except JournalError as e:
+            logger.warning("durable: run=%s seq=%s server pushes not journaled: %s", last.step.run, last.step.seq, e)
+
+    def _refuse(self, message: WebSocketMessage, reason: str) -> None:
+        """Nothing unjournaled leaves: the message is dropped and the connection closed."""
+        logger.warning(
+            "durable: refused run=%s attempt=%s WebSocket message to %s: %s; the connection is closed",
+            self.ident.run,
+            self.ident.attempt,
+            self.flow.request.pretty_host,
+            reason,
+        )
+        message.drop()
+        self.flow.kill()

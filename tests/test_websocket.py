@@ -1,0 +1,133 @@
+"""WebSocket conversations: every client message a step, the server messages after it its answer;
+on resume answered from the journal with no upstream connection, live again from the first message
+the journal does not know (scripts/ws_api.py is the upstream; its ledger is the judge)."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from websockets.sync.client import connect
+
+from conftest import PaidApi, Sidecars, eventually, new_run, sql
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
+import ws_api  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def wss_api(_https_api: PaidApi) -> Iterator[ws_api.Server]:
+    server = ws_api.Server(tls_dir=_https_api.ca.parent)  # the CA the sidecars trust
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def api(wss_api: ws_api.Server) -> ws_api.Server:
+    ws_api.LEDGER.__init__()
+    return wss_api
+
+
+def converse(url: str, proxy: str, ca_bundle: Path, messages: list[str], read: int | None = None) -> list[list[str]]:
+    """Send each message and read its answer: up to its end marker (Responses API, JSON-RPC) or
+    `read` messages; returns the answers."""
+    context = ssl.create_default_context(cafile=str(ca_bundle))
+    answers = []
+    with connect(url, proxy=proxy, ssl=context if url.startswith("wss") else None, open_timeout=20) as ws:
+        for message in messages:
+            ws.send(message)
+            answer: list[str] = []
+            while True:
+                frame = str(ws.recv(timeout=20))
+                answer.append(frame)
+                doc = json.loads(frame) if frame.startswith("{") else {}
+                if doc.get("type") == "response.completed" or "result" in doc or len(answer) == read:
+                    break
+            answers.append(answer)
+    return answers
+
+
+def turn(n: int) -> str:
+    return json.dumps({"type": "response.create", "model": "m", "input": f"turn {n}"})
+
+
+def test_a_resumed_conversation_is_answered_from_the_journal_then_goes_live(
+    sidecars: Sidecars, api: ws_api.Server, ca_bundle: Path, pg_dsn: str
+) -> None:
+    """Attempt 1 has two turns answered; attempt 2 repeats them and asks a third. The two are
+    answered from the journal without an upstream connection, byte for byte; the third opens one."""
+    sidecar = sidecars.start()
+    run = new_run()
+    url = f"{api.url}/v1/responses"
+    first = converse(url, sidecar.proxy_url(run, "a1"), ca_bundle, [turn(1), turn(2)])
+    assert ws_api.LEDGER.books()["calls"] == 2 and ws_api.LEDGER.books()["connections"] == 1
+    second = converse(url, sidecar.proxy_url(run, "a2"), ca_bundle, [turn(1), turn(2), turn(3)])
+    assert second[:2] == first  # the same events, in order, byte for byte
+    books = ws_api.LEDGER.books()
+    assert books["calls"] == 3 and books["messages"][-1] == turn(3)  # nothing charged twice
+    assert books["connections"] == 2  # attempt 2 connected upstream only to go live
+    assert "answer 3 to" in second[2][-1]
+    query = "SELECT method, status, state, last_outcome FROM durable_steps WHERE run_id = %s ORDER BY seq"
+    expected = [("GET", 101, "completed", "replayed"), ("WS", 200, "completed", "replayed"),
+                ("WS", 200, "completed", "replayed"), ("WS", 200, "completed", "recorded")]
+    assert eventually(lambda: sql(pg_dsn, query, run), expected) == expected  # replays are noted in batches
+
+
+def test_json_rpc_and_pushes_replay_and_nothing_leaves_unjournaled(
+    sidecars: Sidecars, api: ws_api.Server, ca_bundle: Path, pg_dsn: str
+) -> None:
+    """A greeting pushed on connect and JSON-RPC answers (end: the response to the request's id)
+    replay with no upstream connection at all when the whole conversation is journaled."""
+    sidecar = sidecars.start()
+    run = new_run()
+    calls = [json.dumps({"jsonrpc": "2.0", "id": i, "method": "tools/call", "params": {"n": i}}) for i in (1, 2)]
+    first = converse(f"{api.url}/rpc", sidecar.proxy_url(run, "a1"), ca_bundle, calls)
+    again = converse(f"{api.url}/rpc", sidecar.proxy_url(run, "a2"), ca_bundle, calls)
+    assert again == first and ws_api.LEDGER.books() | {"messages": []} == {"connections": 1, "calls": 2,
+                                                                              "messages": []}
+    greeted = converse(f"{api.url}/greet", sidecar.proxy_url(run, "a1"), ca_bundle, ["hi"], read=2)
+    replayed = converse(f"{api.url}/greet", sidecar.proxy_url(run, "a3"), ca_bundle, ["hi"], read=2)
+    assert json.loads(greeted[0][0])["type"] == "hello" and replayed == greeted
+    assert ws_api.LEDGER.books()["connections"] == 2  # the replayed greeting and echo: no upstream
+
+
+def test_an_agent_killed_mid_conversation_resumes_without_a_second_charge(
+    sidecars: Sidecars, api: ws_api.Server, ca_bundle: Path, pg_dsn: str, tmp_path: Path
+) -> None:
+    """The agent (a process) gets two answers and is SIGKILLed; its restart replays both and the
+    third turn is the only new charge."""
+    sidecar = sidecars.start()
+    run = new_run()
+    agent = tmp_path / "agent.py"
+    agent.write_text(AGENT)
+    url = f"{api.url}/v1/responses"
+    killed = subprocess.run([sys.executable, str(agent), url, sidecar.proxy_url(run, "a1"), str(ca_bundle), "2"],
+                            capture_output=True, text=True, timeout=60)
+    assert killed.returncode == -9, killed.stderr
+    done = subprocess.run([sys.executable, str(agent), url, sidecar.proxy_url(run, "a2"), str(ca_bundle), "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr + sidecar.log()[-2000:]
+    assert killed.stdout.splitlines() == done.stdout.splitlines()[:2]
+    assert ws_api.LEDGER.books()["calls"] == 3
+    rows = sql(pg_dsn, "SELECT count(*) FROM durable_steps WHERE run_id = %s AND state <> 'completed'", run)
+    assert rows == [(0,)]
+
+
+AGENT = '''
+import json, os, signal, ssl, sys
+from websockets.sync.client import connect
+url, proxy, bundle, crash_after = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+with connect(url, proxy=proxy, ssl=ssl.create_default_context(cafile=bundle), open_timeout=20) as ws:
+    for n in (1, 2, 3):
+        ws.send(json.dumps({"type": "response.create", "model": "m", "input": f"turn {n}"}))
+        while (event := json.loads(ws.recv(timeout=20)))["type"] != "response.completed":
+            pass
+        print(event["response"]["output"][0]["content"][0]["text"], flush=True)
+        if n == crash_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+'''
