@@ -103,14 +103,10 @@ def test_an_agent_killed_mid_conversation_resumes_without_a_second_charge(
     third turn is the only new charge."""
     sidecar = sidecars.start()
     run = new_run()
-    agent = tmp_path / "agent.py"
-    agent.write_text(AGENT)
     url = f"{api.url}/v1/responses"
-    killed = subprocess.run([sys.executable, str(agent), url, sidecar.proxy_url(run, "a1"), str(ca_bundle), "2"],
-                            capture_output=True, text=True, timeout=60)
+    killed = agent(tmp_path, url, sidecar.proxy_url(run, "a1"), ca_bundle, "2")
     assert killed.returncode == -9, killed.stderr
-    done = subprocess.run([sys.executable, str(agent), url, sidecar.proxy_url(run, "a2"), str(ca_bundle), "0"],
-                          capture_output=True, text=True, timeout=60)
+    done = agent(tmp_path, url, sidecar.proxy_url(run, "a2"), ca_bundle, "0")
     assert done.returncode == 0, done.stderr + sidecar.log()[-2000:]
     assert killed.stdout.splitlines() == done.stdout.splitlines()[:2]
     assert ws_api.LEDGER.books()["calls"] == 3
@@ -118,15 +114,71 @@ def test_an_agent_killed_mid_conversation_resumes_without_a_second_charge(
     assert rows == [(0,)]
 
 
+def agent(tmp_path: Path, url: str, proxy: str, bundle: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "agent.py"
+    script.write_text(AGENT)
+    return subprocess.run([sys.executable, str(script), url, proxy, str(bundle), *args], capture_output=True,
+                          text=True, timeout=90)
+
+
+def test_an_agent_killed_mid_answer_leaves_the_step_in_doubt_never_half_answered(
+    sidecars: Sidecars, api: ws_api.Server, ca_bundle: Path, pg_dsn: str, tmp_path: Path
+) -> None:
+    """Killed after the first event of turn 2's answer: that answer is not journaled as complete
+    (a replay of half an answer would leave the agent waiting for its end); the restart re-sends
+    turn 2 (the step is in doubt, and a WebSocket message carries no idempotency key) and the
+    run finishes with every step complete."""
+    sidecar = sidecars.start()
+    run = new_run()
+    url = f"{api.url}/v1/responses"
+    killed = agent(tmp_path, url, sidecar.proxy_url(run, "a1"), ca_bundle, "2", "mid")
+    assert killed.returncode == -9, killed.stderr
+    in_doubt = "SELECT seq, state FROM durable_steps WHERE run_id = %s AND method = 'WS' ORDER BY seq"
+    assert eventually(lambda: sql(pg_dsn, in_doubt, run), [(2, "completed"), (3, "pending")]) == [
+        (2, "completed"), (3, "pending")]
+    done = agent(tmp_path, url, sidecar.proxy_url(run, "a2"), ca_bundle, "0")
+    assert done.returncode == 0, done.stderr + sidecar.log()[-2000:]
+    assert [line.split(" to ")[0] for line in done.stdout.splitlines()] == ["answer 1", "answer 3", "answer 4"]
+    assert ws_api.LEDGER.books()["calls"] == 4  # turn 2 twice: sent, in doubt, re-sent
+    assert sql(pg_dsn, "SELECT count(*) FROM durable_steps WHERE run_id = %s AND state <> 'completed'", run) == [(0,)]
+
+
+def test_a_sidecar_killed_mid_conversation_leaves_nothing_wedged(
+    sidecars: Sidecars, api: ws_api.Server, ca_bundle: Path, pg_dsn: str, tmp_path: Path
+) -> None:
+    """SIGKILL the sidecar while turn 2's answer is on its way: a new sidecar on the same journal
+    replays the handshake and turn 1, takes over turn 2 (in doubt) once its lease has lapsed and
+    re-sends it live, and the run completes."""
+    sidecar = sidecars.start()
+    run = new_run()
+    url = f"{api.url}/v1/responses"
+    script = tmp_path / "agent.py"
+    script.write_text(AGENT)
+    proc = subprocess.Popen([sys.executable, str(script), url, sidecar.proxy_url(run, "a1"), str(ca_bundle), "2", "mid"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    eventually(lambda: ws_api.LEDGER.books()["calls"], 2)
+    sidecar.kill()
+    proc.wait(timeout=30)
+    restarted = sidecars.start()
+    done = agent(tmp_path, url, restarted.proxy_url(run, "a2"), ca_bundle, "0")
+    assert done.returncode == 0, done.stderr + restarted.log()[-2000:]
+    assert [line.split(" to ")[0] for line in done.stdout.splitlines()] == ["answer 1", "answer 3", "answer 4"]
+    assert sql(pg_dsn, "SELECT count(*) FROM durable_steps WHERE run_id = %s AND state <> 'completed'", run) == [(0,)]
+
+
 AGENT = '''
 import json, os, signal, ssl, sys
 from websockets.sync.client import connect
 url, proxy, bundle, crash_after = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+mid = len(sys.argv) > 5 and sys.argv[5] == "mid"  # die on the first event of that turn, mid-answer
 with connect(url, proxy=proxy, ssl=ssl.create_default_context(cafile=bundle), open_timeout=20) as ws:
     for n in (1, 2, 3):
-        ws.send(json.dumps({"type": "response.create", "model": "m", "input": f"turn {n}"}))
-        while (event := json.loads(ws.recv(timeout=20)))["type"] != "response.completed":
-            pass
+        # turn 2's answer ends a second after it begins: time to die (or be killed) mid-answer
+        ws.send(json.dumps({"type": "response.create", "model": "m", "input": f"turn {n}"}
+                           | ({"x_delay_ms": 1000} if n == 2 else {})))
+        while (event := json.loads(ws.recv(timeout=30)))["type"] != "response.completed":
+            if n == crash_after and mid:
+                os.kill(os.getpid(), signal.SIGKILL)
         print(event["response"]["output"][0]["content"][0]["text"], flush=True)
         if n == crash_after:
             os.kill(os.getpid(), signal.SIGKILL)
