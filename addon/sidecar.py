@@ -35,6 +35,7 @@ from . import (
     quietlog,
     redaction,
     responses,
+    sessions,
     settings,
     streams,
     upstream_ws,
@@ -49,6 +50,7 @@ logger = logging.getLogger("durable")
 
 META = "durable"
 CONVERSATION = "durable-conversation"  # a WebSocket's Conversation (conversations.py)
+SESSION = "durable-session"  # (replayed token, live token) of a request of a reopened upstream session
 HANDSHAKE = "durable-handshake"  # a WebSocket handshake's identity and replayed greeting, for websocket_start
 HEALTH_HOST = "durable.sidecar"  # http://durable.sidecar/health through the proxy: is it serving?
 # (matched on the Host header too: in transparent mode the request names no host of its own)
@@ -71,6 +73,7 @@ class DurableSidecar:
         self.default_run = identity.mint_id("run")
         self.default_attempt = identity.mint_id("attempt")
         self.starts = peers.Starts()
+        self.sessions = sessions.Sessions()
         self.client_starts: weakref.WeakKeyDictionary[connection.Client, str | None] = weakref.WeakKeyDictionary()
         self.credentials: weakref.WeakKeyDictionary[connection.Client, identity.Credentials] = (
             weakref.WeakKeyDictionary()
@@ -259,6 +262,10 @@ class DurableSidecar:
                     if flow.response is not None:
                         greeting = conversations.replayed_handshake(flow)
                     flow.metadata[HANDSHAKE] = (ident, greeting)
+            if step.outcome == "replayed":
+                self.sessions.replayed(ident.run, flow)
+            elif mapped := await self.sessions.outgoing(ident.run, flow.request):  # live, or passed through
+                flow.metadata[SESSION] = mapped
             flow.metadata[META] = step
             if step.live:  # should the agent hang up now, the sidecar finishes the call (httplayer.py)
                 flow.metadata[httplayer.ORPHAN_KEY] = True
@@ -283,6 +290,8 @@ class DurableSidecar:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         """Event streams, bodies of unknown length and bodies over the cap reach the agent live."""
+        if SESSION in flow.metadata and flow.response is not None:
+            sessions.Sessions.incoming(flow.response, flow.metadata[SESSION])
         step: Step | None = flow.metadata.get(META)
         if step is None or flow.response is None:
             return

@@ -59,3 +59,33 @@ def test_a_404_for_a_gone_session_is_not_journaled_as_the_answer(sidecars: Sidec
     gone, _ = rpc(sidecar, http_api, run, "a1", "tools/call", 2, init.headers["Mcp-Session-Id"])
     assert gone.status_code == 404
     assert sql(pg_dsn, "SELECT state FROM durable_steps WHERE run_id = %s AND seq = 2", run) == [("failed",)]
+
+
+def test_a_replayed_session_is_reopened_upstream_after_a_redeploy(
+    sidecars: Sidecars, http_api: PaidApi, pg_dsn: str
+) -> None:
+    """The agent resumes after the MCP server was redeployed: its replayed `initialize` hands it the
+    old session id, which the server no longer knows. Its first live call (and its notification
+    stream) reach the server under a session the sidecar opened with the agent's own initialize;
+    the agent keeps seeing the old id, and the call is charged once."""
+    sidecar = sidecars.start()
+    run = new_run()
+    init, _ = rpc(sidecar, http_api, run, "a1", "initialize", 1)
+    old = init.headers["Mcp-Session-Id"]
+    _, first = rpc(sidecar, http_api, run, "a1", "tools/call", 2, old)
+    requests.post(f"{http_api.url}/_mcp_restart", timeout=10)  # the agent crashed; the server is redeployed
+    again, _ = rpc(sidecar, http_api, run, "a2", "initialize", 1)
+    assert again.headers["Durable-Outcome"] == "replayed" and again.headers["Mcp-Session-Id"] == old
+    _, replayed = rpc(sidecar, http_api, run, "a2", "tools/call", 2, old)
+    assert replayed == first
+    live, answer = rpc(sidecar, http_api, run, "a2", "tools/call", 3, old)
+    assert live.status_code == 200 and live.headers["Durable-Outcome"] == "recorded", live.text
+    assert answer is not None and "result" in answer
+    assert live.headers["Mcp-Session-Id"] == old  # the agent's id, though the server gave a new one
+    stream = requests.get(f"{http_api.url}/mcp", headers={"Accept": "text/event-stream", "Mcp-Session-Id": old},
+                          stream=True, timeout=30, proxies={"http": sidecar.proxy_url(run, "a2")})
+    assert stream.status_code == 200
+    stream.close()
+    assert http_api.books()["charges"] == 2  # tool calls 2 and 3, each once
+    states = sql(pg_dsn, "SELECT seq, state FROM durable_steps WHERE run_id = %s ORDER BY seq", run)
+    assert states == [(1, "completed"), (2, "completed"), (3, "completed")]
