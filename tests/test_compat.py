@@ -9,6 +9,7 @@ restart the MCP server between the attempts, as a redeploy would.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -156,6 +157,8 @@ def test_a_crash_after_a_paid_tool_call_resumes_at_no_extra_cost(
             mcp.stop()
     assert books(fake_llm, https_api, mcp) == cost, "the crash and resume cost more than one uninterrupted run"
     assert final_line(resumed.stdout) == expected
+    replayed = re.search(r"(\d+) replayed", resumed.stderr)  # durable run's summary counts what it answered
+    assert replayed is not None and int(replayed.group(1)) > 0 and "no call came through" not in resumed.stderr
     diverged = sql(pg_dsn, "SELECT count(*) FROM durable_steps WHERE run_id = %s AND (divergence IS NOT NULL"
                            " OR last_outcome = 'diverged')", run)
     assert diverged == [(0,)]
