@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Mutation testing: mutmut changes one small thing at a time in a module where a bug costs money or
+# leaks data (an operator, a constant, a condition), runs the tests that cover that module, and
+# counts the mutants no test noticed. Not run by CI (hours for all modules); docs/development.md
+# gives the last result and the survivors judged harmless.
+#
+# Usage: scripts/mutate.sh [MODULE ...]     e.g. scripts/mutate.sh cursor fingerprint
+#   no MODULE: every module below. Results: .mutmut-cache (`.venv-mutmut/bin/mutmut results`,
+#   `.venv-mutmut/bin/mutmut show ID`). mutmut edits addon/*.py in place and restores each file
+#   after its mutant; do not edit the checkout (or kill -9 the script) meanwhile. Set DATABASE_URL
+#   for speed (else each test run starts the embedded PostgreSQL).
+set -euo pipefail
+. "$(dirname "${BASH_SOURCE[0]}")/venv.sh" test
+cd "$ROOT"
+
+# mutmut 2 mutates the files in place, which is what this layout needs: the package is
+# durable_sidecar, its code in addon/ (mutmut 3 copies the code elsewhere and cannot map the name).
+# It lives in a venv of its own, beside the project's.
+if [ ! -x .venv-mutmut/bin/mutmut ]; then
+    "$("$PY" -c 'import sys; print(sys._base_executable)')" -m venv .venv-mutmut
+    .venv-mutmut/bin/pip install --quiet --disable-pip-version-check "mutmut==2.5.1"
+fi
+
+# module -> the tests that hold it
+declare -A TESTS=(
+    [cursor]="tests/test_cursor.py tests/test_crash_resume.py"
+    [fingerprint]="tests/test_fingerprint.py tests/test_fingerprint_v2.py tests/test_properties.py"
+    [inflight]="tests/test_exactly_once.py tests/test_sidecar_unit.py"
+    [redaction]="tests/test_security.py"
+    [crypto]="tests/test_security.py"
+    [bodies]="tests/test_body_bounds.py tests/test_fingerprint.py"
+    [sessions]="tests/test_mcp.py"
+    [conversations]="tests/test_websocket.py tests/test_streams.py"
+    [lease]="tests/test_journal_db.py tests/test_connection_failures.py"
+    [repairs]="tests/test_connection_failures.py"
+    [lifecycle]="tests/test_exactly_once.py tests/test_crash_resume.py tests/test_sidecar_unit.py tests/test_agent_failures.py"
+    [journal]="tests/test_journal_db.py tests/test_exactly_once.py"
+    [ui]="tests/test_ui.py"
+    [launcher]="tests/test_launcher.py"
+)
+ORDER=(cursor fingerprint inflight redaction crypto bodies sessions conversations lease repairs lifecycle journal ui launcher)
+modules=("$@")
+[ ${#modules[@]} -eq 0 ] && modules=("${ORDER[@]}")
+
+for module in "${modules[@]}"; do
+    tests="${TESTS[$module]:?unknown module $module (known: ${ORDER[*]})}"
+    echo "== addon/$module.py: $tests" >&2
+    .venv-mutmut/bin/mutmut run --paths-to-mutate "addon/$module.py" --tests-dir tests \
+        --runner "$PY -m pytest -x -q -n 2 -p no:cacheprovider $tests" || true  # exit codes report survivors
+done
+.venv-mutmut/bin/mutmut results
+"$PY" - <<'EOF'
+"""The kill rate per module, from mutmut's cache."""
+import sqlite3
+
+rows = sqlite3.connect(".mutmut-cache").execute(
+    "SELECT SourceFile.filename, Mutant.status, count(*) FROM Mutant JOIN Line ON Mutant.line = Line.id"
+    " JOIN SourceFile ON Line.sourcefile = SourceFile.id GROUP BY 1, 2"
+).fetchall()
+table: dict[str, dict[str, int]] = {}
+for filename, status, n in rows:
+    table.setdefault(filename, {})[status] = n
+print(f"{'module':28} {'mutants':>8} {'killed':>7} {'survived':>9} {'timeout':>8} {'kill rate':>9}")
+for filename, counts in sorted(table.items()):
+    total = sum(counts.values())
+    killed = counts.get("ok_killed", 0)
+    print(f"{filename:28} {total:8} {killed:7} {counts.get('bad_survived', 0):9} {counts.get('bad_timeout', 0):8}"
+          f" {killed / total:9.0%}")
+EOF
