@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 try:
-    from durable_sidecar.sidecar import DurableSidecar
+    from durable_sidecar.proxy.sidecar import DurableSidecar
 except ImportError:  # a checkout that was not installed: this folder is the package
     here = Path(__file__).resolve().parent
     spec = importlib.util.spec_from_file_location(
@@ -18,6 +18,6 @@ except ImportError:  # a checkout that was not installed: this folder is the pac
     assert spec is not None and spec.loader is not None
     sys.modules["durable_sidecar"] = package = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(package)
-    from durable_sidecar.sidecar import DurableSidecar
+    from durable_sidecar.proxy.sidecar import DurableSidecar
 
 addons = [DurableSidecar()]

@@ -50,7 +50,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 import paid_api  # noqa: E402
 
-from durable_sidecar import database, launcher  # noqa: E402
+from durable_sidecar.store import database
+from durable_sidecar.tools import launcher
 
 DELAY_MS = 1500  # the upstream books the call, then works this long before answering
 ENDPOINTS = {

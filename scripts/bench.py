@@ -35,7 +35,8 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from durable_sidecar import database, launcher  # noqa: E402
+from durable_sidecar.store import database
+from durable_sidecar.tools import launcher
 
 BODY = b'{"model": "bench", "messages": [{"role": "user", "content": "%d"}]}'
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -295,7 +296,7 @@ def concurrency(
 
 def fill_run(dsn: str, run: str, steps: int, upstream: int) -> None:
     """Journal a run of `steps` completed steps directly (recording 100,000 through a proxy takes minutes)."""
-    from durable_sidecar import fingerprint
+    from durable_sidecar.matching import fingerprint
 
     url = f"http://127.0.0.1:{upstream}/v1/chat/completions"
     rows = []

@@ -19,7 +19,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stage import stage, status_kib  # noqa: E402
 
-from durable_sidecar import launcher  # noqa: E402
+from durable_sidecar.tools import launcher
 
 
 def rss(pid: int, field: str) -> float:

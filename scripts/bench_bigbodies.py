@@ -24,7 +24,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stage import run_for, stage  # noqa: E402
 
-from durable_sidecar import launcher  # noqa: E402
+from durable_sidecar.tools import launcher
 
 STEPS = 50
 

@@ -24,7 +24,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from durable_sidecar import launcher  # noqa: E402
+from durable_sidecar.tools import launcher
 from scripts import paid_api  # noqa: E402
 from scripts.stage import status_kib  # noqa: E402
 

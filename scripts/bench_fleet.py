@@ -25,7 +25,8 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (its upstream, proxies and client)
 
-from durable_sidecar import database, operations  # noqa: E402
+from durable_sidecar.store import database
+from durable_sidecar.tools import operations
 
 
 def fleet(server: str, partitions: int, args: argparse.Namespace, upstream: int) -> dict[str, float]:

@@ -52,7 +52,7 @@ import paid_api  # noqa: E402
 from agent_failures import ENDPOINTS, Rig, arguments, isolated, sql  # noqa: E402
 from relay import Relay  # noqa: E402
 
-from durable_sidecar import database, lease  # noqa: E402
+from durable_sidecar.store import database, lease
 
 DB_TIMEOUT_MS = 1000
 PAID_PATHS = {path for path, _ in ENDPOINTS.values()}

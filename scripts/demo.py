@@ -26,7 +26,8 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from durable_sidecar import database, launcher  # noqa: E402
+from durable_sidecar.store import database
+from durable_sidecar.tools import launcher
 from scripts import paid_api  # noqa: E402
 
 STEPS = 4

@@ -40,7 +40,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stage import run_for, stage, status_kib  # noqa: E402
 
-from durable_sidecar import launcher  # noqa: E402
+from durable_sidecar.tools import launcher
 
 CAP = 4 * 1024 * 1024
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "BREW", "G\x00T", "", "POST POST"]

@@ -6,7 +6,7 @@
 #
 # Usage: scripts/mutate.sh [MODULE ...]     e.g. scripts/mutate.sh cursor fingerprint
 #   no MODULE: every module below. Results: .mutmut-cache (`.venv-mutmut/bin/mutmut results`,
-#   `.venv-mutmut/bin/mutmut show ID`). mutmut edits addon/*.py in place and restores each file
+#   `.venv-mutmut/bin/mutmut show ID`). mutmut edits addon/*/*.py in place and restores each file
 #   after its mutant; do not edit the checkout (or kill -9 the script) meanwhile. Set DATABASE_URL
 #   for speed (else each test run starts the embedded PostgreSQL).
 set -euo pipefail
@@ -44,10 +44,11 @@ modules=("$@")
 
 for module in "${modules[@]}"; do
     tests="${TESTS[$module]:?unknown module $module (known: ${ORDER[*]})}"
-    echo "== addon/$module.py: $tests" >&2
+    path=$(ls addon/*/"$module".py)
+    echo "== $path: $tests" >&2
     # mutmut counts a mutant killed only on exit code 1; a mutant that breaks the import (pytest's 2)
     # is killed too
-    .venv-mutmut/bin/mutmut run --paths-to-mutate "addon/$module.py" --tests-dir tests \
+    .venv-mutmut/bin/mutmut run --paths-to-mutate "$path" --tests-dir tests \
         --runner "bash -c '$PY -m pytest -x -q -n 2 -p no:cacheprovider $tests || exit 1'" \
         || true  # its exit code reports survivors: the table below says it all
 done
@@ -63,10 +64,10 @@ rows = sqlite3.connect(".mutmut-cache").execute(
 table: dict[str, dict[str, int]] = {}
 for filename, status, n in rows:
     table.setdefault(filename, {})[status] = n
-print(f"{'module':28} {'mutants':>8} {'killed':>7} {'survived':>9} {'timeout':>8} {'kill rate':>9}")
+print(f"{'module':36} {'mutants':>8} {'killed':>7} {'survived':>9} {'timeout':>8} {'kill rate':>9}")
 for filename, counts in sorted(table.items()):
     total = sum(counts.values())
     killed = counts.get("ok_killed", 0)
-    print(f"{filename:28} {total:8} {killed:7} {counts.get('bad_survived', 0):9} {counts.get('bad_timeout', 0):8}"
+    print(f"{filename:36} {total:8} {killed:7} {counts.get('bad_survived', 0):9} {counts.get('bad_timeout', 0):8}"
           f" {killed / total:9.0%}")
 EOF

@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 import paid_api  # noqa: E402
 
-from durable_sidecar import database  # noqa: E402
+from durable_sidecar.store import database
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ import psycopg
 import pytest
 import requests
 
-from durable_sidecar import database, embedded, launcher, operations
+from durable_sidecar.store import database, embedded
+from durable_sidecar.tools import launcher, operations
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_AGENT = ROOT / "scripts" / "demo_agent.py"

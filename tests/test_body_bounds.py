@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from conftest import PaidApi, Sidecars, new_run, sql
-from durable_sidecar import launcher
+from durable_sidecar.tools import launcher
 from stage import status_kib
 
 CAP = 8 * 1024 * 1024

@@ -18,7 +18,8 @@ import httpx
 import pytest
 import requests
 
-from durable_sidecar import faults, launcher
+from durable_sidecar.steps import faults
+from durable_sidecar.tools import launcher
 from conftest import PaidApi, Sidecars, new_run, run_agent, sql
 
 STEPS = 3

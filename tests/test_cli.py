@@ -265,7 +265,7 @@ def test_an_encrypted_journal_keeps_divergence_values_sealed(sidecars: Sidecars,
     the log (paths and keyed hashes only), and shown by `durable diff` only to a caller with the key."""
     import requests
 
-    from durable_sidecar import crypto
+    from durable_sidecar.store import crypto
 
     key = crypto.new_key_spec("k1")
     pg_dsn = fresh_dsn  # a key of its own: the shared database's rows must stay readable to other tests

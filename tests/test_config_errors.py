@@ -12,8 +12,8 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
-from durable_sidecar import settings
-from durable_sidecar.sidecar import DurableSidecar
+from durable_sidecar.steps import settings
+from durable_sidecar.proxy.sidecar import DurableSidecar
 from conftest import PaidApi, Sidecars, new_run
 
 DURABLE = str(Path(sys.executable).with_name("durable"))

@@ -20,7 +20,7 @@ import requests
 import agent_failures
 import connection_failures
 from conftest import PaidApi, Sidecars, new_run
-from durable_sidecar import launcher
+from durable_sidecar.tools import launcher
 from relay import Relay
 
 

@@ -9,7 +9,7 @@ import hashlib
 
 import pytest
 
-from durable_sidecar.cursor import RunCursor, StepRef, digest
+from durable_sidecar.store.cursor import RunCursor, StepRef, digest
 
 
 def journal(*keys: str) -> RunCursor:
@@ -108,14 +108,14 @@ def test_explicit_keys_and_fingerprints_are_separate_spaces() -> None:
 
 
 def test_idle_attempts_are_forgotten(mocker) -> None:
-    from durable_sidecar.lifecycle import Lifecycle
+    from durable_sidecar.steps.lifecycle import Lifecycle
 
     from collections import OrderedDict
 
-    from durable_sidecar.lifecycle import Refused
+    from durable_sidecar.steps.lifecycle import Refused
 
     lifecycle = Lifecycle(mocker.Mock(), mocker.Mock(read_ahead_bytes=1024), mocker.Mock())
-    clock = mocker.patch("durable_sidecar.lifecycle.time.monotonic", return_value=1000.0)
+    clock = mocker.patch("durable_sidecar.steps.lifecycle.time.monotonic", return_value=1000.0)
     lifecycle.last_used = OrderedDict({("r", "old"): 0.0, ("r", "new"): 990.0})
     lifecycle.cursors = {("r", "old"): mocker.Mock(), ("r", "new"): mocker.Mock()}
     assert lifecycle.forget_idle(idle_s=100) == 1
@@ -158,7 +158,7 @@ def test_a_digest_is_stable_and_names_key_and_occurrence() -> None:
 def test_one_sender_per_step_however_many_flows_wait_for_it() -> None:
     """Three flows on one step: each waiter re-checks the slot when woken, so one holds it at a time
     (were a woken waiter to take it without looking, two would send the step at once)."""
-    from durable_sidecar.inflight import InFlight
+    from durable_sidecar.steps.inflight import InFlight
 
     async def scenario() -> int:
         in_flight, holding, most = InFlight(), 0, 0

@@ -1,4 +1,4 @@
-"""The sidecar's hook dispatch (addon/dispatch.py) calls exactly what mitmproxy's own does, in the
+"""The sidecar's hook dispatch (addon/proxy/dispatch.py) calls exactly what mitmproxy's own does, in the
 same order, with the same error handling and AddonHalt; it only skips addons that have no handler."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from mitmproxy.addonmanager import AddonManager
 from mitmproxy.proxy.layers.http import HttpRequestHook
 from mitmproxy.test import taddons, tflow
 
-from durable_sidecar import dispatch
+from durable_sidecar.proxy import dispatch
 
 
 class Records:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from durable_sidecar import identity
+from durable_sidecar.matching import identity
 from conftest import PaidApi, Sidecars, new_run
 
 SECRET = "s3cret-for-tests"

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 import requests
 
-from durable_sidecar import launcher
+from durable_sidecar.tools import launcher
 from conftest import PaidApi, Sidecars, new_run, sql
 
 
@@ -206,7 +206,7 @@ def test_a_step_forgotten_while_its_request_is_in_flight(sidecars: Sidecars, htt
     """An operator forgets a pending step while the upstream works on it: the late answer is not
     written back into a row that is gone (nothing resurrected), the agent gets a 503 saying so, and
     the next attempt records the call afresh."""
-    from durable_sidecar import operations
+    from durable_sidecar.tools import operations
 
     sidecar = sidecars.start()
     run, url = new_run(), f"{http_api.url}/v1/generate?delay_ms=1500"

@@ -7,8 +7,8 @@ import json
 
 from mitmproxy.test import tutils
 
-from durable_sidecar import fingerprint as fp
-from durable_sidecar.fingerprint import MatchRules, RequestParts, Rule
+from durable_sidecar.matching import fingerprint as fp
+from durable_sidecar.matching.fingerprint import MatchRules, RequestParts, Rule
 
 
 def parts(body: bytes = b"", path: str = "/v1/x", headers=None, method: str = "POST", host: str = "api.example.com") -> RequestParts:

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import PaidApi, Sidecars, new_run, sql
-from durable_sidecar import fingerprint as fp
-from durable_sidecar.fingerprint import RequestParts
+from durable_sidecar.matching import fingerprint as fp
+from durable_sidecar.matching.fingerprint import RequestParts
 
 JSON = [("Content-Type", "application/json")]
 

@@ -6,8 +6,8 @@ import base64
 
 import pytest
 
-from durable_sidecar import identity
-from durable_sidecar.identity import Credentials, IdentityError
+from durable_sidecar.matching import identity
+from durable_sidecar.matching.identity import Credentials, IdentityError
 
 
 def basic(user: str, password: str) -> str:
@@ -86,7 +86,7 @@ def test_a_connection_is_traced_to_its_process_group_and_leader_start() -> None:
     import os
     import socket
 
-    from durable_sidecar import peers
+    from durable_sidecar.proxy import peers
 
     for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
         with socket.create_server((host, 0), family=family) as server:
@@ -101,7 +101,7 @@ def test_a_connection_is_traced_to_its_process_group_and_leader_start() -> None:
 
 
 def test_an_attempt_id_is_bound_to_its_first_start() -> None:
-    from durable_sidecar.peers import Starts
+    from durable_sidecar.proxy.peers import Starts
 
     starts = Starts()
     assert starts.attempt("r", "a1", "100.5") == "a1"

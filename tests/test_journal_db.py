@@ -18,10 +18,11 @@ import psycopg
 import pytest
 import requests
 
-from durable_sidecar import database, launcher
-from durable_sidecar.cursor import RunCursor, StepRef, digest
-from durable_sidecar.journal import DIGEST, Journal, NewStep
-from durable_sidecar.migrations import MIGRATIONS
+from durable_sidecar.store import database
+from durable_sidecar.tools import launcher
+from durable_sidecar.store.cursor import RunCursor, StepRef, digest
+from durable_sidecar.store.journal import DIGEST, Journal, NewStep
+from durable_sidecar.store.migrations import MIGRATIONS
 from conftest import PaidApi, Sidecars, docker_reachable, new_run, sql
 
 
@@ -129,7 +130,7 @@ def test_the_index_loads_from_sql_digests_that_match_the_cursors(fresh_dsn: str,
     the same digest computed in Python. Were they to differ, every replay would miss and re-send.
     A run longer than a page arrives in two parts: its first steps by seq (the cursor serves them at
     once), then the whole index, which the cursor adopts without losing what it learnt meanwhile."""
-    from durable_sidecar import journal as journal_module
+    from durable_sidecar.store import journal as journal_module
 
     monkeypatch.setattr(journal_module, "INDEX_PAGE", page)
     keys = [f"v1:{n:064x}" for n in range(300)] + ["key:paiement-é", "key:支払い", "key:" + "k" * 2000]
@@ -252,7 +253,7 @@ def test_racing_records_of_one_step_keep_seqs_dense(fresh_dsn: str) -> None:
 
 def test_a_batch_of_group_committed_writes_is_all_or_nothing(fresh_dsn: str) -> None:
     """Writes that share a commit share its fate: one failing statement leaves none of the batch."""
-    from durable_sidecar.journal import JournalError, Statement
+    from durable_sidecar.store.journal import JournalError, Statement
 
     async def batch() -> None:
         journal = Journal(fresh_dsn)
@@ -312,7 +313,7 @@ def test_take_over_follows_the_single_flight_rules(fresh_dsn: str) -> None:
                 await journal.close()
         return seen
 
-    from durable_sidecar.journal import JournalError
+    from durable_sidecar.store.journal import JournalError
 
     seen = asyncio.run(scenario())
     assert (seen["completed"].state, seen["completed"].taken) == ("completed", False)

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from durable_sidecar import launcher
+from durable_sidecar.tools import launcher
 from conftest import PaidApi, Sidecars, env_without_proxy, new_run, on_a_terminal, terminal_output
 
 DURABLE = str(Path(sys.executable).with_name("durable"))

@@ -9,7 +9,7 @@ from pathlib import Path
 import requests
 from ruamel.yaml import YAML
 
-from durable_sidecar import launcher
+from durable_sidecar.tools import launcher
 from conftest import ROOT, PaidApi, Sidecars, eventually, runs_around_cutoff, new_run, run_agent, sql
 
 

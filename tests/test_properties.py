@@ -10,9 +10,9 @@ from urllib.parse import parse_qs, urlsplit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from durable_sidecar import fingerprint, identity
-from durable_sidecar.fingerprint import RequestParts
-from durable_sidecar.redaction import Redactor
+from durable_sidecar.matching import fingerprint, identity
+from durable_sidecar.matching.fingerprint import RequestParts
+from durable_sidecar.matching.redaction import Redactor
 
 header_names = st.text(st.characters(min_codepoint=33, max_codepoint=126, exclude_characters=":"), min_size=1, max_size=30)
 headers = st.lists(st.tuples(header_names, st.text(max_size=60)), max_size=8)

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from durable_sidecar import launcher
+from durable_sidecar.tools import launcher
 from conftest import ROOT, PaidApi, env_without_proxy
 
 SECTION = "## Put it in front of your agent"

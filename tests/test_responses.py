@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 
-from durable_sidecar import responses
+from durable_sidecar.steps import responses
 
 
 def test_gzip_body_is_kept_encoded_with_a_correct_length() -> None:

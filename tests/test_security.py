@@ -16,7 +16,8 @@ import httpx
 import pytest
 import requests
 
-from durable_sidecar import crypto, identity
+from durable_sidecar.store import crypto
+from durable_sidecar.matching import identity
 from conftest import PaidApi, Sidecars, new_run, sql
 
 API_KEY = "sk-live-0123456789SECRETabcdef"

@@ -9,9 +9,9 @@ import json
 import pytest
 from mitmproxy.test import taddons, tflow
 
-from durable_sidecar import crypto
-from durable_sidecar.journal import JournalError
-from durable_sidecar.sidecar import META, DurableSidecar
+from durable_sidecar.store import crypto
+from durable_sidecar.store.journal import JournalError
+from durable_sidecar.proxy.sidecar import META, DurableSidecar
 
 
 def flow_with_run(run: str = "r1"):
@@ -65,7 +65,7 @@ def test_failed_index_load_is_retried_by_the_next_request(sidecar, mocker) -> No
 def test_response_not_journaled_replaces_the_answer_with_503(sidecar, mocker, failure: str) -> None:
     """A commit that fails holds the answer (retried until journaled); one refused because the step
     is no longer this sidecar's leaves it in doubt. Either way the agent gets a 503 and its step back."""
-    from durable_sidecar.journal import NotOurs, Recorded
+    from durable_sidecar.store.journal import NotOurs, Recorded
 
     error = JournalError("journal response: disk full") if failure == "unreachable" else NotOurs("taken over")
     sidecar.lifecycle.journal.record = mocker.AsyncMock(return_value=Recorded(seq=1, idempotency_key=None))
@@ -87,7 +87,7 @@ def test_response_not_journaled_replaces_the_answer_with_503(sidecar, mocker, fa
 
 
 def test_control_headers_are_stripped_before_forwarding(sidecar, mocker) -> None:
-    from durable_sidecar.journal import Recorded
+    from durable_sidecar.store.journal import Recorded
 
     sidecar.lifecycle.journal.record = mocker.AsyncMock(return_value=Recorded(seq=1, idempotency_key=None))
     flow = flow_with_run()
@@ -100,8 +100,8 @@ def test_control_headers_are_stripped_before_forwarding(sidecar, mocker) -> None
 def test_a_digest_shared_by_two_keys_is_refused_not_answered_with_the_other_step(sidecar, mocker) -> None:
     """The replay index names steps by a 64-bit digest of (key, occurrence). Were two keys to share
     one, the journaled row (which names its own key) shows it: 503, never another call's answer."""
-    from durable_sidecar import cursor as cursor_module
-    from durable_sidecar.journal import StoredResponse
+    from durable_sidecar.store import cursor as cursor_module
+    from durable_sidecar.store.journal import StoredResponse
 
     mocker.patch.object(cursor_module, "digest", lambda key, occurrence: 7)  # every key collides
     fill = lambda run, into, *_: into.load([(7, 1, "completed")])  # noqa: E731
@@ -120,8 +120,8 @@ def test_a_digest_shared_by_two_keys_is_refused_not_answered_with_the_other_step
 def test_a_completed_step_is_replayed_before_the_runs_index_has_loaded(sidecar, mocker) -> None:
     """The first request of an attempt on a long run does not wait for the run's whole index: a
     completed step is found by one indexed lookup and replayed while the index still loads."""
-    from durable_sidecar.cursor import StepRef
-    from durable_sidecar.journal import StoredResponse
+    from durable_sidecar.store.cursor import StepRef
+    from durable_sidecar.store.journal import StoredResponse
 
     async def scenario() -> None:
         never = asyncio.Event()
@@ -151,7 +151,7 @@ def test_a_completed_step_is_replayed_before_the_runs_index_has_loaded(sidecar, 
 def test_a_new_request_waits_for_the_whole_index_before_it_is_recorded(sidecar, mocker) -> None:
     """What is not a completed step (here: nothing journaled) is matched against the whole index
     only: recording it from a partial one could journal a step twice."""
-    from durable_sidecar.journal import Recorded
+    from durable_sidecar.store.journal import Recorded
 
     async def scenario() -> None:
         loaded = asyncio.Event()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from durable_sidecar import tables
+from durable_sidecar.tools import tables
 
 URL = "https://api.example.com/v1/chat/completions?session=" + "a" * 60
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from durable_sidecar import launcher
+from durable_sidecar.tools import launcher
 from conftest import new_run, paid_api
 
 

@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from conftest import PaidApi, Sidecars, eventually, new_run, sql
-from durable_sidecar import launcher
+from durable_sidecar.tools import launcher
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")

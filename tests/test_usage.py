@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 
-from durable_sidecar import usage
+from durable_sidecar.matching import usage
 
 JSON = [(b"Content-Type", b"application/json")]
 SSE = [(b"Content-Type", b"text/event-stream")]

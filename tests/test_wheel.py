@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from conftest import ROOT, PaidApi, new_run
-from durable_sidecar import launcher
+from durable_sidecar.tools import launcher
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_the_wheel_gives_durable_and_an_addon_for_your_own_mitmproxy(
     assert run("--version") == "durable 0.1.0"
     script = Path(run("addon-path"))
     assert script.is_file() and wheel_venv in script.parents and ROOT not in script.parents
-    assert (script.parent / "templates" / "run.html").is_file()  # the pages of `durable ui` came along
+    assert (script.parent / "tools" / "templates" / "run.html").is_file()  # the pages of `durable ui` came along
     port = launcher.free_port()
     with open(tmp_path / "mitmdump.log", "wb") as log:
         sidecar = subprocess.Popen([str(wheel_venv / "bin" / "mitmdump"), "-s", str(script), "-p", str(port),

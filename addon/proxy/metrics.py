@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from .responses import OUTCOMES
+from ..steps.responses import OUTCOMES
 
 logger = logging.getLogger("durable")
 

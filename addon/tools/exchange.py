@@ -16,9 +16,10 @@ from urllib.parse import urlsplit
 from mitmproxy import connection, http, io
 from mitmproxy.addons.savehar import SaveHar
 
-from . import database, fingerprint, redaction
-from .crypto import Keyring, seal_url
-from .journal import Answer, Journal, NewStep, decode_headers, encode_headers
+from ..matching import fingerprint, redaction
+from ..store import database
+from ..store.crypto import Keyring, seal_url
+from ..store.journal import Answer, Journal, NewStep, decode_headers, encode_headers
 
 
 def _flow(

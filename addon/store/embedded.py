@@ -124,7 +124,7 @@ def ensure_watcher(pgdata: Path) -> None:
     if pid and _alive(pid):
         return
     watcher = subprocess.Popen(
-        [sys.executable, "-c", WATCHER_BOOT, str(Path(__file__).resolve().parent), str(pgdata)],
+        [sys.executable, "-c", WATCHER_BOOT, str(Path(__file__).resolve().parents[1]), str(pgdata)],
         cwd="/",  # `python -c` puts the working directory first on the path: nothing there may shadow a module
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -146,7 +146,7 @@ spec = importlib.util.spec_from_file_location("durable_sidecar", folder + "/__in
                                               submodule_search_locations=[folder])
 sys.modules["durable_sidecar"] = package = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(package)
-from durable_sidecar import embedded
+from durable_sidecar.store import embedded
 embedded.watch(Path(pgdata))
 """
 

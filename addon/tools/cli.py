@@ -22,7 +22,9 @@ from typing import Any
 
 from rich.console import Console
 
-from . import crypto, database, embedded, identity, launcher, operations, runner, tables
+from ..matching import identity
+from ..store import crypto, database, embedded
+from . import launcher, operations, runner, tables
 
 err = Console(stderr=True, soft_wrap=True, highlight=False)
 
@@ -223,7 +225,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from . import explain  # mitmproxy's flow readers: half a second to import, only here and in export/import
+    from . import explain
 
     try:
         parts = explain.from_har(Path(args.har), args.entry) if args.har else explain.parse_curl(args.curl)
@@ -403,7 +405,7 @@ def db_init(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from . import ui  # tornado: only for this command
+    from . import ui
 
     ui.serve(args.dsn, args.host, args.port, args.allow_host)
     return 0

@@ -15,7 +15,7 @@ import time
 
 from mitmproxy import http
 
-from .journal import StoredResponse
+from ..store.journal import StoredResponse
 from .responses import FRAMING
 
 logger = logging.getLogger("durable")

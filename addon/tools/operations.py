@@ -16,8 +16,9 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from . import database, migrations, usage
-from .crypto import (
+from ..matching import usage
+from ..store import database, migrations
+from ..store.crypto import (
     SEALED_COLUMNS,
     SEALED_JSON_COLUMNS,
     Keyring,
@@ -28,7 +29,7 @@ from .crypto import (
     reseal_url,
     seal_json,
 )
-from .journal import DELETE_RUNS, IDLE_RUNS, decode_headers
+from ..store.journal import DELETE_RUNS, IDLE_RUNS, decode_headers
 
 Conn = psycopg.Connection[dict[str, Any]]  # rows as dicts (dict_row)
 

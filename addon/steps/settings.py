@@ -11,9 +11,9 @@ from typing import Any
 
 from mitmproxy import exceptions
 
-from . import crypto
-from .crypto import Keyring
-from .fingerprint import MatchRules, Rule
+from ..matching.fingerprint import MatchRules, Rule
+from ..store import crypto
+from ..store.crypto import Keyring
 
 IN_DOUBT_POLICIES = ("reissue", "fail")
 OVERSIZE_POLICIES = ("refuse", "passthrough")
@@ -307,7 +307,7 @@ def per_host(
 
 def from_options(o: Any) -> Settings:
     """Validate the options into Settings; raises OptionsError with the offending option named."""
-    from .identity import IdentityError, validate_id
+    from ..matching.identity import IdentityError, validate_id
 
     try:
         for name in ("durable_run", "durable_attempt"):

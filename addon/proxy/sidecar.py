@@ -24,27 +24,14 @@ from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy import flow as mflow
 from psycopg.conninfo import conninfo_to_dict
 
-from . import (
-    conversations,
-    crypto,
-    database,
-    dispatch,
-    httplayer,
-    identity,
-    peers,
-    quietlog,
-    redaction,
-    responses,
-    sessions,
-    settings,
-    streams,
-    upstream_ws,
-    usage,
-)
-from .journal import Journal, JournalError, SealedError
-from .lifecycle import AnswerHeld, Lifecycle, Refused, Step, elapsed_ms
+from ..matching import identity, redaction, usage
+from ..steps import responses, settings, streams
+from ..steps.lifecycle import AnswerHeld, Lifecycle, Refused, Step, elapsed_ms
+from ..steps.pacing import Pacer
+from ..store import crypto, database
+from ..store.journal import Journal, JournalError, SealedError
+from . import conversations, dispatch, httplayer, peers, quietlog, sessions, upstream_ws
 from .metrics import Metrics
-from .pacing import Pacer
 
 logger = logging.getLogger("durable")
 

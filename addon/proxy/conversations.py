@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from mitmproxy import connection, http
 from mitmproxy.websocket import WebSocketMessage
 
-from . import identity
-from .journal import JournalError
-from .lifecycle import AnswerHeld, Lifecycle, Refused, Step
+from ..matching import identity
+from ..steps.lifecycle import AnswerHeld, Lifecycle, Refused, Step
+from ..store.journal import JournalError
 from .upstream_ws import Upstream
 
 logger = logging.getLogger("durable")

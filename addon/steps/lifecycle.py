@@ -20,10 +20,12 @@ from typing import Any
 
 from mitmproxy import http
 
-from . import bodies, crypto, divergence, faults, fingerprint, identity, offload, redaction, responses, streams
-from .cursor import Claim, RunCursor, StepRef
+from ..matching import bodies, fingerprint, identity, redaction
+from ..store import crypto, offload
+from ..store.cursor import Claim, RunCursor, StepRef
+from ..store.journal import Journal, JournalError, NewStep, NotOurs, encode_headers
+from . import divergence, faults, responses, streams
 from .inflight import InFlight, Slot
-from .journal import Journal, JournalError, NewStep, NotOurs, encode_headers
 from .pacing import Pacer
 from .prefetch import Budget, Prefetch
 from .repairs import Held, Repairs

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import exchange, fingerprint
+from ..matching import fingerprint
+from . import exchange
 
 _DATA = {"-d", "--data", "--data-raw", "--data-binary", "--data-ascii"}
 _IGNORED_FLAGS = {"--compressed", "-s", "--silent", "-k", "--insecure", "-L", "--location", "-i", "-v", "-G"}

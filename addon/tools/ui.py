@@ -31,7 +31,9 @@ from urllib.parse import quote, urlencode
 import tornado.web
 from tornado.template import Loader
 
-from . import database, identity, operations
+from ..matching import identity
+from ..store import database
+from . import operations
 
 PAGE_SIZE = 50
 TIMELINE_BARS = 400  # the timeline draws the first steps of a very long run

@@ -21,8 +21,8 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from ..store.journal import Journal, JournalError, NotOurs
 from .inflight import InFlight, Slot
-from .journal import Journal, JournalError, NotOurs
 
 logger = logging.getLogger("durable")
 

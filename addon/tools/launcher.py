@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from . import database
+from ..store import database
 
-SCRIPT = Path(__file__).with_name("durable.py")
+SCRIPT = Path(__file__).resolve().parents[1] / "durable.py"
 CA_CERT = "mitmproxy-ca-cert.pem"
 HEALTH_URL = "http://durable.sidecar/health"  # answered by the addon itself (sidecar.HEALTH_HOST)
 CA_URL = "http://durable.sidecar/ca.pem"  # the CA that sidecar signs with

@@ -13,8 +13,8 @@ import asyncio
 import logging
 from collections import OrderedDict
 
-from .cursor import RunCursor
-from .journal import Journal, JournalError, StoredResponse
+from ..store.cursor import RunCursor
+from ..store.journal import Journal, JournalError, StoredResponse
 
 logger = logging.getLogger("durable")
 

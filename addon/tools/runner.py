@@ -23,7 +23,8 @@ from pathlib import Path
 
 import psycopg
 
-from . import database, launcher
+from ..store import database
+from . import launcher
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 PROXY_CHECK_S = 1.5  # a sidecar on this machine or the next answers its health check well within this
@@ -173,7 +174,7 @@ def flush_replay_counts(address: str) -> None:
 
 
 def drain_timeout(options: dict[str, str]) -> float:
-    from . import settings  # here, not at the top: it brings mitmproxy, and `durable run` starts fast
+    from ..steps import settings
 
     given = options.get("durable_drain_timeout")
     return settings.parse_duration(given) if given else settings.DEFAULTS.drain_timeout_s

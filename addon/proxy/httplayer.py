@@ -42,7 +42,7 @@ from typing import Any
 from mitmproxy import flow as mflow
 from mitmproxy import http
 
-from . import responses
+from ..steps import responses
 from .patching import wrap_once
 
 CAP_KEY = "durable_request_cap"  # flow.metadata: the cap on a request body of unknown length

@@ -1,0 +1,1 @@
+"""The operator side: the `durable` CLI, the UI, the launcher, import and export."""
