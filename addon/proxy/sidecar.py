@@ -9,28 +9,22 @@ flow whose hook raised, so every path catches and answers (fail closed).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import functools
-import json
 import logging
 import os
 import sys
 import time
-import weakref
 from typing import Any
 
-import psycopg
-from mitmproxy import connection, ctx, exceptions, http
+from mitmproxy import ctx, exceptions, http
 from mitmproxy import flow as mflow
-from psycopg.conninfo import conninfo_to_dict
 
-from ..matching import identity, redaction, usage
+from ..matching import identity, redaction
 from ..steps import responses, settings, streams
-from ..steps.lifecycle import AnswerHeld, Lifecycle, Refused, Step, elapsed_ms
+from ..steps.lifecycle import AnswerHeld, Lifecycle, Refused, Step
 from ..steps.pacing import Pacer
 from ..store import crypto, database
 from ..store.journal import Journal, JournalError, SealedError
-from . import conversations, dispatch, httplayer, peers, quietlog, sessions, upstream_ws
+from . import admission, conversations, dispatch, endpoints, httplayer, quietlog, reporting, sessions, upstream_ws
 from .metrics import Metrics
 
 logger = logging.getLogger("durable")
@@ -39,9 +33,6 @@ META = "durable"
 CONVERSATION = "durable-conversation"  # a WebSocket's Conversation (conversations.py)
 SESSION = "durable-session"  # (replayed token, live token) of a request of a reopened upstream session
 HANDSHAKE = "durable-handshake"  # a WebSocket handshake's identity and replayed greeting, for websocket_start
-HEALTH_HOST = "durable.sidecar"  # http://durable.sidecar/health through the proxy: is it serving?
-# (matched on the Host header too: in transparent mode the request names no host of its own)
-WARNED_RUNS_MAX = 10_000
 
 
 def journal_options(s: settings.Settings) -> tuple[object, ...]:
@@ -56,16 +47,9 @@ class DurableSidecar:
         self.draining = False  # stopping: new calls are refused while those in flight finish
         self._housekeeper: asyncio.Future[None] | None = None
         self.settings: settings.Settings = settings.DEFAULTS
-        self.flow_lines = True  # one log line per flow, when the terminal log shows INFO
-        self.default_run = identity.mint_id("run")
-        self.default_attempt = identity.mint_id("attempt")
-        self.starts = peers.Starts()
+        self.admission = admission.Admission()
+        self.reporter = reporting.Reporter(self._url)
         self.sessions = sessions.Sessions()
-        self.client_starts: weakref.WeakKeyDictionary[connection.Client, str | None] = weakref.WeakKeyDictionary()
-        self.credentials: weakref.WeakKeyDictionary[connection.Client, identity.Credentials] = (
-            weakref.WeakKeyDictionary()
-        )
-        self.warned_runs: set[str] = set()  # runs told once that their requests name no attempt
         self.orphans_finished = 0  # calls finished and journaled after their agent hung up
 
     # -- mitmproxy life cycle ---------------------------------------------------------------
@@ -87,7 +71,7 @@ class DurableSidecar:
 
     def configure(self, updated: set[str]) -> None:
         if "termlog_verbosity" in updated or self.lifecycle is None:
-            self.flow_lines = flow_lines_shown()
+            self.reporter.lines = reporting.lines_shown()
         if self.lifecycle is not None and not any(name.startswith("durable_") for name in updated):
             return
         try:
@@ -109,15 +93,16 @@ class DurableSidecar:
             lifecycle.settings, lifecycle.redactor = new, redactor
             lifecycle.read_ahead.limit = new.read_ahead_bytes
         self.settings = new
+        self.reporter.json = new.log_json
         lifecycle.journal.offload_bytes = new.offload_bytes
         httplayer.ORPHANS.timeout_s = new.orphan_timeout_s
         httplayer.ORPHANS.on_expired = self._orphan_expired
         if new.metrics_listen and self.metrics is None:
-            self.metrics = Metrics()
+            self.metrics = self.reporter.metrics = Metrics()
         if new.replay_pacing and lifecycle.pacer is None:
             lifecycle.pacer = Pacer()
         if self.metrics is not None:
-            lifecycle.journal.observe = self._observe_journal
+            lifecycle.journal.observe = self.reporter.observe_journal
             lifecycle.journal.on_commit = self.metrics.commit_writes.observe
             lifecycle.on_divergence = self.metrics.divergences.inc
 
@@ -135,7 +120,11 @@ class DurableSidecar:
                 "durable: mitmproxy's flow dump is off (it prints credentials); one redacted line per flow "
                 "replaces it (--set durable_log_secrets=true keeps it)"
             )
-        logger.info("durable: runs without an id go to run %s, attempt %s", self.default_run, self.default_attempt)
+        logger.info(
+            "durable: runs without an id go to run %s, attempt %s",
+            self.admission.default_run,
+            self.admission.default_attempt,
+        )
         assert self.lifecycle is not None
         try:
             await self.lifecycle.journal.open()
@@ -147,7 +136,7 @@ class DurableSidecar:
             read_ahead, repairs = self.lifecycle.read_ahead, self.lifecycle.repairs
             self.metrics.serve(
                 self.settings.metrics_listen,
-                self._in_doubt_steps,
+                lambda: reporting.in_doubt_steps(self.lifecycle.journal if self.lifecycle else None),
                 lambda: float(read_ahead.used),
                 lambda: float(len(repairs.held)),
             )
@@ -156,36 +145,16 @@ class DurableSidecar:
 
     # -- hooks ----------------------------------------------------------------------------------
 
-    async def _trace_client(self, client: connection.Client) -> None:
-        """Which start of the agent opened this connection (peers.py): looked up once per connection,
-        off the event loop, on its first request (mitmproxy's client_connected hook must not await)."""
-        if self.settings.attempt_per_start and client not in self.client_starts:
-            self.client_starts[client] = await asyncio.to_thread(
-                peers.start_of_connection, client.peername, client.sockname
-            )
-
     def http_connect(self, flow: http.HTTPFlow) -> None:
-        """HTTPS: the run credentials arrive on CONNECT and hold for the whole client connection.
-        With durable_auth_secret, a CONNECT without them is refused before anything is relayed:
-        what follows a tunnel may not be HTTP at all (raw TCP), so it cannot be checked later."""
+        """HTTPS: the run's credentials arrive on CONNECT (admission.py); refused, nothing is relayed."""
         try:
-            creds = identity.parse_proxy_authorization(flow.request.headers.get(identity.PROXY_AUTH_HEADER))
-            self._refuse_the_journal(flow)
-            if self.settings.auth_secret:
-                if not creds.run:
-                    raise Refused(
-                        407, "CONNECT needs the run's credentials RUN:ATTEMPT~TOKEN (durable_auth_secret is set)"
-                    )
-                self._authorize(creds.run, creds.token)
+            self.admission.connect(flow, self.settings, self._journal())
         except identity.IdentityError as e:
             logger.warning("durable: CONNECT refused: %s", e)
             flow.response = responses.refusal(400, str(e))
-            return
         except Refused as e:
             logger.warning("durable: CONNECT refused: %s", e.reason)
             flow.response = responses.refusal(e.status, e.reason, **e.details)
-            return
-        self.credentials[flow.client_conn] = creds
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         """Bodies over the cap are never buffered: refused before anything is sent, or passed
@@ -194,10 +163,12 @@ class DurableSidecar:
         cap = self.settings.body_cap
         if length is None:
             flow.metadata[httplayer.CAP_KEY] = cap  # counted as it arrives (httplayer.py)
-        if length is None or length <= cap or flow.response is not None or for_the_sidecar(flow.request):
+        if length is None or length <= cap or flow.response is not None or endpoints.addressed(flow.request):
             return
         try:
-            ident = self._identify(flow)  # checks the run's token; takes the control headers off
+            ident = self.admission.identify(
+                flow, self.settings
+            )  # checks the run's token; takes the control headers off
         except Refused as e:
             self._refuse(flow, e.status, e.reason, **e.details)
             flow.metadata[httplayer.DRAIN_KEY] = True
@@ -222,19 +193,17 @@ class DurableSidecar:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.is_replay or META in flow.metadata:
             return
-        if for_the_sidecar(flow.request):
-            if flow.request.path == "/ca.pem":
-                self._ca(flow)
-            elif flow.request.path == "/flush":
-                await self._flush(flow)
-            else:
-                await self._health(flow)
+        if endpoints.addressed(flow.request):
+            assert self.lifecycle is not None
+            await endpoints.answer(flow, self.lifecycle, self.draining)
+            outcome = "passthrough" if flow.response and flow.response.status_code < 300 else "refused"
+            flow.metadata[META] = Step(None, None, outcome)
             return
         known: dict[str, str] = {}  # the run and attempt, once identified: every refusal names them
-        await self._trace_client(flow.client_conn)
+        await self.admission.trace_client(flow.client_conn, self.settings)
         try:
-            self._refuse_the_journal(flow)
-            ident = self._identify(flow)
+            admission.refuse_the_journal(flow, self._journal())
+            ident = self.admission.identify(flow, self.settings)
             known = {"run": ident.run, "attempt": ident.attempt}
             if self.draining:
                 raise Refused(503, "the sidecar is stopping (draining its calls in flight): nothing was forwarded")
@@ -387,48 +356,6 @@ class DurableSidecar:
             )
             asyncio.ensure_future(self.lifecycle.break_off(flow, step, "orphan timed out"))
 
-    # -- operations -----------------------------------------------------------------------------
-
-    def _ca(self, flow: http.HTTPFlow) -> None:
-        """The CA certificate this sidecar signs with (public): `durable run --proxy` hands the agent
-        this one, whatever folder the sidecar was started with."""
-        tlsconfig = ctx.master.addons.get("tlsconfig")
-        flow.response = http.Response.make(
-            200, tlsconfig.certstore.default_ca.to_pem(), {"Content-Type": "application/x-pem-file"}
-        )
-        flow.metadata[META] = Step(None, None, "passthrough")
-
-    async def _flush(self, flow: http.HTTPFlow) -> None:
-        """Write the replay counts gathered so far (every 0.5 s otherwise): `durable run --proxy`
-        asks for it once the agent has exited, before it reads the attempt's summary."""
-        assert self.lifecycle is not None
-        await self.lifecycle.journal.flush_replays()
-        flow.response = http.Response.make(204)
-        flow.metadata[META] = Step(None, None, "passthrough")
-
-    async def _health(self, flow: http.HTTPFlow) -> None:
-        """Serving means journaling: the answer is 200 only once the journal is reachable and this
-        sidecar holds its lease (the launcher starts no agent before that)."""
-        assert self.lifecycle is not None
-        journal = self.lifecycle.journal
-        try:
-            if self.draining:
-                raise JournalError("the sidecar is stopping")
-            lease_id = await journal.owner()
-            await journal.ping()  # a frozen link keeps the lease's socket open: ask the journal itself
-        except JournalError as e:
-            flow.response = responses.refusal(503, "journal unavailable", failed=str(e))
-        else:
-            target = journal.target
-            body = {
-                "ready": True,
-                "journal": target.origin if target else None,
-                "lease": lease_id,
-                "in_flight": len(self.lifecycle.in_flight),
-            }
-            flow.response = http.Response.make(200, json.dumps(body).encode(), {"Content-Type": "application/json"})
-        flow.metadata[META] = Step(None, None, "refused" if flow.response.status_code != 200 else "passthrough")
-
     async def done(self) -> None:
         """A polite stop (SIGTERM, SIGINT) drains: new calls are refused, the calls in flight (orphans
         and held answers included) finish and are journaled, up to durable_drain_timeout; then the
@@ -472,87 +399,7 @@ class DurableSidecar:
                     logger.warning("durable: retention pass failed: %s", e)
             await asyncio.sleep(every_s)
 
-    def _observe_journal(self, what: str, seconds: float, ok: bool) -> None:
-        assert self.metrics is not None
-        if ok:
-            self.metrics.journal_writes.labels(what).observe(seconds)
-        else:
-            self.metrics.journal_errors.inc()
-
-    def _in_doubt_steps(self) -> float:
-        """Scraped from the metrics thread: a short synchronous query of its own."""
-        target = self.lifecycle.journal.target if self.lifecycle else None
-        if target is None:
-            return float("nan")
-        try:
-            with psycopg.connect(target.dsn, connect_timeout=2) as conn:
-                row = conn.execute("SELECT count(*) FROM durable_steps WHERE state = 'pending'").fetchone()
-                return float(row[0]) if row else float("nan")
-        except psycopg.Error:
-            return float("nan")
-
-    def _count(self, flow: http.HTTPFlow, step: Step) -> None:
-        if self.metrics is None:
-            return
-        self.metrics.steps.labels(step.outcome).inc()
-        if step.outcome == "replayed" and flow.response is not None:
-            self.metrics.calls_avoided.inc()
-            self.metrics.tokens_avoided.inc(
-                usage.tokens(flow.response.raw_content or b"", list(flow.response.headers.fields))
-            )
-
     # -- helpers --------------------------------------------------------------------------------
-
-    def _identify(self, flow: http.HTTPFlow) -> identity.Identity:
-        """Who is calling; takes the sidecar's own headers off the request on the way."""
-        control, flow.request.headers.fields = identity.split_control(flow.request.headers.fields)
-        try:
-            creds = identity.parse_proxy_authorization(control.get("proxy-authorization"))
-            if creds == identity.Credentials():
-                creds = self.credentials.get(flow.client_conn, creds)
-            s = self.settings
-            ident = identity.resolve(control, creds, s.run, s.attempt, self.default_run, self.default_attempt)
-        except identity.IdentityError as e:
-            raise Refused(400, str(e)) from e
-        start = self.client_starts.get(flow.client_conn) if self.settings.attempt_per_start else None
-        if start is not None:  # a second start of the agent under one attempt id is an attempt of its own
-            ident = dataclasses.replace(ident, attempt=self.starts.attempt(ident.run, ident.attempt, start))
-        if ident.attempt_source in ("options", "default") and ident.run not in self.warned_runs:
-            self._warn_no_attempt(ident)
-        if self.settings.auth_secret:
-            self._authorize(ident.run, control.get(identity.TOKEN_HEADER.lower()) or creds.token)
-        return ident
-
-    def _warn_no_attempt(self, ident: identity.Identity) -> None:
-        if len(self.warned_runs) >= WARNED_RUNS_MAX:
-            self.warned_runs.clear()
-        self.warned_runs.add(ident.run)
-        logger.warning(
-            "durable: run %s: its requests name no attempt, so they share attempt %s (from %s) for as long as "
-            "this sidecar runs; if the agent restarts meanwhile, its calls are recorded (and paid) again instead "
-            "of replayed. Give each start of the agent its own attempt: http://RUN:ATTEMPT@proxy, a "
-            "Durable-Attempt header, or `durable run`",
-            ident.run,
-            ident.attempt,
-            "--set durable_attempt" if ident.attempt_source == "options" else "the proxy's start",
-        )
-
-    def _authorize(self, run: str, token: str | None) -> None:
-        """With durable_auth_secret, a run is opened only by its token: no token, no journal, no upstream."""
-        if not identity.token_ok(self.settings.auth_secret, run, token):
-            raise Refused(
-                407,
-                f"run {run!r} needs its token: proxy credentials RUN:ATTEMPT~TOKEN or a Durable-Token header "
-                "(durable run computes it)",
-                run=run,
-            )
-
-    def _refuse_the_journal(self, flow: http.HTTPFlow) -> None:
-        """The journal's own PostgreSQL is never a target: not through a tunnel, not in plain HTTP."""
-        journal = self.lifecycle.journal if self.lifecycle else None
-        if journal is not None and journal.target is not None:
-            if (flow.request.host.lower(), flow.request.port) in journal_addresses(journal.target.dsn):
-                raise Refused(403, "the journal's own database is not a destination of this proxy")
 
     def _refuse(self, flow: http.HTTPFlow, status: int, reason: str, **details: Any) -> None:
         logger.warning(
@@ -568,27 +415,17 @@ class DurableSidecar:
         flow.response = responses.refusal(status, reason, **details)
         flow.metadata[META] = Step(details.get("run"), details.get("step"), "refused", details.get("attempt"))
 
+    def _journal(self) -> Journal | None:
+        return self.lifecycle.journal if self.lifecycle else None
+
     def _url(self, flow: http.HTTPFlow) -> str:
         """The request's URL as it may be logged: credential-looking query parameters hashed."""
         assert self.lifecycle is not None
         return self.lifecycle.redactor.url(flow.request.pretty_url)
 
     def _log(self, flow: http.HTTPFlow, step: Step, status: int | None, note: str = "") -> None:
-        """One line per flow (JSON with durable_log_json); the URL redacted, never a secret.
-        Formatted only if a handler emits it: the hot path pays for a log record, not a string,
-        and for nothing when the terminal log would not show it."""
-        self._count(flow, step)
-        if self.flow_lines:
-            logger.info("%s", FlowLine(self, flow, step, status, note))
-
-
-@functools.lru_cache(maxsize=4)
-def journal_addresses(dsn: str) -> frozenset[tuple[str, int]]:
-    """The (host, port) pairs that reach the journal's server: parsed once per DSN, not per request."""
-    parts = conninfo_to_dict(dsn)
-    host, port = str(parts.get("host") or ""), int(parts.get("port") or 5432)
-    loopback = {"127.0.0.1", "localhost", "::1"}
-    return frozenset((h, port) for h in {host} | (loopback if host in loopback else set()))
+        """One line per flow (JSON with durable_log_json); the URL redacted, never a secret."""
+        self.reporter.log(flow, step, status, note)
 
 
 def inject(flow: http.HTTPFlow, content: bytes, text: bool) -> None:
@@ -603,16 +440,6 @@ def mcp_notifications(request: http.Request) -> bool:
         and "mcp-session-id" in request.headers
         and "text/event-stream" in request.headers.get("accept", "")
     )
-
-
-def for_the_sidecar(request: http.Request) -> bool:
-    """A request to http://durable.sidecar/ (health, CA), named by its URL or, in transparent mode
-    where the request names no host of its own, by its Host header. Compared as text: mitmproxy's
-    pretty_host parses (and IDNA-decodes) the header, a cost every call would pay."""
-    if request.host == HEALTH_HOST:
-        return True
-    header = (request.host_header or "").lower()
-    return header == HEALTH_HOST or header.startswith(HEALTH_HOST + ":")
 
 
 def apply_deferred(options: Any) -> None:
@@ -640,36 +467,3 @@ def fatal(reason: str) -> None:
     reason = reason.removeprefix("durable: ")
     print(f"durable: configuration error: {reason}; the sidecar did not start", file=sys.stderr, flush=True)
     os._exit(2)
-
-
-def flow_lines_shown() -> bool:
-    """Whether mitmproxy's terminal log shows INFO. Every record costs mitmproxy a formatted
-    `add_log` event whether or not it is shown, so at `--set termlog_verbosity=warn` the per-flow
-    lines are not emitted at all (they would never be printed)."""
-    verbosity = getattr(ctx.options, "termlog_verbosity", "info")
-    return logging.getLevelName(str(verbosity).upper()) in (logging.DEBUG, logging.INFO)
-
-
-class FlowLine:
-    """A flow's log line, rendered when (and only if) logging formats it."""
-
-    def __init__(self, sidecar: DurableSidecar, flow: http.HTTPFlow, step: Step, status: int | None, note: str) -> None:
-        self.sidecar, self.flow, self.step, self.status, self.note = sidecar, flow, step, status, note
-        self.ms = round(elapsed_ms(step), 1)
-
-    def __str__(self) -> str:
-        fields = {
-            "run": self.step.run,
-            "attempt": self.step.attempt,
-            "seq": self.step.seq,
-            "outcome": self.step.outcome,
-            "status": self.status,
-            "ms": self.ms,
-            "method": self.flow.request.method,
-            "url": self.sidecar._url(self.flow),
-        }
-        if self.note:
-            fields["note"] = self.note
-        if self.sidecar.settings.log_json:
-            return json.dumps(fields)
-        return "durable " + " ".join(f"{k}={v}" for k, v in fields.items())

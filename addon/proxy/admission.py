@@ -1,0 +1,118 @@
+"""Who is calling, and may they: the run and attempt of a request (its headers, its proxy
+credentials, or those its connection's CONNECT carried), the run's token when durable_auth_secret
+is set, which start of the agent a connection comes from, and the journal's own address, never a
+destination."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import logging
+import weakref
+
+from mitmproxy import connection, http
+from psycopg.conninfo import conninfo_to_dict
+
+from ..matching import identity
+from ..steps.lifecycle import Refused
+from ..steps.settings import Settings
+from ..store.journal import Journal
+from . import peers
+
+logger = logging.getLogger("durable")
+
+WARNED_RUNS_MAX = 10_000
+
+
+class Admission:
+    def __init__(self) -> None:
+        self.default_run = identity.mint_id("run")
+        self.default_attempt = identity.mint_id("attempt")
+        self.starts = peers.Starts()
+        self.client_starts: weakref.WeakKeyDictionary[connection.Client, str | None] = weakref.WeakKeyDictionary()
+        self.credentials: weakref.WeakKeyDictionary[connection.Client, identity.Credentials] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.warned_runs: set[str] = set()  # runs told once that their requests name no attempt
+
+    async def trace_client(self, client: connection.Client, s: Settings) -> None:
+        """Which start of the agent opened this connection (peers.py): looked up once per connection,
+        off the event loop, on its first request (mitmproxy's client_connected hook must not await)."""
+        if s.attempt_per_start and client not in self.client_starts:
+            self.client_starts[client] = await asyncio.to_thread(
+                peers.start_of_connection, client.peername, client.sockname
+            )
+
+    def connect(self, flow: http.HTTPFlow, s: Settings, journal: Journal | None) -> None:
+        """HTTPS: the run credentials arrive on CONNECT and hold for the whole client connection.
+        With durable_auth_secret, a CONNECT without them is refused before anything is relayed:
+        what follows a tunnel may not be HTTP at all (raw TCP), so it cannot be checked later.
+        Raises identity.IdentityError or Refused."""
+        creds = identity.parse_proxy_authorization(flow.request.headers.get(identity.PROXY_AUTH_HEADER))
+        refuse_the_journal(flow, journal)
+        if s.auth_secret:
+            if not creds.run:
+                raise Refused(407, "CONNECT needs the run's credentials RUN:ATTEMPT~TOKEN (durable_auth_secret is set)")
+            authorize(s, creds.run, creds.token)
+        self.credentials[flow.client_conn] = creds
+
+    def identify(self, flow: http.HTTPFlow, s: Settings) -> identity.Identity:
+        """Who is calling; takes the sidecar's own headers off the request on the way."""
+        control, flow.request.headers.fields = identity.split_control(flow.request.headers.fields)
+        try:
+            creds = identity.parse_proxy_authorization(control.get("proxy-authorization"))
+            if creds == identity.Credentials():
+                creds = self.credentials.get(flow.client_conn, creds)
+            ident = identity.resolve(control, creds, s.run, s.attempt, self.default_run, self.default_attempt)
+        except identity.IdentityError as e:
+            raise Refused(400, str(e)) from e
+        start = self.client_starts.get(flow.client_conn) if s.attempt_per_start else None
+        if start is not None:  # a second start of the agent under one attempt id is an attempt of its own
+            ident = dataclasses.replace(ident, attempt=self.starts.attempt(ident.run, ident.attempt, start))
+        if ident.attempt_source in ("options", "default") and ident.run not in self.warned_runs:
+            self._warn_no_attempt(ident)
+        if s.auth_secret:
+            authorize(s, ident.run, control.get(identity.TOKEN_HEADER.lower()) or creds.token)
+        return ident
+
+    def _warn_no_attempt(self, ident: identity.Identity) -> None:
+        if len(self.warned_runs) >= WARNED_RUNS_MAX:
+            self.warned_runs.clear()
+        self.warned_runs.add(ident.run)
+        logger.warning(
+            "durable: run %s: its requests name no attempt, so they share attempt %s (from %s) for as long as "
+            "this sidecar runs; if the agent restarts meanwhile, its calls are recorded (and paid) again instead "
+            "of replayed. Give each start of the agent its own attempt: http://RUN:ATTEMPT@proxy, a "
+            "Durable-Attempt header, or `durable run`",
+            ident.run,
+            ident.attempt,
+            "--set durable_attempt" if ident.attempt_source == "options" else "the proxy's start",
+        )
+
+
+def authorize(s: Settings, run: str, token: str | None) -> None:
+    """With durable_auth_secret, a run is opened only by its token: no token, no journal, no upstream."""
+    if not identity.token_ok(s.auth_secret, run, token):
+        raise Refused(
+            407,
+            f"run {run!r} needs its token: proxy credentials RUN:ATTEMPT~TOKEN or a Durable-Token header "
+            "(durable run computes it)",
+            run=run,
+        )
+
+
+def refuse_the_journal(flow: http.HTTPFlow, journal: Journal | None) -> None:
+    """The journal's own PostgreSQL is never a target: not through a tunnel, not in plain HTTP."""
+    if journal is not None and journal.target is not None:
+        if (flow.request.host.lower(), flow.request.port) in journal_addresses(journal.target.dsn):
+            raise Refused(403, "the journal's own database is not a destination of this proxy")
+
+
+@functools.lru_cache(maxsize=4)
+def journal_addresses(dsn: str) -> frozenset[tuple[str, int]]:
+    """The (host, port) pairs that reach the journal's server: parsed once per DSN, not per request."""
+    parts = conninfo_to_dict(dsn)
+    host, port = str(parts.get("host") or ""), int(parts.get("port") or 5432)
+    loopback = {"127.0.0.1", "localhost", "::1"}
+    return frozenset((h, port) for h in {host} | (loopback if host in loopback else set()))
