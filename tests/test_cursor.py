@@ -112,18 +112,18 @@ def test_idle_attempts_are_forgotten(mocker) -> None:
 
     from collections import OrderedDict
 
-    from durable_sidecar.steps.lifecycle import Refused
+    from durable_sidecar.steps.responses import Refused
 
     lifecycle = Lifecycle(mocker.Mock(), mocker.Mock(read_ahead_bytes=1024), mocker.Mock())
     clock = mocker.patch("durable_sidecar.steps.lifecycle.time.monotonic", return_value=1000.0)
-    lifecycle.last_used = OrderedDict({("r", "old"): 0.0, ("r", "new"): 990.0})
-    lifecycle.cursors = {("r", "old"): mocker.Mock(), ("r", "new"): mocker.Mock()}
-    assert lifecycle.forget_idle(idle_s=100) == 1
-    assert set(lifecycle.cursors) == {("r", "new")} and set(lifecycle.last_used) == {("r", "new")}
+    lifecycle.positions.last_used = OrderedDict({("r", "old"): 0.0, ("r", "new"): 990.0})
+    lifecycle.positions.cursors = {("r", "old"): mocker.Mock(), ("r", "new"): mocker.Mock()}
+    assert lifecycle.positions.forget_idle(idle_s=100) == 1
+    assert set(lifecycle.positions.cursors) == {("r", "new")} and set(lifecycle.positions.last_used) == {("r", "new")}
     clock.return_value = 2000.0
-    assert lifecycle.forget_idle(idle_s=100) == 1 and not lifecycle.cursors
+    assert lifecycle.positions.forget_idle(idle_s=100) == 1 and not lifecycle.positions.cursors
     with pytest.raises(Refused) as refused:  # never matched from the start again: its own answers would come back
-        lifecycle._position("r", "old")
+        lifecycle.positions.get("r", "old", 10)
     assert refused.value.status == 409 and "new attempt" in refused.value.reason
 
 

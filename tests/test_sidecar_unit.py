@@ -26,7 +26,7 @@ def sidecar(mocker):
     addon = DurableSidecar()
     with taddons.context(addon) as tctx:
         tctx.configure(addon, durable_dsn="postgresql://unused")
-        addon.lifecycle.journal = mocker.Mock()
+        addon.lifecycle.journal = addon.lifecycle.positions.journal = mocker.Mock()
         addon.lifecycle.journal.keyring = crypto.Keyring("")  # no encryption key: URLs stored as they are
         addon.lifecycle.journal.load_index = mocker.AsyncMock(return_value=None)
         addon.lifecycle.journal.find = mocker.AsyncMock(return_value=None)  # asked while the index streams in
@@ -81,7 +81,7 @@ def test_response_not_journaled_replaces_the_answer_with_503(sidecar, mocker, fa
     assert ("stays in doubt" in reason) == (failure == "not ours")
     assert len(sidecar.lifecycle.repairs.held) == (failure == "unreachable")
     # the error is the sidecar's: the step is given back, so the agent's retry is the same occurrence
-    cursor = sidecar.lifecycle.cursors[("r1", "a1")].cursor
+    cursor = sidecar.lifecycle.positions.cursors[("r1", "a1")].cursor
     (key, given_back), = cursor.returned.items()
     assert given_back == [0] and cursor.claim(key).occurrence == 0
 
@@ -143,7 +143,7 @@ def test_a_completed_step_is_replayed_before_the_runs_index_has_loaded(sidecar, 
         await asyncio.wait_for(sidecar.request(flow), 10)
         assert flow.response is not None and flow.response.content == b"journaled"
         assert flow.metadata[META].outcome == "replayed" and not journal.record.called
-        assert not sidecar.lifecycle.cursors[("r1", "a1")].index.done()  # the index is still loading
+        assert not sidecar.lifecycle.positions.cursors[("r1", "a1")].index.done()  # the index is still loading
 
     asyncio.run(scenario())
 

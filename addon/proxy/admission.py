@@ -15,7 +15,7 @@ from mitmproxy import connection, http
 from psycopg.conninfo import conninfo_to_dict
 
 from ..matching import identity
-from ..steps.lifecycle import Refused
+from ..steps.responses import Refused
 from ..steps.settings import Settings
 from ..store.journal import Journal
 from . import peers

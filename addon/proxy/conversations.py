@@ -30,7 +30,8 @@ from mitmproxy import connection, http
 from mitmproxy.websocket import WebSocketMessage
 
 from ..matching import identity
-from ..steps.lifecycle import AnswerHeld, Lifecycle, Refused, Step
+from ..steps.lifecycle import AnswerHeld, Lifecycle, Step
+from ..steps.responses import Refused
 from ..store.journal import JournalError
 from .upstream_ws import Upstream
 

@@ -20,8 +20,9 @@ from mitmproxy import flow as mflow
 
 from ..matching import identity, redaction
 from ..steps import responses, settings, streams
-from ..steps.lifecycle import AnswerHeld, Lifecycle, Refused, Step
+from ..steps.lifecycle import AnswerHeld, Lifecycle, Step
 from ..steps.pacing import Pacer
+from ..steps.responses import Refused
 from ..store import crypto, database
 from ..store.journal import Journal, JournalError, SealedError
 from . import admission, conversations, dispatch, endpoints, httplayer, quietlog, reporting, sessions, upstream_ws
@@ -41,6 +42,11 @@ def journal_options(s: settings.Settings) -> tuple[object, ...]:
 
 
 class DurableSidecar:
+    """The addon: mitmproxy's hooks, each short, handing off to admission.py (who is calling),
+    endpoints.py (what the sidecar answers itself), the step life cycle (steps/), conversations.py
+    (WebSockets), sessions.py and reporting.py. Over 300 lines because mitmproxy wants its hooks
+    on one object, and configure/running wire the pieces together once."""
+
     def __init__(self) -> None:
         self.lifecycle: Lifecycle | None = None
         self.metrics: Metrics | None = None
@@ -91,7 +97,7 @@ class DurableSidecar:
             assert self.lifecycle is not None  # configured before (old is set)
             lifecycle = self.lifecycle
             lifecycle.settings, lifecycle.redactor = new, redactor
-            lifecycle.read_ahead.limit = new.read_ahead_bytes
+            lifecycle.positions.read_ahead.limit = new.read_ahead_bytes
         self.settings = new
         self.reporter.json = new.log_json
         lifecycle.journal.offload_bytes = new.offload_bytes
@@ -133,7 +139,7 @@ class DurableSidecar:
         if self.lifecycle.pacer is not None and self.lifecycle.pacer.port is None:
             await self.lifecycle.pacer.start()
         if self.metrics is not None and self.settings.metrics_listen:
-            read_ahead, repairs = self.lifecycle.read_ahead, self.lifecycle.repairs
+            read_ahead, repairs = self.lifecycle.positions.read_ahead, self.lifecycle.repairs
             self.metrics.serve(
                 self.settings.metrics_listen,
                 lambda: reporting.in_doubt_steps(self.lifecycle.journal if self.lifecycle else None),
@@ -383,7 +389,7 @@ class DurableSidecar:
         runs idle past the retention (small batches) and forget long-idle attempts' cursors."""
         while True:
             assert self.lifecycle is not None
-            forgotten = self.lifecycle.forget_idle(self.settings.attempt_idle_s)
+            forgotten = self.lifecycle.positions.forget_idle(self.settings.attempt_idle_s)
             if forgotten:
                 logger.info("durable: forgot the replay position of %d idle attempts", forgotten)
             if self.settings.retention_s:

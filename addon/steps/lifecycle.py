@@ -24,11 +24,13 @@ from ..matching import bodies, fingerprint, identity, redaction
 from ..store import crypto, offload
 from ..store.cursor import Claim, RunCursor, StepRef
 from ..store.journal import Journal, JournalError, NewStep, NotOurs, encode_headers
-from . import divergence, faults, responses, streams
+from . import divergence, faults, positions, responses, streams
 from .inflight import InFlight, Slot
 from .pacing import Pacer
-from .prefetch import Budget, Prefetch
+from .positions import Positions
+from .prefetch import Budget
 from .repairs import Held, Repairs
+from .responses import Refused
 from .settings import Settings
 
 logger = logging.getLogger("durable")
@@ -53,44 +55,30 @@ class Step:
     session: bool = False  # the request belongs to an upstream session (MCP's Mcp-Session-Id)
 
 
-@dataclass
-class Position:
-    """One attempt's replay position: its cursor, and the task streaming the run's index into it."""
-
-    cursor: RunCursor
-    index: asyncio.Future[None]
-
-
 class AnswerHeld(JournalError):
     """The upstream answered but the journal could not record it: the sidecar holds the answer and
     commits it when the journal is back; the agent's retry is answered from the journal, not re-sent."""
 
 
-class Refused(Exception):
-    """Answer the agent with this error instead of forwarding."""
-
-    def __init__(self, status: int, reason: str, **details: Any) -> None:
-        super().__init__(reason)
-        self.status, self.reason, self.details = status, reason, details
-
-
 POLL_S = 0.2  # how often a step in flight in another sidecar is looked at
-FORGOTTEN_KEPT = 100_000  # forgotten attempts remembered (to refuse them), ~100 bytes each
 
 
 class Lifecycle:
-    """Steps of every run this sidecar serves: the replay cursors and the journal writes."""
+    """Steps of every run this sidecar serves: the replay cursors and the journal writes.
+
+    Over 300 lines, on purpose: the record, replay and settle paths share one claim on the
+    attempt's cursor and one single-flight slot, which every path must give back on every exit,
+    and those rules (`_give_back`, `abandon`, `_hold`) are checked by reading them together.
+    Already apart: the attempts' positions (positions.py), held answers (repairs.py). The next
+    seam, should it grow: journaling the answer (`finish`, `break_off`, `_hold`, `_answer`).
+    """
 
     def __init__(self, journal: Journal, settings: Settings, redactor: redaction.Redactor) -> None:
         self.journal = journal
         self.settings = settings  # replaced by the addon when options change
         self.redactor = redactor
-        self.cursors: dict[tuple[str, str], Position] = {}
-        self.prefetches: dict[tuple[str, str], Prefetch] = {}
-        self.last_used: OrderedDict[tuple[str, str], float] = OrderedDict()  # least recently used first
-        self.forgotten: OrderedDict[tuple[str, str], None] = OrderedDict()  # attempts whose position is gone
+        self.positions = Positions(journal, Budget(settings.read_ahead_bytes))
         self.fp_versions: OrderedDict[str, int] = OrderedDict()  # each run's fingerprint version
-        self.read_ahead = Budget(settings.read_ahead_bytes)
         self.in_flight = InFlight()
         self.repairs = Repairs(journal, self.in_flight)
         self.divergences = 0
@@ -123,12 +111,12 @@ class Lifecycle:
         except ValueError as e:
             raise Refused(400, f"request body does not match its Content-Encoding: {e}", run=ident.run) from e
 
-        position = self._position(ident.run, ident.attempt)
+        position = self.positions.get(ident.run, ident.attempt, self.settings.max_attempts)
         cursor = position.cursor
         claim = cursor.claim(key)
         try:
             if not position.index.done():
-                claim = await self._claim_while_loading(ident, position, claim)
+                claim = await self.positions.claim_while_loading(ident.run, position, claim)
             step = await self._serve(flow, ident, cursor, claim, env, body)
         except BaseException:
             cursor.release(claim.key, claim.occurrence, claim.step.seq if claim.step else None)
@@ -145,7 +133,7 @@ class Lifecycle:
             if version not in fingerprint.VERSIONS:
                 raise Refused(409, f"run {run} was journaled with fingerprint v{version}, unknown to this sidecar")
             self.fp_versions[run] = version
-            while len(self.fp_versions) > FORGOTTEN_KEPT:
+            while len(self.fp_versions) > positions.FORGOTTEN_KEPT:
                 self.fp_versions.popitem(last=False)
         else:
             self.fp_versions.move_to_end(run)
@@ -295,91 +283,6 @@ class Lifecycle:
             step.cursor.release(step.claim.key, step.claim.occurrence, step.seq)
             step.claim = None
 
-    def _position(self, run: str, attempt: str) -> Position:
-        """The attempt's position; a new one starts streaming the run's index (no bodies) in.
-
-        At most durable_max_attempts positions are kept: a new attempt past that makes the sidecar
-        forget the one used least recently."""
-        key = (run, attempt)
-        if key in self.forgotten:
-            raise Refused(
-                409,
-                "this attempt's replay position was forgotten (idle longer than durable_attempt_idle, or "
-                "more than durable_max_attempts attempts since); its next calls cannot be matched safely: "
-                "start the agent again with a new attempt id",
-                run=run,
-                attempt=attempt,
-            )
-        self.last_used[key] = time.monotonic()
-        self.last_used.move_to_end(key)
-        position = self.cursors.get(key)
-        if position is None:
-            while len(self.cursors) >= self.settings.max_attempts:
-                oldest = next(k for k in self.last_used if k != key)
-                self._forget(oldest)
-            cursor = RunCursor()
-            position = self.cursors[key] = Position(cursor, self._load_index(key, cursor))
-        elif position.index.done() and position.index.exception() is not None:
-            position.index = self._load_index(key, position.cursor)  # into the same cursor: it skips what it has
-        return position
-
-    async def _claim_while_loading(self, ident: identity.Identity, position: Position, claim: Claim) -> Claim:
-        """The run's index is still streaming in. A completed step is answered at once, found in
-        what has arrived or by one indexed lookup, so a resumed attempt's first answers do not wait
-        for a long run's whole index; anything else (a new request, a step in doubt) waits for all
-        of it, then is matched against it (a failed load fails this request; the next one retries it)."""
-        if claim.step is None:
-            found = await self.journal.find(ident.run, claim.key, claim.occurrence)
-            if found is not None and found.state == "completed":
-                position.cursor.add(found)
-                return Claim(claim.key, claim.occurrence, found)
-        elif claim.step.state == "completed":
-            return claim
-        await asyncio.shield(position.index)
-        return position.cursor.resolve(claim)
-
-    def forget_idle(self, idle_s: float) -> int:
-        """Drop the cursors of attempts unheard of for `idle_s`, so a long-lived sidecar's memory stays flat.
-
-        An attempt that calls again after that is refused (409) rather than matched from the start
-        again (it would be answered with its own earlier calls' answers), so the idle time must be
-        far longer than any pause inside one life of an agent.
-        """
-        cutoff = time.monotonic() - idle_s
-        stale = [key for key, used in self.last_used.items() if used < cutoff]
-        for key in stale:
-            self._forget(key)
-        return len(stale)
-
-    def _forget(self, key: tuple[str, str]) -> None:
-        self.cursors.pop(key, None)
-        prefetch = self.prefetches.pop(key, None)
-        if prefetch is not None:
-            self.read_ahead.forget(prefetch)
-        self.last_used.pop(key, None)
-        self.forgotten[key] = None
-        while len(self.forgotten) > FORGOTTEN_KEPT:
-            self.forgotten.popitem(last=False)
-
-    def _load_index(self, key: tuple[str, str], cursor: RunCursor) -> asyncio.Future[None]:
-        """Load the run's index into the attempt's cursor; read ahead once its head is in."""
-
-        def read_ahead() -> None:  # once the run's head is in: what the attempt replays first
-            position = self.cursors.get(key)
-            if position is not None and position.cursor is cursor and key not in self.prefetches:
-                prefetch = self.prefetches[key] = Prefetch(self.journal, key[0], cursor, self.read_ahead)
-                prefetch.refill()
-
-        def failed(task: asyncio.Future[None]) -> None:
-            if not task.cancelled() and task.exception() is not None:
-                logger.warning(
-                    "durable: run=%s index not loaded (the next request retries): %s", key[0], task.exception()
-                )
-
-        task = asyncio.ensure_future(self.journal.load_index(key[0], cursor, read_ahead))
-        task.add_done_callback(failed)
-        return task
-
     async def _record(
         self,
         flow: http.HTTPFlow,
@@ -493,7 +396,7 @@ class Lifecycle:
         return step.state == "completed" or (step.state == "failed" and cursor.moved_past(step.seq))
 
     async def _replay(self, flow: http.HTTPFlow, ident: identity.Identity, step: StepRef) -> Step:
-        prefetch = self.prefetches.get((ident.run, ident.attempt))  # none while the index streams in
+        prefetch = self.positions.prefetches.get((ident.run, ident.attempt))  # none while the index streams in
         stored = prefetch.take(step.seq) if prefetch is not None else None
         if stored is None:
             stored = (await self.journal.responses(ident.run, [step.seq])).get(step.seq)

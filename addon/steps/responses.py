@@ -33,6 +33,14 @@ FRAMING = {
 }
 
 
+class Refused(Exception):
+    """Answer the agent with this error instead of forwarding."""
+
+    def __init__(self, status: int, reason: str, **details: Any) -> None:
+        super().__init__(reason)
+        self.status, self.reason, self.details = status, reason, details
+
+
 def _has_no_body(method: str, status: int) -> bool:
     return method.upper() == "HEAD" or status < 200 or status in (204, 304)
 

@@ -227,6 +227,10 @@ MAX_BATCH = 64
 
 
 class Journal:
+    """Every statement the sidecar sends to PostgreSQL. Over 300 lines because each statement is
+    short and all of them go through one batching, deadline and reconnect path (`_write`, `_run`,
+    `_on_connection`): a statement outside it would have no deadline and no retry."""
+
     def __init__(
         self,
         dsn: str | None,
