@@ -290,6 +290,9 @@ def test_a_step_page_shows_durations_and_doubt_as_people_read_them(ui: str, cras
     _, run = crashed_and_resumed
     page = requests.get(f"{ui}/runs/{run}/steps/1", timeout=10).text
     assert re.search(r"completed [^<]*·\s+\d+\.\d ms", page) and not re.search(r"\d+\.\d{2,} ms", page)
+    # the run page's column is the last attempt; the step page names both, never one for the other
+    assert "recorded by attempt a1, last seen by attempt a2" in page
+    assert "<th>last attempt</th>" in requests.get(f"{ui}/runs/{run}", timeout=10).text
     sql(pg_dsn, "UPDATE durable_steps SET state = 'pending', completed_at = NULL WHERE run_id = %s AND seq = 4 RETURNING seq", run)
     doubt = requests.get(f"{ui}/runs/{run}/steps/4", timeout=10).text
     assert "not answered (in doubt)" in doubt and "completed" not in doubt.split("not answered")[0][-80:]
