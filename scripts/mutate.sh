@@ -23,7 +23,7 @@ fi
 
 # module -> the tests that hold it
 declare -A TESTS=(
-    [cursor]="tests/test_cursor.py tests/test_journal_db.py tests/test_crash_resume.py"
+    [cursor]="tests/test_cursor.py tests/test_journal_db.py"
     [fingerprint]="tests/test_fingerprint.py tests/test_fingerprint_v2.py tests/test_properties.py"
     [inflight]="tests/test_exactly_once.py tests/test_sidecar_unit.py"
     [redaction]="tests/test_security.py"

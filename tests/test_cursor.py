@@ -176,3 +176,27 @@ def test_one_sender_per_step_however_many_flows_wait_for_it() -> None:
         return most
 
     assert asyncio.run(scenario()) == 1
+
+
+def test_a_one_step_run_has_its_step_ahead_of_a_new_attempt() -> None:
+    """The first request of a new attempt that matches nothing diverges from the run's step 1
+    (under durable_strict, a 409): a new attempt starts before seq 1, not at it."""
+    assert journal("a").ahead(10) == ([1], 1)
+
+
+def test_loading_again_skips_what_is_known_and_keeps_the_rest() -> None:
+    """An index loaded again into the same cursor (after a failed load) skips the steps it has,
+    one by one, and still learns every step after them."""
+    cursor = journal("a")
+    cursor.load(sorted([(digest("a", 0), 1, "completed"), (digest("b", 0), 2, "completed"),
+                        (digest("c", 0), 3, "completed")]))
+    assert [cursor.claim(k).step.seq for k in ("a", "b", "c")] == [1, 2, 3]
+
+
+def test_an_index_streamed_in_pages_knows_where_the_run_ends() -> None:
+    """`extend` (a long run's whole index, a page at a time) makes the cursor's last seq the run's
+    last: a failed step at the tail is re-sent, not taken for one the run moved past."""
+    cursor = RunCursor()
+    cursor.extend(sorted([(digest("a", 0), 1, "completed"), (digest("b", 0), 2, "failed")]))
+    assert cursor.max_seq == 2 and not cursor.moved_past(2) and cursor.moved_past(1)
+    assert cursor.state(2) == "failed"
