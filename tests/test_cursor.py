@@ -43,6 +43,7 @@ def test_adopting_the_whole_index_keeps_what_the_cursor_learnt_while_it_loaded()
     assert live.state(3) == "completed" and live.state(9) == "completed" and not live.consumed(3)
     assert [live.claim(k).step.seq for k in ("k8", "k3", "late", "k2")] == [8, 3, 9, 2]
     assert live.upcoming(0, 10) == [4, 5, 6, 7]
+    assert live.max_seq == 9 and not live.moved_past(9)  # the run ends where it ends, adopted or not
 
 
 def test_repeated_identical_calls_match_in_journal_order() -> None:
@@ -73,6 +74,8 @@ def test_skipped_branch_behind_the_cursor_is_not_a_divergence() -> None:
         assert cursor.claim(key).step is not None
     assert cursor.claim("D").step is None
     assert cursor.ahead(20) == ([], 0)  # B (seq 2) lies behind the furthest point reached
+    right_behind = journal("A", "B", "C")  # B skipped just behind the furthest point, C
+    assert right_behind.claim("A").step and right_behind.claim("C").step and right_behind.ahead(20) == ([], 0)
 
 
 def test_new_steps_are_consumed_and_extend_the_run() -> None:
@@ -200,3 +203,10 @@ def test_an_index_streamed_in_pages_knows_where_the_run_ends() -> None:
     cursor.extend(sorted([(digest("a", 0), 1, "completed"), (digest("b", 0), 2, "failed")]))
     assert cursor.max_seq == 2 and not cursor.moved_past(2) and cursor.moved_past(1)
     assert cursor.state(2) == "failed"
+
+
+def test_a_failed_step_at_the_tail_is_not_one_the_run_moved_past() -> None:
+    """A run whose last step failed ends there: that step is re-sent, not replayed as a failure the
+    agent already handled."""
+    cursor = indexed([StepRef(1, "a", 0, "failed")])
+    assert cursor.max_seq == 1 and not cursor.moved_past(1)
