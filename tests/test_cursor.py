@@ -210,3 +210,20 @@ def test_a_failed_step_at_the_tail_is_not_one_the_run_moved_past() -> None:
     agent already handled."""
     cursor = indexed([StepRef(1, "a", 0, "failed")])
     assert cursor.max_seq == 1 and not cursor.moved_past(1)
+
+
+def test_a_waiter_gives_up_after_its_timeout_while_the_step_stays_in_flight() -> None:
+    """durable_in_flight_wait bounds the wait: the second flow gets False (a 503, nothing sent)
+    once it has waited that long, not a wait for as long as the sender takes."""
+    from durable_sidecar.steps.inflight import InFlight
+
+    async def scenario() -> tuple[bool, float]:
+        in_flight = InFlight()
+        assert await in_flight.enter(("r", "k", 0), 1)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        entered = await asyncio.wait_for(in_flight.enter(("r", "k", 0), 0.05), 5)
+        return entered, loop.time() - started
+
+    entered, waited = asyncio.run(scenario())
+    assert not entered and waited < 4

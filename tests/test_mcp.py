@@ -89,3 +89,26 @@ def test_a_replayed_session_is_reopened_upstream_after_a_redeploy(
     assert http_api.books()["charges"] == 2  # tool calls 2 and 3, each once
     states = sql(pg_dsn, "SELECT seq, state FROM durable_steps WHERE run_id = %s ORDER BY seq", run)
     assert states == [(1, "completed"), (2, "completed"), (3, "completed")]
+
+
+def test_a_reopened_session_sends_the_agents_credentials_and_no_hop_by_hop_header(mocker) -> None:
+    """The sidecar's own initialize carries the live request's headers (its credentials), never the
+    old session id, the proxy's credentials or the framing of the agent's request."""
+    import asyncio
+
+    from mitmproxy.test import tutils
+
+    from durable_sidecar.proxy import sessions
+
+    post = mocker.patch.object(sessions, "_post", return_value="sess-new")
+    initialize = tutils.treq(method=b"POST", content=b'{"method": "initialize"}')
+    current = tutils.treq(method=b"POST", content=b'{"method": "tools/call"}')
+    current.headers.clear()
+    for name, value in [("Host", "mcp.example"), ("Authorization", "Bearer live"), ("Mcp-Session-Id", "sess-old"),
+                        ("Transfer-Encoding", "chunked"), ("Connection", "keep-alive"),
+                        ("Proxy-Authorization", "Basic cnVuOmE="), ("Content-Length", "24")]:
+        current.headers.add(name, value)
+    assert asyncio.run(sessions.reopen(initialize, current)) == "sess-new"
+    (url, headers, body), (_, then, _) = (c.args for c in post.call_args_list)
+    assert body == b'{"method": "initialize"}' and headers == {"Authorization": "Bearer live"}
+    assert then == {"Authorization": "Bearer live", "mcp-session-id": "sess-new"}

@@ -19,9 +19,6 @@ class InFlight:
     def __len__(self) -> int:
         return len(self._slots)
 
-    def busy(self, slot: Slot) -> bool:
-        return slot in self._slots
-
     async def enter(self, slot: Slot, timeout_s: float) -> bool:
         """Take `slot`, first waiting while another flow holds it; False if it is still held after `timeout_s`."""
         loop = asyncio.get_running_loop()
