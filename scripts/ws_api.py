@@ -98,7 +98,8 @@ async def handler(ws: ServerConnection) -> None:
         elif path == "/rpc":
             doc = json.loads(text)
             if "id" in doc:
-                await ws.send(json.dumps({"jsonrpc": "2.0", "id": doc["id"], "result": {"echo": doc.get("params"), "call": call}}))
+                result = {"echo": doc.get("params"), "call": call}
+                await ws.send(json.dumps({"jsonrpc": "2.0", "id": doc["id"], "result": result}))
         else:
             await ws.send(f"echo {call}: {text}")
 
@@ -110,17 +111,20 @@ def books_route(connection: ServerConnection, request: Request) -> Response | No
     return None
 
 
+def server_context(tls_dir: Path) -> ssl.SSLContext:
+    """TLS with the certificate paid_api.py makes (its CA is the one the sidecars trust)."""
+    cert, key = ensure_tls(tls_dir)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
 class Server:
     """The API on a thread of its own (for tests in one process)."""
 
     def __init__(self, tls_dir: Path | None = None) -> None:
-        self.context: ssl.SSLContext | None = None
-        if tls_dir is not None:
-            cert, key = ensure_tls(tls_dir)
-            self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            self.context.load_cert_chain(cert, key)
+        self.context = server_context(tls_dir) if tls_dir is not None else None
         self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
         self.port = 0
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -148,11 +152,7 @@ def main() -> None:
     args = parser.parse_args()
 
     async def run() -> None:
-        context = None
-        if args.tls_dir:
-            cert, key = ensure_tls(Path(args.tls_dir))
-            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            context.load_cert_chain(cert, key)
+        context = server_context(Path(args.tls_dir)) if args.tls_dir else None
         async with serve(handler, "127.0.0.1", args.port, ssl=context, process_request=books_route) as server:
             port = server.sockets[0].getsockname()[1]
             if args.port_file:

@@ -91,17 +91,13 @@ class Upstream:
             raise OSError(f"upstream WebSocket closed: {e}") from e
 
     async def _read(self, on_message: OnMessage, on_closed: OnClosed) -> None:
-        code: int | None = None
         try:
             async for message in self.ws:
                 text = isinstance(message, str)
                 await on_message(message.encode() if text else message, text)
         except websockets.ConnectionClosed:
             pass
-        finally:
-            if self.ws.close_code is not None:
-                code = self.ws.close_code
-        await on_closed(code)
+        await on_closed(self.ws.close_code)
 
     async def close(self) -> None:
         self.reader.cancel()

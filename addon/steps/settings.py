@@ -265,15 +265,19 @@ class Settings:
 
     def ignored(self, host: str, path: str = "") -> bool:
         """Passes through unjournaled: an ignored host, or a HOST/PATH an ignore pattern matches."""
-        if any(p.search(host) for p in self.ignore_hosts):
-            return True
-        target = host.lower() + path.partition("?")[0]
-        return any(p.fullmatch(target) for p in self.ignore_paths)
+        return any(p.search(host) for p in self.ignore_hosts) or matches(self.ignore_paths, host, path)
 
     def clear_path(self, host: str, path: str) -> bool:
         """With an encryption key, is this URL's path stored in clear? (An operator's allow-list.)"""
-        target = host.lower() + path.partition("?")[0]
-        return any(p.fullmatch(target) for p in self.clear_paths)
+        return matches(self.clear_paths, host, path)
+
+
+def matches(patterns: tuple[re.Pattern[str], ...], host: str, path: str) -> bool:
+    """Does a HOST/PATH pattern (`path_pattern`) match this request? Nothing to build when there are none."""
+    if not patterns:
+        return False
+    target = host.lower() + path.partition("?")[0]
+    return any(p.fullmatch(target) for p in patterns)
 
 
 # Telemetry exporters: fresh ids and timestamps in every request, so they would diverge on every

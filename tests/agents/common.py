@@ -21,9 +21,14 @@ def charge(amount: int) -> str:
     answer.raise_for_status()
     result = answer.text.strip()
     print(f"tool: {result}", flush=True)
+    crash_point()
+    return result
+
+
+def crash_point() -> None:
+    """With CRASH=1, die here by SIGKILL: right after a paid tool call."""
     if os.environ.get("CRASH") == "1":
         os.kill(os.getpid(), signal.SIGKILL)
-    return result
 
 
 def final(text: str) -> None:

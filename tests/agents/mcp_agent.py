@@ -19,8 +19,7 @@ async def main(url: str, mode: str) -> None:
     async with Client(url, mode=mode) as client:
         first = text(await client.call_tool("charge", {"amount": 3}))
         print(f"tool: {first}", flush=True)
-        if common.os.environ.get("CRASH") == "1":
-            common.os.kill(common.os.getpid(), common.signal.SIGKILL)
+        common.crash_point()
         second = text(await client.call_tool("charge", {"amount": 4}))
         common.final(f"{first}; {second}")
 
