@@ -55,6 +55,7 @@ from relay import Relay  # noqa: E402
 from durable_sidecar.store import database, lease
 
 DB_TIMEOUT_MS = 1000
+PENDING = "SELECT count(*) FROM durable_steps WHERE state = 'pending'"  # steps in doubt, or stuck
 PAID_PATHS = {path for path, _ in ENDPOINTS.values()}
 DURABLE = str(Path(sys.executable).with_name("durable"))
 
@@ -95,7 +96,7 @@ def judge(rig: Rig, answers: list[str], result: Result, calls: int = 1) -> Resul
             result.notes.append(f"answer {answer[:80]!r}, booked {booked}")
         got.add(match)
     result.lost_answers += len([b for b in booked if b not in got])
-    result.stuck_steps += sql(rig.dsn, "SELECT count(*) FROM durable_steps WHERE state = 'pending'")[0][0]
+    result.stuck_steps += sql(rig.dsn, PENDING)[0][0]
     return result
 
 
@@ -254,7 +255,11 @@ def hangup_commit_fails(rig: Rig, endpoint: str) -> Result:
             first, _ = mcp_call(agent, url, session, 2, "tools/call", at_response=relay.cut)
             time.sleep(3)  # longer than the commit's own deadline and retry: it fails, the answer is held
             relay.heal()
-        time.sleep(1.5)  # the held answer's commit is retried every 0.5 s
+        # the held answer's commit is retried every 0.5 s; a pool that reconnects after a cut may take
+        # longer on a busy machine (seen in CI): wait for it, bounded, instead of a fixed pause
+        deadline = time.monotonic() + 15
+        while sql(rig.dsn, PENDING)[0][0] and time.monotonic() < deadline:
+            time.sleep(0.25)
         with rig.client(sidecar, run, "a2") as later:
             mcp_call(later, url, session, 1, "initialize")
             again, _ = mcp_call(later, url, session, 2, "tools/call")
@@ -265,7 +270,7 @@ def hangup_commit_fails(rig: Rig, endpoint: str) -> Result:
     if not first or again != first:
         result.wrong_answers += 1
         result.notes.append(f"first {first[:60]!r}, again {again[:60]!r}")
-    result.stuck_steps = sql(rig.dsn, "SELECT count(*) FROM durable_steps WHERE state = 'pending'")[0][0]
+    result.stuck_steps = sql(rig.dsn, PENDING)[0][0]
     return result
 
 
