@@ -5,8 +5,9 @@
 # gives the last result and the survivors judged harmless.
 #
 # Usage: scripts/mutate.sh [MODULE ...]     e.g. scripts/mutate.sh cursor fingerprint
-#   no MODULE: every module below. Results: .mutmut-cache (`.venv-mutmut/bin/mutmut results`,
-#   `.venv-mutmut/bin/mutmut show ID`). mutmut edits addon/*/*.py in place and restores each file
+#   no MODULE: every module below. Results: .mutmut/MODULE.cache, one per module (to see one
+#   module's survivors: `cp .mutmut/MODULE.cache .mutmut-cache; .venv-mutmut/bin/mutmut results`,
+#   then `.venv-mutmut/bin/mutmut show ID`). mutmut edits addon/*/*.py in place and restores each file
 #   after its mutant; do not edit the checkout (or kill -9 the script) meanwhile. Set DATABASE_URL
 #   for speed (else each test run starts the embedded PostgreSQL).
 set -euo pipefail
@@ -26,7 +27,7 @@ declare -A TESTS=(
     [cursor]="tests/test_cursor.py tests/test_journal_db.py"
     [fingerprint]="tests/test_fingerprint.py tests/test_fingerprint_v2.py tests/test_properties.py"
     [inflight]="tests/test_exactly_once.py tests/test_sidecar_unit.py"
-    [redaction]="tests/test_security.py"
+    [redaction]="tests/test_redaction.py tests/test_security.py"
     [crypto]="tests/test_security.py"
     [bodies]="tests/test_body_bounds.py tests/test_fingerprint.py"
     [sessions]="tests/test_mcp.py"
@@ -46,28 +47,36 @@ for module in "${modules[@]}"; do
     tests="${TESTS[$module]:?unknown module $module (known: ${ORDER[*]})}"
     path=$(ls addon/*/"$module".py)
     echo "== $path: $tests" >&2
+    # a cache of its own per module: mutmut 2.5.1 reusing one cache across modules and runs stops with
+    # "Mutant.line is required" part-way through
+    rm -f .mutmut-cache
     # mutmut counts a mutant killed only on exit code 1; a mutant that breaks the import (pytest's 2)
     # is killed too
     .venv-mutmut/bin/mutmut run --paths-to-mutate "$path" --tests-dir tests \
         --runner "bash -c '$PY -m pytest -x -q -n 2 -p no:cacheprovider $tests || exit 1'" \
         || true  # its exit code reports survivors: the table below says it all
+    .venv-mutmut/bin/mutmut results || true
+    mkdir -p .mutmut && mv .mutmut-cache ".mutmut/$module.cache"
 done
-.venv-mutmut/bin/mutmut results
 "$PY" - <<'EOF'
-"""The kill rate per module, from mutmut's cache."""
+"""The kill rate per module, from each module's mutmut cache."""
+import pathlib
 import sqlite3
 
-rows = sqlite3.connect(".mutmut-cache").execute(
-    "SELECT SourceFile.filename, Mutant.status, count(*) FROM Mutant JOIN Line ON Mutant.line = Line.id"
-    " JOIN SourceFile ON Line.sourcefile = SourceFile.id GROUP BY 1, 2"
-).fetchall()
 table: dict[str, dict[str, int]] = {}
-for filename, status, n in rows:
-    table.setdefault(filename, {})[status] = n
-print(f"{'module':36} {'mutants':>8} {'killed':>7} {'survived':>9} {'timeout':>8} {'kill rate':>9}")
+for cache in sorted(pathlib.Path(".mutmut").glob("*.cache")):
+    rows = sqlite3.connect(cache).execute(
+        "SELECT SourceFile.filename, Mutant.status, count(*) FROM Mutant JOIN Line ON Mutant.line = Line.id"
+        " JOIN SourceFile ON Line.sourcefile = SourceFile.id GROUP BY 1, 2"
+    ).fetchall()
+    for filename, status, n in rows:
+        table.setdefault(filename, {})[status] = n
+# a mutant that makes the tests hang (a timeout) is caught too
+print(f"{'module':36} {'mutants':>8} {'killed':>7} {'timeout':>8} {'survived':>9} {'untested':>9} {'caught':>7}")
 for filename, counts in sorted(table.items()):
     total = sum(counts.values())
-    killed = counts.get("ok_killed", 0)
-    print(f"{filename:36} {total:8} {killed:7} {counts.get('bad_survived', 0):9} {counts.get('bad_timeout', 0):8}"
-          f" {killed / total:9.0%}")
+    caught = counts.get("ok_killed", 0) + counts.get("bad_timeout", 0)
+    print(f"{filename:36} {total:8} {counts.get('ok_killed', 0):7} {counts.get('bad_timeout', 0):8}"
+          f" {counts.get('bad_survived', 0) + counts.get('ok_suspicious', 0):9} {counts.get('untested', 0):9}"
+          f" {caught / total:7.0%}")
 EOF
