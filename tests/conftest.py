@@ -103,8 +103,10 @@ def fresh_dsn(pg_server: str) -> Iterator[str]:
 
 
 def sql(dsn: str, query: str, *params: Any) -> list[tuple]:
+    """The rows of one statement (none for a statement that returns none), autocommitted."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        return conn.execute(query, params).fetchall()
+        cur = conn.execute(query, params)
+        return cur.fetchall() if cur.description else []
 
 
 # -- the paid API ---------------------------------------------------------------------------------

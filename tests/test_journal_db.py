@@ -21,7 +21,7 @@ import requests
 from durable_sidecar.store import database
 from durable_sidecar.tools import launcher
 from durable_sidecar.store.cursor import RunCursor, StepRef, digest
-from durable_sidecar.store.journal import DIGEST, Journal, NewStep
+from durable_sidecar.store.journal import INDEX, Journal, NewStep
 from durable_sidecar.store.migrations import MIGRATIONS
 from conftest import PaidApi, Sidecars, docker_reachable, new_run, sql
 
@@ -154,8 +154,34 @@ def test_the_index_loads_from_sql_digests_that_match_the_cursors(fresh_dsn: str,
 
     assert asyncio.run(journal_and_load()) == list(range(3, 2 * len(keys) + 1))
     assert at_head == [[1, 2]]  # served from the head, and still consumed after the whole index came
-    in_sql = sql(fresh_dsn, f"SELECT {DIGEST}, fingerprint, occurrence FROM durable_steps")
+    in_sql = sql(fresh_dsn, "SELECT digest, fingerprint, occurrence FROM durable_steps")
     assert all(d == digest(key, occurrence) for d, key, occurrence in in_sql) and len(in_sql) == 2 * len(keys)
+
+
+def test_a_new_attempt_reads_a_long_runs_index_with_no_sort_and_no_hashing(fresh_dsn: str) -> None:
+    """The digest is stored at insert and indexed with the run (migration 9): the plan of the cursor
+    that streams a 20,000-step run's whole index to a new attempt walks that index, with no Sort
+    node and no sha256 over the run's steps. Before it, each attempt hashed and sorted them all."""
+
+    async def migrate() -> None:
+        journal = Journal(fresh_dsn)
+        await journal.open()  # applies the migrations
+        await journal.close()
+
+    asyncio.run(migrate())
+    sql(fresh_dsn, "INSERT INTO durable_runs (id, last_seq) VALUES ('long', 20000), ('short', 10)")
+    sql(fresh_dsn, "INSERT INTO durable_steps (run_id, seq, fingerprint, fp_version, occurrence, state, attempt,"
+                   " method, url, envelope, request_headers)"
+                   " SELECT r, n, 'v1:' || md5(r || n), 1, 0, 'completed', 'a1', 'POST', 'http://x/', '{}', '[]'"
+                   " FROM (VALUES ('long', 20000), ('short', 10)) AS runs(r, steps), generate_series(1, steps) AS n")
+    sql(fresh_dsn, "ANALYZE durable_steps")
+    with psycopg.connect(fresh_dsn) as conn, conn.transaction():
+        plan = "\n".join(row[0] for row in conn.execute(
+            f"EXPLAIN (VERBOSE) DECLARE durable_index CURSOR FOR {INDEX.replace('%s', "'long'")}"))
+    assert "Index" in plan and "digest" in plan, plan
+    assert "Sort" not in plan and "sha256" not in plan and "durable_digest" not in plan, plan
+    stored = sql(fresh_dsn, "SELECT digest, fingerprint, occurrence FROM durable_steps WHERE run_id = 'long' LIMIT 5")
+    assert all(d == digest(key, occurrence) for d, key, occurrence in stored)
 
 
 def test_a_step_is_handed_over_for_a_resend_only_to_its_own_request(fresh_dsn: str) -> None:

@@ -33,7 +33,7 @@ COMPLETED = bytes([CODES["completed"]])  # an unconsumed completed step
 def digest(key: str, occurrence: int) -> int:
     """The index's 64-bit name of (key, occurrence): the first 8 bytes of SHA-256, signed.
 
-    The journal computes the same in SQL (journal.DIGEST), so the index arrives sorted.
+    The journal stores the same (durable_digest, migration 9), so the index arrives sorted.
     """
     return int.from_bytes(hashlib.sha256(f"{occurrence}:{key}".encode()).digest()[:8], "big", signed=True)
 

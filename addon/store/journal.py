@@ -23,7 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from . import database, embedded, lease, migrations, offload
 from .crypto import Keyring, open_row, seal_json
-from .cursor import RunCursor, StepRef
+from .cursor import RunCursor, StepRef, digest
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -202,15 +202,12 @@ FROM durable_steps s
 WHERE s.run_id = %(run)s AND s.seq = %(seq)s AND s.fingerprint = %(key)s AND s.occurrence = %(occ)s
 """
 
-# cursor.digest(fingerprint, occurrence) in SQL: the replay index arrives sorted by it
-DIGEST = (
-    "('x' || encode(substr(sha256(convert_to(occurrence || ':' || fingerprint, 'UTF8')), 1, 8), 'hex'))"
-    "::bit(64)::bigint"
-)
-INDEX = f"SELECT {DIGEST} AS digest, seq, state FROM durable_steps WHERE run_id = %s ORDER BY digest"
+# the stored digest (migration 9: cursor.digest(fingerprint, occurrence)): the whole index comes
+# from the digest-ordered unique index, with no sort and no hashing
+INDEX = "SELECT digest, seq, state FROM durable_steps WHERE run_id = %s ORDER BY digest"
 INDEX_PAGE = 4096  # rows turned into Python objects at a time while the index loads
 # a run's first steps by seq, from its primary key with no sort: where a resumed attempt starts
-INDEX_HEAD = f"SELECT {DIGEST} AS digest, seq, state FROM durable_steps WHERE run_id = %s ORDER BY seq LIMIT %s"
+INDEX_HEAD = "SELECT digest, seq, state FROM durable_steps WHERE run_id = %s ORDER BY seq LIMIT %s"
 
 # runs with no activity (recorded, completed or replayed step) for %(age)s seconds
 IDLE_RUNS = """
@@ -569,8 +566,8 @@ class Journal:
         row = await self._run(
             "find step",
             "SELECT seq, fingerprint, occurrence, state FROM durable_steps"
-            " WHERE run_id = %s AND fingerprint = %s AND occurrence = %s",
-            (run, key, occurrence),
+            " WHERE run_id = %s AND digest = %s AND fingerprint = %s AND occurrence = %s",
+            (run, digest(key, occurrence), key, occurrence),
             fetch="one",
         )
         return StepRef(row["seq"], row["fingerprint"], row["occurrence"], row["state"]) if row else None
@@ -665,9 +662,9 @@ class Journal:
         await self._write(
             "hand back unsent step",
             run,
-            "UPDATE durable_steps SET owner = NULL, approved = true WHERE run_id = %s AND fingerprint = %s"
-            " AND occurrence = %s AND state = 'pending' AND owner = %s",
-            (run, key, occurrence, owner),
+            "UPDATE durable_steps SET owner = NULL, approved = true WHERE run_id = %s AND digest = %s"
+            " AND fingerprint = %s AND occurrence = %s AND state = 'pending' AND owner = %s",
+            (run, digest(key, occurrence), key, occurrence, owner),
         )
 
     async def step_state(self, run: str, step: StepRef) -> tuple[str | None, bool]:

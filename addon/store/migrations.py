@@ -183,6 +183,59 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         """,
     ),
+    (
+        9,
+        """
+        -- the replay index's name of a step, cursor.digest(fingerprint, occurrence), stored once at
+        -- insert (whoever inserts) instead of computed for every step of the run by each new attempt;
+        -- IMMUTABLE holds: convert_to's result depends only on the database's encoding, fixed for life
+        CREATE FUNCTION durable_digest(p_occ integer, p_key text) RETURNS bigint
+        LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+            SELECT ('x' || encode(substr(sha256(convert_to(p_occ || ':' || p_key, 'UTF8')), 1, 8), 'hex'))
+                   ::bit(64)::bigint
+        $$;
+        ALTER TABLE durable_steps
+            ADD COLUMN digest bigint GENERATED ALWAYS AS (durable_digest(occurrence, fingerprint)) STORED;
+        -- the same uniqueness as (run_id, fingerprint, occurrence) (the digest is a function of those
+        -- two), now in digest order: a new attempt reads its run's whole index from it with no sort,
+        -- and a lookup by (run, key, occurrence) names the digest to find its entry
+        CREATE UNIQUE INDEX durable_steps_digest ON durable_steps (run_id, digest, fingerprint, occurrence);
+        ALTER TABLE durable_steps DROP CONSTRAINT durable_steps_run_id_fingerprint_occurrence_key;
+        -- Record a pending step with no probe of its run: the run's upsert takes the row lock and the
+        -- next seq in one statement; the insert's arbiter is the unique digest index, no planner
+        -- choice (a run's probe by the primary key read the whole run while the table had no
+        -- statistics); a step someone else journaled gives its seq back, under the same lock, so seqs
+        -- stay dense. NULLs back: someone else journaled it.
+        CREATE OR REPLACE FUNCTION durable_record(
+            p_run text, p_key text, p_fpv smallint, p_occ integer, p_step_key text, p_attempt text,
+            p_outcome text, p_divergence jsonb, p_key_id text, p_owner integer, p_method text, p_url text,
+            p_envelope jsonb, p_headers jsonb, p_body bytea, p_agent_key text, p_mint boolean,
+            OUT seq integer, OUT idempotency_key text)
+        LANGUAGE plpgsql VOLATILE AS $$
+        #variable_conflict use_column
+        DECLARE
+            v_seq integer;
+        BEGIN
+            INSERT INTO durable_runs AS r (id, last_seq) VALUES (p_run, 1)
+            ON CONFLICT (id) DO UPDATE SET last_seq = r.last_seq + 1, updated_at = now()
+            RETURNING r.last_seq INTO v_seq;
+            INSERT INTO durable_steps (run_id, seq, fingerprint, fp_version, occurrence, step_key, state, attempt,
+                                       last_attempt, last_outcome, divergence, key_id, owner,
+                                       method, url, envelope, request_headers, request_body, idempotency_key)
+            VALUES (p_run, v_seq, p_key, p_fpv, p_occ, p_step_key, 'pending', p_attempt,
+                    p_attempt, p_outcome, p_divergence, p_key_id, p_owner,
+                    p_method, p_url, p_envelope, p_headers, p_body,
+                    COALESCE(p_agent_key, CASE WHEN p_mint THEN
+                        'durable-' || left(encode(sha256(convert_to(p_run || ':' || v_seq, 'UTF8')), 'hex'), 32)
+                    END))
+            ON CONFLICT (run_id, digest, fingerprint, occurrence) DO NOTHING
+            RETURNING durable_steps.seq, durable_steps.idempotency_key INTO seq, idempotency_key;
+            IF seq IS NULL THEN
+                UPDATE durable_runs SET last_seq = last_seq - 1 WHERE id = p_run;
+            END IF;
+        END $$;
+        """,
+    ),
 ]
 
 
