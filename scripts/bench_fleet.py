@@ -1,55 +1,102 @@
 #!/usr/bin/env python3
 """Scale out: several sidecar processes share one PostgreSQL, each serving concurrent agents (runs),
 once per journal layout: one durable_steps table, and hash-partitioned by run (`durable db init
---partitions N`), each on a database of its own, side by side.
+--partitions N`), each on a database of its own, side by side; and beside each, the fleet's floor:
+as many clients making the journal's own two commits per step (durable_record, then the answer's
+UPDATE, with the same rows) straight to PostgreSQL, no proxy.
 
-Measures steps/s and journal writes/s across the fleet, latency, the journal's bytes per step, and
-extrapolates what a fleet of N agents costs (writes per second, storage per day).
+Measures steps/s and journal writes/s across the fleet, the ratio to the floor, latency, the CPU
+per step of the proxies, of PostgreSQL and of this process (the clients and the upstream), the
+journal's bytes per step, and extrapolates what a fleet of N agents costs (writes per second,
+storage per day).
 
-Usage: .venv/bin/python scripts/bench_fleet.py [--sidecars 4] [--agents-per-sidecar 4] [--calls 200]
-       [--layouts 0,16] [--fleet 1000] [--call-every 5] [--dsn DSN]
+Usage: .venv/bin/python scripts/bench_fleet.py [--sidecars 4] [--agents 8,32] [--calls 200]
+       [--layouts 0,16] [--rounds 2] [--fleet 1000] [--call-every 5] [--dsn DSN]
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from pathlib import Path
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (its upstream, proxies and client)
 
+from durable_sidecar.matching.fingerprint import MatchRules, RequestParts, match
 from durable_sidecar.store import database
+from durable_sidecar.store.journal import _COMPLETE, _RECORD, storable
 from durable_sidecar.tools import operations
 
+REQUEST_HEADERS = [["Host", "127.0.0.1"], ["Accept-Encoding", "identity"], ["Content-Type", "application/json"]]
+ANSWER_HEADERS = [["Content-Type", "application/json"], ["Content-Length", str(len(bench.ANSWER))]]
 
-def fleet(server: str, partitions: int, args: argparse.Namespace, upstream: int) -> dict[str, float]:
-    """One fleet run on a fresh journal with this layout (0: one table)."""
+
+def self_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def floor_agent(dsn: str, run: str, upstream: int, calls: int) -> list[float]:
+    """One agent of the floor: per step the journal's two commits with the rows the sidecar writes
+    (its envelope, headers, bodies, a minted idempotency key), straight to PostgreSQL, no proxy."""
+    url = f"http://127.0.0.1:{upstream}/v1/chat/completions"
+    latencies = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for i in range(calls):
+            body = bench.BODY % i
+            parts = RequestParts("POST", "http", "127.0.0.1", upstream, "/v1/chat/completions",
+                                 [("Content-Type", "application/json")], body)
+            _, envelope, key = match(parts, None, 1 << 20, MatchRules())
+            start = time.perf_counter()
+            seq, _ = conn.execute(_RECORD, {
+                "run": run, "key": key, "fpv": 2, "occ": 0, "step_key": None, "attempt": "a1", "outcome": "recorded",
+                "divergence": None, "key_id": None, "owner": 1, "method": "POST", "url": url,
+                "envelope": Jsonb(storable(envelope)), "headers": Jsonb(REQUEST_HEADERS), "body": body,
+                "agent_key": None, "mint": True,
+            }).fetchone()
+            conn.execute(_COMPLETE, ("completed", 200, "OK", "HTTP/1.1", Jsonb(ANSWER_HEADERS), bench.ANSWER, 0.5,
+                                     False, False, None, None, None, run, seq, 1))
+            latencies.append((time.perf_counter() - start) * 1000)
+    return latencies
+
+
+def fleet(server: str, partitions: int, agents: int, floor: bool, args: argparse.Namespace, upstream: int
+          ) -> dict[str, float]:
+    """One fleet run on a fresh journal with this layout (0: one table): `agents` runs spread over
+    the sidecars, or with `floor`, as many clients committing straight to PostgreSQL."""
     dsn = database.create_database(server, "durable_fleet")
     try:
         operations.create_journal(dsn, partitions)
         with tempfile.TemporaryDirectory(prefix="durable-fleet-") as tmp:
             work = Path(tmp)
-            proxies = [bench.start_proxy(bench.sidecar_args(dsn), work / "conf", work / f"sidecar{i}.log")
-                       for i in range(args.sidecars)]
+            proxies = [] if floor else [
+                bench.start_proxy(bench.sidecar_args(dsn), work / "conf", work / f"sidecar{i}.log")
+                for i in range(args.sidecars)]
             p50s: list[float] = []
             lock = threading.Lock()
 
-            def agent(port: int) -> None:
-                latencies = bench.client_loop(port, upstream, f"fleet-{uuid.uuid4().hex[:8]}", "a1", range(args.calls))
+            def agent(n: int) -> None:
+                run = f"fleet-{uuid.uuid4().hex[:8]}"
+                latencies = (floor_agent(dsn, run, upstream, args.calls) if floor else
+                             bench.client_loop(proxies[n % len(proxies)].port, upstream, run, "a1", range(args.calls)))
                 with lock:
                     p50s.append(statistics.median(latencies))
 
+            cpu = (sum(p.cpu_s() for p in proxies), bench.postgres_cpu_s(), self_cpu_s())
             try:
-                elapsed = bench.run_threads(
-                    [threading.Thread(target=agent, args=(p.port,)) for p in proxies for _ in range(args.agents_per_sidecar)]
-                )
+                elapsed = bench.run_threads([threading.Thread(target=agent, args=(n,)) for n in range(agents)])
+                cpu = (sum(p.cpu_s() for p in proxies) - cpu[0], bench.postgres_cpu_s() - cpu[1],
+                       self_cpu_s() - cpu[2])
             finally:
                 for p in proxies:
                     p.stop()
@@ -70,18 +117,20 @@ def fleet(server: str, partitions: int, args: argparse.Namespace, upstream: int)
             ).fetchone()
     finally:
         database.drop_database(server, dsn)
+    per_step_ms = 1000 / max(steps, 1)
     return {"steps": steps, "elapsed": elapsed, "rate": steps / elapsed, "p50": statistics.median(p50s),
             "per_step": float(table_bytes) / max(steps, 1), "body": float(body_bytes or 0), "dense": seqs_ok,
-            "tables_used": used}
+            "tables_used": used, "proxy_cpu": cpu[0] * per_step_ms, "pg_cpu": cpu[1] * per_step_ms,
+            "client_cpu": cpu[2] * per_step_ms}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sidecars", type=int, default=4)
-    parser.add_argument("--agents-per-sidecar", type=int, default=4)
+    parser.add_argument("--agents", default="8,32", help="concurrent agents (runs) across the sidecars, to compare")
     parser.add_argument("--calls", type=int, default=200, help="calls per agent")
     parser.add_argument("--layouts", default="0,16", help="partition counts to compare (0: one table)")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per layout (medians)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per configuration (medians)")
     parser.add_argument("--fleet", type=int, default=1000, help="agents to extrapolate to")
     parser.add_argument("--call-every", type=float, default=5.0, help="seconds between an agent's calls, for the estimate")
     parser.add_argument("--dsn")
@@ -90,23 +139,27 @@ def main() -> None:
     server = database.resolve(args.dsn).dsn
     upstream = bench.start_upstream()
     layouts = [int(n) for n in args.layouts.split(",")]
-    samples: dict[int, list[dict[str, float]]] = {n: [] for n in layouts}
+    agent_counts = [int(n) for n in args.agents.split(",")]
+    configs = [(n, agents, floor) for agents in agent_counts for n in layouts for floor in (True, False)]
+    samples: dict[tuple[int, int, bool], list[dict[str, float]]] = {c: [] for c in configs}
     for _ in range(args.rounds):
-        for n in layouts:
-            samples[n].append(fleet(server, n, args, upstream))
-    results = {n: {k: statistics.median(float(r[k]) for r in rs) for k in rs[0]} for n, rs in samples.items()}
+        for config in configs:
+            samples[config].append(fleet(server, *config, args, upstream))
+    results = {c: {k: statistics.median(float(r[k]) for r in rs) for k in rs[0]} for c, rs in samples.items()}
 
-    agents = args.sidecars * args.agents_per_sidecar
-    print(f"\n{args.sidecars} sidecars x {args.agents_per_sidecar} agents = {agents} concurrent runs, {args.calls} calls "
-          f"each, median of {args.rounds} interleaved rounds per layout")
-    print(f"{'layout':<24} {'steps':>6} {'steps/s':>8} {'writes/s':>9} {'agent p50 ms':>13} {'bytes/step':>11} {'tables used':>12}"
+    print(f"\n{args.sidecars} sidecars; the floor: as many clients making the journal's two commits per step "
+          f"straight to PostgreSQL; {args.calls} calls per agent, median of {args.rounds} interleaved rounds")
+    print(f"{'agents':>6} {'layout':<20} {'path':<9} {'steps':>6} {'steps/s':>8} {'/ floor':>8} {'writes/s':>9} {'agent p50 ms':>13}"
+          f" {'CPU ms/step: proxies':>21} {'PostgreSQL':>11} {'clients':>8} {'bytes/step':>11} {'tables':>7}"
           f" {'seqs dense':>11}")
-    for n, r in results.items():
+    for (n, agents, floor), r in results.items():
         name = f"{n} hash partitions" if n else "one table"
-        print(f"{name:<24} {r['steps']:>6.0f} {r['rate']:>8.0f} {2 * r['rate']:>9.0f} {r['p50']:>13.2f} {r['per_step']:>11.0f}"
-              f" {r['tables_used']:>12.0f} {bool(r['dense'])!s:>11}")
+        ratio = r["rate"] / results[(n, agents, True)]["rate"]
+        print(f"{agents:>6} {name:<20} {'floor' if floor else 'sidecars':<9} {r['steps']:>6.0f} {r['rate']:>8.0f} {ratio:>8.2f}"
+              f" {2 * r['rate']:>9.0f} {r['p50']:>13.2f} {r['proxy_cpu']:>21.2f} {r['pg_cpu']:>11.2f}"
+              f" {r['client_cpu']:>8.2f} {r['per_step']:>11.0f} {r['tables_used']:>7.0f} {bool(r['dense'])!s:>11}")
 
-    base = results[layouts[0]]
+    base = results[(layouts[0], agent_counts[0], False)]
     fleet_rate = args.fleet / args.call_every
     overhead = base["per_step"] - base["body"]  # row, envelope, headers, indexes
     per_day = lambda size: fleet_rate * 86400 * size / 2**30  # noqa: E731

@@ -31,16 +31,22 @@ def test_bench_smoke(pg_dsn: str, tmp_path) -> None:
 
 
 def test_fleet_benchmark_smoke(pg_dsn: str) -> None:
+    """Both layouts, each beside its floor (clients committing straight to PostgreSQL): every step
+    journaled once, seqs dense, the ratio to the floor and the CPU split printed."""
     out = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_fleet.py"), "--sidecars", "2", "--agents-per-sidecar", "2",
+        [sys.executable, str(ROOT / "scripts" / "bench_fleet.py"), "--sidecars", "2", "--agents", "4",
          "--calls", "10", "--layouts", "0,2", "--rounds", "1", "--dsn", pg_dsn],
         capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    rows = {line.split("  ")[0].strip(): line.split() for line in out.stdout.splitlines()
-            if line.startswith(("one table", "2 hash partitions"))}
-    assert set(rows) == {"one table", "2 hash partitions"}, out.stdout
-    assert all(row[-7] == "40" and row[-1] == "True" for row in rows.values()), out.stdout  # steps, seqs dense
+    # agents, layout, path, then: steps, steps/s, / floor, writes/s, p50, CPU x3, bytes/step, tables, dense
+    rows = {(line[7:27].strip(), line[28:37].strip()): line[38:].split() for line in out.stdout.splitlines()
+            if line.startswith("     4 ")}
+    assert set(rows) == {(layout, path) for layout in ("one table", "2 hash partitions")
+                         for path in ("floor", "sidecars")}, out.stdout
+    assert all(row[0] == "40" and row[-1] == "True" for row in rows.values()), out.stdout  # steps, seqs dense
+    assert all(float(row[2]) > 0 for row in rows.values()), out.stdout  # the ratio to the floor
+    assert "CPU ms/step: proxies" in out.stdout
 
 
 def test_fuzz_short_run(pg_server: str) -> None:

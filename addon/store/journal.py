@@ -170,6 +170,14 @@ SELECT seq, idempotency_key FROM durable_record(
     %(key_id)s, %(owner)s, %(method)s, %(url)s, %(envelope)s, %(headers)s, %(body)s, %(agent_key)s, %(mint)s)
 """
 
+# A step's answer: only a pending step this sidecar (owner) has in flight takes one
+_COMPLETE = """
+UPDATE durable_steps SET state = %s, status = %s, reason = %s, http_version = %s, response_headers = %s,
+    response_body = %s, error = NULL, completed_at = now(), duration_ms = %s, streamed = %s, truncated = %s,
+    key_id = %s, chunk_timing = %s, owner = NULL, response_trailers = %s
+WHERE run_id = %s AND seq = %s AND state = 'pending' AND owner IS NOT DISTINCT FROM %s
+"""
+
 # An imported run's steps, completed, in one COPY (created and started: the defaults, now).
 _IMPORT_COPY = """
 COPY durable_steps (run_id, seq, fingerprint, fp_version, occurrence, state, attempt, last_attempt, last_outcome,
@@ -599,11 +607,7 @@ class Journal:
         updated = await self._write(
             "journal response",
             run,
-            "UPDATE durable_steps SET state = %s, status = %s, reason = %s, http_version = %s,"
-            " response_headers = %s, response_body = %s, error = NULL, completed_at = now(),"
-            " duration_ms = %s, streamed = %s, truncated = %s, key_id = %s, chunk_timing = %s, owner = NULL,"
-            " response_trailers = %s"
-            " WHERE run_id = %s AND seq = %s AND state = 'pending' AND owner IS NOT DISTINCT FROM %s",
+            _COMPLETE,
             (
                 state,
                 status,
