@@ -47,9 +47,12 @@ for module in "${modules[@]}"; do
     tests="${TESTS[$module]:?unknown module $module (known: ${ORDER[*]})}"
     path=$(ls addon/*/"$module".py)
     echo "== $path: $tests" >&2
-    # a cache of its own per module: mutmut 2.5.1 reusing one cache across modules and runs stops with
-    # "Mutant.line is required" part-way through
+    # a cache of its own per module: mutmut 2.5.1 reusing one cache across modules stops with
+    # "Mutant.line is required" part-way through. The module's last cache is taken up again: its
+    # killed mutants stay killed, the rest are tested again when the tests changed (MUTATE_FRESH=1:
+    # start over)
     rm -f .mutmut-cache
+    if [ -f ".mutmut/$module.cache" ] && [ -z "${MUTATE_FRESH:-}" ]; then cp ".mutmut/$module.cache" .mutmut-cache; fi
     # mutmut counts a mutant killed only on exit code 1; a mutant that breaks the import (pytest's 2)
     # is killed too
     .venv-mutmut/bin/mutmut run --paths-to-mutate "$path" --tests-dir tests \
