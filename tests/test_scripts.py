@@ -67,3 +67,19 @@ def test_big_body_benchmark_smoke(pg_dsn: str) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "off the loop" in out.stdout and "inline" in out.stdout
+
+
+def test_sse_benchmark_smoke(pg_dsn: str) -> None:
+    """Every path answers the stream, and bare mitmdump's buffering shows: its first byte waits for
+    the upstream's pause, a streaming path's does not."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_sse.py"), "--requests", "5", "--rounds", "1",
+         "--pause-ms", "300", "--warm", "1", "--dsn", pg_dsn],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    p50 = {line[:32].strip(): float(line[32:].split()[0]) for line in out.stdout.splitlines()
+           if line.startswith(("bare", "sidecar"))}
+    assert set(p50) == {"bare (buffers)", "bare, streaming", "bare, streaming, fast dispatch", "sidecar recording",
+                        "sidecar replay"}, out.stdout
+    assert p50["bare (buffers)"] >= 300 > p50["bare, streaming"] and p50["sidecar recording"] < 300, out.stdout
