@@ -56,6 +56,12 @@ CORPUS = {
     "headers": (req(body=b"{}", headers=JSON + [("X-Tenant", "b"), ("x-tenant", "a"), ("Authorization", "k")]), None),
     "other host": (req("/p?sig=1&cb=2", b'{"model":"m","seed":1}', JSON + [("X-Region", "eu")], host="Other.COM", port=8443, scheme="HTTP"), None),
     "step key": (req(body=CHAT), "order-42"),
+    "undecodable path": (req("/caf\udce9?q=\udcff"), None),  # mitmproxy's surrogateescape of bytes not UTF-8
+    "empty path": (req("?q=1", method="GET", headers=[]), None),
+    "multipart unnamed part": (req(body=b"--u\r\nContent-Type: text/plain\r\n\r\nx\r\n--u--\r\n",
+                                   headers=[("Content-Type", "multipart/mixed; boundary=u")]), None),
+    "multipart unparsable type": (req(body=b"--\xc4\x81\r\n\r\nx\r\n--\xc4\x81--\r\n",
+                                      headers=[("Content-Type", "multipart/form-data; boundary=\u0101")]), None),
 }
 PINNED = {
     (1, "json chat"): "v1:5cef4f4c6e261bad256977b93836ff36f5ef9e27cf397332d764c75c7bd75a94",
@@ -74,6 +80,10 @@ PINNED = {
     (1, "headers"): "v1:5cfa711d5635bba047b5ad2cfa0b113a475264bcb8461fffe5d9731425fde65a",
     (1, "other host"): "v1:7d0335691538cd41bdb24e020d43bd4ab78042d4f0b5155b1eadc3f5328534c0",
     (1, "step key"): "key:order-42",
+    (1, "undecodable path"): "v1:e033328c93ff91f239c0d6cc8fbcfcd6133633d045a045e48aad22f82494d4e4",
+    (1, "empty path"): "v1:9cae06770241488d4037d70e163f8908c30387e879fcb9fb015e4b58d7de052f",
+    (1, "multipart unnamed part"): "v1:8dd58bb5f51d64485eaf74e9eb50abccf6cd8e6fc1f02ebe11645df5beb87822",
+    (1, "multipart unparsable type"): "v1:5f8125264fe00307a8a34dee0665e0bfc9346b196e6dab158aa1bfcec5e28c0e",
     (2, "json chat"): "v2:6a984af17c9853064d8626760e9109ceca67e73ab01176b505c34690b9d10c1a",
     (2, "json gzip"): "v2:6a984af17c9853064d8626760e9109ceca67e73ab01176b505c34690b9d10c1a",
     (2, "json +json media"): "v2:2d6ef18be59ab015303ded2674efe670732c20a029cca3eeda02aba150382b26",
@@ -90,6 +100,10 @@ PINNED = {
     (2, "headers"): "v2:0d7d8963ca8893be987c4d152d3842f191b127842a4c1c632e73442b630856de",
     (2, "other host"): "v2:906b443d0753ef0068b12d041482fa6d711b01985d4db87a6b18e6aac027872d",
     (2, "step key"): "key:order-42",
+    (2, "undecodable path"): "v2:8c072dc560ce766d4ce79b836bf00b31095666c0edfa24f963600c6465e07c6b",
+    (2, "empty path"): "v2:7730b01d9a618035f89cb38ac57b57849df8e3a00d958774866a7abc13c81805",
+    (2, "multipart unnamed part"): "v2:a5e7e7004ceb03383ccb8898c6e3b08c4435a15299f14b0ba624b3f9c9fd76ae",
+    (2, "multipart unparsable type"): "v2:63f95f06de5770ad2f259589761996a7fb36ee98ea77c40515687b1c898c7a07",
 }
 
 
@@ -97,6 +111,11 @@ PINNED = {
 def test_a_journaled_fingerprint_never_changes(version: int, name: str) -> None:
     parts, step_key = CORPUS[name]
     assert fp.match(parts, step_key, 1 << 20, RULES, version)[2] == PINNED[(version, name)]
+
+
+def test_an_unknown_version_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="fingerprint version 3 is not known"):
+        fp.envelope(CORPUS["json chat"][0], RULES, 3)
 
 
 def test_the_body_match_returns_is_the_decoded_one_only_when_decoding_changed_it() -> None:
