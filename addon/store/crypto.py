@@ -135,7 +135,10 @@ def open_url(keyring: Keyring, stored: str) -> str:
     if not mark:
         return stored
     try:
-        rest = keyring.open(base64.urlsafe_b64decode(blob)).decode()
+        sealed = base64.urlsafe_b64decode(blob)
+        if not is_sealed(sealed):  # damaged: never show it as a URL with no path
+            raise KeyringError("not a sealed value")
+        rest = keyring.open(sealed).decode()
     except (KeyringError, binascii.Error, UnicodeDecodeError):
         return head + "[sealed]"
     return head + rest if head.endswith("?") else head[:-1] + rest
