@@ -31,18 +31,30 @@ def _bounded(pieces: Iterator[bytes], cap: int, coding: str) -> bytes:
     return bytes(out)
 
 
+TRUNCATED = "the body ends before its compressed data does"
+
+
 def _zlib(raw: bytes, wbits: int) -> Iterator[bytes]:
-    decoder, data = zlib.decompressobj(wbits), raw
+    """zlib, raw deflate or gzip; gzip members one after another (what gzip.decompress reads too)."""
+    data = raw
     while True:
-        yield decoder.decompress(data, PIECE)
-        data = decoder.unconsumed_tail
-        if not data:
-            yield decoder.flush()
+        decoder = zlib.decompressobj(wbits)
+        while data:
+            yield decoder.decompress(data, PIECE)
+            data = decoder.unconsumed_tail
+        yield decoder.flush()
+        if not decoder.eof:
+            raise ValueError(TRUNCATED)
+        data = decoder.unused_data
+        if not data or wbits != GZIP_WBITS:
             return
 
 
+GZIP_WBITS = 47  # a gzip or zlib header, detected
+
+
 def _gzip(raw: bytes) -> Iterator[bytes]:
-    return _zlib(raw, 47)  # gzip or zlib header, detected
+    return _zlib(raw, GZIP_WBITS)
 
 
 def _deflate(raw: bytes) -> Iterator[bytes]:
@@ -54,21 +66,32 @@ def _deflate(raw: bytes) -> Iterator[bytes]:
 
 
 def _brotli(raw: bytes) -> Iterator[bytes]:
+    # brotli 1.2's can_accept_more_data() says True while output held back by the limit remains: the
+    # decoder is drained until it says the stream is finished
     decoder = brotli.Decompressor()
     yield decoder.process(raw, output_buffer_limit=PIECE)
-    while not decoder.can_accept_more_data() and not decoder.is_finished():
-        yield decoder.process(b"", output_buffer_limit=PIECE)
+    while not decoder.is_finished():
+        piece = decoder.process(b"", output_buffer_limit=PIECE)
+        if not piece:
+            raise ValueError(TRUNCATED)
+        yield piece
 
 
 def _zstd(raw: bytes) -> Iterator[bytes]:
+    """Frames one after another (what zstd.decompress reads too)."""
     try:
         from compression import zstd  # Python 3.14
     except ImportError:
         from backports import zstd  # what mitmproxy brings
-    decoder = zstd.ZstdDecompressor()
-    yield decoder.decompress(raw, max_length=PIECE)
-    while not decoder.needs_input and not decoder.eof:
-        yield decoder.decompress(b"", max_length=PIECE)
+    data = raw
+    while data:
+        decoder = zstd.ZstdDecompressor()
+        yield decoder.decompress(data, max_length=PIECE)
+        while not decoder.eof:
+            if decoder.needs_input:
+                raise ValueError(TRUNCATED)
+            yield decoder.decompress(b"", max_length=PIECE)
+        data = decoder.unused_data
 
 
 DECODERS: dict[str, Callable[[bytes], Iterator[bytes]]] = {
