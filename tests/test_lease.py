@@ -1,0 +1,174 @@
+"""The lease (store/lease.py) on a real PostgreSQL: the advisory lock that says a sidecar is alive,
+as other sidecars read it (`ALIVE`, `GENERATION`), held through idle timeouts, re-taken under the
+same id with a new generation when its session is ended, and given up at once on close."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import psycopg
+import pytest
+
+from conftest import sql
+from durable_sidecar.store import lease as lease_module
+from durable_sidecar.store.journal import Journal
+from durable_sidecar.store.lease import ALIVE, CLASS, GENERATION, Lease
+
+
+@pytest.fixture
+def dsn(fresh_dsn: str) -> str:
+    async def migrate() -> None:
+        journal = Journal(fresh_dsn)
+        await journal.open()  # applies the migrations (durable_leases)
+        await journal.close()
+
+    asyncio.run(migrate())
+    return fresh_dsn
+
+
+def alive(dsn: str, owner: int) -> bool:
+    """What another sidecar's statements see of lease `owner`."""
+    return sql(dsn, f"SELECT {ALIVE} FROM (VALUES (%s)) AS s(owner)", owner)[0][0]
+
+
+def generation(dsn: str, owner: int) -> int | None:
+    return sql(dsn, f"SELECT {GENERATION} FROM (VALUES (%s)) AS s(owner)", owner)[0][0]
+
+
+def test_a_held_lease_is_seen_alive_under_its_own_id_and_generation(dsn: str) -> None:
+    async def scenario() -> None:
+        first, second = Lease(), Lease()
+        try:
+            a, b = await first.ensure(dsn, 5), await second.ensure(dsn, 5)
+            assert a != b and a > 0 and b > 0 and first.held and second.held
+            assert await first.ensure(dsn, 5) == a  # held: the same id, no new take
+            assert alive(dsn, a) and alive(dsn, b) and not alive(dsn, a + b)
+            assert generation(dsn, a) == first.generation == 1 and generation(dsn, a + b) is None
+            locks = sql(dsn, "SELECT classid, objid, objsubid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                             " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
+            assert (CLASS, a, 2) in locks
+        finally:
+            await first.close()
+            await second.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_closed_lease_is_dead_at_once(dsn: str) -> None:
+    """close() releases the lock itself, before it closes the session: the server drops a closed
+    session's locks a moment later, and a take-over in that moment would find the step's sender
+    still alive. Seen from another connection just as the session is about to close."""
+    with psycopg.connect(dsn, autocommit=True) as other_sidecar:
+        seen: list[bool] = []
+
+        def looks_alive(owner: int) -> bool:
+            return other_sidecar.execute(f"SELECT {ALIVE} FROM (VALUES (%s)) AS s(owner)", (owner,)).fetchone()[0]
+
+        async def scenario() -> None:
+            lease = Lease()
+            owner = await lease.ensure(dsn, 5)
+            conn = lease._conn
+            assert conn is not None
+            close_session = conn.close
+
+            async def close_and_look() -> None:
+                seen.append(looks_alive(owner))
+                await close_session()
+
+            conn.close = close_and_look  # type: ignore[method-assign]
+            await lease.close()
+            seen.append(looks_alive(owner))
+            assert not lease.held
+
+        asyncio.run(scenario())
+        assert seen == [False, False]
+
+
+def test_a_lock_of_another_class_or_database_is_not_a_lease(dsn: str, pg_server: str) -> None:
+    """Citus, PgBouncer and other tools take advisory locks of their own: only this class, with two
+    int keys, in this database, counts."""
+    with psycopg.connect(pg_server, autocommit=True) as elsewhere, psycopg.connect(dsn, autocommit=True) as here:
+        elsewhere.execute("SELECT pg_advisory_lock(%s, %s)", (CLASS, 4242))  # the same key, another database
+        here.execute("SELECT pg_advisory_lock(%s, %s)", (CLASS + 1, 4343))  # another class
+        here.execute("SELECT pg_advisory_lock(%s)", ((CLASS << 32) | 4444,))  # one bigint key
+        assert not alive(dsn, 4242) and not alive(dsn, 4343) and not alive(dsn, 4444)
+        here.execute("SELECT pg_advisory_lock(%s, %s)", (CLASS, 4545))
+        assert alive(dsn, 4545)
+
+
+def test_a_lease_outlives_the_databases_idle_session_timeout(dsn: str) -> None:
+    """A managed PostgreSQL ends idle sessions; the lease's session turns that off for itself."""
+    database = sql(dsn, "SELECT current_database()")[0][0]
+    sql(dsn, f'ALTER DATABASE "{database}" SET idle_session_timeout = \'1s\'')
+
+    async def scenario() -> tuple[int, int, bool]:
+        lease = Lease()
+        try:
+            owner = await lease.ensure(dsn, 5)
+            await asyncio.sleep(3)  # three idle timeouts; the heartbeat's SELECT 1 comes every second
+            return owner, lease.generation, lease.held
+        finally:
+            await lease.close()
+
+    owner, taken, held = asyncio.run(scenario())
+    assert held and taken == 1 and generation(dsn, owner) == 1  # never lost and re-taken
+
+
+def test_a_lease_whose_session_is_ended_is_taken_again_with_the_same_id(dsn: str) -> None:
+    async def scenario() -> None:
+        lease = Lease()
+        try:
+            owner = await lease.ensure(dsn, 5)
+            sql(dsn, "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'"
+                     " AND classid = %s AND objid = %s", CLASS, owner)
+            deadline = time.monotonic() + lease_module.HEARTBEAT_S * 5 + 5
+            while time.monotonic() < deadline and not (lease.held and lease.generation == 2):
+                await asyncio.sleep(0.1)
+            assert lease.id == owner and lease.generation == 2 and lease.held
+            assert alive(dsn, owner) and generation(dsn, owner) == 2
+        finally:
+            await lease.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_id_whose_old_session_is_ending_is_taken_again_once_it_has(dsn: str) -> None:
+    """A lost lease re-takes its own id (its steps name it), waiting for the old session to end."""
+    holder = psycopg.connect(dsn, autocommit=True)
+    holder.execute("SELECT pg_advisory_lock(%s, %s)", (CLASS, 778))
+
+    async def scenario() -> None:
+        lease = Lease()
+        lease.id = 778
+        asyncio.get_running_loop().call_later(0.5, holder.close)
+        try:
+            assert await lease.ensure(dsn, 5) == 778 and lease.held
+        finally:
+            await lease.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_id_still_held_elsewhere_is_not_taken_again(dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two sidecars never share an id: a lease whose old session still holds its id waits, then
+    reports the lease lost rather than taking another id under the steps it owns."""
+    monkeypatch.setattr(lease_module.asyncio, "sleep", _no_wait)
+    with psycopg.connect(dsn, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s, %s)", (CLASS, 777))
+
+        async def scenario() -> None:
+            lease = Lease()
+            lease.id = 777
+            with pytest.raises(lease_module.LeaseLost, match="could not take lease 777 again"):
+                await lease.ensure(dsn, 5)
+            assert lease.id == 777 and not lease.held
+
+        asyncio.run(scenario())
+
+
+_real_sleep = asyncio.sleep
+
+
+async def _no_wait(seconds: float) -> None:
+    await _real_sleep(0)
