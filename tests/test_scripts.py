@@ -83,3 +83,15 @@ def test_sse_benchmark_smoke(pg_dsn: str) -> None:
     assert set(p50) == {"bare (buffers)", "bare, streaming", "bare, streaming, fast dispatch", "sidecar recording",
                         "sidecar replay"}, out.stdout
     assert p50["bare (buffers)"] >= 300 > p50["bare, streaming"] and p50["sidecar recording"] < 300, out.stdout
+
+
+def test_index_benchmark_smoke(pg_dsn: str) -> None:
+    """The new attempt's index read now walks the digest index with no sort; the old query sorted."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_index.py"), "--steps", "2000", "--repeat", "1", "--dsn", pg_dsn],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = {line[:34].strip(): line[34:].split() for line in out.stdout.splitlines() if line.startswith(("now", "before"))}
+    now, before = rows["now: stored digest, index order"], rows["before: sha256 per step, sorted"]
+    assert now[1] == "False" and "durable_steps_digest" in now and before[1] == "True", out.stdout

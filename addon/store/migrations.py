@@ -197,9 +197,11 @@ MIGRATIONS: list[tuple[int, str]] = [
         ALTER TABLE durable_steps
             ADD COLUMN digest bigint GENERATED ALWAYS AS (durable_digest(occurrence, fingerprint)) STORED;
         -- the same uniqueness as (run_id, fingerprint, occurrence) (the digest is a function of those
-        -- two), now in digest order: a new attempt reads its run's whole index from it with no sort,
-        -- and a lookup by (run, key, occurrence) names the digest to find its entry
-        CREATE UNIQUE INDEX durable_steps_digest ON durable_steps (run_id, digest, fingerprint, occurrence);
+        -- two), now in digest order: a new attempt reads its run's whole index from it with no sort
+        -- (an index-only scan once vacuum has seen the pages: seq and state are in it), and a lookup
+        -- by (run, key, occurrence) names the digest to find its entry
+        CREATE UNIQUE INDEX durable_steps_digest ON durable_steps (run_id, digest, fingerprint, occurrence)
+            INCLUDE (seq, state);
         ALTER TABLE durable_steps DROP CONSTRAINT durable_steps_run_id_fingerprint_occurrence_key;
         -- Record a pending step with no probe of its run: the run's upsert takes the row lock and the
         -- next seq in one statement; the insert's arbiter is the unique digest index, no planner
