@@ -32,6 +32,15 @@ def form(boundary: str, inner: str = "") -> bytes:
 
 NESTED = ("--b1\r\nContent-Type: multipart/mixed; boundary=inner\r\nContent-Disposition: form-data; name=\"n\"\r\n\r\n"
           "--inner\r\nContent-Type: text/plain\r\n\r\nhello\r\n--inner--\r\n")
+def _deep(level: int) -> str:
+    """A multipart body nested 10 deep: past 8 levels a part is digested whole, not parsed."""
+    if level == 10:
+        return "--b10\r\nContent-Type: text/plain\r\n\r\nleaf\r\n--b10--\r\n"
+    return (f"--b{level}\r\nContent-Type: multipart/mixed; boundary=b{level + 1}\r\n\r\n"
+            + _deep(level + 1) + f"--b{level}--\r\n")
+
+
+DEEP = _deep(0).encode()
 RULES = MatchRules(
     ignore_json=(Rule.parse("/metadata/ts"), Rule.parse("api.example.com=/seed"), Rule.parse("other.com=/model")),
     ignore_query=(Rule.parse("cb"), Rule.parse("API.Example.com = sig")),
@@ -56,6 +65,11 @@ CORPUS = {
     "headers": (req(body=b"{}", headers=JSON + [("X-Tenant", "b"), ("x-tenant", "a"), ("Authorization", "k")]), None),
     "other host": (req("/p?sig=1&cb=2", b'{"model":"m","seed":1}', JSON + [("X-Region", "eu")], host="Other.COM", port=8443, scheme="HTTP"), None),
     "step key": (req(body=CHAT), "order-42"),
+    "query ignored first": (req("/s?cb=1&sig=2&b=2&=x&A=1"), None),
+    "charset params": (req(body=b"caf\xe9", headers=[("Content-Type", 'text/plain; format=flowed; charset="Xlatin-1"')]),
+                       None),
+    "charset with =": (req(body=b"x", headers=[("Content-Type", 'text/plain; charset="ut=f"')]), None),
+    "multipart nested deep": (req(body=DEEP, headers=[("Content-Type", "multipart/mixed; boundary=b0")]), None),
     "undecodable path": (req("/caf\udce9?q=\udcff"), None),  # mitmproxy's surrogateescape of bytes not UTF-8
     "empty path": (req("?q=1", method="GET", headers=[]), None),
     "multipart unnamed part": (req(body=b"--u\r\nContent-Type: text/plain\r\n\r\nx\r\n--u--\r\n",
@@ -80,6 +94,10 @@ PINNED = {
     (1, "headers"): "v1:5cfa711d5635bba047b5ad2cfa0b113a475264bcb8461fffe5d9731425fde65a",
     (1, "other host"): "v1:7d0335691538cd41bdb24e020d43bd4ab78042d4f0b5155b1eadc3f5328534c0",
     (1, "step key"): "key:order-42",
+    (1, "query ignored first"): "v1:6d5c2621bca9f8fb7b445d9c26823d96d83141f0ffe16e387ced82e001e417b1",
+    (1, "charset params"): "v1:9efc6ac100c06fa7be7c7160f0472629c287204e56432cbd67a384cd4f645ff5",
+    (1, "charset with ="): "v1:5c65fc2a4a97a1b48161d9a654dc51a595ee212b1c1c090dfece8e9b30dfab16",
+    (1, "multipart nested deep"): "v1:c0dcba274c572f008d94481ab37632481c2ed5a7ab2c26c0f9a11e386d4d8db7",
     (1, "undecodable path"): "v1:e033328c93ff91f239c0d6cc8fbcfcd6133633d045a045e48aad22f82494d4e4",
     (1, "empty path"): "v1:9cae06770241488d4037d70e163f8908c30387e879fcb9fb015e4b58d7de052f",
     (1, "multipart unnamed part"): "v1:8dd58bb5f51d64485eaf74e9eb50abccf6cd8e6fc1f02ebe11645df5beb87822",
@@ -100,6 +118,10 @@ PINNED = {
     (2, "headers"): "v2:0d7d8963ca8893be987c4d152d3842f191b127842a4c1c632e73442b630856de",
     (2, "other host"): "v2:906b443d0753ef0068b12d041482fa6d711b01985d4db87a6b18e6aac027872d",
     (2, "step key"): "key:order-42",
+    (2, "query ignored first"): "v2:d35d8ce7b06acb6d93c3f126e09b00ea3b462b60421f623e628d0f651f003c0f",
+    (2, "charset params"): "v2:ae99eda10e007394a56da1245443f6f91a66e9f47b6147e0afba14ddf1d47b6d",
+    (2, "charset with ="): "v2:4dd7eaefeba049e22cfc53008f0b3cc8cc44a4f03dda797d0cfd32fc080cd2e2",
+    (2, "multipart nested deep"): "v2:ef60e6fa57a67f2a2a01cdf236f5eaf1d262075a61be495ae8c58aad0e84ffa2",  # was a new one each run
     (2, "undecodable path"): "v2:8c072dc560ce766d4ce79b836bf00b31095666c0edfa24f963600c6465e07c6b",
     (2, "empty path"): "v2:7730b01d9a618035f89cb38ac57b57849df8e3a00d958774866a7abc13c81805",
     (2, "multipart unnamed part"): "v2:a5e7e7004ceb03383ccb8898c6e3b08c4435a15299f14b0ba624b3f9c9fd76ae",

@@ -318,9 +318,8 @@ def _multipart_v2(message: Any, depth: int = 0) -> list[dict[str, Any]]:
         if part.is_multipart() and depth < 8:
             entry["parts"] = _multipart_v2(part, depth + 1)
         else:
-            payload = part.get_payload(decode=True)
-            raw = payload if isinstance(payload, bytes) else str(part.get_payload()).encode("utf-8", "surrogateescape")
-            entry["sha256"] = _sha(raw)
+            payload = part.get_payload(decode=True)  # None for a part nested too deep to parse further:
+            entry["sha256"] = _sha(payload if isinstance(payload, bytes) else part.as_bytes())  # its bytes
         parts.append(entry)
     return parts
 
