@@ -46,27 +46,26 @@ def self_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def floor_agent(dsn: str, run: str, upstream: int, calls: int) -> list[float]:
+def floor_agent(conn: psycopg.Connection, run: str, upstream: int, calls: int) -> list[float]:
     """One agent of the floor: per step the journal's two commits with the rows the sidecar writes
     (its envelope, headers, bodies, a minted idempotency key), straight to PostgreSQL, no proxy."""
     url = f"http://127.0.0.1:{upstream}/v1/chat/completions"
     latencies = []
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        for i in range(calls):
-            body = bench.BODY % i
-            parts = RequestParts("POST", "http", "127.0.0.1", upstream, "/v1/chat/completions",
-                                 [("Content-Type", "application/json")], body)
-            _, envelope, key = match(parts, None, 1 << 20, MatchRules())
-            start = time.perf_counter()
-            seq, _ = conn.execute(_RECORD, {
-                "run": run, "key": key, "fpv": 2, "occ": 0, "step_key": None, "attempt": "a1", "outcome": "recorded",
-                "divergence": None, "key_id": None, "owner": 1, "method": "POST", "url": url,
-                "envelope": Jsonb(storable(envelope)), "headers": Jsonb(REQUEST_HEADERS), "body": body,
-                "agent_key": None, "mint": True,
-            }).fetchone()
-            conn.execute(_COMPLETE, ("completed", 200, "OK", "HTTP/1.1", Jsonb(ANSWER_HEADERS), bench.ANSWER, 0.5,
-                                     False, False, None, None, None, run, seq, 1))
-            latencies.append((time.perf_counter() - start) * 1000)
+    for i in range(calls):
+        body = bench.BODY % i
+        parts = RequestParts("POST", "http", "127.0.0.1", upstream, "/v1/chat/completions",
+                             [("Content-Type", "application/json")], body)
+        _, envelope, key = match(parts, None, 1 << 20, MatchRules())
+        start = time.perf_counter()
+        seq, _ = conn.execute(_RECORD, {
+            "run": run, "key": key, "fpv": 2, "occ": 0, "step_key": None, "attempt": "a1", "outcome": "recorded",
+            "divergence": None, "key_id": None, "owner": 1, "method": "POST", "url": url,
+            "envelope": Jsonb(storable(envelope)), "headers": Jsonb(REQUEST_HEADERS), "body": body,
+            "agent_key": None, "mint": True,
+        }).fetchone()
+        conn.execute(_COMPLETE, ("completed", 200, "OK", "HTTP/1.1", Jsonb(ANSWER_HEADERS), bench.ANSWER, 0.5,
+                                 False, False, None, None, None, run, seq, 1))
+        latencies.append((time.perf_counter() - start) * 1000)
     return latencies
 
 
@@ -82,12 +81,14 @@ def fleet(server: str, partitions: int, agents: int, floor: bool, args: argparse
             proxies = [] if floor else [
                 bench.start_proxy(bench.sidecar_args(dsn), work / "conf", work / f"sidecar{i}.log")
                 for i in range(args.sidecars)]
+            # the floor's connections outlive the measurement: an exited backend's CPU leaves /proc with it
+            conns = [psycopg.connect(dsn, autocommit=True) for _ in range(agents)] if floor else []
             p50s: list[float] = []
             lock = threading.Lock()
 
             def agent(n: int) -> None:
                 run = f"fleet-{uuid.uuid4().hex[:8]}"
-                latencies = (floor_agent(dsn, run, upstream, args.calls) if floor else
+                latencies = (floor_agent(conns[n], run, upstream, args.calls) if floor else
                              bench.client_loop(proxies[n % len(proxies)].port, upstream, run, "a1", range(args.calls)))
                 with lock:
                     p50s.append(statistics.median(latencies))
@@ -100,6 +101,8 @@ def fleet(server: str, partitions: int, agents: int, floor: bool, args: argparse
             finally:
                 for p in proxies:
                     p.stop()
+                for conn in conns:
+                    conn.close()
         with psycopg.connect(dsn) as conn:
             steps, = conn.execute("SELECT count(*) FROM durable_steps").fetchone()
             table_bytes, = conn.execute(

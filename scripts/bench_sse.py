@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Time to first byte of a streamed (SSE) answer, side by side in one run: bare mitmdump (which
 buffers a response whole by default), bare mitmdump streaming (`stream_large_bodies=1`), the same
-on the sidecar's hook dispatch, the sidecar recording and the sidecar replaying.
+on the sidecar's hook dispatch, the two-commit floor streaming (its first commit is on the path to
+the first byte, as the sidecar's pending step is), the sidecar recording and the sidecar replaying.
 
 The upstream sends its headers and first event at once, then the rest of the stream after a pause
 (`--pause-ms`), so a proxy that holds the stream back shows it. Each call is a keep-alive POST on a
@@ -115,7 +116,10 @@ def main() -> None:
     upstream = start_upstream(args.pause_ms / 1000)
     streaming = ["--set", "stream_large_bodies=1"]
     paths = {"bare (buffers)": [], "bare, streaming": streaming,
-             "bare, streaming, fast dispatch": streaming + bench.DISPATCH_ARGS, "sidecar": bench.sidecar_args(dsn)}
+             "bare, streaming, fast dispatch": streaming + bench.DISPATCH_ARGS,
+             # what journaling before forwarding costs at least: one commit on the agent's path
+             "floor, streaming, fast dispatch": streaming + bench.DISPATCH_ARGS + bench.floor_args(dsn),
+             "sidecar": bench.sidecar_args(dsn)}
     samples: dict[str, list[list[float]]] = {k: [] for k in (*paths, "sidecar replay")}
     try:
         with tempfile.TemporaryDirectory(prefix="durable-sse-") as tmp:
