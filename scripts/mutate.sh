@@ -26,7 +26,7 @@ fi
 declare -A TESTS=(
     [cursor]="tests/test_cursor.py tests/test_journal_db.py"
     [fingerprint]="tests/test_fingerprint_pinned.py tests/test_fingerprint.py tests/test_fingerprint_v2.py tests/test_properties.py"
-    [inflight]="tests/test_exactly_once.py tests/test_sidecar_unit.py"
+    [inflight]="tests/test_inflight.py tests/test_exactly_once.py tests/test_sidecar_unit.py"
     [redaction]="tests/test_redaction.py tests/test_security.py"
     [crypto]="tests/test_crypto.py tests/test_security.py"
     [bodies]="tests/test_bodies.py tests/test_body_bounds.py"

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
-
 import hashlib
 
 import pytest
@@ -111,10 +108,9 @@ def test_explicit_keys_and_fingerprints_are_separate_spaces() -> None:
 
 
 def test_idle_attempts_are_forgotten(mocker) -> None:
-    from durable_sidecar.steps.lifecycle import Lifecycle
-
     from collections import OrderedDict
 
+    from durable_sidecar.steps.lifecycle import Lifecycle
     from durable_sidecar.steps.responses import Refused
 
     lifecycle = Lifecycle(mocker.Mock(), mocker.Mock(read_ahead_bytes=1024), mocker.Mock())
@@ -158,29 +154,6 @@ def test_a_digest_is_stable_and_names_key_and_occurrence() -> None:
     assert digest("v1:abc", 0) != digest("v1:abc", 1) != digest("v1:abd", 1)
 
 
-def test_one_sender_per_step_however_many_flows_wait_for_it() -> None:
-    """Three flows on one step: each waiter re-checks the slot when woken, so one holds it at a time
-    (were a woken waiter to take it without looking, two would send the step at once)."""
-    from durable_sidecar.steps.inflight import InFlight
-
-    async def scenario() -> int:
-        in_flight, holding, most = InFlight(), 0, 0
-
-        async def flow() -> None:
-            nonlocal holding, most
-            assert await in_flight.enter(("r", "k", 0), 5)
-            holding += 1
-            most = max(most, holding)
-            await asyncio.sleep(0.01)
-            holding -= 1
-            in_flight.leave(("r", "k", 0))
-
-        await asyncio.gather(*(flow() for _ in range(3)))
-        return most
-
-    assert asyncio.run(scenario()) == 1
-
-
 def test_a_one_step_run_has_its_step_ahead_of_a_new_attempt() -> None:
     """The first request of a new attempt that matches nothing diverges from the run's step 1
     (under durable_strict, a 409): a new attempt starts before seq 1, not at it."""
@@ -210,20 +183,3 @@ def test_a_failed_step_at_the_tail_is_not_one_the_run_moved_past() -> None:
     agent already handled."""
     cursor = indexed([StepRef(1, "a", 0, "failed")])
     assert cursor.max_seq == 1 and not cursor.moved_past(1)
-
-
-def test_a_waiter_gives_up_after_its_timeout_while_the_step_stays_in_flight() -> None:
-    """durable_in_flight_wait bounds the wait: the second flow gets False (a 503, nothing sent)
-    once it has waited that long, not a wait for as long as the sender takes."""
-    from durable_sidecar.steps.inflight import InFlight
-
-    async def scenario() -> tuple[bool, float]:
-        in_flight = InFlight()
-        assert await in_flight.enter(("r", "k", 0), 1)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        entered = await asyncio.wait_for(in_flight.enter(("r", "k", 0), 0.05), 5)
-        return entered, loop.time() - started
-
-    entered, waited = asyncio.run(scenario())
-    assert not entered and waited < 4
