@@ -22,22 +22,24 @@ if [ ! -x .venv-mutmut/bin/mutmut ]; then
     .venv-mutmut/bin/pip install --quiet --disable-pip-version-check "mutmut==2.5.1"
 fi
 
-# module -> the tests that hold it
+# module -> the tests that hold it: "FAST | SLOW". The fast ones (unit tests, one process) run first
+# and most mutants die there in a second or two; only a mutant they miss pays for the slow ones
+# (live sidecars, two workers)
 declare -A TESTS=(
-    [cursor]="tests/test_cursor.py tests/test_journal_db.py"
-    [fingerprint]="tests/test_fingerprint_pinned.py tests/test_fingerprint.py tests/test_fingerprint_v2.py tests/test_properties.py"
-    [inflight]="tests/test_inflight.py tests/test_exactly_once.py tests/test_sidecar_unit.py"
-    [redaction]="tests/test_redaction.py tests/test_security.py"
-    [crypto]="tests/test_crypto.py tests/test_security.py"
-    [bodies]="tests/test_bodies.py tests/test_body_bounds.py"
-    [sessions]="tests/test_mcp.py"
-    [conversations]="tests/test_websocket.py tests/test_streams.py"
-    [lease]="tests/test_lease.py tests/test_journal_db.py"
-    [repairs]="tests/test_connection_failures.py"
-    [lifecycle]="tests/test_exactly_once.py tests/test_crash_resume.py tests/test_sidecar_unit.py tests/test_agent_failures.py"
-    [journal]="tests/test_journal_db.py tests/test_exactly_once.py"
-    [ui]="tests/test_ui.py"
-    [launcher]="tests/test_launcher.py"
+    [cursor]="tests/test_cursor.py | tests/test_journal_db.py"
+    [fingerprint]="tests/test_fingerprint_pinned.py tests/test_fingerprint.py | tests/test_fingerprint_v2.py tests/test_properties.py"
+    [inflight]="tests/test_inflight.py | tests/test_exactly_once.py tests/test_sidecar_unit.py"
+    [redaction]="tests/test_redaction.py | tests/test_security.py"
+    [crypto]="tests/test_crypto.py | tests/test_security.py"
+    [bodies]="tests/test_bodies.py | tests/test_body_bounds.py"
+    [sessions]="| tests/test_mcp.py"
+    [conversations]="| tests/test_websocket.py tests/test_streams.py"
+    [lease]="tests/test_lease.py | tests/test_journal_db.py"
+    [repairs]="| tests/test_connection_failures.py"
+    [lifecycle]="tests/test_sidecar_unit.py | tests/test_exactly_once.py tests/test_crash_resume.py tests/test_agent_failures.py"
+    [journal]="| tests/test_journal_db.py tests/test_exactly_once.py"
+    [ui]="| tests/test_ui.py"
+    [launcher]="| tests/test_launcher.py"
 )
 ORDER=(cursor fingerprint inflight redaction crypto bodies sessions conversations lease repairs lifecycle journal ui launcher)
 modules=("$@")
@@ -45,8 +47,12 @@ modules=("$@")
 
 for module in "${modules[@]}"; do
     tests="${TESTS[$module]:?unknown module $module (known: ${ORDER[*]})}"
+    fast="${tests%%|*}" slow="${tests#*|}"
     path=$(ls addon/*/"$module".py)
-    echo "== $path: $tests" >&2
+    echo "== $path: $fast, then $slow" >&2
+    pytest="$PY -m pytest -x -q -p no:cacheprovider"
+    runner="$pytest -p no:xdist $fast && $pytest -n 2 $slow"
+    [ -z "${fast// }" ] && runner="$pytest -n 2 $slow"
     # a cache of its own per module: mutmut 2.5.1 reusing one cache across modules stops with
     # "Mutant.line is required" part-way through. The module's last cache is taken up again: its
     # killed mutants stay killed, the rest are tested again when the tests changed (MUTATE_FRESH=1:
@@ -56,7 +62,7 @@ for module in "${modules[@]}"; do
     # mutmut counts a mutant killed only on exit code 1; a mutant that breaks the import (pytest's 2)
     # is killed too
     .venv-mutmut/bin/mutmut run --paths-to-mutate "$path" --tests-dir tests \
-        --runner "bash -c '$PY -m pytest -x -q -n 2 -p no:cacheprovider $tests || exit 1'" \
+        --runner "bash -c '($runner) || exit 1'" \
         || true  # its exit code reports survivors: the table below says it all
     .venv-mutmut/bin/mutmut results || true
     mkdir -p .mutmut && mv .mutmut-cache ".mutmut/$module.cache"
