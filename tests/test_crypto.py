@@ -42,7 +42,8 @@ def test_without_a_key_nothing_is_sealed_and_clear_values_pass() -> None:
 
 def test_a_value_sealed_with_a_key_not_given_names_that_key() -> None:
     sealed = Keyring(K2).seal(b"x")
-    with pytest.raises(KeyringError, match="encrypted with key 'k2', which this process was not given"):
+    with pytest.raises(KeyringError, match="^journal entry is encrypted with key 'k2', which this process was not given"
+                                          " \\(--set durable_encryption_key or \\$DURABLE_ENCRYPTION_KEY\\)$"):
         Keyring(K1).open(sealed)
 
 
@@ -68,11 +69,20 @@ def test_a_malformed_key_is_refused(spec: str) -> None:
         Keyring(spec)
 
 
+def test_a_malformed_key_is_named_and_a_stray_character_is_not_skipped() -> None:
+    """A key with a typo must not decode to some other 32 bytes (base64 that skips what it does not know)."""
+    with pytest.raises(KeyringError, match="^encryption key 'k1': expected KID:BASE64 of 32 bytes \\(durable keygen"):
+        Keyring(K1 + "*")
+    with pytest.raises(KeyringError, match="^encryption key '\\?': expected KID:BASE64"):
+        Keyring(":short")
+
+
 def test_key_ids_and_generated_keys() -> None:
     assert crypto.validate_kid("2026-11.a_b") == "2026-11.a_b"
     for kid in ("", "a b", "x" * 65, "ü"):
-        with pytest.raises(KeyringError, match="key id"):
+        with pytest.raises(KeyringError, match=f"^key id {kid!r}: use 1-64 characters"):
             crypto.validate_kid(kid)
+    assert Keyring(crypto.new_key_spec()).active == "k1"
     spec = crypto.new_key_spec("k7")
     ring = Keyring(spec)
     assert ring.active == "k7" and spec != crypto.new_key_spec("k7")
@@ -81,10 +91,10 @@ def test_key_ids_and_generated_keys() -> None:
 
 
 def test_the_key_comes_from_the_option_else_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(crypto.ENV, K2)
+    monkeypatch.setenv("DURABLE_ENCRYPTION_KEY", K2)  # the documented name
     assert Keyring.from_option("").active == "k2"
     assert Keyring.from_option(K1).active == "k1"
-    monkeypatch.delenv(crypto.ENV)
+    monkeypatch.delenv("DURABLE_ENCRYPTION_KEY")
     assert not Keyring.from_option("").enabled
 
 
