@@ -172,3 +172,36 @@ _real_sleep = asyncio.sleep
 
 async def _no_wait(seconds: float) -> None:
     await _real_sleep(0)
+
+
+def test_the_lease_class_never_changes() -> None:
+    """During a rolling upgrade sidecars of two versions share one journal and must see each other's
+    leases: the advisory-lock class is part of the journal's contract, like its schema."""
+    assert CLASS == 0x6475  # "du"
+
+
+def test_a_lease_lost_while_the_database_refuses_connections_is_taken_again_when_it_accepts(
+    dsn: str, pg_server: str
+) -> None:
+    """A failover or restart: the lease's session ends and new connections are refused for a while.
+    The keeper keeps trying every RETAKE_S and takes the same id again once the database is back."""
+    database = sql(dsn, "SELECT current_database()")[0][0]
+
+    async def scenario() -> None:
+        lease = Lease()
+        try:
+            owner = await lease.ensure(dsn, 2)
+            sql(pg_server, f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+            sql(pg_server, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", database)
+            await asyncio.sleep(3)  # a heartbeat to notice, then a few refused tries
+            assert not lease.held  # refused meanwhile
+            sql(pg_server, f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not lease.held:
+                await asyncio.sleep(0.1)
+            assert lease.held and lease.id == owner and lease.generation == 2
+        finally:
+            sql(pg_server, f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+            await lease.close()
+
+    asyncio.run(scenario())
