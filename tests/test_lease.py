@@ -9,8 +9,8 @@ import time
 
 import psycopg
 import pytest
-
 from conftest import sql
+
 from durable_sidecar.store import lease as lease_module
 from durable_sidecar.store.journal import Journal
 from durable_sidecar.store.lease import ALIVE, CLASS, GENERATION, Lease
