@@ -205,3 +205,34 @@ def test_a_lease_lost_while_the_database_refuses_connections_is_taken_again_when
             await lease.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(("drawn", "expected"), [(0, 1), ("top", 2**31 - 2)])
+def test_lease_ids_span_every_positive_int4_but_the_top(
+    dsn: str, monkeypatch: pytest.MonkeyPatch, drawn: int | str, expected: int
+) -> None:
+    """An id is a step's `owner` (an integer column) and an advisory-lock key: never 0 (never held),
+    never past PostgreSQL's integer. Both ends of the random draw are taken, with those ids."""
+    monkeypatch.setattr(lease_module.secrets, "randbelow", lambda n: n - 1 if drawn == "top" else drawn)
+
+    async def scenario() -> int:
+        lease = Lease()
+        try:
+            return await lease.ensure(dsn, 1)  # a short deadline still leaves the take its second
+        finally:
+            await lease.close()
+
+    assert asyncio.run(scenario()) == expected
+    assert generation(dsn, expected) == 1
+
+
+def test_lease_ids_are_drawn_from_the_whole_range(dsn: str) -> None:
+    async def scenario() -> list[int]:
+        leases = [Lease() for _ in range(3)]
+        try:
+            return [await lease.ensure(dsn, 5) for lease in leases]
+        finally:
+            for lease in leases:
+                await lease.close()
+
+    assert max(asyncio.run(scenario())) > 1000  # 3 draws all under 1,000 of 2^31: about 1e-20
