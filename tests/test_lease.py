@@ -172,7 +172,8 @@ def test_an_id_still_held_elsewhere_is_not_taken_again(dsn: str, monkeypatch: py
         async def scenario() -> None:
             lease = Lease()
             lease.id = 777
-            with pytest.raises(lease_module.LeaseLost, match="^could not take lease 777 again: its old session still holds it$"):
+            with pytest.raises(lease_module.LeaseLost,
+                               match="^could not take lease 777 again: its old session still holds it$"):
                 await lease.ensure(dsn, 5)
             assert lease.id == 777 and not lease.held
 
