@@ -91,3 +91,13 @@ def test_a_waiter_that_gives_up_leaves_the_others_waiting() -> None:
         return hasty, await asyncio.wait_for(patient, 5)
 
     assert asyncio.run(scenario()) == (False, True)
+
+
+def test_a_short_wait_still_gets_the_slot_when_it_frees_in_time() -> None:
+    async def scenario() -> bool:
+        in_flight = InFlight()
+        assert await in_flight.enter(SLOT, 0)
+        asyncio.get_running_loop().call_later(0.05, in_flight.leave, SLOT)
+        return await in_flight.enter(SLOT, 0.8)
+
+    assert asyncio.run(scenario())
