@@ -79,7 +79,7 @@ def test_sse_benchmark_smoke(pg_dsn: str) -> None:
     )
     assert out.returncode == 0, out.stderr
     p50 = {line[:32].strip(): float(line[32:].split()[0]) for line in out.stdout.splitlines()
-           if line.startswith(("bare", "sidecar"))}
+           if line.startswith(("bare", "floor", "sidecar"))}
     assert set(p50) == {"bare (buffers)", "bare, streaming", "bare, streaming, fast dispatch",
                         "floor, streaming, fast dispatch", "sidecar recording", "sidecar replay"}, out.stdout
     assert p50["bare (buffers)"] >= 300 > p50["bare, streaming"] and p50["sidecar recording"] < 300, out.stdout
