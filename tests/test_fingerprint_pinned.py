@@ -70,6 +70,8 @@ CORPUS = {
                        None),
     "charset with =": (req(body=b"x", headers=[("Content-Type", 'text/plain; charset="ut=f"')]), None),
     "multipart nested deep": (req(body=DEEP, headers=[("Content-Type", "multipart/mixed; boundary=b0")]), None),
+    "fragment after the path": (req("/a/b#frag"), None),  # a fragment is the client's: not sent, not matched
+    "fragment after the query": (req("/s?a=1#frag"), None),
     "undecodable path": (req("/caf\udce9?q=\udcff"), None),  # mitmproxy's surrogateescape of bytes not UTF-8
     "empty path": (req("?q=1", method="GET", headers=[]), None),
     "multipart unnamed part": (req(body=b"--u\r\nContent-Type: text/plain\r\n\r\nx\r\n--u--\r\n",
@@ -94,6 +96,8 @@ PINNED = {
     (1, "headers"): "v1:5cfa711d5635bba047b5ad2cfa0b113a475264bcb8461fffe5d9731425fde65a",
     (1, "other host"): "v1:7d0335691538cd41bdb24e020d43bd4ab78042d4f0b5155b1eadc3f5328534c0",
     (1, "step key"): "key:order-42",
+    (1, "fragment after the path"): "v1:013bdbbe5cdeffedd5440bff707affb28da3a5de9fee02f2ab58c836682aef06",
+    (1, "fragment after the query"): "v1:67d780a53ad7c265f562a1d002dd8f844c1bdd0be8f1d002bb64e1c6cf7c9d2a",
     (1, "query ignored first"): "v1:6d5c2621bca9f8fb7b445d9c26823d96d83141f0ffe16e387ced82e001e417b1",
     (1, "charset params"): "v1:9efc6ac100c06fa7be7c7160f0472629c287204e56432cbd67a384cd4f645ff5",
     (1, "charset with ="): "v1:5c65fc2a4a97a1b48161d9a654dc51a595ee212b1c1c090dfece8e9b30dfab16",
@@ -118,6 +122,8 @@ PINNED = {
     (2, "headers"): "v2:0d7d8963ca8893be987c4d152d3842f191b127842a4c1c632e73442b630856de",
     (2, "other host"): "v2:906b443d0753ef0068b12d041482fa6d711b01985d4db87a6b18e6aac027872d",
     (2, "step key"): "key:order-42",
+    (2, "fragment after the path"): "v2:42003c31a8c63ffa983f498d1a635bdea0e4774151b81cd4c1dbec1ef7853fd0",
+    (2, "fragment after the query"): "v2:53d354e304b5d68b82d4b20f717b4226676a6b91a906a57104111b403b8f2f23",
     (2, "query ignored first"): "v2:d35d8ce7b06acb6d93c3f126e09b00ea3b462b60421f623e628d0f651f003c0f",
     (2, "charset params"): "v2:ae99eda10e007394a56da1245443f6f91a66e9f47b6147e0afba14ddf1d47b6d",
     (2, "charset with ="): "v2:4dd7eaefeba049e22cfc53008f0b3cc8cc44a4f03dda797d0cfd32fc080cd2e2",
@@ -136,7 +142,7 @@ def test_a_journaled_fingerprint_never_changes(version: int, name: str) -> None:
 
 
 def test_an_unknown_version_is_refused_by_name() -> None:
-    with pytest.raises(ValueError, match="fingerprint version 3 is not known"):
+    with pytest.raises(ValueError, match="^fingerprint version 3 is not known to this sidecar$"):
         fp.envelope(CORPUS["json chat"][0], RULES, 3)
 
 
