@@ -52,8 +52,10 @@ def test_a_raw_deflate_body_decodes_too() -> None:
 
 @pytest.mark.parametrize("coding", list(ENCODERS))
 def test_a_body_one_byte_past_the_cap_is_over_it(coding: str) -> None:
-    with pytest.raises(OverCap, match=f"^request body \\({coding}\\) decodes to more than durable_body_cap"
-                                      f" \\({len(BODY) - 1} bytes\\)$"):
+    with pytest.raises(
+        OverCap,
+        match=f"^request body \\({coding}\\) decodes to more than durable_body_cap \\({len(BODY) - 1} bytes\\)$",
+    ):
         bodies.decode(ENCODERS[coding](BODY), coding, len(BODY) - 1)
 
 
@@ -116,9 +118,15 @@ def test_two_large_brotli_bodies_that_differ_only_at_the_end_get_different_finge
     from durable_sidecar.matching import fingerprint as fp
 
     def key(body: bytes) -> str:
-        parts = fp.RequestParts("POST", "https", "h", 443, "/upload",
-                                [("Content-Type", "application/octet-stream"), ("Content-Encoding", "br")],
-                                brotli.compress(body))
+        parts = fp.RequestParts(
+            "POST",
+            "https",
+            "h",
+            443,
+            "/upload",
+            [("Content-Type", "application/octet-stream"), ("Content-Encoding", "br")],
+            brotli.compress(body),
+        )
         return fp.match(parts, None, 1 << 30, fp.MatchRules())[2]
 
     assert key(BODY + b"A") != key(BODY + b"B")

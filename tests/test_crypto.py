@@ -42,8 +42,11 @@ def test_without_a_key_nothing_is_sealed_and_clear_values_pass() -> None:
 
 def test_a_value_sealed_with_a_key_not_given_names_that_key() -> None:
     sealed = Keyring(K2).seal(b"x")
-    with pytest.raises(KeyringError, match="^journal entry is encrypted with key 'k2', which this process was not given"
-                                          " \\(--set durable_encryption_key or \\$DURABLE_ENCRYPTION_KEY\\)$"):
+    with pytest.raises(
+        KeyringError,
+        match="^journal entry is encrypted with key 'k2', which this process was not given"
+        " \\(--set durable_encryption_key or \\$DURABLE_ENCRYPTION_KEY\\)$",
+    ):
         Keyring(K1).open(sealed)
 
 
@@ -62,8 +65,17 @@ def test_a_value_moved_to_another_key_id_does_not_open() -> None:
         Keyring(same_key).open(relabelled)
 
 
-@pytest.mark.parametrize("spec", ["k1", "k1:", ":" + K1.split(":", 1)[1], "k1:not-base64!",
-                                  "k1:" + base64.b64encode(bytes(31)).decode(), "bad id:" + K1.split(":", 1)[1]])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "k1",
+        "k1:",
+        ":" + K1.split(":", 1)[1],
+        "k1:not-base64!",
+        "k1:" + base64.b64encode(bytes(31)).decode(),
+        "bad id:" + K1.split(":", 1)[1],
+    ],
+)
 def test_a_malformed_key_is_refused(spec: str) -> None:
     with pytest.raises(KeyringError):
         Keyring(spec)
@@ -138,12 +150,25 @@ def test_resealing_a_url_moves_it_to_the_active_key_and_keeps_its_clear_path() -
 
 def test_a_row_is_opened_column_by_column() -> None:
     ring = Keyring(K1)
-    row = {"url": crypto.seal_url(ring, "https://h/p"), "request_body": ring.seal(b"req"),
-           "response_body": memoryview(ring.seal(b"resp")), "envelope": crypto.seal_json(ring, {"e": 1}),
-           "request_headers": crypto.seal_json(ring, []), "response_headers": crypto.seal_json(ring, [["a", "b"]]),
-           "error": None, "seq": 3}
-    assert crypto.open_row(ring, row) == {"url": "https://h/p", "request_body": b"req", "response_body": b"resp",
-                                          "envelope": {"e": 1}, "request_headers": [], "response_headers": [["a", "b"]],
-                                          "error": None, "seq": 3}
+    row = {
+        "url": crypto.seal_url(ring, "https://h/p"),
+        "request_body": ring.seal(b"req"),
+        "response_body": memoryview(ring.seal(b"resp")),
+        "envelope": crypto.seal_json(ring, {"e": 1}),
+        "request_headers": crypto.seal_json(ring, []),
+        "response_headers": crypto.seal_json(ring, [["a", "b"]]),
+        "error": None,
+        "seq": 3,
+    }
+    assert crypto.open_row(ring, row) == {
+        "url": "https://h/p",
+        "request_body": b"req",
+        "response_body": b"resp",
+        "envelope": {"e": 1},
+        "request_headers": [],
+        "response_headers": [["a", "b"]],
+        "error": None,
+        "seq": 3,
+    }
     trailers = {"response_trailers": crypto.seal_json(ring, [["grpc-status", "0"]])}
     assert crypto.open_row(ring, trailers) == {"response_trailers": [["grpc-status", "0"]]}

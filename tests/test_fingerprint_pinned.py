@@ -18,26 +18,42 @@ from durable_sidecar.matching.fingerprint import MatchRules, RequestParts, Rule
 JSON = [("Content-Type", "application/json")]
 
 
-def req(path: str = "/v1/chat", body: bytes = b"", headers: list[tuple[str, str]] | None = None, method: str = "POST",
-        host: str = "api.example.com", port: int = 443, scheme: str = "https") -> RequestParts:
+def req(
+    path: str = "/v1/chat",
+    body: bytes = b"",
+    headers: list[tuple[str, str]] | None = None,
+    method: str = "POST",
+    host: str = "api.example.com",
+    port: int = 443,
+    scheme: str = "https",
+) -> RequestParts:
     return RequestParts(method, scheme, host, port, path, JSON if headers is None else headers, body)
 
 
 def form(boundary: str, inner: str = "") -> bytes:
-    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\n"
-            f"Content-Type: application/jsonl\r\nContent-Transfer-Encoding: base64\r\n\r\neyJhIjogMX0=\r\n"
-            f"{inner}--{boundary}--\r\n").encode()
+    return (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n'
+        f"Content-Type: application/jsonl\r\nContent-Transfer-Encoding: base64\r\n\r\neyJhIjogMX0=\r\n"
+        f"{inner}--{boundary}--\r\n"
+    ).encode()
 
 
-NESTED = ("--b1\r\nContent-Type: multipart/mixed; boundary=inner\r\nContent-Disposition: form-data; name=\"n\"\r\n\r\n"
-          "--inner\r\nContent-Type: text/plain\r\n\r\nhello\r\n--inner--\r\n")
+NESTED = (
+    '--b1\r\nContent-Type: multipart/mixed; boundary=inner\r\nContent-Disposition: form-data; name="n"\r\n\r\n'
+    "--inner\r\nContent-Type: text/plain\r\n\r\nhello\r\n--inner--\r\n"
+)
+
+
 def _deep(level: int) -> str:
     """A multipart body nested 10 deep: past 8 levels a part is digested whole, not parsed."""
     if level == 10:
         return "--b10\r\nContent-Type: text/plain\r\n\r\nleaf\r\n--b10--\r\n"
-    return (f"--b{level}\r\nContent-Type: multipart/mixed; boundary=b{level + 1}\r\n\r\n"
-            + _deep(level + 1) + f"--b{level}--\r\n")
+    return (
+        f"--b{level}\r\nContent-Type: multipart/mixed; boundary=b{level + 1}\r\n\r\n"
+        + _deep(level + 1)
+        + f"--b{level}--\r\n"
+    )
 
 
 DEEP = _deep(0).encode()
@@ -46,12 +62,17 @@ RULES = MatchRules(
     ignore_query=(Rule.parse("cb"), Rule.parse("API.Example.com = sig")),
     match_headers=(Rule.parse("x-tenant"), Rule.parse("other.com=x-region")),
 )
-CHAT = b'{"model": "m", "messages": [{"role": "user", "content": "h\\u00e9 \\ud83d\\ude00"}], "n": 1.50, "seed": 7,' \
-       b' "metadata": {"ts": 123, "k": [1, {"b": 2, "a": 1}]}}'
+CHAT = (
+    b'{"model": "m", "messages": [{"role": "user", "content": "h\\u00e9 \\ud83d\\ude00"}], "n": 1.50, "seed": 7,'
+    b' "metadata": {"ts": 123, "k": [1, {"b": 2, "a": 1}]}}'
+)
 CORPUS = {
     "json chat": (req(body=CHAT), None),
     "json gzip": (req(body=gzip.compress(CHAT, mtime=0), headers=JSON + [("Content-Encoding", "gzip")]), None),
-    "json +json media": (req(body=b'{"b":1,"a":[true,null,"x"]}', headers=[("content-type", "application/problem+json; charset=utf-8")]), None),
+    "json +json media": (
+        req(body=b'{"b":1,"a":[true,null,"x"]}', headers=[("content-type", "application/problem+json; charset=utf-8")]),
+        None,
+    ),
     "json duplicate keys": (req(body=b'{"a":1,"a":2,"big":1e400}'), None),
     "json broken": (req(body=b'{"a":'), None),
     "query": (req("/v1/search?q=caf%C3%A9&b=2&a=1&a=0&flag&empty=&cb=9&sig=zz#frag"), None),
@@ -60,24 +81,52 @@ CORPUS = {
     "plain text": (req(body=b"hello\x00\xff", headers=[("Content-Type", "text/plain")]), None),
     "no content type": (req(body=b"raw bytes", headers=[]), None),
     "multipart": (req(body=form("XyZ"), headers=[("Content-Type", "multipart/form-data; boundary=XyZ")]), None),
-    "multipart nested": (req(body=form("b1", NESTED), headers=[("Content-Type", "multipart/form-data; boundary=b1")]), None),
-    "multipart broken": (req(body=b"--x\r\nno end", headers=[("Content-Type", "multipart/form-data; boundary=y")]), None),
+    "multipart nested": (
+        req(body=form("b1", NESTED), headers=[("Content-Type", "multipart/form-data; boundary=b1")]),
+        None,
+    ),
+    "multipart broken": (
+        req(body=b"--x\r\nno end", headers=[("Content-Type", "multipart/form-data; boundary=y")]),
+        None,
+    ),
     "headers": (req(body=b"{}", headers=JSON + [("X-Tenant", "b"), ("x-tenant", "a"), ("Authorization", "k")]), None),
-    "other host": (req("/p?sig=1&cb=2", b'{"model":"m","seed":1}', JSON + [("X-Region", "eu")], host="Other.COM", port=8443, scheme="HTTP"), None),
+    "other host": (
+        req(
+            "/p?sig=1&cb=2",
+            b'{"model":"m","seed":1}',
+            JSON + [("X-Region", "eu")],
+            host="Other.COM",
+            port=8443,
+            scheme="HTTP",
+        ),
+        None,
+    ),
     "step key": (req(body=CHAT), "order-42"),
     "query ignored first": (req("/s?cb=1&sig=2&b=2&=x&A=1"), None),
-    "charset params": (req(body=b"caf\xe9", headers=[("Content-Type", 'text/plain; format=flowed; charset="Xlatin-1"')]),
-                       None),
+    "charset params": (
+        req(body=b"caf\xe9", headers=[("Content-Type", 'text/plain; format=flowed; charset="Xlatin-1"')]),
+        None,
+    ),
     "charset with =": (req(body=b"x", headers=[("Content-Type", 'text/plain; charset="ut=f"')]), None),
     "multipart nested deep": (req(body=DEEP, headers=[("Content-Type", "multipart/mixed; boundary=b0")]), None),
     "fragment after the path": (req("/a/b#frag"), None),  # a fragment is the client's: not sent, not matched
     "fragment after the query": (req("/s?a=1#frag"), None),
     "undecodable path": (req("/caf\udce9?q=\udcff"), None),  # mitmproxy's surrogateescape of bytes not UTF-8
     "empty path": (req("?q=1", method="GET", headers=[]), None),
-    "multipart unnamed part": (req(body=b"--u\r\nContent-Type: text/plain\r\n\r\nx\r\n--u--\r\n",
-                                   headers=[("Content-Type", "multipart/mixed; boundary=u")]), None),
-    "multipart unparsable type": (req(body=b"--\xc4\x81\r\n\r\nx\r\n--\xc4\x81--\r\n",
-                                      headers=[("Content-Type", "multipart/form-data; boundary=\u0101")]), None),
+    "multipart unnamed part": (
+        req(
+            body=b"--u\r\nContent-Type: text/plain\r\n\r\nx\r\n--u--\r\n",
+            headers=[("Content-Type", "multipart/mixed; boundary=u")],
+        ),
+        None,
+    ),
+    "multipart unparsable type": (
+        req(
+            body=b"--\xc4\x81\r\n\r\nx\r\n--\xc4\x81--\r\n",
+            headers=[("Content-Type", "multipart/form-data; boundary=\u0101")],
+        ),
+        None,
+    ),
 }
 PINNED = {
     (1, "json chat"): "v1:5cef4f4c6e261bad256977b93836ff36f5ef9e27cf397332d764c75c7bd75a94",
@@ -127,7 +176,10 @@ PINNED = {
     (2, "query ignored first"): "v2:d35d8ce7b06acb6d93c3f126e09b00ea3b462b60421f623e628d0f651f003c0f",
     (2, "charset params"): "v2:ae99eda10e007394a56da1245443f6f91a66e9f47b6147e0afba14ddf1d47b6d",
     (2, "charset with ="): "v2:4dd7eaefeba049e22cfc53008f0b3cc8cc44a4f03dda797d0cfd32fc080cd2e2",
-    (2, "multipart nested deep"): "v2:ef60e6fa57a67f2a2a01cdf236f5eaf1d262075a61be495ae8c58aad0e84ffa2",  # was a new one each run
+    (
+        2,
+        "multipart nested deep",
+    ): "v2:ef60e6fa57a67f2a2a01cdf236f5eaf1d262075a61be495ae8c58aad0e84ffa2",  # was a new one each run
     (2, "undecodable path"): "v2:8c072dc560ce766d4ce79b836bf00b31095666c0edfa24f963600c6465e07c6b",
     (2, "empty path"): "v2:7730b01d9a618035f89cb38ac57b57849df8e3a00d958774866a7abc13c81805",
     (2, "multipart unnamed part"): "v2:a5e7e7004ceb03383ccb8898c6e3b08c4435a15299f14b0ba624b3f9c9fd76ae",
@@ -164,7 +216,8 @@ def test_parts_default_to_no_headers_and_an_empty_body() -> None:
     bare = RequestParts("GET", "https", "h.com", 443, "/")
     assert bare.headers == [] and bare.body == b""
     assert fp.match(bare, None, 1 << 20, MatchRules()) == fp.match(
-        RequestParts("GET", "https", "h.com", 443, "/", [], b""), None, 1 << 20, MatchRules())
+        RequestParts("GET", "https", "h.com", 443, "/", [], b""), None, 1 << 20, MatchRules()
+    )
 
 
 def test_parts_of_a_live_request_keep_repeated_headers_and_read_empty_bodies_as_empty() -> None:
@@ -188,9 +241,11 @@ def test_parts_of_a_live_request_hold_its_body_sent_and_decoded() -> None:
 
 def test_a_multipart_body_past_max_parts_is_compared_by_its_bytes() -> None:
     def many(boundary: str, n: int) -> RequestParts:
-        body = "".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"p\"\r\n\r\nx\r\n" for _ in range(n))
-        return req(body=(body + f"--{boundary}--\r\n").encode(),
-                   headers=[("Content-Type", f"multipart/form-data; boundary={boundary}")])
+        body = "".join(f'--{boundary}\r\nContent-Disposition: form-data; name="p"\r\n\r\nx\r\n' for _ in range(n))
+        return req(
+            body=(body + f"--{boundary}--\r\n").encode(),
+            headers=[("Content-Type", f"multipart/form-data; boundary={boundary}")],
+        )
 
     key = lambda parts: fp.match(parts, None, 1 << 30, MatchRules())[2]  # noqa: E731
     assert key(many("a", 3)) == key(many("b", 3))  # parsed: the boundary does not count

@@ -13,6 +13,7 @@ SLOT = ("r", "k", 0)
 def test_one_sender_per_step_however_many_flows_wait_for_it() -> None:
     """Three flows on one step: each waiter re-checks the slot when woken, so one holds it at a time
     (were a woken waiter to take it without looking, two would send the step at once)."""
+
     async def scenario() -> int:
         in_flight, holding, most = InFlight(), 0, 0
 
@@ -34,6 +35,7 @@ def test_one_sender_per_step_however_many_flows_wait_for_it() -> None:
 def test_a_waiter_gives_up_after_its_timeout_while_the_step_stays_in_flight() -> None:
     """durable_in_flight_wait bounds the wait: the second flow gets False (a 503, nothing sent)
     once it has waited that long, not a wait for as long as the sender takes."""
+
     async def scenario() -> tuple[bool, float]:
         in_flight = InFlight()
         assert await in_flight.enter(("r", "k", 0), 1)

@@ -45,8 +45,11 @@ def test_a_held_lease_is_seen_alive_under_its_own_id_and_generation(dsn: str) ->
             assert await first.ensure(dsn, 5) == a  # held: the same id, no new take
             assert alive(dsn, a) and alive(dsn, b) and not alive(dsn, a + b)
             assert generation(dsn, a) == first.generation == 1 and generation(dsn, a + b) is None
-            locks = sql(dsn, "SELECT classid, objid, objsubid FROM pg_locks WHERE locktype = 'advisory' AND granted"
-                             " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
+            locks = sql(
+                dsn,
+                "SELECT classid, objid, objsubid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            )
             assert (CLASS, a, 2) in locks
         finally:
             await first.close()
@@ -100,7 +103,7 @@ def test_a_lock_of_another_class_or_database_is_not_a_lease(dsn: str, pg_server:
 def test_a_lease_outlives_the_databases_idle_session_timeout(dsn: str) -> None:
     """A managed PostgreSQL ends idle sessions; the lease's session turns that off for itself."""
     database = sql(dsn, "SELECT current_database()")[0][0]
-    sql(dsn, f'ALTER DATABASE "{database}" SET idle_session_timeout = \'1s\'')
+    sql(dsn, f"ALTER DATABASE \"{database}\" SET idle_session_timeout = '1s'")
 
     async def scenario() -> tuple[int, int, bool]:
         lease = Lease()
@@ -126,8 +129,13 @@ def test_a_lease_whose_session_is_ended_is_taken_again_with_the_same_id(
         try:
             owner = await lease.ensure(dsn, 1)
             await asyncio.sleep(2.5)  # two heartbeats answered first
-            sql(dsn, "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'"
-                     " AND classid = %s AND objid = %s", CLASS, owner)
+            sql(
+                dsn,
+                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'"
+                " AND classid = %s AND objid = %s",
+                CLASS,
+                owner,
+            )
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and not (lease.held and lease.generation == 2):
                 await asyncio.sleep(0.1)
@@ -140,8 +148,10 @@ def test_a_lease_whose_session_is_ended_is_taken_again_with_the_same_id(
     with caplog.at_level("WARNING", logger="durable"):
         owner = asyncio.run(scenario())
     messages = [r.getMessage() for r in caplog.records]
-    assert any(m.startswith(f"durable: lease {owner} lost with its connection (") and m.endswith("); taking it again")
-               for m in messages), messages
+    assert any(
+        m.startswith(f"durable: lease {owner} lost with its connection (") and m.endswith("); taking it again")
+        for m in messages
+    ), messages
     assert f"durable: lease {owner} taken again (generation 2)" in messages
 
 
@@ -172,8 +182,9 @@ def test_an_id_still_held_elsewhere_is_not_taken_again(dsn: str, monkeypatch: py
         async def scenario() -> None:
             lease = Lease()
             lease.id = 777
-            with pytest.raises(lease_module.LeaseLost,
-                               match="^could not take lease 777 again: its old session still holds it$"):
+            with pytest.raises(
+                lease_module.LeaseLost, match="^could not take lease 777 again: its old session still holds it$"
+            ):
                 await lease.ensure(dsn, 5)
             assert lease.id == 777 and not lease.held
 
