@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,12 +64,13 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
         writer.close()
 
 
-def start_upstream() -> int:
+def start_upstream(serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]] = _serve) -> int:
+    """A local upstream on a thread of its own, answering with `serve`; its port."""
     ready: list[int] = []
 
     def run() -> None:
         async def main() -> None:
-            server = await asyncio.start_server(_serve, "127.0.0.1", 0)
+            server = await asyncio.start_server(serve, "127.0.0.1", 0)
             ready.append(server.sockets[0].getsockname()[1])
             await server.serve_forever()
 
@@ -361,7 +363,7 @@ def targets(seq: dict[str, dict[str, float]], conc: dict[str, dict[int, dict[str
             scaled: dict[int, dict[str, float]]) -> list[tuple[str, float, str, bool]]:
     """The performance rounds' targets against this run: (what, measured, target, met). Recording is
     judged against the two-commit floor on the same hook dispatch (round 3)."""
-    bare, top = seq["bare"], max(conc["bare"])
+    top = max(conc["bare"])
     record, floor = seq["sidecar record"], seq["floor, fast dispatch"]
     replay, replayer = seq["sidecar replay"], seq["--server-replay"]
     first = max(r["first_ms"] for r in scaled.values())

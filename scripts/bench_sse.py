@@ -21,7 +21,6 @@ import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -37,7 +36,6 @@ EVENTS = 10  # after the first, sent together after the pause
 
 def start_upstream(pause_s: float) -> int:
     """An SSE upstream: headers and the first event at once, then the rest after `pause_s`."""
-    ready: list[int] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -56,18 +54,7 @@ def start_upstream(pause_s: float) -> int:
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
 
-    def run() -> None:
-        async def main() -> None:
-            server = await asyncio.start_server(serve, "127.0.0.1", 0)
-            ready.append(server.sockets[0].getsockname()[1])
-            await server.serve_forever()
-
-        asyncio.run(main())
-
-    threading.Thread(target=run, daemon=True).start()
-    while not ready:
-        time.sleep(0.01)
-    return ready[0]
+    return bench.start_upstream(serve)
 
 
 def ttfb_loop(proxy_port: int, upstream: int, run: str, attempt: str, requests: int) -> list[float]:
