@@ -238,6 +238,19 @@ MIGRATIONS: list[tuple[int, str]] = [
         END $$;
         """,
     ),
+    (
+        10,
+        """
+        -- A step's answer, failure, let-go and give-back each name their run and seq (and state =
+        -- 'pending'), and the planner serves them from this partial index. On (run_id) alone, each
+        -- read past every entry its run had left there: an entry stays until vacuum, after its step
+        -- is answered, so a run's answers cost more with each step (0.7 ms at its 1,000th, 2.9 ms at
+        -- its 4,000th, measured with autovacuum off). On (run_id, seq) each is one lookup.
+        CREATE INDEX durable_steps_pending_seq ON durable_steps (run_id, seq) WHERE state = 'pending';
+        DROP INDEX durable_steps_pending;
+        ALTER INDEX durable_steps_pending_seq RENAME TO durable_steps_pending;
+        """,
+    ),
 ]
 
 
