@@ -95,3 +95,18 @@ def test_index_benchmark_smoke(pg_dsn: str) -> None:
     rows = {line[:34].strip(): line[34:].split() for line in out.stdout.splitlines() if line.startswith(("now", "before"))}
     now, before = rows["now: stored digest, index order"], rows["before: sha256 per step, sorted"]
     assert now[1] == "False" and "durable_steps_digest" in now and before[1] == "True", out.stdout
+
+
+def test_journal_benchmark_smoke(pg_dsn: str) -> None:
+    """bench_journal.py reports its three paths and the answer's cost per thousand steps of a run."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_journal.py"), "--steps", "50", "--rounds", "1",
+         "--long", "2000", "--dsn", pg_dsn],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    rows = {line[:34].strip(): [float(v) for v in line[34:].split()] for line in out.stdout.splitlines()
+            if line.startswith(("Journal", "same", "floor"))}
+    assert set(rows) == {"Journal (record, complete)", "same statements, one connection", "floor's INSERT and UPDATE"}
+    assert all(len(values) == 3 and values[0] > 0 for values in rows.values()), out.stdout
+    assert len([line for line in out.stdout.splitlines() if line.strip().startswith("steps ")]) == 2, out.stdout
