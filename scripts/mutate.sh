@@ -26,7 +26,7 @@ fi
 # and most mutants die there in a second or two; only a mutant they miss pays for the slow ones
 # (live sidecars, two workers)
 declare -A TESTS=(
-    [cursor]="tests/test_cursor.py | tests/test_journal_db.py"
+    [cursor]="tests/test_cursor.py | tests/test_journal_statements.py"
     [fingerprint]="tests/test_fingerprint_pinned.py tests/test_fingerprint.py | tests/test_fingerprint_v2.py tests/test_properties.py"
     [inflight]="tests/test_inflight.py | tests/test_exactly_once.py tests/test_sidecar_unit.py"
     [redaction]="tests/test_redaction.py | tests/test_security.py"
@@ -34,10 +34,10 @@ declare -A TESTS=(
     [bodies]="tests/test_bodies.py | tests/test_body_bounds.py"
     [sessions]="| tests/test_mcp.py"
     [conversations]="| tests/test_websocket.py tests/test_streams.py"
-    [lease]="tests/test_lease.py | tests/test_journal_db.py"
+    [lease]="tests/test_lease.py | tests/test_journal_statements.py"
     [repairs]="| tests/test_connection_failures.py"
     [lifecycle]="tests/test_sidecar_unit.py | tests/test_exactly_once.py tests/test_crash_resume.py tests/test_agent_failures.py"
-    [journal]="| tests/test_journal_db.py tests/test_exactly_once.py"
+    [journal]="tests/test_journal_statements.py tests/test_lease.py | tests/test_journal_db.py tests/test_exactly_once.py"
     [ui]="| tests/test_ui.py"
     [launcher]="| tests/test_launcher.py"
 )

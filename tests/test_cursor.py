@@ -149,7 +149,7 @@ def test_the_index_holds_digests_not_keys() -> None:
 
 
 def test_a_digest_is_stable_and_names_key_and_occurrence() -> None:
-    # the journal's SQL computes the same value (tests/test_journal_db.py checks it against PostgreSQL)
+    # the journal's SQL computes the same value (tests/test_journal_statements.py checks it against PostgreSQL)
     assert digest("v1:abc", 0) == int.from_bytes(hashlib.sha256(b"0:v1:abc").digest()[:8], "big", signed=True)
     assert digest("v1:abc", 0) != digest("v1:abc", 1) != digest("v1:abd", 1)
 
