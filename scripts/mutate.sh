@@ -40,8 +40,9 @@ declare -A TESTS=(
     [journal]="tests/test_journal_statements.py tests/test_lease.py | tests/test_journal_db.py tests/test_exactly_once.py"
     [ui]="| tests/test_ui.py"
     [launcher]="| tests/test_launcher.py"
+    [runner]="| tests/test_launcher.py"
 )
-ORDER=(cursor fingerprint inflight redaction crypto bodies sessions conversations lease repairs lifecycle journal ui launcher)
+ORDER=(cursor fingerprint inflight redaction crypto bodies sessions conversations lease repairs lifecycle journal ui launcher runner)
 modules=("$@")
 [ ${#modules[@]} -eq 0 ] && modules=("${ORDER[@]}")
 
