@@ -40,3 +40,40 @@ def test_the_idempotency_key_is_no_secret() -> None:
     """It names the call upstream and is re-sent as it was: kept in clear, though `key` is in its name."""
     redactor = redaction.Redactor(b"k")
     assert not redactor.secret_name("Idempotency-Key") and redactor.secret_name("X-Api-Key")
+
+
+BOT = "bot123456:" + "A" * 24  # a Telegram bot token as a path segment
+
+
+def test_the_password_inside_a_url_value_is_hashed_and_nothing_else() -> None:
+    r = redaction.Redactor(b"k")
+    assert r.value("postgresql://app:s3cret@db.internal:5432/jobs") == (
+        "postgresql://app:" + r.digest(b"s3cret") + "@db.internal:5432/jobs"
+    )
+    assert r.value("no scheme: user:pass@host") == "no scheme: user:pass@host"
+    assert r.value("https://host/path") == "https://host/path"
+
+
+def test_a_credential_path_segment_is_hashed_with_or_without_a_query() -> None:
+    r = redaction.Redactor(b"k")
+    hashed = r.digest(BOT.encode())
+    assert r.url(f"https://api.telegram.org/{BOT}/sendMessage") == f"https://api.telegram.org/{hashed}/sendMessage"
+    assert r.url(f"https://api.telegram.org/{BOT}/send?chat=1") == f"https://api.telegram.org/{hashed}/send?chat=1"
+    assert r.url("https://api.example.com/v1/send?chat=1") == "https://api.example.com/v1/send?chat=1"
+
+
+def test_blank_query_values_survive_redaction() -> None:
+    r = redaction.Redactor(b"k")
+    redacted = r.url("https://h/search?flag=&api_key=abc&q=x")
+    assert redacted == "https://h/search?" + "&".join(
+        ["flag=", "api_key=" + r.digest(b"abc").replace(":", "%3A"), "q=x"]
+    )
+
+
+def test_the_envelope_keeps_its_path_with_credential_segments_hashed() -> None:
+    r = redaction.Redactor(b"k")
+    env = {"v": 2, "method": "POST", "path": f"/{BOT}/sendMessage", "query": [["flag", None], ["token", "t"]]}
+    stored = r.envelope(env)
+    assert stored["path"] == f"/{r.digest(BOT.encode())}/sendMessage"
+    assert stored["query"] == [["flag", None], ["token", r.digest(b"t")]]
+    assert r.envelope({"v": 2, "method": "GET"})["path"] == ""  # an envelope with no path stays without one
