@@ -77,3 +77,17 @@ def test_the_envelope_keeps_its_path_with_credential_segments_hashed() -> None:
     assert stored["path"] == f"/{r.digest(BOT.encode())}/sendMessage"
     assert stored["query"] == [["flag", None], ["token", r.digest(b"t")]]
     assert r.envelope({"v": 2, "method": "GET"})["path"] == ""  # an envelope with no path stays without one
+
+
+def test_matched_headers_in_the_envelope_are_hashed_when_they_are_credentials() -> None:
+    r = redaction.Redactor(b"k")
+    env = {"v": 2, "path": "/", "headers": [["authorization", "Bearer a"], ["x-tenant", "acme"]]}
+    assert r.envelope(env)["headers"] == [["authorization", r.digest(b"Bearer a")], ["x-tenant", "acme"]]
+
+
+def test_a_body_is_rewritten_only_when_a_pointer_finds_something() -> None:
+    assert not redaction.Redactor(b"k").rewrites("application/json")  # no pointers: bodies are never parsed
+    r = redaction.Redactor(b"k", json_pointers=["/card/number"])
+    assert r.rewrites("application/json; charset=utf-8") and not r.rewrites("text/plain")
+    untouched = b'{"amount":  9,   "currency": "eur"}'  # not as json.dumps writes it
+    assert r.body(untouched, "application/json") == untouched  # byte for byte: nothing to hash
