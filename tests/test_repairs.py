@@ -90,7 +90,7 @@ def test_held_answers_are_bounded_in_bytes(monkeypatch: pytest.MonkeyPatch) -> N
     run(work)
 
 
-def test_a_held_answer_is_committed_once_the_journal_answers() -> None:
+def test_a_held_answer_is_committed_once_the_journal_answers(caplog: pytest.LogCaptureFixture) -> None:
     answer = Answer(failures=(JournalError("down"), JournalError("still down")))
 
     async def work(kept: Repairs, journal: Journal, in_flight: InFlight) -> None:
@@ -100,9 +100,10 @@ def test_a_held_answer_is_committed_once_the_journal_answers() -> None:
     kept, _ = run(work)
     assert answer.commits == 3 and answer.outcomes == [True]  # told once, journaled
     assert kept.held == {} and kept.held_bytes == 0
+    assert "durable: run=run held answer journaled; the agent's retry is answered from it" in caplog.messages
 
 
-def test_a_held_answer_for_a_step_no_longer_ours_is_dropped() -> None:
+def test_a_held_answer_for_a_step_no_longer_ours_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
     answer = Answer(failures=(NotOurs("taken over"),))
 
     async def work(kept: Repairs, journal: Journal, in_flight: InFlight) -> None:
@@ -111,6 +112,7 @@ def test_a_held_answer_for_a_step_no_longer_ours_is_dropped() -> None:
 
     kept, _ = run(work)
     assert answer.commits == 1 and answer.outcomes == [False] and kept.held == {} and kept.held_bytes == 0
+    assert "durable: run=run held answer dropped: taken over" in caplog.messages
 
 
 def test_the_agents_retry_commits_the_held_answer_at_once_or_fails_while_the_journal_is_down() -> None:
@@ -167,7 +169,7 @@ def test_a_step_being_sent_is_not_handed_back_meanwhile() -> None:
         assert journal.given_back == [] and SLOT in kept.unsent
         kept.sent(SLOT)  # it went
         in_flight.leave(SLOT)
-        await settle(kept)
+        await asyncio.sleep(0.1)  # a few rounds of the retry loop
         assert journal.given_back == [] and not kept.never_sent(SLOT)
 
     run(work)
