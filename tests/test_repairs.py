@@ -147,7 +147,9 @@ def test_a_superseded_hold_is_not_dropped_by_the_old_answers_commit() -> None:
     assert second.outcomes == [True] and kept.held == {}
 
 
-def test_a_step_recorded_but_never_sent_is_handed_back_once_the_journal_answers() -> None:
+def test_a_step_recorded_but_never_sent_is_handed_back_once_the_journal_answers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     async def work(kept: Repairs, journal: Journal, in_flight: InFlight) -> None:
         journal.failures = [JournalError("down")]
         kept.not_sent(SLOT, 42)
@@ -159,6 +161,10 @@ def test_a_step_recorded_but_never_sent_is_handed_back_once_the_journal_answers(
 
     kept, journal = run(work)
     assert journal.given_back == [("run", "v2:pay", 0, 42)] and kept.unsent == {}
+    assert (
+        "durable: run=run a step whose pending commit went unanswered was never sent: handed back to be sent"
+        " once by the next request for it"
+    ) in caplog.messages
 
 
 def test_a_step_being_sent_is_not_handed_back_meanwhile() -> None:
@@ -222,3 +228,18 @@ def test_while_the_journal_is_down_a_round_hands_back_no_further_step() -> None:
 
     _, journal = run(work)
     assert journal.given_back == [("run", "v2:a", 0, 1), ("run", "v2:b", 0, 1)]  # b waited for a's round
+
+
+def test_a_step_being_sent_does_not_hold_back_the_others() -> None:
+    busy, other = ("run", "v2:busy", 0), ("run", "v2:other", 0)
+
+    async def work(kept: Repairs, journal: Journal, in_flight: InFlight) -> None:
+        assert await in_flight.enter(busy, 0)  # the agent's retry is sending it, for as long as it takes
+        kept.not_sent(busy, 1)
+        kept.not_sent(other, 1)
+        await asyncio.sleep(0.1)
+        assert journal.given_back == [("run", "v2:other", 0, 1)] and list(kept.unsent) == [busy]
+        kept.sent(busy)
+        in_flight.leave(busy)
+
+    run(work)
