@@ -40,7 +40,7 @@ declare -A TESTS=(
     [journal]="tests/test_journal_statements.py tests/test_lease.py | tests/test_journal_db.py tests/test_exactly_once.py"
     [ui]="| tests/test_ui.py"
     [launcher]="| tests/test_launcher.py"
-    [runner]="| tests/test_launcher.py"
+    [runner]="tests/test_runner.py | tests/test_launcher.py"
 )
 ORDER=(cursor fingerprint inflight redaction crypto bodies sessions conversations lease repairs lifecycle journal ui launcher runner)
 modules=("$@")
