@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -97,17 +98,31 @@ def test_a_signal_before_the_agent_starts_stops_the_start_up(sig: signal.Signals
     assert signal.getsignal(sig) == before  # the handler given back on the way out
 
 
-@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
-def test_a_signal_while_the_agent_runs_reaches_the_agent(sig: signal.Signals) -> None:
-    agent = runner.start_agent([sys.executable, "-c", "import time; time.sleep(30)"], dict(os.environ))
-    try:
-        with runner.signals_forwarded([agent]):
-            assert signal.getsignal(sig) is not signal.SIG_DFL
-            os.kill(os.getpid(), sig)  # to durable run itself
-            assert agent.wait(10) == -sig
-    finally:
-        if agent.poll() is None:
-            os.killpg(agent.pid, signal.SIGKILL)
+# An agent that takes SIGTERM, SIGINT and SIGHUP as a process does by default (whatever it inherited:
+# a job started in the background of a script inherits SIGINT ignored), with a child of its own when
+# asked, and says when it is ready: `python -c AGENT READY CHILDREN AGENT`.
+AGENT = """
+import os, signal, subprocess, sys, time
+for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(s, signal.SIG_DFL)
+ready, children, me = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+if children:
+    subprocess.Popen([sys.executable, "-c", me, ready + ".child", "0", me])
+    while not os.path.exists(ready + ".child"):
+        time.sleep(0.01)
+open(ready, "w").close()
+time.sleep(30)
+"""
+
+
+def start_ready_agent(tmp_path: Path, children: int) -> subprocess.Popen[bytes]:
+    ready = tmp_path / "ready"
+    agent = runner.start_agent([sys.executable, "-c", AGENT, str(ready), str(children), AGENT], dict(os.environ))
+    deadline = time.monotonic() + 20
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert ready.exists(), "the agent never got ready"
+    return agent
 
 
 def running(process: psutil.Process) -> bool:
@@ -118,18 +133,17 @@ def running(process: psutil.Process) -> bool:
         return False
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
-def test_a_signal_while_the_agent_runs_reaches_the_agents_children_too(sig: signal.Signals) -> None:
-    """The agent is a shell with a child of its own: the signal goes to its whole process group."""
-    agent = runner.start_agent(["sh", "-c", "sleep 30 & wait"], dict(os.environ))
+@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
+def test_a_signal_while_the_agent_runs_reaches_its_whole_process_group(sig: signal.Signals, tmp_path: Path) -> None:
+    """The agent has a child of its own: the signal goes to the agent's process group, so the child
+    does not live on (sent to the agent's pid alone, it would)."""
+    agent = start_ready_agent(tmp_path, children=1)
     try:
-        deadline = time.monotonic() + 10
-        while not (children := psutil.Process(agent.pid).children()) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        children = psutil.Process(agent.pid).children()
         assert children and os.getpgid(children[0].pid) == agent.pid  # the agent leads a group of its own
         with runner.signals_forwarded([agent]):
             assert signal.getsignal(sig) is not signal.SIG_DFL
-            os.kill(os.getpid(), sig)
+            os.kill(os.getpid(), sig)  # to durable run itself
             assert agent.wait(10) == -sig
         deadline = time.monotonic() + 10
         while (alive := [c for c in children if running(c)]) and time.monotonic() < deadline:
