@@ -121,6 +121,23 @@ def test_ctrl_c_on_a_terminal_reaches_the_agent_once(pg_dsn: str, tmp_path: Path
     assert b"0 recorded" in output and b"Traceback" not in output
 
 
+def test_an_agent_on_a_terminal_reads_what_is_typed(pg_dsn: str, tmp_path: Path) -> None:
+    """The agent gets the terminal's foreground: it reads what is typed (in a background group, its
+    read would stop it with SIGTTIN, and the run would hang)."""
+    ready = tmp_path / "ready"
+    code = f"open({str(ready)!r}, 'w').write('1'); print('got', input())"
+    proc, fd = on_a_terminal([DURABLE, "run", "--run", new_run(), "--dsn", pg_dsn, "--", sys.executable, "-c", code],
+                             env_without_proxy())
+    try:
+        wait_for(ready)
+        os.write(fd, b"hello\n")
+        output = terminal_output(proc, fd, timeout=20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert b"got hello" in output and proc.returncode == 0, output
+
+
 def durable_run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([DURABLE, "run", "--run", new_run(), *args], capture_output=True, text=True,
                           env=env or env_without_proxy(), timeout=timeout)
