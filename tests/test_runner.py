@@ -81,8 +81,12 @@ def test_no_sidecar_at_the_proxy_address_says_how_to_start_one() -> None:
 def test_a_confdir_given_with_a_proxy_must_hold_that_proxys_ca(tmp_path: Path) -> None:
     pem = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
     runner.check_ca(pem, None, "127.0.0.1:1")  # no confdir: the CA comes from the sidecar itself
-    with pytest.raises(runner.Failure, match="is not the CA the sidecar at 127.0.0.1:1 signs with"):
+    with pytest.raises(runner.Failure) as failed:
         runner.check_ca(pem, tmp_path, "127.0.0.1:1")  # none there
+    assert str(failed.value) == (
+        f"{tmp_path / launcher.CA_CERT} is not the CA the sidecar at 127.0.0.1:1 signs with; leave out --confdir"
+        " (durable run then takes the CA from the sidecar itself)"
+    )
     (tmp_path / launcher.CA_CERT).write_bytes(b"-----BEGIN CERTIFICATE-----\nBBBB\n-----END CERTIFICATE-----\n")
     with pytest.raises(runner.Failure, match=str(tmp_path / launcher.CA_CERT)):
         runner.check_ca(pem, tmp_path, "127.0.0.1:1")  # another one
@@ -208,3 +212,9 @@ def test_a_sidecar_that_never_answers_is_a_sidecar_to_start(monkeypatch: pytest.
         with pytest.raises(runner.Failure) as failed:
             runner.fetch_ca(address)
     assert "timed out" in str(failed.value) and str(failed.value).endswith("start one with `durable proxy --port PORT`")
+
+
+def test_an_agent_command_that_does_not_exist_is_named() -> None:
+    with pytest.raises(runner.Failure) as failed:
+        runner.start_agent(["no-such-agent-command"], dict(os.environ))
+    assert str(failed.value) == "the agent's command was not found: no-such-agent-command"
