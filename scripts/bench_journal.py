@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import statistics
 import sys
 import time
@@ -95,7 +96,7 @@ def paths(journal: Journal, conn: psycopg.AsyncConnection, owner: int) -> dict[s
             ),
         )
 
-    ids = iter(range(10**12))
+    ids = itertools.count()
 
     async def floor(run: str, n: int) -> None:
         row = next(ids)

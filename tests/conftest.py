@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 import pytest
 import requests
@@ -321,3 +322,23 @@ def runs_around_cutoff(sidecar: launcher.Sidecar, api: PaidApi, dsn: str, cutoff
     replayed_now = "SELECT replayed_at > now() - interval '1 minute' FROM durable_steps WHERE run_id = %s"
     assert eventually(lambda: sql(dsn, replayed_now, runs["replayed"]), [(True,)]) == [(True,)]  # written in the background
     return runs
+
+
+def wait_for(path: Path, timeout: float = 60) -> str:
+    """The text of `path` once something writes it (AssertionError after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().strip():
+            return path.read_text().strip()
+        time.sleep(0.05)
+    raise AssertionError(f"{path} was never written")
+
+
+def gone(pids: list[int], timeout: float = 15) -> list[int]:
+    """The pids still alive after `timeout` (zombies count as gone: nothing runs)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)

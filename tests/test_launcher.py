@@ -17,29 +17,10 @@ import psutil
 import pytest
 
 from durable_sidecar.tools import launcher
-from conftest import PaidApi, Sidecars, env_without_proxy, new_run, on_a_terminal, terminal_output
+from conftest import PaidApi, Sidecars, env_without_proxy, gone, new_run, on_a_terminal, terminal_output, wait_for
 
 DURABLE = str(Path(sys.executable).with_name("durable"))
 SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
-
-
-def wait_for(path: Path, timeout: float = 60) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text().strip():
-            return path.read_text().strip()
-        time.sleep(0.05)
-    raise AssertionError(f"{path} was never written")
-
-
-def gone(pids: list[int], timeout: float = 15) -> list[int]:
-    """The pids still alive after `timeout` (zombies count as gone: nothing runs)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.1)
 
 
 def start_run(

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 from durable_sidecar.store import database
 from durable_sidecar.steps import settings
 from durable_sidecar.tools import launcher, runner
+from conftest import gone, wait_for
 
 
 def test_the_proxys_address_is_its_host_and_port_whatever_it_is_written_as() -> None:
@@ -119,34 +119,24 @@ if children:
     subprocess.Popen([sys.executable, "-c", me, ready + ".child", "0", me])
     while not os.path.exists(ready + ".child"):
         time.sleep(0.01)
-open(ready, "w").close()
+open(ready, "w").write("1")
 time.sleep(30)
 """
 
 
-def start_ready_agent(tmp_path: Path, children: int) -> subprocess.Popen[bytes]:
+def start_ready_agent(tmp_path: Path) -> subprocess.Popen[bytes]:
+    """The agent above, with a child, once both are ready."""
     ready = tmp_path / "ready"
-    agent = runner.start_agent([sys.executable, "-c", AGENT, str(ready), str(children), AGENT], dict(os.environ))
-    deadline = time.monotonic() + 20
-    while not ready.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert ready.exists(), "the agent never got ready"
+    agent = runner.start_agent([sys.executable, "-c", AGENT, str(ready), "1", AGENT], dict(os.environ))
+    wait_for(ready, timeout=20)
     return agent
-
-
-def running(process: psutil.Process) -> bool:
-    """Still running (a zombie whose parent has not reaped it yet runs nothing)."""
-    try:
-        return process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 @pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
 def test_a_signal_while_the_agent_runs_reaches_its_whole_process_group(sig: signal.Signals, tmp_path: Path) -> None:
     """The agent has a child of its own: the signal goes to the agent's process group, so the child
     does not live on (sent to the agent's pid alone, it would)."""
-    agent = start_ready_agent(tmp_path, children=1)
+    agent = start_ready_agent(tmp_path)
     try:
         children = psutil.Process(agent.pid).children()
         assert children and os.getpgid(children[0].pid) == agent.pid  # the agent leads a group of its own
@@ -154,10 +144,7 @@ def test_a_signal_while_the_agent_runs_reaches_its_whole_process_group(sig: sign
             assert signal.getsignal(sig) is not signal.SIG_DFL
             os.kill(os.getpid(), sig)  # to durable run itself
             assert agent.wait(10) == -sig
-        deadline = time.monotonic() + 10
-        while (alive := [c for c in children if running(c)]) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert alive == []
+        assert gone([c.pid for c in children], timeout=10) == []
     finally:
         if agent.poll() is None:
             os.killpg(agent.pid, signal.SIGKILL)
