@@ -1,0 +1,437 @@
+"""The step life cycle (DESIGN.md section 3) through the addon's hooks, in process: mitmproxy's test
+flows stand for the agent and the upstream, the journal is a real PostgreSQL. What each hook leaves
+in the journal and hands the agent, for every path a step can take: recorded, replayed, failed and
+re-sent, broken off before or after it left, in doubt, diverged, waited for in single flight. The
+same paths run end to end (real mitmdump, real clients) in test_exactly_once.py, test_crash_resume.py
+and test_agent_failures.py; here they take a second, so scripts/mutate.sh runs these first."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from mitmproxy import flow as mflow
+from mitmproxy import http
+from mitmproxy.test import taddons, tflow, tutils
+
+from durable_sidecar.proxy.sidecar import META, DurableSidecar
+from conftest import sql
+
+STEPS = "SELECT seq, state, status, idempotency_key FROM durable_steps WHERE run_id = %s ORDER BY seq"
+
+
+@contextlib.asynccontextmanager
+async def sidecar(dsn: str, **options: Any) -> AsyncIterator[DurableSidecar]:
+    """A sidecar on the journal at dsn, its journal open: the hooks run as mitmdump runs them."""
+    addon = DurableSidecar()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, durable_dsn=dsn, durable_attempt_per_start=False, **options)
+        assert addon.lifecycle is not None
+        await addon.lifecycle.journal.open()
+        try:
+            yield addon
+        finally:
+            await addon.lifecycle.journal.close()
+
+
+def call(run: str, attempt: str, body: bytes = b'{"amount": 5}', method: str = "POST", **headers: str) -> http.HTTPFlow:
+    """An agent's call to the paid API, as it reaches the request hook (before anything is sent)."""
+    req = tutils.treq(
+        method=method.encode(),
+        host="api.test",
+        port=443,
+        scheme=b"https",
+        path=b"/v1/charge",
+        headers=http.Headers(content_type="application/json"),
+        content=body,
+    )
+    for name, value in {"Durable-Run-Id": run, "Durable-Attempt": attempt, **headers}.items():
+        req.headers[name.replace("_", "-")] = value
+    flow = tflow.tflow(req=req)
+    flow.client_conn.timestamp_end = None  # the agent is still connected
+    flow.server_conn.timestamp_tcp_setup = flow.server_conn.timestamp_tls_setup = None  # nothing sent yet
+    return flow
+
+
+async def send(addon: DurableSidecar, flow: http.HTTPFlow) -> str:
+    """The request hook; returns the step's outcome."""
+    await addon.request(flow)
+    return flow.metadata[META].outcome
+
+
+async def answer(
+    addon: DurableSidecar, flow: http.HTTPFlow, status: int = 200, body: bytes = b'{"charged": 5}'
+) -> None:
+    """The upstream answers a call the sidecar let go (the response hook)."""
+    assert flow.response is None and flow.metadata[META].live, "only a forwarded call gets the upstream's answer"
+    flow.server_conn.timestamp_tcp_setup = flow.server_conn.timestamp_tls_setup = 1.0
+    flow.response = http.Response.make(status, body, {"x-upstream": "yes"})  # with its Content-Length
+    addon.responseheaders(flow)
+    await addon.response(flow)
+
+
+async def break_off(addon: DurableSidecar, flow: http.HTTPFlow, connected: bool, tls_done: bool = True) -> None:
+    """The exchange breaks (the error hook): before any connection to the upstream, or after."""
+    if connected:
+        flow.server_conn.timestamp_tcp_setup = 1.0
+        flow.server_conn.tls = True
+        flow.server_conn.timestamp_tls_setup = 1.0 if tls_done else None
+    flow.error = mflow.Error("connection reset by peer")
+    await addon.error(flow)
+
+
+def new_run() -> str:
+    return f"life-{uuid.uuid4().hex[:12]}"
+
+
+def refusal(flow: http.HTTPFlow) -> tuple[int, dict[str, Any]]:
+    assert flow.response is not None
+    return flow.response.status_code, json.loads(flow.response.content)
+
+
+def test_a_call_is_journaled_before_it_leaves_and_replayed_byte_identical(pg_dsn: str) -> None:
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            first = call(run, "a1")
+            assert await send(addon, first) == "recorded"
+            assert first.response is None  # free to go upstream, and only now
+            ((seq, state, status, key),) = sql(pg_dsn, STEPS, run)
+            assert (seq, state, status) == (1, "pending", None) and key
+            assert first.request.headers["Idempotency-Key"] == key  # minted for a POST, sent with it
+            assert "Durable-Run-Id" not in first.request.headers and "Durable-Attempt" not in first.request.headers
+            await answer(addon, first, body=b'{"charged": 5, "id": "ch_1"}')
+            assert sql(pg_dsn, STEPS, run) == [(1, "completed", 200, key)]
+            assert first.response.headers["Durable-Outcome"] == "recorded"
+
+            again = call(run, "a2")
+            assert await send(addon, again) == "replayed"
+            assert again.response is not None and not again.metadata[META].live
+            assert again.response.status_code == 200 and again.response.content == b'{"charged": 5, "id": "ch_1"}'
+            assert again.response.headers["x-upstream"] == "yes"
+            assert again.metadata[META].seq == 1
+            await addon.response(again)
+            assert again.response.headers["Durable-Outcome"] == "replayed"
+        assert sql(pg_dsn, STEPS, run) == [(1, "completed", 200, key)]
+
+    asyncio.run(scenario())
+
+
+def test_the_same_call_twice_in_an_attempt_is_two_steps_replayed_in_order(pg_dsn: str) -> None:
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            for n in (1, 2):
+                flow = call(run, "a1")
+                assert await send(addon, flow) == "recorded"
+                await answer(addon, flow, body=f"answer {n}".encode())
+            replies = []
+            for _ in (1, 2):
+                flow = call(run, "a2")
+                assert await send(addon, flow) == "replayed"
+                replies.append(flow.response.content)
+            assert replies == [b"answer 1", b"answer 2"]
+            third = call(run, "a2")  # the new attempt goes further than the first: a new step
+            assert await send(addon, third) == "recorded" and third.metadata[META].seq == 3
+            await answer(addon, third)
+        keys = [key for *_, key in sql(pg_dsn, STEPS, run)]
+        assert len(set(keys)) == 3
+
+    asyncio.run(scenario())
+
+
+def test_the_agents_own_idempotency_key_is_kept_and_a_get_gets_none(pg_dsn: str) -> None:
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            own = call(run, "a1", Idempotency_Key="agent-key-1")
+            await send(addon, own)
+            assert own.request.headers["Idempotency-Key"] == "agent-key-1"
+            await answer(addon, own)
+            read = call(run, "a1", body=b"", method="GET")
+            await send(addon, read)
+            assert "Idempotency-Key" not in read.request.headers
+            await answer(addon, read)
+        assert sql(pg_dsn, STEPS, run) == [(1, "completed", 200, "agent-key-1"), (2, "completed", 200, None)]
+
+    asyncio.run(scenario())
+
+
+def test_a_transient_answer_is_journaled_failed_and_re_sent_with_its_key(pg_dsn: str) -> None:
+    """A failure at the tail of the run: the next attempt sends the step again, with its key."""
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            first = call(run, "a1")
+            await send(addon, first)
+            key = first.request.headers["Idempotency-Key"]
+            await answer(addon, first, status=503, body=b"overloaded")
+            assert first.response.status_code == 503  # the agent sees the upstream's answer
+            assert sql(pg_dsn, STEPS, run) == [(1, "failed", 503, key)]
+
+            retry = call(run, "a2")  # the agent crashed on it and starts again
+            assert await send(addon, retry) == "reissued"
+            assert retry.metadata[META].seq == 1 and retry.request.headers["Idempotency-Key"] == key
+            await answer(addon, retry, body=b"charged once")
+            assert sql(pg_dsn, STEPS, run) == [(1, "completed", 200, key)]
+
+            later = call(run, "a3")
+            assert await send(addon, later) == "replayed" and later.response.content == b"charged once"
+
+    asyncio.run(scenario())
+
+
+def test_a_failure_the_run_moved_past_is_replayed_as_it_was(pg_dsn: str) -> None:
+    """The agent handled that failure and went on: a new attempt gets the same failure, so it takes
+    the same path, rather than a fresh try that would change the run."""
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            failing = call(run, "a1", body=b'{"q": "search"}')
+            await send(addon, failing)
+            await answer(addon, failing, status=429, body=b"slow down")
+            refused = call(run, "a1", body=b'{"q": "search"}')
+            await send(addon, refused)
+            await break_off(addon, refused, connected=False)  # never reached the upstream: failed
+            after = call(run, "a1")
+            await send(addon, after)
+            await answer(addon, after)
+            assert [state for _, state, *_ in sql(pg_dsn, STEPS, run)] == ["failed", "failed", "completed"]
+
+            replays = [
+                call(run, "a2", body=b'{"q": "search"}'),
+                call(run, "a2", body=b'{"q": "search"}'),
+                call(run, "a2"),
+            ]
+            for flow in replays:
+                assert await send(addon, flow) == "replayed"
+            assert (replays[0].response.status_code, replays[0].response.content) == (429, b"slow down")
+            status, body = refusal(replays[1])
+            assert status == 502 and body["reason"] == "journaled upstream failure, replayed"
+            assert "connection reset by peer" in body["failed"]
+            assert replays[2].response.status_code == 200
+
+    asyncio.run(scenario())
+
+
+def test_a_call_that_never_left_is_failed_and_sent_again_at_the_tail(pg_dsn: str) -> None:
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            for tls_failed in (False, True):
+                flow = call(run, "a1", body=f'{{"tls": {str(tls_failed).lower()}}}'.encode())
+                await send(addon, flow)
+                # no TCP connection at all, or one whose TLS handshake never finished
+                await break_off(addon, flow, connected=tls_failed, tls_done=False)
+            rows = sql(pg_dsn, "SELECT seq, state, error FROM durable_steps WHERE run_id = %s ORDER BY seq", run)
+            assert rows == [(1, "failed", "connection reset by peer"), (2, "failed", "connection reset by peer")]
+            moved_past = call(run, "a2", body=b'{"tls": false}')
+            assert await send(addon, moved_past) == "replayed" and refusal(moved_past)[0] == 502
+            at_the_tail = call(run, "a2", body=b'{"tls": true}')
+            assert await send(addon, at_the_tail) == "reissued" and at_the_tail.metadata[META].seq == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_call_broken_after_it_left_is_in_doubt_and_its_retry_re_sends_it_with_its_key(pg_dsn: str) -> None:
+    """Issue 28, bug 1: the step goes back to the attempt, so the SDK's retry in the same attempt is
+    the same step with the same idempotency key (the upstream deduplicates), not a second charge."""
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            first = call(run, "a1")
+            await send(addon, first)
+            key = first.request.headers["Idempotency-Key"]
+            await break_off(addon, first, connected=True)
+            assert sql(pg_dsn, STEPS, run) == [(1, "pending", None, key)]
+            retry = call(run, "a1")
+            assert await send(addon, retry) == "reissued"
+            assert retry.metadata[META].seq == 1 and retry.request.headers["Idempotency-Key"] == key
+            await answer(addon, retry)
+            assert sql(pg_dsn, STEPS, run) == [(1, "completed", 200, key)]
+
+    asyncio.run(scenario())
+
+
+def test_an_answer_cut_short_leaves_the_step_in_doubt(pg_dsn: str) -> None:
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            flow = call(run, "a1")
+            await send(addon, flow)
+            flow.server_conn.timestamp_tcp_setup = 1.0
+            flow.response = tutils.tresp(content=b"half an ans")  # the upstream began to answer, then broke
+            flow.error = mflow.Error("peer closed connection")
+            await addon.error(flow)
+            assert [(seq, state) for seq, state, *_ in sql(pg_dsn, STEPS, run)] == [(1, "pending")]
+            retry = call(run, "a1")
+            assert await send(addon, retry) == "reissued" and retry.metadata[META].seq == 1
+
+    asyncio.run(scenario())
+
+
+def test_in_doubt_fail_refuses_a_step_in_doubt_with_how_to_resolve_it(pg_dsn: str) -> None:
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            flow = call(run, "a1")
+            await send(addon, flow)
+            await break_off(addon, flow, connected=True)
+        async with sidecar(pg_dsn, durable_in_doubt=["api.test=fail"]) as addon:
+            again = call(run, "a2")
+            assert await send(addon, again) == "refused"
+            status, body = refusal(again)
+            assert status == 409 and "durable_in_doubt=fail" in body["reason"]
+            assert body["resolve"] == f"durable resolve {run} 1 --reissue | --forget | --complete-from FILE"
+            assert (body["run"], body["step"]) == (run, 1)
+        async with sidecar(pg_dsn, durable_in_doubt_window="0s") as addon:
+            late = call(run, "a3")
+            await send(addon, late)
+            status, body = refusal(late)
+            assert status == 409 and "longer than durable_in_doubt_window" in body["reason"]
+        assert [(seq, state) for seq, state, *_ in sql(pg_dsn, STEPS, run)] == [(1, "pending")]
+
+    asyncio.run(scenario())
+
+
+def test_a_diverging_call_is_recorded_with_its_divergence_or_refused_when_strict(pg_dsn: str) -> None:
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            for amount in (5, 6):
+                flow = call(run, "a1", body=f'{{"amount": {amount}}}'.encode())
+                await send(addon, flow)
+                await answer(addon, flow)
+            other = call(run, "a2", body=b'{"amount": 7}')
+            assert await send(addon, other) == "diverged"
+            assert addon.lifecycle.divergences == 1
+            await answer(addon, other)
+            ((divergence,),) = sql(pg_dsn, "SELECT divergence FROM durable_steps WHERE run_id = %s AND seq = 3", run)
+            assert divergence["attempt"] == "a2" and divergence["expected_step"] == 1 and divergence["diff"]
+        async with sidecar(pg_dsn, durable_strict=True) as addon:
+            strict = call(run, "a3", body=b'{"amount": 8}')
+            assert await send(addon, strict) == "refused"
+            status, body = refusal(strict)
+            assert status == 409 and body["reason"] == "request diverges from the journal (durable_strict)"
+            assert body["expected_step"] == 1
+        assert len(sql(pg_dsn, STEPS, run)) == 3  # nothing recorded for the refused call
+
+    asyncio.run(scenario())
+
+
+def test_a_404_in_an_upstream_session_is_failed_not_the_answer(pg_dsn: str) -> None:
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            in_session = call(run, "a1", body=b'{"m": "tools/call"}', Mcp_Session_Id="s-1")
+            await send(addon, in_session)
+            await answer(addon, in_session, status=404, body=b"session gone")
+            plain = call(run, "a1", body=b'{"m": "lookup"}')
+            await send(addon, plain)
+            await answer(addon, plain, status=404, body=b"no such thing")
+        assert [(seq, state) for seq, state, *_ in sql(pg_dsn, STEPS, run)] == [(1, "failed"), (2, "completed")]
+
+    asyncio.run(scenario())
+
+
+def test_flows_of_one_step_in_one_sidecar_wait_for_the_one_that_sends_it(pg_dsn: str) -> None:
+    """Single flight: while one flow sends a step, the others of the same step wait, then are
+    answered from the journal; a sender that breaks off hands the step to exactly one waiter."""
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            sender = call(run, "a1")
+            await send(addon, sender)
+            key = sender.request.headers["Idempotency-Key"]
+            waiters = [call(run, f"w{n}") for n in range(3)]
+            tasks = [asyncio.ensure_future(send(addon, flow)) for flow in waiters]
+            await asyncio.sleep(0.3)
+            assert not any(task.done() for task in tasks)  # waiting, not sent
+            await break_off(addon, sender, connected=True)
+            await asyncio.sleep(0.3)
+            done = [task for task in tasks if task.done()]
+            assert len(done) == 1 and done[0].result() == "reissued"  # one, and only one, re-sends it
+            resender = waiters[tasks.index(done[0])]
+            assert resender.request.headers["Idempotency-Key"] == key
+            await answer(addon, resender, body=b"charged once")
+            assert sorted(await asyncio.gather(*tasks)) == ["reissued", "replayed", "replayed"]
+            for flow in waiters:
+                assert flow.response.content == b"charged once"
+        assert sql(pg_dsn, STEPS, run) == [(1, "completed", 200, key)]
+
+    asyncio.run(scenario())
+
+
+def test_a_step_in_flight_in_another_sidecar_is_waited_for_under_either_policy(pg_dsn: str) -> None:
+    """Issue 28, bug 8: in flight is not in doubt: even under durable_in_doubt=fail the other sidecar's
+    caller waits for the answer, and is answered from the journal."""
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as one, sidecar(pg_dsn, durable_in_doubt=["fail"]) as two:
+            sender = call(run, "a1")
+            await send(one, sender)
+            waiter = call(run, "a2")
+            waiting = asyncio.ensure_future(send(two, waiter))
+            await asyncio.sleep(0.5)
+            assert not waiting.done()
+            await answer(one, sender, body=b"from the first sidecar")
+            assert await asyncio.wait_for(waiting, 5) == "replayed"
+            assert waiter.response.content == b"from the first sidecar"
+
+    asyncio.run(scenario())
+
+
+def test_a_waiter_whose_agent_hung_up_stops_waiting(pg_dsn: str) -> None:
+    """Issue 28, bug 10: it answers 503 at its next look instead of polling for durable_in_flight_wait."""
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as one, sidecar(pg_dsn) as two:
+            sender = call(run, "a1")
+            await send(one, sender)
+            waiter = call(run, "a2")
+            waiting = asyncio.ensure_future(send(two, waiter))
+            await asyncio.sleep(0.3)
+            waiter.client_conn.timestamp_end = 2.0
+            assert await asyncio.wait_for(waiting, 5) == "refused"
+            status, body = refusal(waiter)
+            assert status == 503 and "in flight in another attempt or sidecar" in body["reason"]
+            assert body["step"] == 1
+            await answer(one, sender)
+
+    asyncio.run(scenario())
+
+
+def test_a_step_in_flight_past_the_wait_is_refused_and_its_retry_waits_again(pg_dsn: str) -> None:
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as one, sidecar(pg_dsn, durable_in_flight_wait="0.3s") as two:
+            sender = call(run, "a1")
+            await send(one, sender)
+            waiter = call(run, "a2")
+            assert await asyncio.wait_for(send(two, waiter), 5) == "refused"
+            assert refusal(waiter)[0] == 503
+            await answer(one, sender, body=b"done")
+            retry = call(run, "a2")  # the refusal did not consume the step
+            assert await send(two, retry) == "replayed" and retry.response.content == b"done"
+
+    asyncio.run(scenario())
