@@ -9,7 +9,8 @@
 #   module's survivors: `cp .mutmut/MODULE.cache .mutmut-cache; .venv-mutmut/bin/mutmut results`,
 #   then `.venv-mutmut/bin/mutmut show ID`). mutmut edits addon/*/*.py in place and restores each file
 #   after its mutant; do not edit the checkout (or kill -9 the script) meanwhile. Set DATABASE_URL
-#   for speed (else each test run starts the embedded PostgreSQL).
+#   for speed (else each test run starts the embedded PostgreSQL). MUTATE_FAST=1: the fast tier
+#   only (a module's survivors are then read by hand, or run again without it: `mutmut run ID`).
 set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/venv.sh" test
 cd "$ROOT"
@@ -39,7 +40,7 @@ declare -A TESTS=(
     [lifecycle]="tests/test_lifecycle.py tests/test_sidecar_unit.py | tests/test_exactly_once.py tests/test_crash_resume.py tests/test_agent_failures.py"
     [journal]="tests/test_journal_statements.py tests/test_lifecycle.py tests/test_lease.py | tests/test_journal_db.py tests/test_exactly_once.py"
     [ui]="| tests/test_ui.py"
-    [launcher]="| tests/test_launcher.py"
+    [launcher]="tests/test_launcher_parts.py | tests/test_launcher.py"
     [runner]="tests/test_runner.py | tests/test_launcher.py"
 )
 ORDER=(cursor fingerprint inflight redaction crypto bodies sessions conversations lease repairs lifecycle journal ui launcher runner)
@@ -54,6 +55,7 @@ for module in "${modules[@]}"; do
     pytest="$PY -m pytest -x -q -p no:cacheprovider"
     runner="$pytest -p no:xdist $fast && $pytest -n 2 $slow"
     [ -z "${fast// }" ] && runner="$pytest -n 2 $slow"
+    [ -n "${MUTATE_FAST:-}" ] && [ -n "${fast// }" ] && runner="$pytest -p no:xdist $fast"
     # a cache of its own per module: mutmut 2.5.1 reusing one cache across modules stops with
     # "Mutant.line is required" part-way through. The module's last cache is taken up again: its
     # killed mutants stay killed, the rest are tested again when the tests changed (MUTATE_FRESH=1:
