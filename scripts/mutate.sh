@@ -39,7 +39,7 @@ declare -A TESTS=(
     [repairs]="tests/test_repairs.py | tests/test_connection_failures.py"
     [lifecycle]="tests/test_lifecycle.py tests/test_sidecar_unit.py | tests/test_exactly_once.py tests/test_crash_resume.py tests/test_agent_failures.py"
     [journal]="tests/test_journal_statements.py tests/test_lifecycle.py tests/test_lease.py | tests/test_journal_db.py tests/test_exactly_once.py"
-    [ui]="| tests/test_ui.py"
+    [ui]="tests/test_ui_pages.py | tests/test_ui.py"
     [launcher]="tests/test_launcher_parts.py | tests/test_launcher.py"
     [runner]="tests/test_runner.py | tests/test_launcher.py"
 )

@@ -8,90 +8,15 @@ and test_agent_failures.py; here they take a second, so scripts/mutate.sh runs t
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+import gzip
 
 import pytest
-from mitmproxy import flow as mflow
-from mitmproxy import http
-from mitmproxy.test import taddons, tflow, tutils
-
-from durable_sidecar.proxy.sidecar import META, DurableSidecar
 from conftest import sql
+from inprocess import STEPS, answer, break_off, call, new_run, refusal, send, sidecar
+from mitmproxy import flow as mflow
+from mitmproxy.test import tutils
 
-STEPS = "SELECT seq, state, status, idempotency_key FROM durable_steps WHERE run_id = %s ORDER BY seq"
-
-
-@contextlib.asynccontextmanager
-async def sidecar(dsn: str, **options: Any) -> AsyncIterator[DurableSidecar]:
-    """A sidecar on the journal at dsn, its journal open: the hooks run as mitmdump runs them."""
-    addon = DurableSidecar()
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, durable_dsn=dsn, durable_attempt_per_start=False, **options)
-        assert addon.lifecycle is not None
-        await addon.lifecycle.journal.open()
-        try:
-            yield addon
-        finally:
-            await addon.lifecycle.journal.close()
-
-
-def call(run: str, attempt: str, body: bytes = b'{"amount": 5}', method: str = "POST", **headers: str) -> http.HTTPFlow:
-    """An agent's call to the paid API, as it reaches the request hook (before anything is sent)."""
-    req = tutils.treq(
-        method=method.encode(),
-        host="api.test",
-        port=443,
-        scheme=b"https",
-        path=b"/v1/charge",
-        headers=http.Headers(content_type="application/json"),
-        content=body,
-    )
-    for name, value in {"Durable-Run-Id": run, "Durable-Attempt": attempt, **headers}.items():
-        req.headers[name.replace("_", "-")] = value
-    flow = tflow.tflow(req=req)
-    flow.client_conn.timestamp_end = None  # the agent is still connected
-    flow.server_conn.timestamp_tcp_setup = flow.server_conn.timestamp_tls_setup = None  # nothing sent yet
-    return flow
-
-
-async def send(addon: DurableSidecar, flow: http.HTTPFlow) -> str:
-    """The request hook; returns the step's outcome."""
-    await addon.request(flow)
-    return flow.metadata[META].outcome
-
-
-async def answer(
-    addon: DurableSidecar, flow: http.HTTPFlow, status: int = 200, body: bytes = b'{"charged": 5}'
-) -> None:
-    """The upstream answers a call the sidecar let go (the response hook)."""
-    assert flow.response is None and flow.metadata[META].live, "only a forwarded call gets the upstream's answer"
-    flow.server_conn.timestamp_tcp_setup = flow.server_conn.timestamp_tls_setup = 1.0
-    flow.response = http.Response.make(status, body, {"x-upstream": "yes"})  # with its Content-Length
-    addon.responseheaders(flow)
-    await addon.response(flow)
-
-
-async def break_off(addon: DurableSidecar, flow: http.HTTPFlow, connected: bool, tls_done: bool = True) -> None:
-    """The exchange breaks (the error hook): before any connection to the upstream, or after."""
-    if connected:
-        flow.server_conn.timestamp_tcp_setup = 1.0
-        flow.server_conn.tls = True
-        flow.server_conn.timestamp_tls_setup = 1.0 if tls_done else None
-    flow.error = mflow.Error("connection reset by peer")
-    await addon.error(flow)
-
-
-def new_run() -> str:
-    return f"life-{uuid.uuid4().hex[:12]}"
-
-
-def refusal(flow: http.HTTPFlow) -> tuple[int, dict[str, Any]]:
-    assert flow.response is not None
-    return flow.response.status_code, json.loads(flow.response.content)
+from durable_sidecar.proxy.sidecar import META
 
 
 def test_a_call_is_journaled_before_it_leaves_and_replayed_byte_identical(pg_dsn: str) -> None:
@@ -244,7 +169,9 @@ def test_a_call_that_never_left_is_failed_and_sent_again_at_the_tail(pg_dsn: str
     asyncio.run(scenario())
 
 
-def test_a_call_broken_after_it_left_is_in_doubt_and_its_retry_re_sends_it_with_its_key(pg_dsn: str) -> None:
+def test_a_call_broken_after_it_left_is_in_doubt_and_its_retry_re_sends_it_with_its_key(
+    pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """Issue 28, bug 1: the step goes back to the attempt, so the SDK's retry in the same attempt is
     the same step with the same idempotency key (the upstream deduplicates), not a second charge."""
     run = new_run()
@@ -256,6 +183,10 @@ def test_a_call_broken_after_it_left_is_in_doubt_and_its_retry_re_sends_it_with_
             key = first.request.headers["Idempotency-Key"]
             await break_off(addon, first, connected=True)
             assert sql(pg_dsn, STEPS, run) == [(1, "pending", None, key)]
+            assert any(
+                r.name == "durable" and f"run={run} seq=1 in doubt: connection reset by peer" in r.getMessage()
+                for r in caplog.records
+            )
             retry = call(run, "a1")
             assert await send(addon, retry) == "reissued"
             assert retry.metadata[META].seq == 1 and retry.request.headers["Idempotency-Key"] == key
@@ -433,5 +364,24 @@ def test_a_step_in_flight_past_the_wait_is_refused_and_its_retry_waits_again(pg_
             await answer(one, sender, body=b"done")
             retry = call(run, "a2")  # the refusal did not consume the step
             assert await send(two, retry) == "replayed" and retry.response.content == b"done"
+
+    asyncio.run(scenario())
+
+
+def test_a_body_that_decodes_past_the_cap_or_lies_about_its_encoding_is_refused_unsent(pg_dsn: str) -> None:
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn, durable_body_cap=1000) as addon:
+            bomb = call(run, "a1", body=gzip.compress(b"0" * 5000), Content_Encoding="gzip")
+            assert await send(addon, bomb) == "refused"
+            status, body = refusal(bomb)
+            assert status == 413 and body["reason"].endswith("; nothing was forwarded") and body["run"] == run
+            assert "1000" in body["reason"]
+            broken = call(run, "a1", body=b"not gzip at all", Content_Encoding="gzip")
+            assert await send(addon, broken) == "refused"
+            status, body = refusal(broken)
+            assert status == 400 and body["reason"].startswith("request body does not match its Content-Encoding: ")
+        assert sql(pg_dsn, STEPS, run) == []
 
     asyncio.run(scenario())

@@ -162,7 +162,9 @@ class Handler(tornado.web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         error = kwargs.get("exc_info", (None, None))[1]
-        text = self._reason if isinstance(error, tornado.web.HTTPError) or error is None else str(error)
+        text = str(error) if error is not None else self._reason
+        if isinstance(error, tornado.web.HTTPError):  # the UI's own refusals say why; tornado's give a reason
+            text = error.log_message % error.args if error.log_message else self._reason
         self.finish(render("layout.html", title=f"{status_code}", body=f"<p>{tornado.escape.xhtml_escape(text)}</p>"))
 
     def _handle_request_exception(self, e: BaseException) -> None:
