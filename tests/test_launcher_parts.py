@@ -17,9 +17,9 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
+from conftest import gone, wait_for
 
 from durable_sidecar.tools import launcher
-from conftest import gone, wait_for
 
 CA = b"-----BEGIN CERTIFICATE-----\nMIIBsidecar\n-----END CERTIFICATE-----\n"
 

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import re
 import threading
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
-
-from durable_sidecar.tools import launcher, ui
 from conftest import sql
 from inprocess import answer, break_off, call, send, sidecar
+
+from durable_sidecar.tools import launcher, ui
 
 MARKUP = "<script>window.pwned=1</script>"
 
@@ -74,7 +75,7 @@ def run(pg_dsn: str) -> str:
         async with sidecar(pg_dsn) as addon:
             paid = call(run, "a1", body=b'{"amount": 5}')
             await send(addon, paid)
-            await answer(addon, paid, body=('{"charged": 5, "note": "%s"}' % MARKUP).encode())
+            await answer(addon, paid, body=json.dumps({"charged": 5, "note": MARKUP}).encode())
             busy = call(run, "a1", body=b'{"amount": 6}')
             await send(addon, busy)
             await answer(addon, busy, status=503, body=b"busy")
@@ -125,7 +126,9 @@ def test_runs_are_listed_a_page_at_a_time(base: str, web: requests.Session, pg_d
     assert web.get(f"{base}/", params={"prefix": prefix, "page": "-3"}, timeout=10).text.count(prefix + "0") >= 1
 
 
-def test_the_live_view_answers_only_when_the_run_changed(base: str, web: requests.Session, run: str, pg_dsn: str) -> None:
+def test_the_live_view_answers_only_when_the_run_changed(
+    base: str, web: requests.Session, run: str, pg_dsn: str
+) -> None:
     live = web.get(f"{base}/runs/{run}/live", timeout=10)
     assert live.status_code == 200 and live.headers["Cache-Control"] == "no-store"
     version = live.json()["version"]
@@ -138,7 +141,9 @@ def test_the_live_view_answers_only_when_the_run_changed(base: str, web: request
     assert changed.status_code == 200 and changed.json()["version"] != version
 
 
-def test_each_action_changes_the_journal_as_the_cli_would(base: str, web: requests.Session, run: str, pg_dsn: str) -> None:
+def test_each_action_changes_the_journal_as_the_cli_would(
+    base: str, web: requests.Session, run: str, pg_dsn: str
+) -> None:
     form = {"_xsrf": token(web.get(f"{base}/runs/{run}", timeout=10).text), "confirm": "yes"}
     fork = f"{run}-fork"
     r = web.post(f"{base}/runs/{run}/fork", data={**form, "at": "1", "to": fork}, allow_redirects=False, timeout=10)
@@ -148,8 +153,12 @@ def test_each_action_changes_the_journal_as_the_cli_would(base: str, web: reques
 
     original = web.post(f"{base}/runs/{run}/steps/1/edit", data={**form, "body": "x"}, timeout=10)
     assert original.status_code == 400 and "is not a fork" in original.text  # only a fork's answers change
-    r = web.post(f"{base}/runs/{fork}/steps/1/edit", data={**form, "status": "201", "body": "edited"},
-                 allow_redirects=False, timeout=10)
+    r = web.post(
+        f"{base}/runs/{fork}/steps/1/edit",
+        data={**form, "status": "201", "body": "edited"},
+        allow_redirects=False,
+        timeout=10,
+    )
     assert r.status_code == 302 and r.headers["Location"] == f"/runs/{fork}/steps/1"
     assert sql(pg_dsn, "SELECT status, response_body FROM durable_steps WHERE run_id = %s AND seq = 1", fork) == [
         (201, b"edited")
@@ -158,14 +167,20 @@ def test_each_action_changes_the_journal_as_the_cli_would(base: str, web: reques
     assert sql(pg_dsn, "SELECT status, response_body FROM durable_steps WHERE run_id = %s AND seq = 1", fork) == [
         (201, b"again")  # no status given: it keeps the one it had
     ]
-    r = web.post(f"{base}/runs/{run}/steps/3/resolve",
-                 data={**form, "how": "complete", "status": "202", "body": '{"done": 1}'}, allow_redirects=False, timeout=10)
+    r = web.post(
+        f"{base}/runs/{run}/steps/3/resolve",
+        data={**form, "how": "complete", "status": "202", "body": '{"done": 1}'},
+        allow_redirects=False,
+        timeout=10,
+    )
     assert r.status_code == 302 and r.headers["Location"] == f"/runs/{run}/steps/3"
     assert sql(pg_dsn, "SELECT state, status, response_body FROM durable_steps WHERE run_id = %s AND seq = 3", run) == [
         ("completed", 202, b'{"done": 1}')
     ]
     sql(pg_dsn, "UPDATE durable_steps SET state = 'pending' WHERE run_id = %s AND seq = 2", run)
-    r = web.post(f"{base}/runs/{run}/steps/2/resolve", data={**form, "how": "forget"}, allow_redirects=False, timeout=10)
+    r = web.post(
+        f"{base}/runs/{run}/steps/2/resolve", data={**form, "how": "forget"}, allow_redirects=False, timeout=10
+    )
     assert r.status_code == 302 and r.headers["Location"] == f"/runs/{run}"
     assert sql(pg_dsn, "SELECT seq FROM durable_steps WHERE run_id = %s ORDER BY seq", run) == [(1,), (3,)]
 
@@ -202,11 +217,16 @@ def test_an_action_that_fails_a_check_changes_nothing(base: str, web: requests.S
     assert sql(pg_dsn, "SELECT count(*) FROM durable_runs WHERE id = %s", run) == [(1,)]
     assert sql(pg_dsn, "SELECT count(*) FROM durable_runs WHERE id LIKE %s", run + "%") == [(1,)]
     # the UI's own origin and names it was given are let in; so is a browser's direct navigation
-    for headers in ({"Origin": base}, {"Origin": "http://localhost:" + port, "Host": "localhost:" + port},
-                    {"Sec-Fetch-Site": "none"}, {"Host": "UI.example:8443", "Origin": "http://ui.example:8443"}):
+    for headers in (
+        {"Origin": base},
+        {"Origin": "http://localhost:" + port, "Host": "localhost:" + port},
+        {"Sec-Fetch-Site": "none"},
+        {"Host": "UI.example:8443", "Origin": "http://ui.example:8443"},
+    ):
         assert web.get(f"{base}/runs/{run}", headers=headers, timeout=10).status_code == 200, headers
-    kept = web.post(action, data=good, headers={"Origin": base, "Sec-Fetch-Site": "same-origin"},
-                    allow_redirects=False, timeout=10)
+    kept = web.post(
+        action, data=good, headers={"Origin": base, "Sec-Fetch-Site": "same-origin"}, allow_redirects=False, timeout=10
+    )
     assert kept.status_code == 302
 
 
@@ -228,8 +248,9 @@ def test_with_a_secret_every_page_and_action_asks_for_it(pg_dsn: str, run: str) 
             form = {"_xsrf": token(page.text), "confirm": "yes"}
             assert web.post(f"{base}/runs/{run}/delete", data=form, timeout=10).status_code == 401
             assert sql(pg_dsn, "SELECT count(*) FROM durable_runs WHERE id = %s", run) == [(1,)]
-            done = web.post(f"{base}/runs/{run}/delete", data=form, auth=("x", "team-secret"), allow_redirects=False,
-                            timeout=10)
+            done = web.post(
+                f"{base}/runs/{run}/delete", data=form, auth=("x", "team-secret"), allow_redirects=False, timeout=10
+            )
             assert done.status_code == 302
     assert sql(pg_dsn, "SELECT count(*) FROM durable_runs WHERE id = %s", run) == [(0,)]
 
@@ -238,7 +259,9 @@ def test_allowed_hosts_are_the_address_its_loopback_names_and_those_given() -> N
     assert ui.allowed_hosts("127.0.0.1", 8080, []) == {"127.0.0.1:8080", "localhost:8080"}
     assert ui.allowed_hosts("::1", 80, []) == {"[::1]:80", "localhost:80", "127.0.0.1:80"}
     assert ui.allowed_hosts("10.0.0.5", 8080, ["Durable.Example", "proxy.example:443"]) == {
-        "10.0.0.5:8080", "durable.example:8080", "proxy.example:443"
+        "10.0.0.5:8080",
+        "durable.example:8080",
+        "proxy.example:443",
     }
 
 
@@ -247,25 +270,51 @@ def test_bodies_streams_outcomes_and_the_timeline_as_shown() -> None:
     assert ui.shown(b"plain \xff") == "plain \ufffd" and ui.shown(None) == "" and ui.shown(b"") == ""
     sse = b'event: delta\r\ndata: {"t":1}\r\n\r\ndata: one\ndata: two\n\n: comment\n\n'
     assert ui.events(sse, [("Content-Type", "text/event-stream; charset=utf-8")]) == [
-        ("delta", '{\n  "t": 1\n}'), ("message", "one\ntwo"), ("message", "")
+        ("delta", '{\n  "t": 1\n}'),
+        ("message", "one\ntwo"),
+        ("message", ""),
     ]
     assert ui.events(sse, [("content-type", "application/json")]) == [] and ui.events(None, None) == []
-    assert [ui.outcome(s) for s in (
-        {"state": "pending", "last_outcome": "recorded"}, {"state": "failed", "last_outcome": "recorded"},
-        {"state": "completed", "last_outcome": "replayed"}, {"state": "completed", "last_outcome": None},
-    )] == ["in-doubt", "failed", "replayed", "recorded"]
+    assert [
+        ui.outcome(s)
+        for s in (
+            {"state": "pending", "last_outcome": "recorded"},
+            {"state": "failed", "last_outcome": "recorded"},
+            {"state": "completed", "last_outcome": "replayed"},
+            {"state": "completed", "last_outcome": None},
+        )
+    ] == ["in-doubt", "failed", "replayed", "recorded"]
     assert ui.when(None) == "" and ui.url("a/b c") == "a%2Fb%20c"
-    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
     steps = [
-        {"seq": 1, "state": "completed", "last_outcome": None, "started_at": t0, "completed_at": t0 + timedelta(seconds=1)},
-        {"seq": 2, "state": "pending", "last_outcome": None, "started_at": t0 + timedelta(seconds=1), "completed_at": None},
-        {"seq": 3, "state": "completed", "last_outcome": None, "started_at": t0 + timedelta(seconds=2),
-         "completed_at": t0 + timedelta(seconds=4)},
+        {
+            "seq": 1,
+            "state": "completed",
+            "last_outcome": None,
+            "started_at": t0,
+            "completed_at": t0 + timedelta(seconds=1),
+        },
+        {
+            "seq": 2,
+            "state": "pending",
+            "last_outcome": None,
+            "started_at": t0 + timedelta(seconds=1),
+            "completed_at": None,
+        },
+        {
+            "seq": 3,
+            "state": "completed",
+            "last_outcome": None,
+            "started_at": t0 + timedelta(seconds=2),
+            "completed_at": t0 + timedelta(seconds=4),
+        },
     ]
     bars, span = ui.timeline(steps, width=400)
     assert span == 4.0
     assert [(b["seq"], b["row"], b["x"], b["w"], b["outcome"]) for b in bars] == [
-        (1, 0, 0.0, 100.0, "recorded"), (2, 1, 100.0, 2.0, "in-doubt"), (3, 2, 200.0, 200.0, "recorded")
+        (1, 0, 0.0, 100.0, "recorded"),
+        (2, 1, 100.0, 2.0, "in-doubt"),
+        (3, 2, 200.0, 200.0, "recorded"),
     ]
     assert ui.timeline([]) == ([], 0.0)
     assert len(ui.timeline(steps * ui.TIMELINE_BARS)[0]) == ui.TIMELINE_BARS
