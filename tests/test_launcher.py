@@ -7,6 +7,8 @@ by pid that nothing it started is left behind.
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -119,6 +121,48 @@ def test_an_agent_on_a_terminal_reads_what_is_typed(pg_dsn: str, tmp_path: Path)
     assert b"got hello" in output and proc.returncode == 0, output
 
 
+def test_the_terminal_goes_to_the_agent_and_back_even_with_output_to_a_file(pg_dsn: str, tmp_path: Path) -> None:
+    """stdin is what makes a terminal the agent's (its stdout may go to a file): the agent reads what
+    is typed, and once it is done the terminal is the shell's again, which reads the next line."""
+    ready, back, out = tmp_path / "ready", tmp_path / "back", tmp_path / "out"
+    code = f"open({str(ready)!r}, 'w').write('1'); print('agent got', input())"
+    durable = shlex.join([DURABLE, "run", "--run", new_run(), "--dsn", pg_dsn, "--", sys.executable, "-c", code])
+    script = f"{durable} > {out}; echo 1 > {back}; read line; echo shell got $line"
+    proc, fd = on_a_terminal(["sh", "-c", script], env_without_proxy())
+    try:
+        wait_for(ready)
+        os.write(fd, b"hello\n")
+        wait_for(back)
+        os.write(fd, b"again\n")
+        output = terminal_output(proc, fd, timeout=20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert out.read_text() == "agent got hello\n"
+    assert b"shell got again" in output and proc.returncode == 0, output
+
+
+def test_the_run_names_its_sidecar_and_a_killed_run_takes_its_sidecar_along(pg_dsn: str, tmp_path: Path) -> None:
+    """The banner names the run, attempt, proxy and the sidecar's log. SIGKILL `durable run` (no
+    chance to stop anything) and its sidecar still goes: the kernel sends it SIGTERM."""
+    run = new_run()
+    log = tmp_path / "stderr"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([DURABLE, "run", "--run", run, "--attempt", "a7", "--dsn", pg_dsn, "--", "sh", "-c",
+                                 f"echo $$ > {tmp_path / 'pid'}; exec sleep 60"], stderr=stderr, env=env_without_proxy())
+    agent = int(wait_for(tmp_path / "pid"))
+    sidecar = [c.pid for c in psutil.Process(proc.pid).children() if c.pid != agent]
+    banner = log.read_text()
+    assert re.match(rf"durable: run {run}, attempt a7, proxy 127\.0\.0\.1:\d+, sidecar log \S+/sidecar-\S+\.log$",
+                    banner.strip()), banner
+    proc.kill()
+    proc.wait()
+    try:
+        assert len(sidecar) == 1 and gone(sidecar) == []
+    finally:
+        os.kill(agent, signal.SIGKILL)
+
+
 def durable_run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([DURABLE, "run", "--run", new_run(), *args], capture_output=True, text=True,
                           env=env or env_without_proxy(), timeout=timeout)
@@ -190,7 +234,7 @@ def test_an_upstream_with_a_private_ca_needs_upstream_ca(https_api: PaidApi, pg_
 
 def test_a_failed_sidecar_names_its_log_and_logs_are_pruned(pg_dsn: str) -> None:
     out = durable_run("--dsn", pg_dsn, "--set", "durable_in_doubt=sometimes", "--", "true")
-    assert out.returncode == 1 and "the sidecar did not start" in out.stderr
+    assert out.returncode == 1 and out.stderr.startswith("durable run: the sidecar did not start: "), out.stderr
     log = Path(out.stderr.split("its log: ")[1].split(")")[0])
     assert log.parent == Path(os.environ["DURABLE_HOME"]) / "logs" and "durable_in_doubt" in log.read_text()
     for n in range(launcher.KEPT_LOGS + 5):

@@ -128,11 +128,18 @@ def test_the_health_probe_says_why_a_sidecar_does_not_serve(health_server: http.
     assert not ready and "refused" in why
 
 
+def default_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def stand_in(tmp_path: Path, script: str, name: str = "stand-in") -> launcher.Sidecar:
     """A process in the sidecar's place, with a log of its own."""
     log = tmp_path / f"{name}.log"
     with open(log, "ab") as out:
-        process = subprocess.Popen(["sh", "-c", script], stdout=out, stderr=subprocess.STDOUT)
+        # signals as a terminal's shell has them: a job started in the background inherits SIGINT
+        # ignored, and a shell may not trap a signal ignored on entry
+        process = subprocess.Popen(["sh", "-c", script], stdout=out, stderr=subprocess.STDOUT, preexec_fn=default_signals)
     return launcher.Sidecar(process, launcher.free_port(), tmp_path, log)
 
 
