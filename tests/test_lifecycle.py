@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+from typing import Any
 
 import pytest
 from conftest import sql
@@ -17,6 +18,8 @@ from mitmproxy import flow as mflow
 from mitmproxy.test import tutils
 
 from durable_sidecar.proxy.sidecar import META
+from durable_sidecar.steps import repairs
+from durable_sidecar.store.journal import JournalError
 
 
 def test_a_call_is_journaled_before_it_leaves_and_replayed_byte_identical(pg_dsn: str) -> None:
@@ -383,5 +386,60 @@ def test_a_body_that_decodes_past_the_cap_or_lies_about_its_encoding_is_refused_
             status, body = refusal(broken)
             assert status == 400 and body["reason"].startswith("request body does not match its Content-Encoding: ")
         assert sql(pg_dsn, STEPS, run) == []
+
+    asyncio.run(scenario())
+
+
+def test_a_run_journaled_with_an_unknown_fingerprint_version_is_refused(pg_dsn: str) -> None:
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            flow = call(run, "a1")
+            await send(addon, flow)
+            await answer(addon, flow)
+        sql(pg_dsn, "UPDATE durable_steps SET fp_version = 99 WHERE run_id = %s", run)
+        async with sidecar(pg_dsn) as addon:  # a sidecar older than the one that journaled the run
+            later = call(run, "a2")
+            assert await send(addon, later) == "refused"
+            status, body = refusal(later)
+            assert status == 409 and body["reason"] == f"run {run} was journaled with fingerprint v99, unknown to this sidecar"
+
+    asyncio.run(scenario())
+
+
+def test_a_held_answer_is_journaled_when_the_agent_asks_again(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upstream answered but the journal would not take it: the sidecar holds the answer. The
+    agent's retry commits it there and then: a 503 while the journal still refuses (not a wait),
+    the upstream's answer from the journal once it takes it, and never a second send."""
+    monkeypatch.setattr(repairs, "RETRY_S", 60.0)  # only the agent's retries commit it in this test
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            journal = addon.lifecycle.journal
+            complete, refusals = journal.complete, [JournalError("connection lost"), JournalError("still down")]
+
+            async def flaky_complete(*args: Any, **kwargs: Any) -> None:
+                if refusals:
+                    raise refusals.pop(0)
+                await complete(*args, **kwargs)
+
+            monkeypatch.setattr(journal, "complete", flaky_complete)
+            first = call(run, "a1")
+            await send(addon, first)
+            key = first.request.headers["Idempotency-Key"]
+            await answer(addon, first, body=b"paid")
+            status, body = refusal(first)
+            assert status == 503 and "holds the answer" in body["reason"]
+            assert sql(pg_dsn, STEPS, run) == [(1, "pending", None, key)]
+
+            retry = call(run, "a1")
+            assert await send(addon, retry) == "refused"
+            status, body = refusal(retry)
+            assert (status, body["reason"]) == (503, "journal unavailable: nothing was forwarded")
+            again = call(run, "a1")
+            assert await send(addon, again) == "replayed" and again.response.content == b"paid"
+            assert sql(pg_dsn, STEPS, run) == [(1, "completed", 200, key)]
 
     asyncio.run(scenario())
