@@ -89,3 +89,19 @@ def new_run() -> str:
 def refusal(flow: http.HTTPFlow) -> tuple[int, dict[str, Any]]:
     assert flow.response is not None
     return flow.response.status_code, json.loads(flow.response.content)
+
+
+async def stream(addon: DurableSidecar, flow: http.HTTPFlow, chunks: list[bytes], end: bool = True) -> bytes:
+    """The upstream streams its answer (an event stream): the response headers, then each chunk as
+    mitmproxy passes it through the sidecar's tee, then (with `end`) the end of the stream. Returns
+    what reached the agent; the response hook is the caller's to fire (or the error hook)."""
+    flow.server_conn.timestamp_tcp_setup = flow.server_conn.timestamp_tls_setup = 1.0
+    flow.response = http.Response.make(200, b"", {"content-type": "text/event-stream"})
+    del flow.response.headers["content-length"]
+    addon.responseheaders(flow)
+    tee = flow.response.stream
+    assert callable(tee), "an event stream reaches the agent as it comes"
+    seen = b"".join(tee(chunk) for chunk in chunks)
+    if end:
+        tee(b"")
+    return seen

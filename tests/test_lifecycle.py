@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from conftest import sql
-from inprocess import STEPS, answer, break_off, call, new_run, refusal, send, sidecar
+from inprocess import STEPS, answer, break_off, call, new_run, refusal, send, sidecar, stream
 from mitmproxy import flow as mflow
 from mitmproxy.test import tutils
 
@@ -186,10 +186,8 @@ def test_a_call_broken_after_it_left_is_in_doubt_and_its_retry_re_sends_it_with_
             key = first.request.headers["Idempotency-Key"]
             await break_off(addon, first, connected=True)
             assert sql(pg_dsn, STEPS, run) == [(1, "pending", None, key)]
-            assert any(
-                r.name == "durable" and f"run={run} seq=1 in doubt: connection reset by peer" in r.getMessage()
-                for r in caplog.records
-            )
+            expected = f"durable: run={run} seq=1 in doubt: connection reset by peer after the request may have reached the upstream"
+            assert [r.getMessage() for r in caplog.records if r.name == "durable" and "in doubt" in r.getMessage()] == [expected]
             retry = call(run, "a1")
             assert await send(addon, retry) == "reissued"
             assert retry.metadata[META].seq == 1 and retry.request.headers["Idempotency-Key"] == key
@@ -441,5 +439,120 @@ def test_a_held_answer_is_journaled_when_the_agent_asks_again(pg_dsn: str, monke
             again = call(run, "a1")
             assert await send(addon, again) == "replayed" and again.response.content == b"paid"
             assert sql(pg_dsn, STEPS, run) == [(1, "completed", 200, key)]
+
+    asyncio.run(scenario())
+
+
+EVENTS = [b'data: {"delta": "Hel"}\n\n', b'data: {"delta": "lo"}\n\n', b"data: [DONE]\n\n"]
+STREAMED = "SELECT state, response_body, streamed, truncated, chunk_timing IS NOT NULL FROM durable_steps WHERE run_id = %s"
+
+
+def test_a_streamed_answer_is_journaled_whole_and_replayed_byte_identical(pg_dsn: str) -> None:
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            flow = call(run, "a1")
+            await send(addon, flow)
+            assert await stream(addon, flow, EVENTS) == b"".join(EVENTS)
+            await addon.response(flow)
+            assert sql(pg_dsn, STREAMED, run) == [("completed", b"".join(EVENTS), True, False, True)]
+            again = call(run, "a2")
+            assert await send(addon, again) == "replayed" and again.response.content == b"".join(EVENTS)
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_cut_short_is_in_doubt_and_its_retry_re_sends_it(pg_dsn: str) -> None:
+    """Cut before its end (no end marker): the agent saw a partial answer, so the step goes back to
+    the attempt and the retry is the same step. Cut after its end marker: it is whole, journaled."""
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            for cut_by in ("close", "error"):
+                flow = call(run, "a1")
+                await send(addon, flow)
+                assert flow.metadata[META].seq == 1  # the same step, each time
+                await stream(addon, flow, EVENTS[:2], end=False)
+                if cut_by == "close":
+                    await addon.response(flow)
+                else:
+                    flow.error = mflow.Error("peer closed connection")
+                    await addon.error(flow)
+                state, body, *_ = sql(pg_dsn, STREAMED, run)[0]
+                assert state == "pending" and len(sql(pg_dsn, STEPS, run)) == 1
+            whole = call(run, "a1")
+            assert await send(addon, whole) == "reissued"
+            await stream(addon, whole, EVENTS, end=False)  # the end marker came, then the link broke
+            whole.error = mflow.Error("peer closed connection")
+            await addon.error(whole)
+            assert sql(pg_dsn, STREAMED, run) == [("completed", b"".join(EVENTS), True, False, True)]
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_over_the_cap_reaches_the_agent_whole_and_stays_in_doubt(
+    pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past durable_body_cap nothing more is kept: the agent gets it all, the journal does not, so the
+    step stays in doubt for a later attempt; this attempt moved past it (its next call is a new step)."""
+    run = new_run()
+    events = [b"data: " + b"x" * 400 + b"\n\n"] * 3 + [b"data: [DONE]\n\n"]
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn, durable_body_cap=1000) as addon:
+            flow = call(run, "a1")
+            await send(addon, flow)
+            assert await stream(addon, flow, events) == b"".join(events)
+            await addon.response(flow)
+            assert flow.response.headers["Durable-Outcome"] == "recorded"
+            assert [(seq, state) for seq, state, *_ in sql(pg_dsn, STEPS, run)] == [(1, "pending")]
+            expected = (
+                f"durable: run={run} seq=1 response of {len(b''.join(events))} bytes is over durable_body_cap: "
+                "streamed through, not journaled; the step stays in doubt and a later attempt re-sends it"
+            )
+            assert expected in [r.getMessage() for r in caplog.records if r.name == "durable"]
+            following = call(run, "a1")
+            assert await send(addon, following) == "recorded" and following.metadata[META].seq == 2
+
+    asyncio.run(scenario())
+
+
+def test_calls_of_one_step_from_two_attempts_at_once_are_sent_once(pg_dsn: str) -> None:
+    """Both attempts look the step up before either journals it: one records and sends it, the other
+    finds it journaled when it gets its turn, and is answered from the journal."""
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            flows = [call(run, "a1"), call(run, "a2")]
+            tasks = [asyncio.ensure_future(send(addon, flow)) for flow in flows]
+            await asyncio.sleep(0.3)
+            (done,) = [task for task in tasks if task.done()]
+            assert done.result() == "recorded"
+            sender, waiter = (flows[0], flows[1]) if done is tasks[0] else (flows[1], flows[0])
+            await answer(addon, sender, body=b"once")
+            assert await asyncio.wait_for(tasks[flows.index(waiter)], 5) == "replayed"
+            assert waiter.response.content == b"once"
+        assert [(seq, state) for seq, state, *_ in sql(pg_dsn, STEPS, run)] == [(1, "completed")]
+
+    asyncio.run(scenario())
+
+
+def test_an_agent_that_hangs_up_after_its_answer_changes_nothing(pg_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            flow = call(run, "a1")
+            await send(addon, flow)
+            await answer(addon, flow, body=b"kept")
+            before = sql(pg_dsn, "SELECT state, response_body, completed_at FROM durable_steps WHERE run_id = %s", run)
+            flow.error = mflow.Error("client disconnected")
+            await addon.error(flow)
+            after = sql(pg_dsn, "SELECT state, response_body, completed_at FROM durable_steps WHERE run_id = %s", run)
+            assert before == after and before[0][:2] == ("completed", b"kept")
+            assert not [r for r in caplog.records if r.levelname in ("ERROR", "WARNING") and r.name == "durable"]
 
     asyncio.run(scenario())
