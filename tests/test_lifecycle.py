@@ -406,7 +406,9 @@ def test_a_run_journaled_with_an_unknown_fingerprint_version_is_refused(pg_dsn: 
     asyncio.run(scenario())
 
 
-def test_a_held_answer_is_journaled_when_the_agent_asks_again(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_held_answer_is_journaled_when_the_agent_asks_again(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """The upstream answered but the journal would not take it: the sidecar holds the answer. The
     agent's retry commits it there and then: a 503 while the journal still refuses (not a wait),
     the upstream's answer from the journal once it takes it, and never a second send."""
@@ -431,6 +433,8 @@ def test_a_held_answer_is_journaled_when_the_agent_asks_again(pg_dsn: str, monke
             status, body = refusal(first)
             assert status == 503 and "holds the answer" in body["reason"]
             assert sql(pg_dsn, STEPS, run) == [(1, "pending", None, key)]
+            held = f"durable: run={run} seq=1 the journal could not record the answer: held (1 held), its commit retried"
+            assert held in [r.getMessage() for r in caplog.records if r.name == "durable"]
 
             retry = call(run, "a1")
             assert await send(addon, retry) == "refused"
@@ -554,5 +558,55 @@ def test_an_agent_that_hangs_up_after_its_answer_changes_nothing(pg_dsn: str, ca
             after = sql(pg_dsn, "SELECT state, response_body, completed_at FROM durable_steps WHERE run_id = %s", run)
             assert before == after and before[0][:2] == ("completed", b"kept")
             assert not [r for r in caplog.records if r.levelname in ("ERROR", "WARNING") and r.name == "durable"]
+
+    asyncio.run(scenario())
+
+
+def test_answers_past_what_the_sidecar_may_hold_are_dropped_in_doubt(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Held answers are bounded (repairs.HELD_MAX_BYTES, counted by body size): one that does not fit
+    is dropped, its step left in doubt for the next attempt, and the agent told so; an empty one fits."""
+    monkeypatch.setattr(repairs, "HELD_MAX_BYTES", 3)
+    monkeypatch.setattr(repairs, "RETRY_S", 60.0)
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+
+            async def refuse(*args: Any, **kwargs: Any) -> None:
+                raise JournalError("connection lost")
+
+            monkeypatch.setattr(addon.lifecycle.journal, "complete", refuse)
+            big = call(run, "a1", body=b'{"n": 1}')
+            await send(addon, big)
+            await answer(addon, big, body=b"x" * 100)
+            status, body = refusal(big)
+            assert status == 503 and "stays in doubt and the next attempt re-sends it" in body["reason"]
+            dropped = f"durable: run={run} seq=1 answer dropped: over the answers the sidecar holds"
+            assert dropped in [r.getMessage() for r in caplog.records if r.name == "durable"]
+            empty = call(run, "a1", body=b'{"n": 2}')
+            await send(addon, empty)
+            await answer(addon, empty, body=b"")
+            assert "holds the answer" in refusal(empty)[1]["reason"]
+            assert len(addon.lifecycle.repairs.held) == 1  # the empty answer, and only it
+
+    asyncio.run(scenario())
+
+
+def test_redacted_fields_of_a_request_body_are_journaled_hashed_and_sent_as_they_are(pg_dsn: str) -> None:
+    run = new_run()
+    body = b'{"amount": 5, "card": {"number": "4242424242424242"}}'
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn, durable_redact_json=["/card/number"]) as addon:
+            flow = call(run, "a1", body=body)
+            await send(addon, flow)
+            assert flow.request.content == body  # the upstream gets the card number
+            await answer(addon, flow)
+            (stored,) = sql(pg_dsn, "SELECT request_body FROM durable_steps WHERE run_id = %s", run)[0]
+            assert b"4242424242424242" not in stored and b"amount" in stored
+            again = call(run, "a2", body=body)
+            assert await send(addon, again) == "replayed"  # matched on the fingerprint, not the stored body
 
     asyncio.run(scenario())
