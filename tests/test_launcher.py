@@ -217,6 +217,7 @@ def test_the_summary_behind_a_running_sidecar_counts_the_replays(
                            capture_output=True, text=True, env=env_without_proxy(), timeout=60)
     again = subprocess.run([DURABLE, "run", "--run", run, "--dsn", pg_dsn, "--proxy", proxy, "--", *curl],
                            capture_output=True, text=True, env=env_without_proxy(), timeout=60)
+    assert re.search(rf"^durable: run {run}, attempt \S+, proxy 127\.0\.0\.1:{sidecar.port}$", first.stderr, re.M)
     assert "3 recorded, 0 replayed" in first.stderr, first.stderr
     assert "0 recorded, 3 replayed" in again.stderr, again.stderr
     assert http_api.books()["calls"] == 3
