@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from durable_sidecar.store.cursor import RunCursor, StepRef, digest
-from durable_sidecar.store.journal import _COMPLETE, INDEX, Journal, NewStep
+from durable_sidecar.store.journal import _COMPLETE, INDEX, Journal, JournalError, NewStep
 from durable_sidecar.store.migrations import MIGRATIONS
 from conftest import sql
 
@@ -281,3 +281,158 @@ def test_take_over_follows_the_single_flight_rules(fresh_dsn: str) -> None:
     assert sql(fresh_dsn, "SELECT state, response_body FROM durable_steps WHERE run_id = 'tk' AND fingerprint = 'v1:done'") == [
         ("completed", b"paid")
     ]
+
+
+# -- upkeep, imports and the journal's connections ---------------------------------------------
+
+
+async def opened(dsn: str, **kwargs: Any) -> Journal:
+    journal = Journal(dsn, **kwargs)
+    await journal.open()
+    return journal
+
+
+def test_gc_deletes_only_runs_idle_past_the_age_a_batch_at_a_time(fresh_dsn: str) -> None:
+    """Idle: the run untouched and none of its steps started, answered or replayed within the age."""
+
+    async def collect() -> int:
+        journal = await opened(fresh_dsn)
+        try:
+            for run in ("old-1", "old-2", "old-3", "old-replayed", "fresh"):
+                await journal.record(bare_step(run, "v1:k"))
+            sql(fresh_dsn, "UPDATE durable_runs SET updated_at = now() - interval '2 hours' WHERE id LIKE 'old-%%'")
+            sql(fresh_dsn, "UPDATE durable_steps SET started_at = now() - interval '2 hours' WHERE run_id LIKE 'old-%%'")
+            sql(fresh_dsn, "UPDATE durable_steps SET replayed_at = now() WHERE run_id = 'old-replayed'")
+            return await journal.gc(3600, batch=2)
+        finally:
+            await journal.close()
+
+    assert asyncio.run(collect()) == 3
+    assert sql(fresh_dsn, "SELECT id FROM durable_runs ORDER BY id") == [("fresh",), ("old-replayed",)]
+    assert sql(fresh_dsn, "SELECT DISTINCT run_id FROM durable_steps ORDER BY 1") == [("fresh",), ("old-replayed",)]
+
+
+def test_an_import_is_one_run_of_completed_steps_or_nothing(pg_dsn: str) -> None:
+    from durable_sidecar.store.journal import Answer
+
+    run = f"imp-{time.monotonic_ns()}"
+    answer = Answer(201, "Created", "HTTP/1.1", [["content-type", "application/json"]], b'{"ok": true}')
+
+    async def load(keys: list[str]) -> int:
+        journal = await opened(pg_dsn)
+        try:
+            return await journal.import_steps(run, [(bare_step(run, key, outcome="imported"), answer) for key in keys])
+        finally:
+            await journal.close()
+
+    assert asyncio.run(load(["v1:a", "v1:b"])) == 2
+    rows = "SELECT seq, state, status, reason, response_body, last_outcome FROM durable_steps WHERE run_id = %s ORDER BY seq"
+    expected = [(n, "completed", 201, "Created", b'{"ok": true}', "imported") for n in (1, 2)]
+    assert sql(pg_dsn, rows, run) == expected
+    assert sql(pg_dsn, "SELECT last_seq FROM durable_runs WHERE id = %s", run) == [(2,)]
+    with pytest.raises(JournalError):
+        asyncio.run(load(["v1:c", "v1:c"]))  # the same step twice: the whole import fails...
+    assert sql(pg_dsn, rows, run) == expected  # ...and leaves nothing of itself
+    assert sql(pg_dsn, "SELECT last_seq FROM durable_runs WHERE id = %s", run) == [(2,)]
+
+
+def test_replays_are_counted_in_one_batch_and_pushes_append_only_to_completed_answers(pg_dsn: str) -> None:
+    run = f"counted-{time.monotonic_ns()}"
+
+    async def scenario() -> None:
+        journal = await opened(pg_dsn)
+        try:
+            owner = await journal.owner()
+            done = await journal.record(bare_step(run, "v1:a", owner=owner))
+            open_ = await journal.record(bare_step(run, "v1:b", owner=owner))
+            assert done is not None and open_ is not None
+            await journal.complete(run, done.seq, "completed", 200, "OK", "HTTP/1.1", [], b"first", 1.0, owner=owner)
+            for attempt in ("a2", "a3"):
+                journal.note_replay(run, done.seq, attempt)
+            journal.note_replay(run, open_.seq, "a2")
+            await journal.flush_replays()
+            await journal.append_answer(run, done.seq, b"first+push")
+            await journal.append_answer(run, open_.seq, b"not an answer")
+        finally:
+            await journal.close()
+
+    asyncio.run(scenario())
+    rows = sql(pg_dsn, "SELECT seq, replay_count, replayed_at IS NOT NULL, last_attempt, last_outcome, response_body"
+                       " FROM durable_steps WHERE run_id = %s ORDER BY seq", run)
+    assert rows == [(1, 2, True, "a3", "replayed", b"first+push"), (2, 1, True, "a2", "replayed", None)]
+
+
+def test_a_step_never_sent_is_handed_back_only_by_its_owner_and_its_state_names_who_has_it(pg_dsn: str) -> None:
+    run = f"owned-{time.monotonic_ns()}"
+
+    async def scenario() -> None:
+        mine, theirs = await opened(pg_dsn), await opened(pg_dsn)
+        try:
+            me, them = await mine.owner(), await theirs.owner()
+            assert me != them
+            ref = await mine.record(bare_step(run, "v1:a", owner=them))
+            assert ref is not None
+            step = StepRef(ref.seq, "v1:a", 0, "pending")
+            assert await mine.step_state(run, step) == ("pending", True)  # in flight in a live sidecar
+            assert await theirs.step_state(run, step) == ("pending", False)  # its own
+            await mine.give_back(run, "v1:a", 0, me)  # not the owner: nothing changes
+            assert sql(pg_dsn, "SELECT owner, approved FROM durable_steps WHERE run_id = %s", run) == [(them, False)]
+            await theirs.give_back(run, "v1:a", 0, them)
+            assert sql(pg_dsn, "SELECT owner, approved FROM durable_steps WHERE run_id = %s", run) == [(None, True)]
+            assert await mine.step_state(run, step) == ("pending", False)
+            assert await mine.step_state(run, StepRef(ref.seq, "v1:other", 0, "pending")) == (None, False)
+        finally:
+            await mine.close()
+            await theirs.close()
+
+    asyncio.run(scenario())
+
+
+def test_statements_go_on_after_postgresql_ends_the_journals_sessions(pg_dsn: str) -> None:
+    """pg_terminate_backend on every session of the sidecar (pool and lease): the next statements
+    find their connection broken, take a new one and answer; the lease is taken again."""
+    run = f"ended-{time.monotonic_ns()}"
+
+    async def scenario() -> None:
+        journal = await opened(pg_dsn)
+        try:
+            owner = await journal.owner()
+            first = await journal.record(bare_step(run, "v1:a", owner=owner))
+            assert first is not None
+            ended = sql(pg_dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                                " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+            assert len(ended) >= 2  # a pooled connection and the lease's at least
+            assert await journal.find(run, "v1:a", 0) == StepRef(first.seq, "v1:a", 0, "pending")
+            again = await journal.owner()
+            second = await journal.record(bare_step(run, "v1:b", owner=again))
+            assert second is not None and second.seq == first.seq + 1
+        finally:
+            await journal.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_statement_that_gets_no_answer_in_time_fails_and_the_next_one_answers(pg_dsn: str) -> None:
+    """A lock held elsewhere stands for a frozen link: the write waits, and after durable_db_timeout
+    the agent's call is refused (JournalTimeout) instead of hanging; the stuck connection is thrown
+    away, so the journal answers again as soon as the lock goes."""
+    from durable_sidecar.store.journal import JournalTimeout
+
+    run = f"frozen-{time.monotonic_ns()}"
+
+    async def scenario() -> None:
+        journal = await opened(pg_dsn, timeout_s=0.5)
+        try:
+            owner = await journal.owner()
+            assert await journal.record(bare_step(run, "v1:a", owner=owner)) is not None
+            with psycopg.connect(pg_dsn) as blocker:
+                blocker.execute("SELECT 1 FROM durable_runs WHERE id = %s FOR UPDATE", (run,))
+                started = time.monotonic()
+                with pytest.raises(JournalTimeout, match="no answer from the journal within durable_db_timeout"):
+                    await journal.record(bare_step(run, "v1:b", owner=owner))
+                assert time.monotonic() - started < 5
+            assert await journal.record(bare_step(run, "v1:c", owner=owner)) is not None
+        finally:
+            await journal.close()
+
+    asyncio.run(scenario())
