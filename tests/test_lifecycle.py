@@ -240,7 +240,9 @@ def test_in_doubt_fail_refuses_a_step_in_doubt_with_how_to_resolve_it(pg_dsn: st
     asyncio.run(scenario())
 
 
-def test_a_diverging_call_is_recorded_with_its_divergence_or_refused_when_strict(pg_dsn: str) -> None:
+def test_a_diverging_call_is_recorded_with_its_divergence_or_refused_when_strict(
+    pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
     run = new_run()
 
     async def scenario() -> None:
@@ -253,6 +255,13 @@ def test_a_diverging_call_is_recorded_with_its_divergence_or_refused_when_strict
             assert await send(addon, other) == "diverged"
             assert addon.lifecycle.divergences == 1
             await answer(addon, other)
+            logged = [r.getMessage() for r in caplog.records if r.name == "durable" and "divergence" in r.getMessage()]
+            assert len(logged) == 1 and logged[0].startswith(
+                f"durable: divergence #1: run={run} attempt=a2 matches nothing journaled "
+                "(2 unconsumed steps ahead, nearest seq 1): "
+            )
+            assert await send(addon, call(run, "a4", body=b'{"amount": 9}')) == "diverged"
+            assert addon.lifecycle.divergences == 2
             ((divergence,),) = sql(pg_dsn, "SELECT divergence FROM durable_steps WHERE run_id = %s AND seq = 3", run)
             assert divergence["attempt"] == "a2" and divergence["expected_step"] == 1 and divergence["diff"]
         async with sidecar(pg_dsn, durable_strict=True) as addon:
@@ -261,7 +270,7 @@ def test_a_diverging_call_is_recorded_with_its_divergence_or_refused_when_strict
             status, body = refusal(strict)
             assert status == 409 and body["reason"] == "request diverges from the journal (durable_strict)"
             assert body["expected_step"] == 1
-        assert len(sql(pg_dsn, STEPS, run)) == 3  # nothing recorded for the refused call
+        assert len(sql(pg_dsn, STEPS, run)) == 4  # nothing recorded for the refused call
 
     asyncio.run(scenario())
 
@@ -608,5 +617,58 @@ def test_redacted_fields_of_a_request_body_are_journaled_hashed_and_sent_as_they
             assert b"4242424242424242" not in stored and b"amount" in stored
             again = call(run, "a2", body=body)
             assert await send(addon, again) == "replayed"  # matched on the fingerprint, not the stored body
+
+    asyncio.run(scenario())
+
+
+def test_a_step_deleted_under_a_running_attempt_is_refused_not_sent(pg_dsn: str) -> None:
+    """The attempt's index names a completed step that an operator deleted meanwhile: 503, nothing
+    sent (its answer cannot be replayed and sending it again might charge twice)."""
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            for n in (1, 2):
+                flow = call(run, "a1", body=f'{{"n": {n}}}'.encode())
+                await send(addon, flow)
+                await answer(addon, flow)
+            first = call(run, "a2", body=b'{"n": 1}')
+            assert await send(addon, first) == "replayed"  # the attempt's index is loaded now
+            sql(pg_dsn, "DELETE FROM durable_steps WHERE run_id = %s AND seq = 2", run)
+            second = call(run, "a2", body=b'{"n": 2}')
+            assert await send(addon, second) == "refused"
+            status, body = refusal(second)
+            assert status == 503 and body["failed"] == f"read journaled response: step {run}/2 is gone"
+
+    asyncio.run(scenario())
+
+
+def test_with_replay_pacing_a_recorded_stream_is_replayed_through_the_pacer(pg_dsn: str) -> None:
+    """Only a stream with its chunk timing goes to the pacer (the flow is sent to its local port and
+    answered there at the recorded pace); a whole answer is replayed at once."""
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            streamed = call(run, "a1", body=b'{"stream": true}')
+            await send(addon, streamed)
+            await stream(addon, streamed, EVENTS)
+            await addon.response(streamed)
+            whole = call(run, "a1", body=b'{"stream": false}')
+            await send(addon, whole)
+            await answer(addon, whole)
+        async with sidecar(pg_dsn, durable_replay_pacing=True) as addon:
+            assert addon.lifecycle.pacer is not None
+            await addon.lifecycle.pacer.start()
+            paced = call(run, "a2", body=b'{"stream": true}')
+            assert await send(addon, paced) == "replayed" and paced.metadata[META].paced
+            assert paced.response is None
+            assert (paced.request.host, paced.request.port) == ("127.0.0.1", addon.lifecycle.pacer.port)
+            at_once = call(run, "a2", body=b'{"stream": false}')
+            assert await send(addon, at_once) == "replayed" and not at_once.metadata[META].paced
+            assert at_once.response is not None and at_once.request.host == "api.test"
+        async with sidecar(pg_dsn) as addon:  # pacing off: the stream is replayed at once
+            plain = call(run, "a3", body=b'{"stream": true}')
+            assert await send(addon, plain) == "replayed" and plain.response.content == b"".join(EVENTS)
 
     asyncio.run(scenario())

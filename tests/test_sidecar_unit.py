@@ -111,7 +111,7 @@ def test_a_digest_shared_by_two_keys_is_refused_not_answered_with_the_other_step
     flow = flow_with_run()
     asyncio.run(sidecar.request(flow))
     assert flow.response.status_code == 503 and b"someone else" not in flow.response.content
-    assert "answers another request" in json.loads(flow.response.content)["failed"]
+    assert json.loads(flow.response.content)["failed"] == "read journaled response: step r1/1 answers another request"
 
 
 # -- resuming a long run: the index streams in while the attempt is already answered -------------
