@@ -15,6 +15,7 @@ import pytest
 from conftest import sql
 from inprocess import STEPS, answer, break_off, call, new_run, refusal, send, sidecar, stream
 from mitmproxy import flow as mflow
+from mitmproxy import http
 from mitmproxy.test import tutils
 
 from durable_sidecar.proxy.sidecar import META
@@ -670,5 +671,63 @@ def test_with_replay_pacing_a_recorded_stream_is_replayed_through_the_pacer(pg_d
         async with sidecar(pg_dsn) as addon:  # pacing off: the stream is replayed at once
             plain = call(run, "a3", body=b'{"stream": true}')
             assert await send(addon, plain) == "replayed" and plain.response.content == b"".join(EVENTS)
+
+    asyncio.run(scenario())
+
+
+def test_a_gzip_answer_is_replayed_as_journaled_to_a_client_that_takes_gzip_and_decoded_for_one_that_does_not(
+    pg_dsn: str,
+) -> None:
+    run = new_run()
+    plain = b'{"charged": 5}' * 20
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            flow = call(run, "a1", Accept_Encoding="gzip")
+            await send(addon, flow)
+            flow.server_conn.timestamp_tcp_setup = 1.0
+            compressed = gzip.compress(plain, mtime=0)
+            flow.response = http.Response.make(200, b"", {"content-encoding": "gzip"})
+            flow.response.raw_content = compressed
+            flow.response.headers["content-length"] = str(len(compressed))
+            addon.responseheaders(flow)
+            await addon.response(flow)
+            takes_gzip = call(run, "a2", Accept_Encoding="gzip, br")
+            await send(addon, takes_gzip)
+            assert takes_gzip.response.raw_content == compressed  # byte-identical
+            no_gzip = call(run, "a3")
+            await send(addon, no_gzip)
+            assert no_gzip.response.raw_content == plain and "content-encoding" not in no_gzip.response.headers
+
+    asyncio.run(scenario())
+
+
+def test_a_pending_commit_whose_reply_was_lost_is_sent_once_as_recorded(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal committed the pending step but its reply never came: the call was not sent (the
+    agent got a 503). The agent's retry finds the row, and sends it as its first send, not a reissue."""
+    monkeypatch.setattr(repairs, "RETRY_S", 60.0)  # no hand-back in the background meanwhile
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            journal = addon.lifecycle.journal
+            record = journal.record
+
+            async def reply_lost(step: Any) -> Any:
+                await record(step)
+                raise JournalError("record pending step: connection lost")
+
+            monkeypatch.setattr(journal, "record", reply_lost)
+            first = call(run, "a1")
+            assert await send(addon, first) == "refused" and refusal(first)[0] == 503
+            monkeypatch.setattr(journal, "record", record)
+            assert sql(pg_dsn, "SELECT seq, state FROM durable_steps WHERE run_id = %s", run) == [(1, "pending")]
+            retry = call(run, "a1")
+            assert await send(addon, retry) == "recorded" and retry.metadata[META].seq == 1
+            assert retry.request.headers["Idempotency-Key"] == sql(pg_dsn, STEPS, run)[0][3]
+            await answer(addon, retry)
+            assert [(seq, state) for seq, state, *_ in sql(pg_dsn, STEPS, run)] == [(1, "completed")]
 
     asyncio.run(scenario())
