@@ -52,7 +52,9 @@ for module in "${modules[@]}"; do
     fast="${tests%%|*}" slow="${tests#*|}"
     path=$(ls addon/*/"$module".py)
     echo "== $path: $fast, then $slow" >&2
-    pytest="$PY -m pytest -x -q -p no:cacheprovider"
+    # a mutant that hangs the tests (a loop that never ends) is caught when its tier runs out of
+    # time: mutmut's own timeout ends only the shell, not the pytest it started
+    pytest="timeout -k 5 ${MUTATE_TIER_TIMEOUT:-300} $PY -m pytest -x -q -p no:cacheprovider"
     runner="$pytest -p no:xdist $fast && $pytest -n 2 $slow"
     [ -z "${fast// }" ] && runner="$pytest -n 2 $slow"
     [ -n "${MUTATE_FAST:-}" ] && [ -n "${fast// }" ] && runner="$pytest -p no:xdist $fast"
