@@ -11,6 +11,7 @@ import base64
 import json
 import re
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,7 @@ from inprocess import answer, break_off, call, send, sidecar
 from durable_sidecar.tools import launcher, ui
 
 MARKUP = "<script>window.pwned=1</script>"
+LEGEND = ("recorded", "replayed", "reissued", "diverged", "in-doubt", "failed", "forked", "edited", "imported")
 
 
 def serve(dsn: str, secret: str | None = None) -> Iterator[str]:
@@ -103,6 +105,8 @@ def test_the_pages_show_runs_steps_and_answers_escaped(base: str, web: requests.
 
     page = web.get(f"{base}/runs/{run}", timeout=10).text
     assert all(word in page for word in ("recorded", "failed", "in-doubt")) and token(page)
+    legend = "".join(f'<span class="{o}">{o}</span>' for o in LEGEND)
+    assert f'<p class="legend">{legend}</p>' in page  # every outcome a step can show, with its colour
     step = web.get(f"{base}/runs/{run}/steps/1", timeout=10).text
     assert "&quot;amount&quot;: 5" in step  # JSON shown pretty-printed
     assert MARKUP not in step and "&lt;script&gt;window.pwned=1&lt;/script&gt;" in step
@@ -116,10 +120,10 @@ def test_the_pages_show_runs_steps_and_answers_escaped(base: str, web: requests.
 
 def test_runs_are_listed_a_page_at_a_time(base: str, web: requests.Session, pg_dsn: str) -> None:
     prefix = f"paged-{uuid.uuid4().hex[:8]}-"
-    for n in range(ui.PAGE_SIZE + 1):
+    for n in range(51):  # fifty runs a page
         sql(pg_dsn, "INSERT INTO durable_runs (id) VALUES (%s)", f"{prefix}{n:03}")
     first = web.get(f"{base}/", params={"prefix": prefix}, timeout=10).text
-    assert first.count(f'<a href="/runs/{prefix}') == ui.PAGE_SIZE
+    assert first.count(f'<a href="/runs/{prefix}') == 50
     assert 'rel="next"' in first and 'rel="prev"' not in first
     second = web.get(f"{base}/", params={"prefix": prefix, "page": "1"}, timeout=10).text
     assert second.count(f'<a href="/runs/{prefix}') == 1 and 'rel="prev"' in second and 'rel="next"' not in second
@@ -265,7 +269,7 @@ def test_allowed_hosts_are_the_address_its_loopback_names_and_those_given() -> N
     }
 
 
-def test_bodies_streams_outcomes_and_the_timeline_as_shown() -> None:
+def test_bodies_streams_outcomes_and_the_timeline_as_shown(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ui.shown(b'{"a":[1,"\xc3\xa9"]}') == '{\n  "a": [\n    1,\n    "\xe9"\n  ]\n}'
     assert ui.shown(b"plain \xff") == "plain \ufffd" and ui.shown(None) == "" and ui.shown(b"") == ""
     sse = b'event: delta\r\ndata: {"t":1}\r\n\r\ndata: one\ndata: two\n\n: comment\n\n'
@@ -285,6 +289,13 @@ def test_bodies_streams_outcomes_and_the_timeline_as_shown() -> None:
         )
     ] == ["in-doubt", "failed", "replayed", "recorded"]
     assert ui.when(None) == "" and ui.url("a/b c") == "a%2Fb%20c"
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    try:
+        assert ui.when(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)) == "2026-01-02 03:04:05"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     steps = [
         {
@@ -317,4 +328,4 @@ def test_bodies_streams_outcomes_and_the_timeline_as_shown() -> None:
         (3, 2, 200.0, 200.0, "recorded"),
     ]
     assert ui.timeline([]) == ([], 0.0)
-    assert len(ui.timeline(steps * ui.TIMELINE_BARS)[0]) == ui.TIMELINE_BARS
+    assert len(ui.timeline(steps * 200)[0]) == 400  # a very long run: its first 400 steps are drawn
