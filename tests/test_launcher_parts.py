@@ -5,6 +5,7 @@ take a second or two, so scripts/mutate.sh runs them first."""
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import os
 import signal
@@ -77,7 +78,7 @@ def test_a_bundle_holds_the_system_cas_and_the_sidecars_and_is_written_once_per_
 def test_logs_live_under_durable_home_and_only_the_newest_are_kept(home: Path) -> None:
     assert launcher.confdir_default() == home / "certs" and launcher.logs_dir() == home / "logs"
     (home / "logs").mkdir(parents=True)
-    for n in range(launcher.KEPT_LOGS + 5):
+    for n in range(25):
         old = home / "logs" / f"sidecar-{n:03}.log"
         old.write_text("")
         os.utime(old, (n, n))
@@ -85,8 +86,8 @@ def test_logs_live_under_durable_home_and_only_the_newest_are_kept(home: Path) -
     path = launcher.new_log_path(4242)
     assert path.parent == home / "logs" and path.name.startswith("sidecar-") and path.name.endswith("-4242.log")
     kept = sorted(p.name for p in (home / "logs").glob("sidecar-*.log"))
-    newest = [f"sidecar-{n:03}.log" for n in range(6, launcher.KEPT_LOGS + 5)]
-    assert kept == newest  # with the new one, KEPT_LOGS in all
+    newest = [f"sidecar-{n:03}.log" for n in range(6, 25)]
+    assert kept == newest  # with the new one, twenty in all
     assert (home / "logs" / "other.txt").exists()
 
 
@@ -148,6 +149,7 @@ def test_a_sidecar_that_exits_names_the_line_that_says_why(tmp_path: Path) -> No
     with pytest.raises(launcher.SidecarFailed) as failed:
         failing.wait_serving(timeout=10)
     assert failed.value.reason == "sidecar exited with 3: configuration error: bad durable_dsn"
+    assert str(failed.value).startswith(f"{failed.value.reason} (log: {failing.log_path}):\nstarting\n")
     assert failed.value.log_path == failing.log_path and "bye" in str(failed.value)
     quiet = stand_in(tmp_path, "exit 4", "quiet")
     with pytest.raises(launcher.SidecarFailed, match=r"sidecar exited with 4: exit status 4"):
@@ -267,3 +269,31 @@ def test_a_sidecar_started_to_die_with_its_parent_does(tmp_path: Path) -> None:
     parent.kill()
     parent.wait()
     assert gone([child], timeout=10) == []
+
+
+def test_the_sidecar_the_launcher_starts_is_the_addon_on_free_ports() -> None:
+    from durable_sidecar.proxy import sidecar as sidecar_module
+
+    assert launcher.SCRIPT.is_file() and launcher.SCRIPT == Path(sidecar_module.__file__).parents[1] / "durable.py"
+    ports = {launcher.free_port() for _ in range(5)}
+    assert len(ports) > 1 and min(ports) > 1024  # the kernel's choice, not a fixed one
+
+
+def test_the_urls_the_launcher_asks_are_the_ones_the_sidecar_answers(pg_dsn: str) -> None:
+    from mitmproxy import http
+    from mitmproxy.test import tflow
+
+    from durable_sidecar.proxy import endpoints
+    from inprocess import sidecar
+
+    async def ask(url: str) -> int:
+        async with sidecar(pg_dsn) as addon:
+            flow = tflow.tflow(req=http.Request.make("GET", url))
+            await addon.request(flow)
+            assert flow.response is not None
+            return flow.response.status_code
+
+    assert asyncio.run(ask(launcher.HEALTH_URL)) == 200
+    assert asyncio.run(ask(launcher.FLUSH_URL)) == 204
+    ca = http.Request.make("GET", launcher.CA_URL)
+    assert endpoints.addressed(ca) and ca.path == "/ca.pem"
