@@ -731,3 +731,80 @@ def test_a_pending_commit_whose_reply_was_lost_is_sent_once_as_recorded(
             assert [(seq, state) for seq, state, *_ in sql(pg_dsn, STEPS, run)] == [(1, "completed")]
 
     asyncio.run(scenario())
+
+
+def test_a_step_left_in_flight_by_a_dead_sidecar_is_re_sent_after_the_lease_grace(pg_dsn: str) -> None:
+    """Its lease is free but it is not taken over at once (a sidecar may be between losing its lease
+    and taking it again): after durable_lease_grace it is, with the step's idempotency key."""
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn, durable_lease_grace="1.5s") as survivor:
+            async with sidecar(pg_dsn) as dying:
+                sent = call(run, "a1")
+                await send(dying, sent)
+                key = sent.request.headers["Idempotency-Key"]
+            # the first sidecar is gone (its lease with it), its call never answered
+            retry = call(run, "a2")
+            waiting = asyncio.ensure_future(send(survivor, retry))
+            await asyncio.sleep(0.5)
+            assert not waiting.done()  # within the grace: still the dead sidecar's
+            assert await asyncio.wait_for(waiting, 5) == "reissued"
+            assert retry.request.headers["Idempotency-Key"] == key
+
+    asyncio.run(scenario())
+
+
+def test_a_whole_answer_whose_commit_fails_as_the_agent_hangs_up_is_held_a_cut_one_is_not(
+    pg_dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The error hook with a streamed answer in hand: a whole one (its end marker came) is held and
+    committed later, like a finished one; a cut one never is: the step stays in doubt."""
+    monkeypatch.setattr(repairs, "RETRY_S", 60.0)
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+
+            async def refuse(*args: Any, **kwargs: Any) -> None:
+                raise JournalError("connection lost")
+
+            monkeypatch.setattr(addon.lifecycle.journal, "complete", refuse)
+            whole = call(run, "a1", body=b'{"n": 1}')
+            await send(addon, whole)
+            await stream(addon, whole, EVENTS, end=False)  # its end marker came: the answer is whole
+            whole.error = mflow.Error("client disconnected")
+            await addon.error(whole)
+            assert len(addon.lifecycle.repairs.held) == 1
+            cut = call(run, "a1", body=b'{"n": 2}')
+            await send(addon, cut)
+            await stream(addon, cut, EVENTS[:1], end=False)
+            cut.error = mflow.Error("peer closed connection")
+            await addon.error(cut)
+            assert len(addon.lifecycle.repairs.held) == 1  # the cut answer is not kept
+            logged = [r.getMessage() for r in caplog.records if r.name == "durable" and r.levelname == "ERROR"]
+            assert logged == [f"durable: run={run} seq=2 failure not journaled (connection lost); step stays in doubt"]
+
+    asyncio.run(scenario())
+
+
+def test_a_step_neither_recorded_nor_found_is_refused(pg_dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The insert found the step journaled already, and then it was gone (deleted meanwhile): 503."""
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+
+            async def nothing(*args: Any) -> None:
+                return None
+
+            monkeypatch.setattr(addon.lifecycle.journal, "record", nothing)
+            monkeypatch.setattr(addon.lifecycle.journal, "find", nothing)
+            flow = call(run, "a1")
+            assert await send(addon, flow) == "refused"
+            status, body = refusal(flow)
+            key = flow.metadata[META].seq  # None: nothing was journaled
+            assert status == 503 and key is None and body["failed"].endswith("#0 neither recorded nor found")
+            assert body["failed"].startswith("step v")
+
+    asyncio.run(scenario())
