@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -808,3 +813,34 @@ def test_a_step_neither_recorded_nor_found_is_refused(pg_dsn: str, monkeypatch: 
             assert body["failed"].startswith("step v")
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    "point, journaled",
+    [
+        ("before-pending-commit", []),
+        ("after-pending-commit", [(1, "pending")]),
+        ("before-complete-commit", [(1, "pending")]),
+        ("after-complete-commit", [(1, "completed")]),
+        ("", [(1, "completed")]),
+    ],
+)
+def test_the_sidecar_dies_exactly_at_each_crash_point(pg_dsn: str, point: str, journaled: list[tuple]) -> None:
+    """DURABLE_FAULT, the chaos tests' seam (test_chaos.py kills a live sidecar at each point): here
+    each point is checked to sit where its name says, by what the journal holds when it fires."""
+    run = new_run()
+    script = (
+        "import asyncio, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from inprocess import answer, call, send, sidecar\n"
+        "async def main():\n"
+        f"    async with sidecar({pg_dsn!r}) as addon:\n"
+        f"        flow = call({run!r}, 'a1')\n"
+        "        await send(addon, flow)\n"
+        "        await answer(addon, flow)\n"
+        "asyncio.run(main())\n"
+    )
+    env = {**os.environ, "DURABLE_FAULT": point}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == (-signal.SIGKILL if point else 0), proc.stderr
+    assert [(seq, state) for seq, state, *_ in sql(pg_dsn, STEPS, run)] == journaled
