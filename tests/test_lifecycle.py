@@ -645,6 +645,13 @@ def test_a_step_deleted_under_a_running_attempt_is_refused_not_sent(pg_dsn: str)
             assert await send(addon, second) == "refused"
             status, body = refusal(second)
             assert status == 503 and body["failed"] == f"read journaled response: step {run}/2 is gone"
+            doubt = call(run, "a2", body=b'{"n": 3}')
+            await send(addon, doubt)
+            await break_off(addon, doubt, connected=True)  # in doubt: the retry would re-send it...
+            sql(pg_dsn, "DELETE FROM durable_steps WHERE run_id = %s AND seq = 3", run)  # ...had it not gone
+            retry = call(run, "a2", body=b'{"n": 3}')
+            assert await send(addon, retry) == "refused"
+            assert refusal(retry)[1]["failed"] == f"step {run}/3 is gone"
 
     asyncio.run(scenario())
 
