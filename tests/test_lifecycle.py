@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -99,8 +101,11 @@ def test_the_agents_own_idempotency_key_is_kept_and_a_get_gets_none(pg_dsn: str)
     asyncio.run(scenario())
 
 
-def test_a_transient_answer_is_journaled_failed_and_re_sent_with_its_key(pg_dsn: str) -> None:
+def test_a_transient_answer_is_journaled_failed_and_re_sent_with_its_key(
+    pg_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """A failure at the tail of the run: the next attempt sends the step again, with its key."""
+    caplog.set_level(logging.INFO, "durable")
     run = new_run()
 
     async def scenario() -> None:
@@ -115,6 +120,8 @@ def test_a_transient_answer_is_journaled_failed_and_re_sent_with_its_key(pg_dsn:
             retry = call(run, "a2")  # the agent crashed on it and starts again
             assert await send(addon, retry) == "reissued"
             assert retry.metadata[META].seq == 1 and retry.request.headers["Idempotency-Key"] == key
+            resent = [r.getMessage() for r in caplog.records if "re-sent with its original" in r.getMessage()]
+            assert re.fullmatch(rf"durable: run={run} seq=1 failed, \d+s ago: re-sent with its original idempotency key", resent[0])
             await answer(addon, retry, body=b"charged once")
             assert sql(pg_dsn, STEPS, run) == [(1, "completed", 200, key)]
 
@@ -183,6 +190,7 @@ def test_a_call_broken_after_it_left_is_in_doubt_and_its_retry_re_sends_it_with_
 ) -> None:
     """Issue 28, bug 1: the step goes back to the attempt, so the SDK's retry in the same attempt is
     the same step with the same idempotency key (the upstream deduplicates), not a second charge."""
+    caplog.set_level(logging.INFO, "durable")
     run = new_run()
 
     async def scenario() -> None:
@@ -197,6 +205,8 @@ def test_a_call_broken_after_it_left_is_in_doubt_and_its_retry_re_sends_it_with_
             retry = call(run, "a1")
             assert await send(addon, retry) == "reissued"
             assert retry.metadata[META].seq == 1 and retry.request.headers["Idempotency-Key"] == key
+            resent = [r.getMessage() for r in caplog.records if "re-sent with its original" in r.getMessage()]
+            assert re.fullmatch(rf"durable: run={run} seq=1 in doubt since \d+s ago: re-sent with its original idempotency key", resent[0])
             await answer(addon, retry)
             assert sql(pg_dsn, STEPS, run) == [(1, "completed", 200, key)]
 
