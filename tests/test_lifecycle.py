@@ -243,14 +243,19 @@ def test_in_doubt_fail_refuses_a_step_in_doubt_with_how_to_resolve_it(pg_dsn: st
             again = call(run, "a2")
             assert await send(addon, again) == "refused"
             status, body = refusal(again)
-            assert status == 409 and "durable_in_doubt=fail" in body["reason"]
+            assert status == 409 and body["reason"] == (
+                "step is in doubt: it was forwarded but its answer was never journaled (durable_in_doubt=fail)"
+            )
             assert body["resolve"] == f"durable resolve {run} 1 --reissue | --forget | --complete-from FILE"
             assert (body["run"], body["step"]) == (run, 1)
         async with sidecar(pg_dsn, durable_in_doubt_window="0s") as addon:
             late = call(run, "a3")
             await send(addon, late)
             status, body = refusal(late)
-            assert status == 409 and "longer than durable_in_doubt_window" in body["reason"]
+            assert status == 409 and body["reason"] == (
+                "step is in doubt for longer than durable_in_doubt_window; the upstream may have "
+                "forgotten its idempotency key, so it is not re-sent automatically"
+            )
         assert [(seq, state) for seq, state, *_ in sql(pg_dsn, STEPS, run)] == [(1, "pending")]
 
     asyncio.run(scenario())
@@ -370,7 +375,10 @@ def test_a_waiter_whose_agent_hung_up_stops_waiting(pg_dsn: str) -> None:
             waiter.client_conn.timestamp_end = 2.0
             assert await asyncio.wait_for(waiting, 5) == "refused"
             status, body = refusal(waiter)
-            assert status == 503 and "in flight in another attempt or sidecar" in body["reason"]
+            assert status == 503 and body["reason"] == (
+                "this step is in flight in another attempt or sidecar and did not finish within "
+                "durable_in_flight_wait; nothing was forwarded, retry to wait again"
+            )
             assert body["step"] == 1
             await answer(one, sender)
 
@@ -861,3 +869,21 @@ def test_the_sidecar_dies_exactly_at_each_crash_point(pg_dsn: str, point: str, j
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == (-signal.SIGKILL if point else 0), proc.stderr
     assert [(seq, state) for seq, state, *_ in sql(pg_dsn, STEPS, run)] == journaled
+
+
+def test_an_empty_answer_is_journaled_empty_with_how_long_it_took(pg_dsn: str) -> None:
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            flow = call(run, "a1")
+            await send(addon, flow)
+            await asyncio.sleep(0.2)  # the upstream takes its time
+            await answer(addon, flow, status=204, body=b"")
+            again = call(run, "a2")
+            assert await send(addon, again) == "replayed"
+            assert (again.response.status_code, again.response.content) == (204, b"")
+        ((body, duration_ms),) = sql(pg_dsn, "SELECT response_body, duration_ms FROM durable_steps WHERE run_id = %s", run)
+        assert body == b"" and 150 <= duration_ms < 10_000  # milliseconds from request to answer
+
+    asyncio.run(scenario())
