@@ -211,7 +211,8 @@ def test_an_action_that_fails_a_check_changes_nothing(base: str, web: requests.S
         (web.post(action, data=good, headers={"Origin": "http://127.0.0.1:9999"}, timeout=10), 403, "own pages"),
         (web.post(action, data=good, headers={"Sec-Fetch-Site": "cross-site"}, timeout=10), 403, "own pages"),
         (web.post(action, data=good, headers={"Sec-Fetch-Site": "same-site"}, timeout=10), 403, "own pages"),
-        (web.post(action, data=good, headers={"Host": "evil.example:" + port}, timeout=10), 403, "answers only"),
+        (web.post(action, data=good, headers={"Host": "evil.example:" + port}, timeout=10), 403,
+         f"this UI answers only 127.0.0.1:{port}, localhost:{port}, ui.example:8443"),
         (web.get(f"{base}/runs/{run}", headers={"Host": "evil.example"}, timeout=10), 403, "answers only"),
         (web.post(f"{base}/runs/{run}/fork", data={**good, "at": "1", "to": "bad id!"}, timeout=10), 400, "run id"),
         (web.post(f"{base}/runs/{run}/steps/3/resolve", data={**good, "how": "guess"}, timeout=10), 400, "resolve how"),
@@ -272,11 +273,16 @@ def test_allowed_hosts_are_the_address_its_loopback_names_and_those_given() -> N
 def test_bodies_streams_outcomes_and_the_timeline_as_shown(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ui.shown(b'{"a":[1,"\xc3\xa9"]}') == '{\n  "a": [\n    1,\n    "\xe9"\n  ]\n}'
     assert ui.shown(b"plain \xff") == "plain \ufffd" and ui.shown(None) == "" and ui.shown(b"") == ""
-    sse = b'event: delta\r\ndata: {"t":1}\r\n\r\ndata: one\ndata: two\n\n: comment\n\n'
+    sse = (
+        b'event: delta\r\ndata: {"t":1}\r\n\r\ndata: one\ndata: two\n\n: comment\n\n'
+        b"event:ping\ndata:[1,2]\n\ndata: caf\xc3\xa9 \xff\n\n"
+    )
     assert ui.events(sse, [("Content-Type", "text/event-stream; charset=utf-8")]) == [
         ("delta", '{\n  "t": 1\n}'),
         ("message", "one\ntwo"),
         ("message", ""),
+        ("ping", "[\n  1,\n  2\n]"),  # no space after the colon; a JSON array pretty-printed too
+        ("message", "caf\xe9 \ufffd"),  # bytes that are not UTF-8 shown replaced
     ]
     assert ui.events(sse, [("content-type", "application/json")]) == [] and ui.events(None, None) == []
     assert [
@@ -328,4 +334,12 @@ def test_bodies_streams_outcomes_and_the_timeline_as_shown(monkeypatch: pytest.M
         (3, 2, 200.0, 200.0, "recorded"),
     ]
     assert ui.timeline([]) == ([], 0.0)
+    assert [b["x"] for b in ui.timeline(steps)[0]] == [0.0, 225.0, 450.0]  # 900 px wide unless told
+    thirds = [dict(steps[0], completed_at=t0 + timedelta(seconds=3)), dict(steps[1], completed_at=None)]
+    assert [(b["x"], b["w"]) for b in ui.timeline(thirds, width=400)[0]] == [(0.0, 400.0), (133.3, 2.0)]
+    lone = [dict(steps[0], completed_at=t0)]
+    assert ui.timeline(lone) == ([{"seq": 1, "row": 0, "x": 0.0, "w": 2.0, "outcome": "recorded"}], 0.001)
+    seventh = [dict(steps[0], completed_at=t0 + timedelta(seconds=7)),
+               dict(steps[1], started_at=t0, completed_at=t0 + timedelta(seconds=1))]
+    assert ui.timeline(seventh, width=100)[0][1]["w"] == 14.3  # widths to a tenth of a pixel
     assert len(ui.timeline(steps * 200)[0]) == 400  # a very long run: its first 400 steps are drawn
