@@ -99,6 +99,7 @@ def token(page: str) -> str:
 def test_the_pages_show_runs_steps_and_answers_escaped(base: str, web: requests.Session, run: str) -> None:
     listing = web.get(f"{base}/", timeout=10)
     assert listing.status_code == 200 and f'<a href="/runs/{run}">{run}</a>' in listing.text
+    assert "<title>runs · durable</title>" in listing.text
     assert run in web.get(f"{base}/", params={"prefix": run[:10]}, timeout=10).text
     assert run not in web.get(f"{base}/", params={"prefix": "nothing-"}, timeout=10).text
     assert run in web.get(f"{base}/", params={"prefix": run, "state": "in doubt"}, timeout=10).text
@@ -106,6 +107,10 @@ def test_the_pages_show_runs_steps_and_answers_escaped(base: str, web: requests.
 
     page = web.get(f"{base}/runs/{run}", timeout=10).text
     assert all(word in page for word in ("recorded", "failed", "in-doubt")) and token(page)
+    assert f"<title>run {run} · durable</title>" in page
+    version = web.get(f"{base}/runs/{run}/live", timeout=10).json()["version"]
+    assert f'<div id="live" data-version="{version}"><svg id="timeline" width="960"' in page  # polls from here
+    assert all(f'<a href="/runs/{run}/steps/{n}">{n}</a>' in page for n in (1, 2, 3))
     legend = "".join(f'<span class="{o}">{o}</span>' for o in LEGEND)
     assert f'<p class="legend">{legend}</p>' in page  # every outcome a step can show, with its colour
     step = web.get(f"{base}/runs/{run}/steps/1", timeout=10).text
@@ -125,11 +130,16 @@ def test_runs_are_listed_a_page_at_a_time(base: str, web: requests.Session, pg_d
         sql(pg_dsn, "INSERT INTO durable_runs (id) VALUES (%s)", f"{prefix}{n:03}")
     first = web.get(f"{base}/", params={"prefix": prefix}, timeout=10).text
     assert first.count(f'<a href="/runs/{prefix}') == 50
-    assert 'rel="next"' in first and 'rel="prev"' not in first
+    assert f'<a rel="next" href="/?prefix={prefix}&amp;state=&amp;page=1">older</a>' in first
+    assert 'rel="prev"' not in first
     second = web.get(f"{base}/", params={"prefix": prefix, "page": "1"}, timeout=10).text
-    assert second.count(f'<a href="/runs/{prefix}') == 1 and 'rel="prev"' in second and 'rel="next"' not in second
+    assert second.count(f'<a href="/runs/{prefix}') == 1 and 'rel="next"' not in second
+    assert f'<a rel="prev" href="/?prefix={prefix}&amp;state=&amp;page=0">newer</a>' in second
     for page in ("-3", ""):  # out of range or empty: the first page
         assert web.get(f"{base}/", params={"prefix": prefix, "page": page}, timeout=10).text == first
+    sql(pg_dsn, "DELETE FROM durable_runs WHERE id = %s", f"{prefix}050")
+    exactly = web.get(f"{base}/", params={"prefix": prefix}, timeout=10).text  # fifty runs: one page
+    assert exactly.count(f'<a href="/runs/{prefix}') == 50 and 'rel="next"' not in exactly
 
 
 def test_the_live_view_answers_only_when_the_run_changed(
