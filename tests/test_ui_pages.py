@@ -183,6 +183,23 @@ def test_each_action_changes_the_journal_as_the_cli_would(
     assert sql(pg_dsn, "SELECT status, response_body FROM durable_steps WHERE run_id = %s AND seq = 1", fork) == [
         (201, b"again")  # no status given: it keeps the one it had
     ]
+    web.post(f"{base}/runs/{fork}/steps/1/edit", data={**form, "status": "202"}, timeout=10)
+    assert sql(pg_dsn, "SELECT status, response_body FROM durable_steps WHERE run_id = %s AND seq = 1", fork) == [
+        (202, b"again")  # no body given: it keeps the one it had
+    ]
+    fork_step = web.get(f"{base}/runs/{fork}/steps/1", timeout=10).text
+    assert f"<title>run {fork} · step 1 · durable</title>" in fork_step
+    assert f'action="/runs/{fork}/steps/1/edit"' in fork_step  # a fork's answers can be edited...
+    assert f'action="/runs/{run}/steps/1/edit"' not in web.get(f"{base}/runs/{run}/steps/1", timeout=10).text
+    answer = "SELECT status, response_headers, response_body FROM durable_steps WHERE run_id = %s AND seq = 1"
+    web.post(f"{base}/runs/{fork}/steps/1/resolve", data={**form, "how": "complete"}, timeout=10)
+    assert sql(pg_dsn, answer, fork) == [(200, [["Content-Type", "application/json"], ["Content-Length", "0"]], b"")]
+    web.post(f"{base}/runs/{fork}/steps/1/resolve",
+             data={**form, "how": "complete", "body": "hi", "content_type": "text/plain"}, timeout=10)
+    assert sql(pg_dsn, answer, fork) == [(200, [["Content-Type", "text/plain"], ["Content-Length", "2"]], b"hi")]
+    r = web.post(f"{base}/runs/{run}/steps/2/resolve", data={**form, "how": "reissue"}, allow_redirects=False, timeout=10)
+    assert r.status_code == 302 and r.headers["Location"] == f"/runs/{run}/steps/2"
+    assert sql(pg_dsn, "SELECT approved FROM durable_steps WHERE run_id = %s AND seq = 2", run) == [(True,)]
     r = web.post(
         f"{base}/runs/{run}/steps/3/resolve",
         data={**form, "how": "complete", "status": "202", "body": '{"done": 1}'},
