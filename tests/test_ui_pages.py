@@ -310,6 +310,7 @@ def test_with_a_secret_every_page_and_action_asks_for_it(pg_dsn: str, run: str) 
 def test_allowed_hosts_are_the_address_its_loopback_names_and_those_given() -> None:
     assert ui.allowed_hosts("127.0.0.1", 8080, []) == {"127.0.0.1:8080", "localhost:8080"}
     assert ui.allowed_hosts("::1", 80, []) == {"[::1]:80", "localhost:80", "127.0.0.1:80"}
+    assert ui.allowed_hosts("localhost", 80, []) == {"localhost:80", "127.0.0.1:80"}
     assert ui.allowed_hosts("10.0.0.5", 8080, ["Durable.Example", "proxy.example:443"]) == {
         "10.0.0.5:8080",
         "durable.example:8080",
