@@ -299,9 +299,9 @@ class Resolve(Handler):
 class Edit(Handler):
     async def post(self, run: str, seq: str) -> None:
         self.confirmed()
-        status = self.get_body_argument("status", "")
-        await self.journal(
-            operations.edit, run, int(seq), int(status) if status else None, self.get_body_argument("body", "").encode()
+        status, body = self.get_body_argument("status", ""), self.get_body_argument("body", None)
+        await self.journal(  # a form without a body keeps the answer's body, as `durable edit` does
+            operations.edit, run, int(seq), int(status) if status else None, None if body is None else body.encode()
         )
         self.redirect(f"/runs/{url(run)}/steps/{seq}")
 
