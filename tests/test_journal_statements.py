@@ -436,3 +436,15 @@ def test_a_statement_that_gets_no_answer_in_time_fails_and_the_next_one_answers(
             await journal.close()
 
     asyncio.run(scenario())
+
+
+def test_headers_round_trip_byte_for_byte_nul_bytes_included(pg_dsn: str) -> None:
+    """jsonb cannot hold U+0000: a pair with a NUL byte goes in as base64 (marked), every other pair
+    as latin-1 text, and all come back as they were, in order, duplicates kept."""
+    from durable_sidecar.store.journal import decode_headers, encode_headers
+
+    fields = [(b"Set-Cookie", b"a=1"), (b"X-Odd", b"nul\0inside"), (b"Set-Cookie", b"b=\xe9")]
+    encoded = encode_headers(fields)
+    assert encoded == [["Set-Cookie", "a=1"], ["WC1PZGQ=", "bnVsAGluc2lkZQ==", "b64"], ["Set-Cookie", "b=\xe9"]]
+    (stored,) = sql(pg_dsn, "SELECT %s::jsonb", psycopg.types.json.Jsonb(encoded))[0]
+    assert decode_headers(stored) == fields and decode_headers(None) == []
