@@ -43,6 +43,12 @@ def test_the_proxy_url_carries_run_attempt_and_token_however_they_are_spelt() ->
     assert sidecar.log() == ""  # no log written yet
 
 
+def test_a_sidecar_log_that_is_not_utf8_is_read_all_the_same(tmp_path: Path) -> None:
+    log = tmp_path / "sidecar.log"
+    log.write_bytes(b"journal at caf\xe9\n")  # a latin-1 path in a log line
+    assert launcher.Sidecar(None, 1, tmp_path, log).log() == "journal at caf\ufffd\n"  # type: ignore[arg-type]
+
+
 def test_the_agents_environment_routes_every_client_through_the_sidecar(tmp_path: Path) -> None:
     base = {"PATH": "/bin", "NO_PROXY": "*", "no_proxy": "*", "ALL_PROXY": "x", "all_proxy": "x", "SSL_CERT_DIR": "/d"}
     env = launcher.agent_env("http://r:a@127.0.0.1:1", tmp_path / "b.pem", base)
@@ -211,8 +217,9 @@ def test_mitmdump_is_the_one_beside_the_interpreter_else_on_path(
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
     assert launcher.mitmdump() == str(on_path)
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="pip install durable-sidecar"):
+    with pytest.raises(FileNotFoundError) as missing:
         launcher.mitmdump()
+    assert str(missing.value) == "mitmdump not found: pip install durable-sidecar (it brings mitmproxy)"
 
 
 def test_start_sidecar_runs_mitmdump_with_the_addon_in_a_session_of_its_own(
