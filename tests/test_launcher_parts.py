@@ -6,9 +6,12 @@ take a second or two, so scripts/mutate.sh runs them first."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import http.server
 import os
+import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -57,7 +60,8 @@ def test_the_agents_environment_routes_every_client_through_the_sidecar(tmp_path
     for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"):
         assert env[name] == str(tmp_path / "b.pem")
     assert env["NODE_USE_ENV_PROXY"] == "1" and env["PATH"] == "/bin"
-    assert not set(launcher.CLEARED) & set(env)  # nothing that would let a call go around the sidecar
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "SSL_CERT_DIR"):
+        assert name not in env  # nothing that would let a call go around the sidecar or its CA
     assert launcher.agent_env("u", tmp_path, None)["HOME"] == os.environ["HOME"]  # the caller's own by default
 
 
@@ -65,9 +69,10 @@ def test_a_bundle_holds_the_system_cas_and_the_sidecars_and_is_written_once_per_
     system = launcher.system_ca_file()
     assert system is not None and system.is_file()
     text = launcher.bundle_text(CA)
-    assert text.startswith(system.read_text()) and text.endswith(CA.decode())
+    assert text == system.read_text() + "\n" + CA.decode()
     path = launcher.bundle_for(CA)
-    assert path.parent == home / "bundles" and path.read_text() == text
+    assert path == home / "bundles" / f"ca-bundle-{hashlib.sha256(CA.strip()).hexdigest()[:16]}.pem"
+    assert path.read_text() == text
     written = path.stat().st_mtime_ns
     time.sleep(0.01)
     assert launcher.bundle_for(CA) == path and path.stat().st_mtime_ns == written  # unchanged: not rewritten
@@ -77,8 +82,9 @@ def test_a_bundle_holds_the_system_cas_and_the_sidecars_and_is_written_once_per_
     assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, other.name])  # no temporary left
     path.write_text("stale")
     assert launcher.bundle_for(CA).read_text() == text  # a bundle that differs is written again
-    out = launcher.write_ca_bundle(path, home / "new" / "bundle.pem")
+    out = launcher.write_ca_bundle(path, home / "new" / "deep" / "bundle.pem")
     assert out.read_text() == launcher.bundle_text(text.encode())
+    assert launcher.write_ca_bundle(path, out) == out  # written again in place
 
 
 def test_logs_live_under_durable_home_and_only_the_newest_are_kept(home: Path) -> None:
@@ -90,7 +96,7 @@ def test_logs_live_under_durable_home_and_only_the_newest_are_kept(home: Path) -
         os.utime(old, (n, n))
     (home / "logs" / "other.txt").write_text("")
     path = launcher.new_log_path(4242)
-    assert path.parent == home / "logs" and path.name.startswith("sidecar-") and path.name.endswith("-4242.log")
+    assert path.parent == home / "logs" and re.fullmatch(r"sidecar-\d{8}-\d{6}-4242\.log", path.name)
     kept = sorted(p.name for p in (home / "logs").glob("sidecar-*.log"))
     newest = [f"sidecar-{n:03}.log" for n in range(6, 25)]
     assert kept == newest  # with the new one, twenty in all
@@ -129,6 +135,8 @@ def test_the_health_probe_says_why_a_sidecar_does_not_serve(health_server: http.
     assert launcher.health(address) == (True, "")
     Health.answer = (503, b"  durable-sidecar: journal unreachable\n")
     assert launcher.health(address) == (False, "503: durable-sidecar: journal unreachable")
+    Health.answer = (503, b"\xff not UTF-8")
+    assert launcher.health(address) == (False, "503: \ufffd not UTF-8")
     Health.answer = (502, b"x" * 500)
     assert launcher.health(address) == (False, "502: " + "x" * 300)
     ready, why = launcher.health(f"127.0.0.1:{launcher.free_port()}")
@@ -156,11 +164,15 @@ def test_a_sidecar_that_exits_names_the_line_that_says_why(tmp_path: Path) -> No
         failing.wait_serving(timeout=10)
     assert failed.value.reason == "sidecar exited with 3: configuration error: bad durable_dsn"
     assert str(failed.value).startswith(f"{failed.value.reason} (log: {failing.log_path}):\nstarting\n")
+    long = stand_in(tmp_path, "i=0; while [ $i -lt 400 ]; do echo line-$i-of-the-log; i=$((i+1)); done; exit 6", "long")
+    with pytest.raises(launcher.SidecarFailed) as tail:
+        long.wait_serving(timeout=10)
+    assert str(tail.value) == f"{tail.value.reason} (log: {long.log_path}):\n{long.log()[-3000:]}"  # its tail
     assert failed.value.log_path == failing.log_path and "bye" in str(failed.value)
     quiet = stand_in(tmp_path, "exit 4", "quiet")
     with pytest.raises(launcher.SidecarFailed, match=r"sidecar exited with 4: exit status 4"):
         quiet.wait_serving(timeout=10)
-    last = stand_in(tmp_path, "echo one; echo '  last words  '; exit 5", "last")
+    last = stand_in(tmp_path, "echo one; echo two; echo '  last words  '; exit 5", "last")
     with pytest.raises(launcher.SidecarFailed) as failed:
         last.wait_serving(timeout=10)
     assert failed.value.reason == "sidecar exited with 5: last words"
@@ -169,8 +181,11 @@ def test_a_sidecar_that_exits_names_the_line_that_says_why(tmp_path: Path) -> No
 def test_a_sidecar_that_never_serves_is_killed_after_the_timeout(tmp_path: Path) -> None:
     silent = stand_in(tmp_path, "exec sleep 60")
     started = time.monotonic()
-    with pytest.raises(launcher.SidecarFailed, match=rf"sidecar on 127.0.0.1:{silent.port} did not serve within 0.5s"):
+    silent.log_path.write_text("x" * 2000 + "y" * 3000)
+    with pytest.raises(launcher.SidecarFailed) as failed:
         silent.wait_serving(timeout=0.5)
+    reason = f"sidecar on 127.0.0.1:{silent.port} did not serve within 0.5s ("
+    assert failed.value.reason.startswith(reason) and str(failed.value).endswith(":\n" + "y" * 3000)
     assert time.monotonic() - started < 5
     assert silent.process.returncode == -signal.SIGKILL  # killed on the way out, not left running
 
@@ -304,3 +319,33 @@ def test_the_urls_the_launcher_asks_are_the_ones_the_sidecar_answers(pg_dsn: str
     assert asyncio.run(ask(launcher.FLUSH_URL)) == 204
     ca = http.Request.make("GET", launcher.CA_URL)
     assert endpoints.addressed(ca) and ca.path == "/ca.pem"
+
+
+def test_a_sidecar_given_no_time_is_not_listening_yet(tmp_path: Path) -> None:
+    never = stand_in(tmp_path, "exec sleep 60")
+    with pytest.raises(launcher.SidecarFailed) as failed:
+        never.wait_serving(timeout=0)
+    assert failed.value.reason == f"sidecar on 127.0.0.1:{never.port} did not serve within 0s (not listening yet)"
+
+
+def test_start_sidecar_waits_for_a_journal_by_default(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, health_server: http.server.HTTPServer
+) -> None:
+    """By default start_sidecar returns only once the sidecar serves with its journal: one that
+    answers that its journal is down (here a stand-in health answer) is not started."""
+    fake = tmp_path / "mitmdump"
+    fake.write_text("#!/bin/sh\nexec sleep 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(launcher, "mitmdump", lambda: str(fake))
+    Health.answer = (503, b"durable-sidecar: journal unreachable")
+    with pytest.raises(launcher.SidecarFailed, match="journal unreachable"):
+        launcher.start_sidecar(tmp_path / "a" / "certs", port=health_server.server_address[1], timeout=0.5)
+    assert (tmp_path / "a" / "certs").is_dir()
+
+
+def test_a_system_ca_file_is_one_that_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    missing = ssl.DefaultVerifyPaths(str(tmp_path / "gone.pem"), None, "", str(bundle), "", "")  # type: ignore[call-arg]
+    monkeypatch.setattr(ssl, "get_default_verify_paths", lambda: missing)
+    assert launcher.system_ca_file() == bundle
