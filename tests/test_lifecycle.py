@@ -887,3 +887,23 @@ def test_an_empty_answer_is_journaled_empty_with_how_long_it_took(pg_dsn: str) -
         assert body == b"" and 150 <= duration_ms < 10_000  # milliseconds from request to answer
 
     asyncio.run(scenario())
+
+
+def test_under_in_doubt_fail_a_dead_sidecars_step_is_waited_for_through_the_grace_then_refused(pg_dsn: str) -> None:
+    """Within durable_lease_grace the owner may still come back (it is dying, not dead): wait. After
+    it, the step is in doubt, and durable_in_doubt=fail refuses it for an operator to resolve."""
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn, durable_lease_grace="1.5s", durable_in_doubt=["fail"]) as survivor:
+            async with sidecar(pg_dsn) as dying:
+                await send(dying, call(run, "a1"))
+            retry = call(run, "a2")
+            waiting = asyncio.ensure_future(send(survivor, retry))
+            await asyncio.sleep(0.5)
+            assert not waiting.done()  # within the grace: waited for, not refused
+            assert await asyncio.wait_for(waiting, 5) == "refused"
+            status, body = refusal(retry)
+            assert status == 409 and body["resolve"].startswith(f"durable resolve {run} 1 ")
+
+    asyncio.run(scenario())
