@@ -137,7 +137,11 @@ def test_a_lease_whose_session_is_ended_is_taken_again_with_the_same_id(
                 owner,
             )
             deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and not (lease.held and lease.generation == 2):
+            retaken = f"durable: lease {owner} taken again (generation 2)"
+            # held is set inside the take; the keeper logs once its deadline wrapper hands back: wait for both
+            while time.monotonic() < deadline and not (
+                lease.held and lease.generation == 2 and retaken in [r.getMessage() for r in caplog.records]
+            ):
                 await asyncio.sleep(0.1)
             assert lease.id == owner and lease.generation == 2 and lease.held
             assert alive(dsn, owner) and generation(dsn, owner) == 2
