@@ -30,6 +30,11 @@ from durable_sidecar.steps import repairs
 from durable_sidecar.store.journal import JournalError
 
 
+async def journal_down(*args: Any, **kwargs: Any) -> None:
+    """A journal statement that fails as one does when the link to PostgreSQL is lost."""
+    raise JournalError("connection lost")
+
+
 def test_a_call_is_journaled_before_it_leaves_and_replayed_byte_identical(pg_dsn: str) -> None:
     run = new_run()
 
@@ -606,11 +611,7 @@ def test_answers_past_what_the_sidecar_may_hold_are_dropped_in_doubt(
 
     async def scenario() -> None:
         async with sidecar(pg_dsn) as addon:
-
-            async def refuse(*args: Any, **kwargs: Any) -> None:
-                raise JournalError("connection lost")
-
-            monkeypatch.setattr(addon.lifecycle.journal, "complete", refuse)
+            monkeypatch.setattr(addon.lifecycle.journal, "complete", journal_down)
             big = call(run, "a1", body=b'{"n": 1}')
             await send(addon, big)
             await answer(addon, big, body=b"x" * 100)
@@ -795,11 +796,7 @@ def test_a_whole_answer_whose_commit_fails_as_the_agent_hangs_up_is_held_a_cut_o
 
     async def scenario() -> None:
         async with sidecar(pg_dsn) as addon:
-
-            async def refuse(*args: Any, **kwargs: Any) -> None:
-                raise JournalError("connection lost")
-
-            monkeypatch.setattr(addon.lifecycle.journal, "complete", refuse)
+            monkeypatch.setattr(addon.lifecycle.journal, "complete", journal_down)
             whole = call(run, "a1", body=b'{"n": 1}')
             await send(addon, whole)
             await stream(addon, whole, EVENTS, end=False)  # its end marker came: the answer is whole
