@@ -4,6 +4,7 @@ the journal does not know (scripts/ws_api.py is the upstream; its ledger is the 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 import subprocess
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from websockets.sync.client import connect
+from websockets.asyncio.client import connect
 
 from conftest import PaidApi, Sidecars, eventually, new_run, sql
 
@@ -36,24 +37,25 @@ def api(wss_api: ws_api.Server) -> ws_api.Server:
 def converse(url: str, sidecar, attempt: str, run: str, ca_bundle: Path, messages: list[str],
              read: int | None = None) -> list[list[str]]:
     """Send each message and read its answer: up to its end marker (Responses API, JSON-RPC) or
-    `read` messages; returns the answers. A handshake with no answer prints the sidecar's log (seen
-    twice in CI runs of the whole suite, never in a run of this file alone: the log says why)."""
+    `read` messages; returns the answers. A handshake with no answer prints the sidecar's log.
+    The asyncio client: websockets.sync loses its opening request on about 1 in 150 fresh TLS
+    connections here, with no proxy in between (docs/development.md)."""
     try:
-        return _converse(url, sidecar.proxy_url(run, attempt), ca_bundle, messages, read)
+        return asyncio.run(_converse(url, sidecar.proxy_url(run, attempt), ca_bundle, messages, read))
     except TimeoutError:
         print("sidecar log:", sidecar.log()[-6000:])
         raise
 
 
-def _converse(url: str, proxy: str, ca_bundle: Path, messages: list[str], read: int | None) -> list[list[str]]:
+async def _converse(url: str, proxy: str, ca_bundle: Path, messages: list[str], read: int | None) -> list[list[str]]:
     context = ssl.create_default_context(cafile=str(ca_bundle))
     answers = []
-    with connect(url, proxy=proxy, ssl=context if url.startswith("wss") else None, open_timeout=20) as ws:
+    async with connect(url, proxy=proxy, ssl=context if url.startswith("wss") else None, open_timeout=20) as ws:
         for message in messages:
-            ws.send(message)
+            await ws.send(message)
             answer: list[str] = []
             while True:
-                frame = str(ws.recv(timeout=20))
+                frame = str(await asyncio.wait_for(ws.recv(), 20))
                 answer.append(frame)
                 doc = json.loads(frame) if frame.startswith("{") else {}
                 if doc.get("type") == "response.completed" or "result" in doc or len(answer) == read:
@@ -177,19 +179,21 @@ def test_a_sidecar_killed_mid_conversation_leaves_nothing_wedged(
 
 
 AGENT = '''
-import json, os, signal, ssl, sys
-from websockets.sync.client import connect
+import asyncio, json, os, signal, ssl, sys
+from websockets.asyncio.client import connect
 url, proxy, bundle, crash_after = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 mid = len(sys.argv) > 5 and sys.argv[5] == "mid"  # die on the first event of that turn, mid-answer
-with connect(url, proxy=proxy, ssl=ssl.create_default_context(cafile=bundle), open_timeout=20) as ws:
-    for n in (1, 2, 3):
-        # turn 2's answer ends a second after it begins: time to die (or be killed) mid-answer
-        ws.send(json.dumps({"type": "response.create", "model": "m", "input": f"turn {n}"}
-                           | ({"x_delay_ms": 1000} if n == 2 else {})))
-        while (event := json.loads(ws.recv(timeout=30)))["type"] != "response.completed":
-            if n == crash_after and mid:
+async def main():
+    async with connect(url, proxy=proxy, ssl=ssl.create_default_context(cafile=bundle), open_timeout=20) as ws:
+        for n in (1, 2, 3):
+            # turn 2's answer ends a second after it begins: time to die (or be killed) mid-answer
+            await ws.send(json.dumps({"type": "response.create", "model": "m", "input": f"turn {n}"}
+                                     | ({"x_delay_ms": 1000} if n == 2 else {})))
+            while (event := json.loads(await asyncio.wait_for(ws.recv(), 30)))["type"] != "response.completed":
+                if n == crash_after and mid:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            print(event["response"]["output"][0]["content"][0]["text"], flush=True)
+            if n == crash_after:
                 os.kill(os.getpid(), signal.SIGKILL)
-        print(event["response"]["output"][0]["content"][0]["text"], flush=True)
-        if n == crash_after:
-            os.kill(os.getpid(), signal.SIGKILL)
+asyncio.run(main())
 '''
