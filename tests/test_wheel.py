@@ -5,6 +5,7 @@ that venv's own mitmdump by `durable addon-path`, recording and replaying one ca
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -17,11 +18,19 @@ from conftest import ROOT, PaidApi, new_run
 from durable_sidecar.tools import launcher
 
 
+# what a checkout holds that is no source of the package: the copy the build runs on leaves it out
+NOT_SOURCE = shutil.ignore_patterns(".git", ".venv*", ".mutmut*", "__pycache__", "*.egg-info", "build", "dist",
+                                    ".pytest_cache", ".hypothesis", ".durable", "html", "*.whl")
+
+
 @pytest.fixture(scope="module")
 def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Built from a copy of the checkout: setuptools writes its egg-info and release tree next to
+    the sources, and the two test processes each build (two builds in one tree broke one in CI)."""
     work = tmp_path_factory.mktemp("wheel")
+    source = shutil.copytree(ROOT, work / "source", ignore=NOT_SOURCE)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPATH")}
-    built = subprocess.run([sys.executable, "-m", "build", "--outdir", str(work / "dist"), str(ROOT)],
+    built = subprocess.run([sys.executable, "-m", "build", "--outdir", str(work / "dist"), str(source)],
                            capture_output=True, text=True, env=env, timeout=600)
     assert built.returncode == 0, built.stdout + built.stderr
     output = built.stdout + built.stderr
