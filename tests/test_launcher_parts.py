@@ -7,20 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import http.server
 import os
 import re
 import signal
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
+from canned import Canned, canned_server
 from conftest import gone, wait_for
 
 from durable_sidecar.tools import launcher
@@ -103,41 +102,22 @@ def test_logs_live_under_durable_home_and_only_the_newest_are_kept(home: Path) -
     assert (home / "logs" / "other.txt").exists()
 
 
-class Health(http.server.BaseHTTPRequestHandler):
-    """Stands for a sidecar as its health probe meets it: a proxy asked for http://durable.sidecar/health."""
-
-    answer = (200, b"ok")
-
-    def do_GET(self) -> None:
-        assert self.path == launcher.HEALTH_URL
-        status, body = self.answer
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
-def health_server() -> Iterator[http.server.HTTPServer]:
-    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
+def health_server() -> Iterator[Canned]:
+    """Stands for a sidecar as its health probe meets it: a proxy asked for http://durable.sidecar/health."""
+    with canned_server() as server:
+        yield server
 
 
-def test_the_health_probe_says_why_a_sidecar_does_not_serve(health_server: http.server.HTTPServer) -> None:
-    address = f"127.0.0.1:{health_server.server_address[1]}"
-    Health.answer = (200, b"ok")
+def test_the_health_probe_says_why_a_sidecar_does_not_serve(health_server: Canned) -> None:
+    address = health_server.address
+    health_server.answers[launcher.HEALTH_URL] = (200, b"ok")
     assert launcher.health(address) == (True, "")
-    Health.answer = (503, b"  durable-sidecar: journal unreachable\n")
+    health_server.answers[launcher.HEALTH_URL] = (503, b"  durable-sidecar: journal unreachable\n")
     assert launcher.health(address) == (False, "503: durable-sidecar: journal unreachable")
-    Health.answer = (503, b"\xff not UTF-8")
+    health_server.answers[launcher.HEALTH_URL] = (503, b"\xff not UTF-8")
     assert launcher.health(address) == (False, "503: \ufffd not UTF-8")
-    Health.answer = (502, b"x" * 500)
+    health_server.answers[launcher.HEALTH_URL] = (502, b"x" * 500)
     assert launcher.health(address) == (False, "502: " + "x" * 300)
     ready, why = launcher.health(f"127.0.0.1:{launcher.free_port()}")
     assert not ready and "refused" in why
@@ -191,18 +171,18 @@ def test_a_sidecar_that_never_serves_is_killed_after_the_timeout(tmp_path: Path)
 
 
 def test_a_sidecar_whose_journal_is_down_counts_as_started_only_when_asked(
-    tmp_path: Path, health_server: http.server.HTTPServer
+    tmp_path: Path, health_server: Canned
 ) -> None:
-    Health.answer = (503, b"durable-sidecar: journal unreachable")
+    health_server.answers[launcher.HEALTH_URL] = (503, b"durable-sidecar: journal unreachable")
     sidecar = stand_in(tmp_path, "exec sleep 60")
-    sidecar.port = health_server.server_address[1]
+    sidecar.port = health_server.port
     sidecar.wait_serving(timeout=10, journal_required=False)
     assert sidecar.process.poll() is None
     with pytest.raises(launcher.SidecarFailed, match=r"\(503: durable-sidecar: journal unreachable\)"):
         sidecar.wait_serving(timeout=0.3)
-    Health.answer = (502, b"bad gateway")  # not the addon speaking: mitmproxy before it loaded
+    health_server.answers[launcher.HEALTH_URL] = (502, b"bad gateway")  # not the addon speaking: mitmproxy before it loaded
     other = stand_in(tmp_path, "exec sleep 60", "other")
-    other.port = health_server.server_address[1]
+    other.port = health_server.port
     with pytest.raises(launcher.SidecarFailed):
         other.wait_serving(timeout=0.3, journal_required=False)
 
@@ -329,7 +309,7 @@ def test_a_sidecar_given_no_time_is_not_listening_yet(tmp_path: Path) -> None:
 
 
 def test_start_sidecar_waits_for_a_journal_by_default(
-    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, health_server: http.server.HTTPServer
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, health_server: Canned
 ) -> None:
     """By default start_sidecar returns only once the sidecar serves with its journal: one that
     answers that its journal is down (here a stand-in health answer) is not started."""
@@ -337,9 +317,9 @@ def test_start_sidecar_waits_for_a_journal_by_default(
     fake.write_text("#!/bin/sh\nexec sleep 60\n")
     fake.chmod(0o755)
     monkeypatch.setattr(launcher, "mitmdump", lambda: str(fake))
-    Health.answer = (503, b"durable-sidecar: journal unreachable")
+    health_server.answers[launcher.HEALTH_URL] = (503, b"durable-sidecar: journal unreachable")
     with pytest.raises(launcher.SidecarFailed, match="journal unreachable"):
-        launcher.start_sidecar(tmp_path / "a" / "certs", port=health_server.server_address[1], timeout=0.5)
+        launcher.start_sidecar(tmp_path / "a" / "certs", port=health_server.port, timeout=0.5)
     assert (tmp_path / "a" / "certs").is_dir()
 
 

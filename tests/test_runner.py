@@ -4,14 +4,11 @@ agent starts and runs. tests/test_launcher.py runs the whole command against rea
 
 from __future__ import annotations
 
-import http.server
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
-import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +18,7 @@ import pytest
 from durable_sidecar.store import database
 from durable_sidecar.steps import settings
 from durable_sidecar.tools import launcher, runner
+from canned import Canned, canned_server
 from conftest import gone, wait_for
 
 
@@ -151,42 +149,25 @@ def test_a_signal_while_the_agent_runs_reaches_its_whole_process_group(sig: sign
 
 
 @pytest.fixture
-def fake_sidecar() -> Iterator[tuple[str, dict[str, tuple[int, bytes]]]]:
-    """An HTTP proxy answering the sidecar's own URLs as told: {path: (status, body)}."""
-    answers: dict[str, tuple[int, bytes]] = {}
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-            status, body = answers.get(urllib.parse.urlsplit(self.path).path, (404, b"not here"))
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}", answers
-    finally:
-        server.shutdown()
+def fake_sidecar() -> Iterator[Canned]:
+    """An HTTP proxy answering the sidecar's own URLs as told."""
+    with canned_server() as server:
+        yield server
 
 
-def test_a_sidecar_that_answers_hands_out_its_ca_or_says_why_not(fake_sidecar) -> None:
-    address, answers = fake_sidecar
-    answers["/health"] = (503, b"journal unavailable")
+def test_a_sidecar_that_answers_hands_out_its_ca_or_says_why_not(fake_sidecar: Canned) -> None:
+    address, answers = fake_sidecar.address, fake_sidecar.answers
+    answers[launcher.HEALTH_URL] = (503, b"journal unavailable")
     with pytest.raises(runner.Failure) as failed:
         runner.fetch_ca(address)
     assert str(failed.value) == f"no serving sidecar at {address} (503: journal unavailable); see its log"
-    answers["/health"] = (200, b"ok")
+    answers[launcher.HEALTH_URL] = (200, b"ok")
     with pytest.raises(runner.Failure) as failed:
         runner.fetch_ca(address)
     assert str(failed.value) == (
         f"the sidecar at {address} did not hand out its CA (HTTP Error 404: Not Found); is it a durable-sidecar?"
     )
-    answers["/ca.pem"] = (200, b"-----BEGIN CERTIFICATE-----\n")
+    answers[launcher.CA_URL] = (200, b"-----BEGIN CERTIFICATE-----\n")
     assert runner.fetch_ca(address) == b"-----BEGIN CERTIFICATE-----\n"
 
 

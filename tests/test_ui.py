@@ -4,11 +4,9 @@ update, and each action (fork, edit, resolve, delete, download) taking effect in
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import re
-import threading
 import shutil
 import subprocess
 import sys
@@ -19,6 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from canned import Canned, canned_server
 from conftest import PaidApi, Sidecars, eventually, new_run, sql
 from durable_sidecar.tools import launcher
 
@@ -189,40 +188,23 @@ ATTACK = """<form id="f" method="POST" action="{ui}/runs/{run}/delete">
 
 
 @pytest.fixture
-def foreign_page() -> Iterator[tuple[str, dict[str, bytes]]]:
+def foreign_page() -> Iterator[Canned]:
     """Another local web server (a dev server, a notebook): it serves whatever page the test sets."""
-    pages: dict[str, bytes] = {}
-
-    class Serve(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = pages.get(self.path, b"")
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Serve)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", pages
-    server.shutdown()
+    with canned_server("text/html") as server:
+        yield server
 
 
 def test_a_page_on_another_local_port_cannot_delete_a_run(
-    ui: str, browser, crashed_and_resumed, pg_dsn: str, foreign_page
+    ui: str, browser, crashed_and_resumed, pg_dsn: str, foreign_page: Canned
 ) -> None:
     """Cookie tossing: a page on another port of 127.0.0.1 sets the `_xsrf` cookie (cookies are not
     isolated by port) and posts a delete carrying the same value. The action token is bound to the
     UI's own secret and the request comes from a foreign origin: refused, the run stays."""
     _, run = crashed_and_resumed
-    base, pages = foreign_page
-    pages["/attack"] = ATTACK.format(ui=ui, run=run).encode()
+    foreign_page.answers["/attack"] = (200, ATTACK.format(ui=ui, run=run).encode())
     page = browser.new_page()
     page.goto(f"{ui}/runs/{run}")  # the operator has the UI open
-    page.goto(f"{base}/attack")
+    page.goto(f"http://{foreign_page.address}/attack")
     page.wait_for_load_state("load")
     time.sleep(1)
     assert sql(pg_dsn, "SELECT count(*) FROM durable_runs WHERE id = %s", run) == [(1,)]
