@@ -1,0 +1,360 @@
+"""WebSocket conversations in process (proxy/conversations.py): the addon's WebSocket hooks driven
+with mitmproxy's test flows on a real journal, the agent's and the upstream's messages played by
+hand, and the upstream a conversation opens itself after a replay a real one (scripts/ws_api.py).
+The first tier of mutation testing for conversations; tests/test_websocket.py runs the same through
+real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mitmproxy import http
+from mitmproxy.test import tflow
+from mitmproxy.websocket import WebSocketData, WebSocketMessage
+from wsproto.frame_protocol import Opcode
+
+from conftest import sql
+from durable_sidecar.proxy import conversations, sidecar as sidecar_module
+from durable_sidecar.proxy.sidecar import META, DurableSidecar
+from durable_sidecar.store.journal import JournalError
+from inprocess import new_run, sidecar
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
+import ws_api  # noqa: E402
+
+WS_STEPS = "SELECT seq, method, state, status, response_body FROM durable_steps WHERE run_id = %s ORDER BY seq"
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[ws_api.Server]:
+    server = ws_api.Server()  # plain ws://: what the sidecar opens after a replay
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def agent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bytes, bool]]:
+    """What the sidecar injects toward the agent (mitmproxy's inject.websocket needs its proxy core)."""
+    received: list[tuple[bytes, bool]] = []
+    monkeypatch.setattr(sidecar_module, "inject", lambda flow, content, text: received.append((content, text)))
+    return received
+
+
+class Conversation:
+    """One agent's WebSocket connection through the sidecar, its hooks fired as mitmproxy fires them."""
+
+    def __init__(self, addon: DurableSidecar, run: str, attempt: str, port: int, path: str = "/v1/responses",
+                 key: str = "dGhlIHNhbXBsZSBub25jZQ==") -> None:
+        self.addon = addon
+        self.flow = tflow.twebsocketflow(messages=False)
+        self.flow.live = True
+        self.flow.response = None
+        self.flow.websocket = None
+        req = self.flow.request
+        req.host, req.port, req.path = "127.0.0.1", port, path
+        req.headers["sec-websocket-key"] = key
+        req.headers["Durable-Run-Id"], req.headers["Durable-Attempt"] = run, attempt
+        self.flow.server_conn.timestamp_start = None  # nothing connected upstream yet
+
+    async def open(self, greeting: list[bytes] = ()) -> str:
+        """The handshake: the request hook, then (when it was let go) the upstream's 101 and greeting."""
+        await self.addon.request(self.flow)
+        outcome = self.flow.metadata[META].outcome
+        if outcome in ("recorded", "reissued"):
+            self.flow.server_conn.timestamp_start = self.flow.server_conn.timestamp_tcp_setup = 1.0
+            self.flow.response = http.Response.make(101, b"", {"upgrade": "websocket", "connection": "Upgrade"})
+            self.addon.responseheaders(self.flow)
+        self.flow.websocket = WebSocketData()  # mitmproxy sets it before the response hook, for a 101
+        await self.addon.response(self.flow)
+        await self.addon.websocket_start(self.flow)
+        for frame in greeting:
+            await self.server(frame)
+        return outcome
+
+    async def client(self, content: bytes | str) -> WebSocketMessage:
+        """The agent sends a message; returned as the hook left it (dropped: it never left)."""
+        text = isinstance(content, str)
+        message = WebSocketMessage(Opcode.TEXT if text else Opcode.BINARY, True,
+                                   content.encode() if isinstance(content, str) else content)
+        self.flow.websocket.messages.append(message)
+        await self.addon.websocket_message(self.flow)
+        return message
+
+    async def server(self, content: bytes | str) -> WebSocketMessage:
+        """The upstream answers through mitmproxy's own server connection."""
+        text = isinstance(content, str)
+        message = WebSocketMessage(Opcode.TEXT if text else Opcode.BINARY, False,
+                                   content.encode() if isinstance(content, str) else content)
+        self.flow.websocket.messages.append(message)
+        await self.addon.websocket_message(self.flow)
+        return message
+
+    async def close(self, by_client: bool = True, code: int = 1000) -> None:
+        self.flow.websocket.closed_by_client, self.flow.websocket.close_code = by_client, code
+        await self.addon.websocket_end(self.flow)
+
+
+def events(n: int) -> list[str]:
+    """The Responses API's answer to turn n, as ws_api sends it: three events, the last its end."""
+    return [json.dumps({"type": "response.created", "n": n}), json.dumps({"type": "response.output_text.delta", "n": n}),
+            json.dumps({"type": "response.completed", "n": n})]
+
+
+def turn(n: int) -> str:
+    return json.dumps({"type": "response.create", "model": "m", "input": f"turn {n}"})
+
+
+def answer_of(body: bytes) -> list[str]:
+    return [m["text"] for m in json.loads(body)["messages"]]
+
+
+def run_scenario(scenario: Any) -> None:
+    asyncio.run(scenario())
+
+
+def test_a_live_conversation_journals_each_message_before_it_leaves_and_its_answer_at_its_end(
+    pg_dsn: str, upstream: ws_api.Server, agent: list
+) -> None:
+    """The handshake is a step (GET, 101, its greeting its answer); each client message a WS step,
+    pending before it leaves, completed at `response.completed` with the events that came."""
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            ws = Conversation(addon, run, "a1", upstream.port)
+            assert await ws.open(greeting=['{"type": "hello"}']) == "recorded"
+            assert sql(pg_dsn, "SELECT seq, method, state FROM durable_steps WHERE run_id = %s", run) == [
+                (1, "GET", "pending")]  # the greeting may go on until the first message
+            first = await ws.client(turn(1))
+            assert not first.dropped  # it leaves through mitmproxy's own connection
+            rows = sql(pg_dsn, WS_STEPS, run)
+            assert [r[:4] for r in rows] == [(1, "GET", "completed", 101), (2, "WS", "pending", None)]
+            assert answer_of(rows[0][4]) == ['{"type": "hello"}']
+            for event in events(1):
+                assert not (await ws.server(event)).dropped  # each reaches the agent as it comes
+            rows = sql(pg_dsn, WS_STEPS, run)
+            assert rows[1][:4] == (2, "WS", "completed", 200) and answer_of(rows[1][4]) == events(1)
+            await ws.close()
+            assert agent == []  # nothing was injected: mitmproxy relayed all of it
+
+    run_scenario(scenario)
+
+
+async def record(addon: DurableSidecar, run: str, port: int, turns: int, path: str = "/v1/responses") -> None:
+    """Attempt a1 of `run`: the handshake (with a greeting) and `turns` turns, each fully answered."""
+    ws = Conversation(addon, run, "a1", port, path)
+    await ws.open(greeting=['{"type": "hello"}'])
+    for n in range(1, turns + 1):
+        await ws.client(turn(n))
+        for event in events(n):
+            await ws.server(event)
+    await ws.close()
+
+
+def test_a_resumed_conversation_is_answered_from_the_journal_then_goes_live_on_its_own_upstream(
+    pg_dsn: str, upstream: ws_api.Server, agent: list
+) -> None:
+    """Attempt 2: the 101 is replayed with the accept for its own key and the greeting injected; the
+    journaled turns are dropped and answered from the journal; the first new turn opens an upstream
+    of the sidecar's own (ws_api books one connection, one call) and its events reach the agent and
+    the journal."""
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            await record(addon, run, upstream.port, turns=2)
+            ws_api.LEDGER.__init__()
+            ws = Conversation(addon, run, "a2", upstream.port, key="x3JJHMbDL1EzLkh9GBhXDw==")
+            assert await ws.open() == "replayed"
+            assert ws.flow.response.status_code == 101
+            assert ws.flow.response.headers["sec-websocket-accept"] == "HSmrc0sMlYUkAGmm5OPpG2HaGWk="  # RFC 6455's
+            assert ws.flow.response.content == b"" and agent == [(b'{"type": "hello"}', True)]
+            for n in (1, 2):
+                agent.clear()
+                message = await ws.client(turn(n))
+                assert message.dropped  # never left
+                assert agent == [(e.encode(), True) for e in events(n)]
+            assert ws_api.LEDGER.books()["connections"] == 0
+            agent.clear()
+            live = await ws.client(turn(3))
+            assert live.dropped  # mitmproxy has no upstream: the sidecar's own connection sent it
+            for _ in range(100):
+                if len(agent) == 4:
+                    break
+                await asyncio.sleep(0.05)
+            assert [json.loads(content)["type"] for content, _ in agent] == [
+                "response.created", "response.output_text.delta", "response.output_text.delta", "response.completed"]
+            books = ws_api.LEDGER.books()
+            assert (books["connections"], books["calls"], books["messages"]) == (1, 1, [turn(3)])
+            rows = sql(pg_dsn, WS_STEPS, run)
+            assert [r[:4] for r in rows][-1] == (4, "WS", "completed", 200)
+            assert answer_of(rows[-1][4]) == [content.decode() for content, _ in agent]
+            await ws.close()
+
+    run_scenario(scenario)
+
+
+def test_a_json_rpc_answer_ends_at_the_response_to_its_own_id_and_later_pushes_join_it(
+    pg_dsn: str, upstream: ws_api.Server, agent: list
+) -> None:
+    """The answer to request 7 is not ended by a response to request 6 (another request's), only by
+    its own; notifications after it are appended to that step at the next message, and replayed."""
+    run = new_run()
+    ask = json.dumps({"jsonrpc": "2.0", "id": 7, "method": "tools/call"})
+    other = json.dumps({"jsonrpc": "2.0", "id": 6, "result": {}})
+    mine = json.dumps({"jsonrpc": "2.0", "id": 7, "result": {"ok": True}})
+    push = json.dumps({"jsonrpc": "2.0", "method": "notifications/progress"})
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            ws = Conversation(addon, run, "a1", upstream.port, "/rpc")
+            await ws.open()
+            await ws.client(ask)
+            await ws.server(other)
+            assert sql(pg_dsn, WS_STEPS, run)[1][2] == "pending"
+            await ws.server(mine)
+            assert sql(pg_dsn, WS_STEPS, run)[1][2] == "completed"
+            await ws.server(push)
+            await ws.client("bye")  # the push joins step 2 before step 3 begins
+            assert answer_of(sql(pg_dsn, WS_STEPS, run)[1][4]) == [other, mine, push]
+            await ws.close(by_client=False, code=1000)  # the server's close ends the answer to "bye"
+            assert [r[2] for r in sql(pg_dsn, WS_STEPS, run)] == ["completed"] * 3
+
+            again = Conversation(addon, run, "a2", upstream.port, "/rpc")
+            await again.open()
+            await again.client(ask)
+            assert agent == [(other.encode(), True), (mine.encode(), True), (push.encode(), True)]
+
+    run_scenario(scenario)
+
+
+def test_an_agent_that_dies_mid_answer_leaves_its_step_in_doubt_and_a_clean_close_completes_it(
+    pg_dsn: str, upstream: ws_api.Server, agent: list
+) -> None:
+    """A close with no close frame from the agent's side (1006) mid-answer: the answer is not
+    journaled as complete (half an answer replayed would leave the agent waiting for its end). A
+    close frame from the agent ends the answer in hand as complete."""
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            died = Conversation(addon, run, "a1", upstream.port)
+            await died.open()
+            await died.client(turn(1))
+            await died.server(events(1)[0])
+            await died.close(by_client=True, code=1006)
+            assert [r[:4] for r in sql(pg_dsn, WS_STEPS, run)][1] == (2, "WS", "pending", None)
+
+            closed = Conversation(addon, run, "b1", upstream.port, "/echo")
+            await closed.open()
+            await closed.client("ping 1")
+            await closed.server("echo 1")
+            await closed.close(by_client=True, code=1000)
+            assert [r[2:4] for r in sql(pg_dsn, WS_STEPS, run)][-1] == ("completed", 200)
+
+    run_scenario(scenario)
+
+
+def test_binary_messages_are_journaled_in_base64_and_replayed_as_binary(
+    pg_dsn: str, upstream: ws_api.Server, agent: list
+) -> None:
+    run = new_run()
+    blob = bytes(range(256))
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            ws = Conversation(addon, run, "a1", upstream.port, "/echo")
+            await ws.open()
+            await ws.client(blob)
+            await ws.server(blob[::-1])
+            await ws.close()
+            (message,) = json.loads(sql(pg_dsn, WS_STEPS, run)[1][4])["messages"]
+            assert set(message) == {"at_ms", "binary"}
+            again = Conversation(addon, run, "a2", upstream.port, "/echo")
+            await again.open()
+            assert (await again.client(blob)).dropped
+            assert agent == [(blob[::-1], False)]
+
+    run_scenario(scenario)
+
+
+def test_a_message_the_journal_cannot_take_is_dropped_and_the_connection_closed(
+    pg_dsn: str, upstream: ws_api.Server, agent: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing unjournaled leaves: the journal refuses the message's step, so the message is dropped
+    and the agent's connection closed (its retry finds the journal back)."""
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            ws = Conversation(addon, run, "a1", upstream.port)
+            await ws.open()
+            monkeypatch.setattr(addon.lifecycle.journal, "record", journal_down)
+            message = await ws.client(turn(1))
+            assert message.dropped and ws.flow.error is not None and ws.flow.error.msg == "Connection killed."
+            assert [r[1] for r in sql(pg_dsn, WS_STEPS, run)] == ["GET"]
+
+    run_scenario(scenario)
+
+
+async def journal_down(*args: Any, **kwargs: Any) -> None:
+    raise JournalError("connection lost")
+
+
+def test_an_upstream_that_cannot_be_reached_after_a_replay_fails_the_new_turn_as_never_sent(
+    pg_dsn: str, upstream: ws_api.Server, agent: list
+) -> None:
+    """The journal answers the handshake; the new turn needs the upstream, which is gone: the turn
+    was journaled before the attempt to send it and provably never left (no connection), so it is
+    journaled failed, which the agent's retry may send again, and the agent's connection is closed."""
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            gone = ws_api.Server()  # an upstream of its own, stopped after attempt 1
+            await record(addon, run, gone.port, turns=1)
+            gone.stop()
+            ws = Conversation(addon, run, "a2", gone.port)
+            assert await ws.open() == "replayed"
+            message = await ws.client(turn(2))
+            assert message.dropped and ws.flow.error is not None
+            rows = sql(pg_dsn, WS_STEPS, run)
+            assert [r[:4] for r in rows][-1] == (3, "WS", "failed", None)
+
+    run_scenario(scenario)
+
+
+def test_the_upstream_closing_a_live_conversation_after_a_replay_completes_the_answer_in_hand(
+    pg_dsn: str, upstream: ws_api.Server, agent: list
+) -> None:
+    """/echo has no end marker: the answer to a message runs until the next message or the close.
+    When the sidecar's own upstream closes, the answer in hand is journaled complete, with the close
+    code, and the agent's connection is closed."""
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            ws = Conversation(addon, run, "a1", upstream.port, "/echo")
+            await ws.open()
+            await ws.client("one")
+            await ws.server("echo one")
+            await ws.close()
+            again = Conversation(addon, run, "a2", upstream.port, "/echo")
+            await again.open()
+            await again.client("one")
+            await again.client("close")  # ws_api's /echo answers, then closes with 1000
+            for _ in range(100):
+                if again.flow.error is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert again.flow.error is not None  # the agent's side is closed too
+            body = json.loads(sql(pg_dsn, WS_STEPS, run)[-1][4])
+            assert body["closed"] == 1000 and sql(pg_dsn, WS_STEPS, run)[-1][2] == "completed"
+
+    run_scenario(scenario)
