@@ -14,16 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import sql
+from inprocess import new_run, sidecar
 from mitmproxy import http
 from mitmproxy.test import tflow
 from mitmproxy.websocket import WebSocketData, WebSocketMessage
 from wsproto.frame_protocol import Opcode
 
-from conftest import sql
-from durable_sidecar.proxy import conversations, sidecar as sidecar_module
+from durable_sidecar.proxy import sidecar as sidecar_module
 from durable_sidecar.proxy.sidecar import META, DurableSidecar
 from durable_sidecar.store.journal import JournalError
-from inprocess import new_run, sidecar
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
 import ws_api  # noqa: E402
@@ -49,8 +49,15 @@ def agent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bytes, bool]]:
 class Conversation:
     """One agent's WebSocket connection through the sidecar, its hooks fired as mitmproxy fires them."""
 
-    def __init__(self, addon: DurableSidecar, run: str, attempt: str, port: int, path: str = "/v1/responses",
-                 key: str = "dGhlIHNhbXBsZSBub25jZQ==") -> None:
+    def __init__(
+        self,
+        addon: DurableSidecar,
+        run: str,
+        attempt: str,
+        port: int,
+        path: str = "/v1/responses",
+        key: str = "dGhlIHNhbXBsZSBub25jZQ==",
+    ) -> None:
         self.addon = addon
         self.flow = tflow.twebsocketflow(messages=False)
         self.flow.live = True
@@ -79,18 +86,16 @@ class Conversation:
 
     async def client(self, content: bytes | str) -> WebSocketMessage:
         """The agent sends a message; returned as the hook left it (dropped: it never left)."""
-        text = isinstance(content, str)
-        message = WebSocketMessage(Opcode.TEXT if text else Opcode.BINARY, True,
-                                   content.encode() if isinstance(content, str) else content)
-        self.flow.websocket.messages.append(message)
-        await self.addon.websocket_message(self.flow)
-        return message
+        return await self._message(content, from_client=True)
 
     async def server(self, content: bytes | str) -> WebSocketMessage:
         """The upstream answers through mitmproxy's own server connection."""
+        return await self._message(content, from_client=False)
+
+    async def _message(self, content: bytes | str, from_client: bool) -> WebSocketMessage:
         text = isinstance(content, str)
-        message = WebSocketMessage(Opcode.TEXT if text else Opcode.BINARY, False,
-                                   content.encode() if isinstance(content, str) else content)
+        data = content.encode() if isinstance(content, str) else content
+        message = WebSocketMessage(Opcode.TEXT if text else Opcode.BINARY, from_client, data)
         self.flow.websocket.messages.append(message)
         await self.addon.websocket_message(self.flow)
         return message
@@ -102,8 +107,11 @@ class Conversation:
 
 def events(n: int) -> list[str]:
     """The Responses API's answer to turn n, as ws_api sends it: three events, the last its end."""
-    return [json.dumps({"type": "response.created", "n": n}), json.dumps({"type": "response.output_text.delta", "n": n}),
-            json.dumps({"type": "response.completed", "n": n})]
+    return [
+        json.dumps({"type": "response.created", "n": n}),
+        json.dumps({"type": "response.output_text.delta", "n": n}),
+        json.dumps({"type": "response.completed", "n": n}),
+    ]
 
 
 def turn(n: int) -> str:
@@ -130,7 +138,8 @@ def test_a_live_conversation_journals_each_message_before_it_leaves_and_its_answ
             ws = Conversation(addon, run, "a1", upstream.port)
             assert await ws.open(greeting=['{"type": "hello"}']) == "recorded"
             assert sql(pg_dsn, "SELECT seq, method, state FROM durable_steps WHERE run_id = %s", run) == [
-                (1, "GET", "pending")]  # the greeting may go on until the first message
+                (1, "GET", "pending")
+            ]  # the greeting may go on until the first message
             first = await ws.client(turn(1))
             assert not first.dropped  # it leaves through mitmproxy's own connection
             rows = sql(pg_dsn, WS_STEPS, run)
@@ -189,7 +198,11 @@ def test_a_resumed_conversation_is_answered_from_the_journal_then_goes_live_on_i
                     break
                 await asyncio.sleep(0.05)
             assert [json.loads(content)["type"] for content, _ in agent] == [
-                "response.created", "response.output_text.delta", "response.output_text.delta", "response.completed"]
+                "response.created",
+                "response.output_text.delta",
+                "response.output_text.delta",
+                "response.completed",
+            ]
             books = ws_api.LEDGER.books()
             assert (books["connections"], books["calls"], books["messages"]) == (1, 1, [turn(3)])
             rows = sql(pg_dsn, WS_STEPS, run)
