@@ -238,6 +238,7 @@ def test_a_json_rpc_answer_ends_at_the_response_to_its_own_id_and_later_pushes_j
             assert answer_of(sql(pg_dsn, WS_STEPS, run)[1][4]) == [other, mine, push]
             await ws.close(by_client=False, code=1000)  # the server's close ends the answer to "bye"
             assert [r[2] for r in sql(pg_dsn, WS_STEPS, run)] == ["completed"] * 3
+            assert json.loads(sql(pg_dsn, WS_STEPS, run)[2][4])["closed"] == 1000  # replayed as the server's close
 
             again = Conversation(addon, run, "a2", upstream.port, "/rpc")
             await again.open()
@@ -270,6 +271,7 @@ def test_an_agent_that_dies_mid_answer_leaves_its_step_in_doubt_and_a_clean_clos
             await closed.server("echo 1")
             await closed.close(by_client=True, code=1000)
             assert [r[2:4] for r in sql(pg_dsn, WS_STEPS, run)][-1] == ("completed", 200)
+            assert json.loads(sql(pg_dsn, WS_STEPS, run)[-1][4])["closed"] is None  # the agent's own close
 
     run_scenario(scenario)
 
