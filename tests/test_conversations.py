@@ -21,9 +21,10 @@ from mitmproxy.test import tflow
 from mitmproxy.websocket import WebSocketData, WebSocketMessage
 from wsproto.frame_protocol import Opcode
 
+from durable_sidecar.proxy import conversations
 from durable_sidecar.proxy import sidecar as sidecar_module
 from durable_sidecar.proxy.sidecar import META, DurableSidecar
-from durable_sidecar.store.journal import JournalError
+from durable_sidecar.store.journal import JournalError, NotOurs
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
 import ws_api  # noqa: E402
@@ -371,5 +372,267 @@ def test_the_upstream_closing_a_live_conversation_after_a_replay_completes_the_a
             assert again.flow.error is not None  # the agent's side is closed too
             body = json.loads(sql(pg_dsn, WS_STEPS, run)[-1][4])
             assert body["closed"] == 1000 and sql(pg_dsn, WS_STEPS, run)[-1][2] == "completed"
+
+    run_scenario(scenario)
+
+
+def frame(content: bytes | str, text: bool = True, at_ms: float = 0.0) -> conversations.Frame:
+    return conversations.Frame(at_ms, content.encode() if isinstance(content, str) else content, text)
+
+
+@pytest.mark.parametrize("end", ["response.completed", "response.failed", "response.incomplete", "error"])
+def test_each_responses_api_end_event_ends_an_answer(end: str) -> None:
+    assert conversations.ends(b"", frame(json.dumps({"type": end})))
+    assert not conversations.ends(b"", frame(json.dumps({"type": "response.output_text.delta"})))
+
+
+def test_only_the_json_rpc_response_to_the_messages_own_id_ends_its_answer() -> None:
+    asked = json.dumps({"jsonrpc": "2.0", "id": 3, "method": "tools/call"}).encode()
+    assert conversations.ends(asked, frame('{"jsonrpc": "2.0", "id": 3, "result": {}}'))
+    assert conversations.ends(asked, frame('{"jsonrpc": "2.0", "id": 3, "error": {"code": -1}}'))
+    assert not conversations.ends(asked, frame('{"jsonrpc": "2.0", "id": 4, "result": {}}'))  # another's
+    assert not conversations.ends(asked, frame('{"jsonrpc": "2.0", "id": 3, "method": "sampling"}'))  # a request
+    assert not conversations.ends(asked, frame('{"jsonrpc": "2.0", "result": {}}'))  # no id
+    assert not conversations.ends(b"not json", frame('{"jsonrpc": "2.0", "id": 3, "result": {}}'))
+    assert not conversations.ends(b"[1]", frame('{"jsonrpc": "2.0", "id": 3, "result": {}}'))
+
+
+def test_binary_frames_and_text_that_is_not_json_end_nothing() -> None:
+    assert not conversations.ends(b"", frame(b'{"type": "response.completed"}', text=False))
+    assert not conversations.ends(b"", frame('{"type": "response.completed"'))  # cut short: not JSON
+    assert not conversations.ends(b"", frame("response.completed"))
+
+
+def test_an_answer_is_journaled_as_readable_json_with_its_timing_to_a_tenth_of_a_millisecond() -> None:
+    body = conversations.encode_answer(
+        [frame("hé", at_ms=1.26), frame(b"\x00\xff", text=False, at_ms=2.34), frame(b"\xff bad", at_ms=0.0)],
+        closed=1001,
+    )
+    assert json.loads(body) == {
+        "messages": [
+            {"at_ms": 1.3, "text": "hé"},
+            {"at_ms": 2.3, "binary": "AP8="},
+            {"at_ms": 0.0, "text": "\ufffd bad"},
+        ],
+        "closed": 1001,
+    }
+    assert conversations.decode_answer(body)[1] == frame(b"\x00\xff", text=False, at_ms=2.3)
+    assert conversations.decode_answer(b"") == []
+
+
+def test_a_replayed_handshake_gets_the_framing_headers_and_its_greeting_leaves_the_body() -> None:
+    flow = tflow.twebsocketflow(messages=False)
+    flow.request.headers["sec-websocket-key"] = "dGhlIHNhbXBsZSBub25jZQ=="
+    greeting = conversations.encode_answer([frame("hello")])
+    flow.response = http.Response.make(101, greeting, {})
+    assert conversations.replayed_handshake(flow) == [frame("hello")]
+    headers = flow.response.headers
+    assert flow.response.content == b"" and "content-length" not in headers
+    assert (headers["connection"], headers["upgrade"]) == ("Upgrade", "websocket")
+    assert headers["sec-websocket-accept"] == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455, 1.3
+    flow.response = http.Response.make(101, b"", {})  # journaled with no body at all
+    assert conversations.replayed_handshake(flow) == []
+    flow.response = http.Response.make(403, b'{"messages": []}', {})  # refused: not a handshake
+    assert conversations.replayed_handshake(flow) == [] and flow.response.content == b'{"messages": []}'
+
+
+def test_a_message_is_journaled_as_a_request_to_its_connections_url_with_the_type_of_its_content(
+    pg_dsn: str, upstream: ws_api.Server, agent: list
+) -> None:
+    run = new_run()
+    query = (
+        "SELECT url, request_headers, response_headers FROM durable_steps WHERE run_id = %s AND method = 'WS' "
+        "ORDER BY seq"
+    )
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            ws = Conversation(addon, run, "a1", upstream.port, "/echo?room=1")
+            await ws.open()
+            for message in (' {"a": 1}', "[1, 2]", "hello", b"\x00\x01"):
+                await ws.client(message)
+                await ws.server("ok")
+            await ws.close()
+            rows = sql(pg_dsn, query, run)
+            assert {url for url, _, _ in rows} == {f"http://127.0.0.1:{upstream.port}/echo?room=1"}
+            assert [dict(headers)["content-type"] for _, headers, _ in rows] == [
+                "application/json; charset=utf-8",
+                "application/json; charset=utf-8",
+                "text/plain; charset=utf-8",
+                "application/octet-stream",
+            ]
+            assert {dict(headers)["content-type"] for _, _, headers in rows} == {conversations.CONTENT_TYPE}
+
+    run_scenario(scenario)
+
+
+def test_each_server_message_is_journaled_with_the_milliseconds_since_its_client_message(
+    pg_dsn: str, upstream: ws_api.Server, agent: list
+) -> None:
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            ws = Conversation(addon, run, "a1", upstream.port, "/echo")
+            await ws.open()
+            await ws.client("one")
+            await asyncio.sleep(0.05)
+            await ws.server("echo one")
+            await ws.close()
+            (message,) = json.loads(sql(pg_dsn, WS_STEPS, run)[1][4])["messages"]
+            assert 45 <= message["at_ms"] < 5000
+
+    run_scenario(scenario)
+
+
+def test_an_agent_that_dies_after_a_message_went_live_on_the_sidecars_upstream_leaves_it_in_doubt(
+    pg_dsn: str, upstream: ws_api.Server, agent: list, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a replay the new turn leaves on the sidecar's own upstream connection: it may have been
+    charged, so an agent that dies (1006) before its end leaves the step in doubt, not failed (a
+    failed step would be sent again as if it never left)."""
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            await record(addon, run, upstream.port, turns=1)
+            ws = Conversation(addon, run, "a2", upstream.port)
+            await ws.open()
+            await ws.client(turn(1))
+            slow = json.loads(turn(2)) | {"x_delay_ms": 3000}  # its end comes after the agent is gone
+            await ws.client(json.dumps(slow))
+            for _ in range(100):
+                if agent:
+                    break
+                await asyncio.sleep(0.05)
+            await ws.close(by_client=True, code=1006)
+            assert [r[:4] for r in sql(pg_dsn, WS_STEPS, run)][-1] == (3, "WS", "pending", None)
+            assert "in doubt: the agent's connection died mid-answer" in caplog.text
+
+    run_scenario(scenario)
+
+
+def test_the_reason_an_upstream_could_not_be_opened_is_journaled_with_the_failed_turn(
+    pg_dsn: str, upstream: ws_api.Server, agent: list
+) -> None:
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            gone = ws_api.Server()
+            await record(addon, run, gone.port, turns=0)
+            gone.stop()
+            ws = Conversation(addon, run, "a2", gone.port)
+            await ws.open()
+            await ws.client(turn(1))
+            (error,) = sql(pg_dsn, "SELECT error FROM durable_steps WHERE run_id = %s AND seq = 2", run)[0]
+            assert error.startswith("upstream WebSocket: ")
+
+    run_scenario(scenario)
+
+
+def test_a_push_after_an_answer_reaches_the_agent_and_is_journaled_at_zero_ms(
+    pg_dsn: str, upstream: ws_api.Server, agent: list
+) -> None:
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            ws = Conversation(addon, run, "a1", upstream.port)
+            await ws.open()
+            await ws.client(turn(1))
+            for event in events(1):
+                await ws.server(event)
+            push = await ws.server('{"type": "rate_limits.updated"}')
+            assert not push.dropped and ws.flow.error is None
+            await ws.close()
+            messages = json.loads(sql(pg_dsn, WS_STEPS, run)[1][4])["messages"]
+            assert messages[-1] == {"at_ms": 0.0, "text": '{"type": "rate_limits.updated"}'}
+
+    run_scenario(scenario)
+
+
+def test_a_greeting_that_looks_like_an_end_event_does_not_end_the_handshake(
+    pg_dsn: str, upstream: ws_api.Server, agent: list
+) -> None:
+    """The handshake's answer runs to the first client message: an `error` event in the greeting is
+    part of it, not its end."""
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            ws = Conversation(addon, run, "a1", upstream.port)
+            await ws.open(greeting=['{"type": "error", "message": "rate limited"}', '{"type": "hello"}'])
+            assert sql(pg_dsn, "SELECT state FROM durable_steps WHERE run_id = %s", run) == [("pending",)]
+            await ws.client(turn(1))
+            assert answer_of(sql(pg_dsn, WS_STEPS, run)[0][4]) == [
+                '{"type": "error", "message": "rate limited"}',
+                '{"type": "hello"}',
+            ]
+
+    run_scenario(scenario)
+
+
+def test_an_answer_the_journal_cannot_take_yet_is_held_and_its_end_still_reaches_the_agent(
+    pg_dsn: str, upstream: ws_api.Server, agent: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal fails the end's commit (the link dropped): the sidecar holds the answer and
+    journals it once it can, so the end event goes on to the agent; a step the journal says is no
+    longer this sidecar's (NotOurs) is not the agent's to have: its end is dropped, the connection closed."""
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            ws = Conversation(addon, run, "a1", upstream.port)
+            await ws.open()
+            await ws.client(turn(1))
+            await ws.server(events(1)[0])
+            monkeypatch.setattr(addon.lifecycle.journal, "complete", journal_down)
+            end = await ws.server(events(1)[-1])
+            assert not end.dropped and ws.flow.error is None
+
+            other = Conversation(addon, run, "b1", upstream.port, "/echo")
+            await other.open()
+            await other.client(turn(1))
+            monkeypatch.setattr(addon.lifecycle.journal, "complete", not_ours)
+            end = await other.server(events(1)[-1])
+            assert end.dropped and other.flow.error is not None
+
+    run_scenario(scenario)
+
+
+async def not_ours(*args: Any, **kwargs: Any) -> None:
+    raise NotOurs("taken over meanwhile")
+
+
+def test_each_message_step_is_logged_once_and_the_handshake_once(
+    pg_dsn: str, upstream: ws_api.Server, agent: list, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            caplog.set_level("INFO", logger="durable")
+            await record(addon, run, upstream.port, turns=2)
+            lines = [r.getMessage() for r in caplog.records if f"durable run={run}" in r.getMessage()]
+            assert [line.split(" method=")[1].split(" ")[0] for line in lines] == ["GET", "WS", "WS"]
+
+    run_scenario(scenario)
+
+
+def test_a_turn_journaled_with_no_answer_at_all_replays_as_no_messages(
+    pg_dsn: str, upstream: ws_api.Server, agent: list
+) -> None:
+    """An operator's `durable resolve --complete-from` an empty file: the turn is answered with nothing."""
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            await record(addon, run, upstream.port, turns=1)
+            sql(pg_dsn, "UPDATE durable_steps SET response_body = '' WHERE run_id = %s AND seq = 2", run)
+            ws = Conversation(addon, run, "a2", upstream.port)
+            await ws.open()
+            agent.clear()
+            assert (await ws.client(turn(1))).dropped and agent == [] and ws.flow.error is None
 
     run_scenario(scenario)
