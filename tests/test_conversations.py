@@ -461,7 +461,7 @@ def test_a_message_is_journaled_as_a_request_to_its_connections_url_with_the_typ
                 "text/plain; charset=utf-8",
                 "application/octet-stream",
             ]
-            assert {dict(headers)["content-type"] for _, _, headers in rows} == {conversations.CONTENT_TYPE}
+            assert {dict(headers)["content-type"] for _, _, headers in rows} == {"application/x-durable-websocket+json"}
 
     run_scenario(scenario)
 
