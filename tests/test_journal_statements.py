@@ -448,3 +448,73 @@ def test_headers_round_trip_byte_for_byte_nul_bytes_included(pg_dsn: str) -> Non
     assert encoded == [["Set-Cookie", "a=1"], ["WC1PZGQ=", "bnVsAGluc2lkZQ==", "b64"], ["Set-Cookie", "b=\xe9"]]
     (stored,) = sql(pg_dsn, "SELECT %s::jsonb", psycopg.types.json.Jsonb(encoded))[0]
     assert decode_headers(stored) == fields and decode_headers(None) == []
+
+
+def test_a_failed_statement_names_what_failed(fresh_dsn: str) -> None:
+    """An operator reads a journal failure in a 503's `failed` field and in the log: it names the
+    statement that failed before what the driver said. The steps table renamed away makes every
+    statement fail at once, as a journal whose schema was tampered with would."""
+    run = f"named-{time.monotonic_ns()}"
+
+    async def scenario() -> None:
+        journal = await opened(fresh_dsn)
+        try:
+            owner = await journal.owner()
+            ref = await journal.record(bare_step(run, "v1:a", owner=owner))
+            assert ref is not None
+            step = StepRef(ref.seq, "v1:a", 0, "pending")
+            await journal.flush_replays()  # nothing gathered yet: returns at once
+            sql(fresh_dsn, "ALTER TABLE durable_steps RENAME TO durable_steps_away")
+            failing = {
+                "record pending step": lambda: journal.record(bare_step(run, "v1:b", owner=owner)),
+                "read run version": lambda: journal.fp_version(run),
+                "find run": lambda: journal.has_steps(run),
+                "find step": lambda: journal.find(run, "v1:a", 0),
+                "journal response": lambda: journal.complete(
+                    run, ref.seq, "completed", 200, "OK", "HTTP/1.1", [], b"", 1.0, owner=owner),
+                "journal server pushes": lambda: journal.append_answer(run, ref.seq, b"push"),
+                "journal failure": lambda: journal.fail(run, ref.seq, "reset", 1.0, owner),
+                "leave step in doubt": lambda: journal.let_go(run, ref.seq, owner),
+                "hand back unsent step": lambda: journal.give_back(run, "v1:a", 0, owner),
+                "read step state": lambda: journal.step_state(run, step),
+                "read journaled responses": lambda: journal.responses(run, [ref.seq]),
+                "take over step": lambda: journal.take_over(run, step, "a2", True, 60.0),
+                "read journaled requests": lambda: journal.requests(run, [ref.seq]),
+                "load run": lambda: journal.load_index(run, RunCursor()),
+                "find idle runs": lambda: journal.gc(0),
+            }
+            for what, statement in failing.items():
+                with pytest.raises(JournalError) as failed:
+                    await statement()
+                assert str(failed.value).startswith(f"{what}: "), what
+        finally:
+            await journal.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_sealed_step_read_without_its_key_names_the_run(pg_dsn: str) -> None:
+    """A step journaled under durable_encryption_key and read by a sidecar without that key: the
+    error says which run's answers or requests could not be opened (and the answer's is a SealedError,
+    which the sidecar turns into its own 503)."""
+    from durable_sidecar.store.crypto import Keyring, new_key_spec
+    from durable_sidecar.store.journal import SealedError
+
+    run = f"sealed-{time.monotonic_ns()}"
+
+    async def scenario() -> None:
+        sealed, other = await opened(pg_dsn, keyring=Keyring(new_key_spec())), await opened(pg_dsn)
+        try:
+            owner = await sealed.owner()
+            ref = await sealed.record(bare_step(run, "v1:a", owner=owner, request_body=b"secret"))
+            assert ref is not None
+            await sealed.complete(run, ref.seq, "completed", 200, "OK", "HTTP/1.1", [], b"answer", 1.0, owner=owner)
+            with pytest.raises(SealedError, match=f"^read journaled responses of run {run}: "):
+                await other.responses(run, [ref.seq])
+            with pytest.raises(JournalError, match=f"^read journaled requests of run {run}: "):
+                await other.requests(run, [ref.seq])
+        finally:
+            await sealed.close()
+            await other.close()
+
+    asyncio.run(scenario())
