@@ -450,6 +450,26 @@ def test_headers_round_trip_byte_for_byte_nul_bytes_included(pg_dsn: str) -> Non
     assert decode_headers(stored) == fields and decode_headers(None) == []
 
 
+def test_an_envelope_with_nul_characters_is_journaled_with_them_spelled_out(pg_dsn: str) -> None:
+    """A `%00` in a query decodes to U+0000, which jsonb refuses: the envelope (shown, never replayed)
+    keeps it as `\\x00`, in strings at any depth; everything else is stored as it came."""
+    run = f"nul-{time.monotonic_ns()}"
+    envelope = {"path": "/a\0b", "query": [["q", "x\0"], ["n", 1]], "body": {"k": ["\0", None, True]}}
+
+    async def scenario() -> None:
+        journal = await opened(pg_dsn)
+        try:
+            owner = await journal.owner()
+            assert await journal.record(bare_step(run, "v1:a", owner=owner, envelope=envelope)) is not None
+        finally:
+            await journal.close()
+
+    asyncio.run(scenario())
+    assert sql(pg_dsn, "SELECT envelope FROM durable_steps WHERE run_id = %s", run) == [
+        ({"path": "/a\\x00b", "query": [["q", "x\\x00"], ["n", 1]], "body": {"k": ["\\x00", None, True]}},)
+    ]
+
+
 def test_a_failed_statement_names_what_failed(fresh_dsn: str) -> None:
     """An operator reads a journal failure in a 503's `failed` field and in the log: it names the
     statement that failed before what the driver said. The steps table renamed away makes every
