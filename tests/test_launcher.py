@@ -178,6 +178,26 @@ def test_an_unreachable_journal_stops_the_run_before_the_agent(tmp_path: Path) -
     assert "the agent was not started" in line
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_a_signal_while_the_sidecar_starts_ends_the_run_as_that_signal_would(
+    sig: signal.Signals, pg_dsn: str, tmp_path: Path
+) -> None:
+    """A signal before the agent starts (the sidecar still booting): no agent, the sidecar stopped,
+    and `durable run` exits 128 + N, as a shell reports a command that signal ended."""
+    marker = tmp_path / "agent-ran"
+    proc = subprocess.Popen([DURABLE, "run", "--run", new_run(), "--dsn", pg_dsn, "--", "touch", str(marker)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_without_proxy())
+    deadline = time.monotonic() + 30
+    while not (started := [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]):
+        assert time.monotonic() < deadline and proc.poll() is None, "no sidecar was started"
+        time.sleep(0.02)
+    proc.send_signal(sig)  # the sidecar is a child: durable run's handlers are in place, the agent not started
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, stderr
+    assert "Traceback" not in stderr and not marker.exists()
+    assert gone(started) == []
+
+
 def test_an_unreachable_proxy_stops_the_run_before_the_agent(pg_dsn: str, tmp_path: Path) -> None:
     marker = tmp_path / "agent-ran"
     out = durable_run("--dsn", pg_dsn, "--proxy", f"http://127.0.0.1:{launcher.free_port()}", "--", "touch", str(marker))
