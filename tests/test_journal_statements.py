@@ -17,6 +17,7 @@ from durable_sidecar.store.cursor import RunCursor, StepRef, digest
 from durable_sidecar.store.journal import _COMPLETE, INDEX, Journal, JournalError, NewStep
 from durable_sidecar.store.migrations import MIGRATIONS
 from conftest import sql
+from durable_sidecar.tools.launcher import free_port
 
 
 def test_migrations_are_safe_when_several_sidecars_start_at_once(fresh_dsn: str) -> None:
@@ -428,7 +429,7 @@ def test_a_statement_that_gets_no_answer_in_time_fails_and_the_next_one_answers(
             with psycopg.connect(pg_dsn) as blocker:
                 blocker.execute("SELECT 1 FROM durable_runs WHERE id = %s FOR UPDATE", (run,))
                 started = time.monotonic()
-                with pytest.raises(JournalTimeout, match="no answer from the journal within durable_db_timeout"):
+                with pytest.raises(JournalTimeout, match="^no answer from the journal within durable_db_timeout"):
                     await journal.record(bare_step(run, "v1:b", owner=owner))
                 assert time.monotonic() - started < 5
             assert await journal.record(bare_step(run, "v1:c", owner=owner)) is not None
@@ -536,5 +537,70 @@ def test_a_sealed_step_read_without_its_key_names_the_run(pg_dsn: str) -> None:
         finally:
             await sealed.close()
             await other.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_journal_opens_itself_on_first_use_closes_every_session_and_opens_again(fresh_dsn: str) -> None:
+    """No open() needed: the first statement (or the lease) opens the journal. close() ends its
+    sessions on the server, pool and lease alike; a statement after it opens a new pool."""
+    others = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+              " AND pid <> pg_backend_pid()")
+
+    async def scenario() -> None:
+        journal = Journal(fresh_dsn)
+        try:
+            assert await journal.owner() > 0
+            await journal.ping()
+            assert sql(fresh_dsn, others)[0][0] >= 2  # a pooled session and the lease's
+            await journal.close()
+            assert sql(fresh_dsn, others) == [(0,)]
+            await journal.ping()
+        finally:
+            await journal.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_journals_sessions_keep_a_statement_deadline_and_no_idle_timeout(fresh_dsn: str) -> None:
+    """A managed PostgreSQL may end idle sessions (idle_session_timeout): the journal's own sessions
+    turn that off, and carry a statement_timeout a second past durable_db_timeout."""
+    database_name = sql(fresh_dsn, "SELECT current_database()")[0][0]
+    sql(fresh_dsn, f'ALTER DATABASE "{database_name}" SET idle_session_timeout = \'1s\'')
+
+    async def scenario() -> dict[str, str]:
+        journal = await opened(fresh_dsn, timeout_s=2.0)
+        try:
+            return await journal._run(
+                "read settings",
+                "SELECT current_setting('statement_timeout') AS statement,"
+                " current_setting('idle_session_timeout') AS idle,"
+                " current_setting('idle_in_transaction_session_timeout') AS idle_in_transaction",
+                (),
+                fetch="one",
+            )
+        finally:
+            await journal.close()
+
+    assert asyncio.run(scenario()) == {"statement": "3s", "idle": "0", "idle_in_transaction": "0"}
+
+
+def test_a_journal_that_cannot_be_reached_says_which_step_failed(tmp_path: Any) -> None:
+    """No server at the address: taking the lease fails as `take lease: ...` (and is counted as a
+    failed journal operation), a health ping as `ping: ...`."""
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
+
+    async def scenario() -> None:
+        journal = Journal(dead, timeout_s=1.0)
+        seen: list[tuple[str, float, bool]] = []
+        journal.observe = lambda what, seconds, ok: seen.append((what, seconds, ok))
+        try:
+            with pytest.raises(JournalError, match="^take lease: "):
+                await journal.owner()
+            assert ("take lease", 0.0, False) in seen
+            with pytest.raises(JournalError, match="^ping: "):
+                await journal.ping()
+        finally:
+            await journal.close()
 
     asyncio.run(scenario())
