@@ -604,3 +604,21 @@ def test_a_journal_that_cannot_be_reached_says_which_step_failed(tmp_path: Any) 
             await journal.close()
 
     asyncio.run(scenario())
+
+
+def test_a_failed_group_commit_names_how_many_writes_it_held(fresh_dsn: str) -> None:
+    """Two writes go at once, each alone; the three queued behind them go together in one
+    transaction, and its failure names the batch: `3 journal writes: ...`."""
+    run = f"grouped-{time.monotonic_ns()}"
+
+    async def scenario() -> list[str]:
+        journal = await opened(fresh_dsn)
+        try:
+            owner = await journal.owner()
+            sql(fresh_dsn, "ALTER TABLE durable_steps RENAME TO durable_steps_away")
+            writes = [journal.record(bare_step(run, f"v1:{n}", owner=owner)) for n in range(5)]
+            return [str(e).split(":")[0] for e in await asyncio.gather(*writes, return_exceptions=True)]
+        finally:
+            await journal.close()
+
+    assert asyncio.run(scenario()) == ["record pending step"] * 2 + ["3 journal writes"] * 3
