@@ -331,7 +331,9 @@ def test_an_import_is_one_run_of_completed_steps_or_nothing(pg_dsn: str) -> None
     expected = [(n, "completed", 201, "Created", b'{"ok": true}', "imported") for n in (1, 2)]
     assert sql(pg_dsn, rows, run) == expected
     assert sql(pg_dsn, "SELECT last_seq FROM durable_runs WHERE id = %s", run) == [(2,)]
-    with pytest.raises(JournalError):
+    assert sql(pg_dsn, "SELECT DISTINCT duration_ms, completed_at IS NOT NULL FROM durable_steps WHERE run_id = %s",
+               run) == [(0.0, True)]
+    with pytest.raises(JournalError, match="^import run: "):
         asyncio.run(load(["v1:c", "v1:c"]))  # the same step twice: the whole import fails...
     assert sql(pg_dsn, rows, run) == expected  # ...and leaves nothing of itself
     assert sql(pg_dsn, "SELECT last_seq FROM durable_runs WHERE id = %s", run) == [(2,)]
@@ -622,3 +624,56 @@ def test_a_failed_group_commit_names_how_many_writes_it_held(fresh_dsn: str) -> 
             await journal.close()
 
     assert asyncio.run(scenario()) == ["record pending step"] * 2 + ["3 journal writes"] * 3
+
+
+def test_an_answer_keeps_its_trailers_and_flags_and_a_step_not_ours_is_named(pg_dsn: str) -> None:
+    """gRPC's status travels in trailers: journaled with the answer, read back with it. An answer
+    completed without saying it streamed or was cut short is neither. An answer for a step this
+    sidecar does not hold is refused, naming the step."""
+    from durable_sidecar.store.journal import NotOurs
+
+    run = f"trailers-{time.monotonic_ns()}"
+    trailers = [["grpc-status", "0"], ["grpc-message", "ok"]]
+
+    async def scenario() -> None:
+        journal = await opened(pg_dsn)
+        try:
+            owner = await journal.owner()
+            with_trailers = await journal.record(bare_step(run, "v1:a", owner=owner))
+            plain = await journal.record(bare_step(run, "v1:b", owner=owner))
+            assert with_trailers is not None and plain is not None
+            await journal.complete(run, with_trailers.seq, "completed", 200, "OK", "HTTP/2.0", [], b"x", 1.0,
+                                   owner=owner, trailers=trailers)
+            await journal.complete(run, plain.seq, "completed", 200, "OK", "HTTP/1.1", [], b"y", 1.0, owner=owner)
+            stored = await journal.responses(run, [with_trailers.seq, plain.seq])
+            assert stored[with_trailers.seq].trailers == [(b"grpc-status", b"0"), (b"grpc-message", b"ok")]
+            assert stored[plain.seq].trailers is None
+            with pytest.raises(NotOurs, match=f"^journal response: step {run}/99 is gone, answered, or no longer"):
+                await journal.complete(run, 99, "completed", 200, "OK", "HTTP/1.1", [], b"", 1.0, owner=owner)
+        finally:
+            await journal.close()
+
+    asyncio.run(scenario())
+    assert sql(pg_dsn, "SELECT DISTINCT streamed, truncated FROM durable_steps WHERE run_id = %s", run) == [
+        (False, False)]
+
+
+def test_each_statement_is_timed_as_it_went(pg_dsn: str) -> None:
+    """The metrics hook hears every statement: its name, how long it took, whether it answered
+    (a failure is counted with no time)."""
+
+    async def scenario() -> list[tuple[str, float | None, bool]]:
+        journal = await opened(pg_dsn)
+        seen: list[tuple[str, float | None, bool]] = []
+        journal.observe = lambda what, seconds, ok: seen.append((what, seconds, ok))
+        try:
+            await journal.ping()
+            with pytest.raises(JournalError):
+                await journal._run("broken statement", "SELECT * FROM no_such_table", ())
+        finally:
+            await journal.close()
+        return seen
+
+    (ping, failed) = asyncio.run(scenario())
+    assert ping[0] == "ping" and ping[2] is True and 0 < ping[1] < 30
+    assert failed == ("broken statement", 0.0, False)
