@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 from typing import Any
 
@@ -677,3 +678,25 @@ def test_each_statement_is_timed_as_it_went(pg_dsn: str) -> None:
     (ping, failed) = asyncio.run(scenario())
     assert ping[0] == "ping" and ping[2] is True and 0 < ping[1] < 30
     assert failed == ("broken statement", 0.0, False)
+
+
+def test_a_divergences_diff_is_sealed_like_the_body_it_quotes(pg_dsn: str) -> None:
+    """Under durable_encryption_key the diff of a diverged step (which quotes body values) is
+    stored sealed, the rest of the divergence as it is, and nothing of the diff in clear."""
+    from durable_sidecar.store.crypto import Keyring, new_key_spec
+
+    run = f"diverged-{time.monotonic_ns()}"
+    divergence = {"nearest": 1, "diff": [{"path": "/card", "was": "4111-old", "now": "4111-new"}]}
+
+    async def scenario() -> None:
+        journal = await opened(pg_dsn, keyring=Keyring(new_key_spec()))
+        try:
+            owner = await journal.owner()
+            assert await journal.record(bare_step(run, "v1:a", owner=owner, divergence=divergence)) is not None
+        finally:
+            await journal.close()
+
+    asyncio.run(scenario())
+    ((stored,),) = sql(pg_dsn, "SELECT divergence FROM durable_steps WHERE run_id = %s", run)
+    assert set(stored) == {"nearest", "diff"} and stored["nearest"] == 1
+    assert set(stored["diff"]) == {"sealed"} and "4111" not in json.dumps(stored)
