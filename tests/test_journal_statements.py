@@ -437,8 +437,8 @@ def test_a_statement_that_gets_no_answer_in_time_fails_and_the_next_one_answers(
                 with pytest.raises(JournalTimeout, match="^no answer from the journal within durable_db_timeout"):
                     await journal.record(bare_step(run, "v1:b", owner=owner))
                 assert time.monotonic() - started < 5
-                assert seen[-1] == ("record pending step", 0.0, False)  # counted as a failure, with no time
             assert await journal.record(bare_step(run, "v1:c", owner=owner)) is not None
+            assert ("record pending step", 0.0, False) in seen  # the stuck write counted as a failure, with no time
         finally:
             await journal.close()
 
