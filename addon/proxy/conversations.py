@@ -127,7 +127,7 @@ def message_flow(upgrade: http.HTTPFlow, message: WebSocketMessage) -> http.HTTP
         req.port,
         METHOD.encode(),
         req.scheme.encode(),
-        b"XXXX",
+        b"",
         req.path.encode(),
         b"HTTP/1.1",
         headers,
