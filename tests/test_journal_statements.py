@@ -294,6 +294,13 @@ async def opened(dsn: str, **kwargs: Any) -> Journal:
     return journal
 
 
+def counted(journal: Journal) -> list[tuple[str, float, bool]]:
+    """What the journal's metrics hook hears from now on: (statement, seconds, answered)."""
+    seen: list[tuple[str, float, bool]] = []
+    journal.observe = lambda what, seconds, ok: seen.append((what, seconds, ok))
+    return seen
+
+
 def test_gc_deletes_only_runs_idle_past_the_age_a_batch_at_a_time(fresh_dsn: str) -> None:
     """Idle: the run untouched and none of its steps started, answered or replayed within the age."""
 
@@ -332,8 +339,8 @@ def test_an_import_is_one_run_of_completed_steps_or_nothing(pg_dsn: str) -> None
     expected = [(n, "completed", 201, "Created", b'{"ok": true}', "imported") for n in (1, 2)]
     assert sql(pg_dsn, rows, run) == expected
     assert sql(pg_dsn, "SELECT last_seq FROM durable_runs WHERE id = %s", run) == [(2,)]
-    assert sql(pg_dsn, "SELECT DISTINCT duration_ms, completed_at IS NOT NULL FROM durable_steps WHERE run_id = %s",
-               run) == [(0.0, True)]
+    imported = "SELECT DISTINCT duration_ms, completed_at IS NOT NULL FROM durable_steps WHERE run_id = %s"
+    assert sql(pg_dsn, imported, run) == [(0.0, True)]
     with pytest.raises(JournalError, match="^import run: "):
         asyncio.run(load(["v1:c", "v1:c"]))  # the same step twice: the whole import fails...
     assert sql(pg_dsn, rows, run) == expected  # ...and leaves nothing of itself
@@ -426,8 +433,7 @@ def test_a_statement_that_gets_no_answer_in_time_fails_and_the_next_one_answers(
 
     async def scenario() -> None:
         journal = await opened(pg_dsn, timeout_s=0.5)
-        seen: list[tuple[str, float, bool]] = []
-        journal.observe = lambda what, seconds, ok: seen.append((what, seconds, ok))
+        seen = counted(journal)
         try:
             owner = await journal.owner()
             assert await journal.record(bare_step(run, "v1:a", owner=owner)) is not None
@@ -598,8 +604,7 @@ def test_a_journal_that_cannot_be_reached_says_which_step_failed(tmp_path: Any) 
 
     async def scenario() -> None:
         journal = Journal(dead, timeout_s=1.0)
-        seen: list[tuple[str, float, bool]] = []
-        journal.observe = lambda what, seconds, ok: seen.append((what, seconds, ok))
+        seen = counted(journal)
         try:
             with pytest.raises(JournalError, match="^take lease: "):
                 await journal.owner()
@@ -666,10 +671,9 @@ def test_each_statement_is_timed_as_it_went(pg_dsn: str) -> None:
     """The metrics hook hears every statement: its name, how long it took, whether it answered
     (a failure is counted with no time)."""
 
-    async def scenario() -> list[tuple[str, float | None, bool]]:
+    async def scenario() -> list[tuple[str, float, bool]]:
         journal = await opened(pg_dsn)
-        seen: list[tuple[str, float | None, bool]] = []
-        journal.observe = lambda what, seconds, ok: seen.append((what, seconds, ok))
+        seen = counted(journal)
         try:
             await journal.ping()
             with pytest.raises(JournalError):
