@@ -526,17 +526,17 @@ def test_a_failed_statement_names_what_failed(fresh_dsn: str) -> None:
     asyncio.run(scenario())
 
 
-def test_a_sealed_step_read_without_its_key_names_the_run(pg_dsn: str) -> None:
+def test_a_sealed_step_read_without_its_key_names_the_run(fresh_dsn: str) -> None:
     """A step journaled under durable_encryption_key and read by a sidecar without that key: the
     error says which run's answers or requests could not be opened (and the answer's is a SealedError,
-    which the sidecar turns into its own 503)."""
+    which the sidecar turns into its own 503). A database of its own, as for the divergence test below."""
     from durable_sidecar.store.crypto import Keyring, new_key_spec
     from durable_sidecar.store.journal import SealedError
 
     run = f"sealed-{time.monotonic_ns()}"
 
     async def scenario() -> None:
-        sealed, other = await opened(pg_dsn, keyring=Keyring(new_key_spec())), await opened(pg_dsn)
+        sealed, other = await opened(fresh_dsn, keyring=Keyring(new_key_spec())), await opened(fresh_dsn)
         try:
             owner = await sealed.owner()
             ref = await sealed.record(bare_step(run, "v1:a", owner=owner, request_body=b"secret"))
@@ -687,16 +687,18 @@ def test_each_statement_is_timed_as_it_went(pg_dsn: str) -> None:
     assert failed == ("broken statement", 0.0, False)
 
 
-def test_a_divergences_diff_is_sealed_like_the_body_it_quotes(pg_dsn: str) -> None:
+def test_a_divergences_diff_is_sealed_like_the_body_it_quotes(fresh_dsn: str) -> None:
     """Under durable_encryption_key the diff of a diverged step (which quotes body values) is
-    stored sealed, the rest of the divergence as it is, and nothing of the diff in clear."""
+    stored sealed, the rest of the divergence as it is, and nothing of the diff in clear. (A
+    database of its own: `durable rekey` in test_security.py re-seals every row of the shared one,
+    and cannot open rows sealed with a throwaway key.)"""
     from durable_sidecar.store.crypto import Keyring, new_key_spec
 
     run = f"diverged-{time.monotonic_ns()}"
     divergence = {"nearest": 1, "diff": [{"path": "/card", "was": "4111-old", "now": "4111-new"}]}
 
     async def scenario() -> None:
-        journal = await opened(pg_dsn, keyring=Keyring(new_key_spec()))
+        journal = await opened(fresh_dsn, keyring=Keyring(new_key_spec()))
         try:
             owner = await journal.owner()
             assert await journal.record(bare_step(run, "v1:a", owner=owner, divergence=divergence)) is not None
@@ -704,6 +706,6 @@ def test_a_divergences_diff_is_sealed_like_the_body_it_quotes(pg_dsn: str) -> No
             await journal.close()
 
     asyncio.run(scenario())
-    ((stored,),) = sql(pg_dsn, "SELECT divergence FROM durable_steps WHERE run_id = %s", run)
+    ((stored,),) = sql(fresh_dsn, "SELECT divergence FROM durable_steps WHERE run_id = %s", run)
     assert set(stored) == {"nearest", "diff"} and stored["nearest"] == 1
     assert set(stored["diff"]) == {"sealed"} and "4111" not in json.dumps(stored)
