@@ -372,11 +372,7 @@ class Journal:
             return False
         async with self._reviving:  # one at a time: the embedded server's file lock is per process
             pgdata = Path(self.target.origin.removeprefix("embedded:"))
-            if not await asyncio.to_thread(embedded.revive, pgdata, self._timeout_s):
-                return False
-        if self._pool is not None:
-            await self._pool.check()
-        return True
+            return await asyncio.to_thread(embedded.revive, pgdata, self._timeout_s)
 
     async def _on_connection_once(self, whats: list[str], work: Callable[[psycopg.AsyncConnection], Awaitable[T]]) -> T:
         what = whats[0] if len(whats) == 1 else f"{len(whats)} journal writes"
