@@ -117,6 +117,25 @@ def test_unreachable_database_fails_closed(sidecars: Sidecars, http_api: PaidApi
     assert sidecar.log().count("error connecting in") == 1  # once per 30 s, not once per reconnect
 
 
+def test_an_embedded_journal_that_cannot_start_fails_closed_and_says_why(
+    sidecars: Sidecars, http_api: PaidApi, embedded_home: Path
+) -> None:
+    """No database found at all (the data folder is a file): the sidecar stays up and answers 503s
+    that name the failure, as with an unreachable DSN, and starts the server once it can."""
+    (embedded_home / "pgdata").write_text("not a folder")
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"} | {"DURABLE_HOME": str(embedded_home)}
+    sidecar = sidecars.start(env=env, durable_dsn="", journal_required=False)
+    for _ in range(2):  # the second call tries again: nothing is cached from the first failure
+        r = get(sidecar, f"{http_api.url}/v1/search?q=nowhere", new_run(), "a1")
+        assert r.status_code == 503 and "journal unavailable" in r.json()["reason"], r.text
+        assert "embedded PostgreSQL" in r.json()["failed"] and "initdb exited with 1" in r.json()["failed"], sidecar.log()
+    assert http_api.books()["calls"] == 0 and sidecar.process.poll() is None
+    assert "Not a directory" in sidecar.log()  # initdb's own words, kept in the log
+    (embedded_home / "pgdata").unlink()  # the operator fixes it: the next call starts the server
+    r = get(sidecar, f"{http_api.url}/v1/search?q=somewhere", new_run(), "a1")
+    assert r.headers["Durable-Outcome"] == "recorded", r.text
+
+
 @pytest.mark.skipif(not docker_reachable(), reason="no Docker engine answers: testcontainers cannot start Postgres here")
 def test_journal_on_a_testcontainers_postgres() -> None:
     from testcontainers.postgres import PostgresContainer

