@@ -128,7 +128,7 @@ def start(home: Path, cleanup: str | None = None) -> str:
         tool = Path(str(e.cmd[0] if isinstance(e.cmd, list) else e.cmd)).name  # its command line is long
         raise RuntimeError(
             f"the embedded PostgreSQL in {pgdata} could not start: {tool} exited with {e.returncode} "
-            "(its output is in the log)"
+            "(its output is logged above)"
         ) from e
     with postgres_server.PostgresServer._lock:
         ensure_watcher(pgdata)
