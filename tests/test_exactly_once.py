@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
+import openai
 import psycopg
 import pytest
 import requests
@@ -272,6 +274,25 @@ def test_an_orphan_is_finished_counted_and_replayed(sidecars: Sidecars, http_api
     assert "the sidecar finished the call and journaled its answer (orphan #1)" in sidecar.log()
     metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     assert "durable_orphans_finished_total 1.0" in metrics
+
+
+@pytest.mark.parametrize("endpoint", ["generate", "payments"])  # ignores Idempotency-Key / honours it
+def test_an_sdk_retry_after_its_own_timeout_waits_for_the_orphan_instead_of_paying_again(
+    endpoint: str, sidecars: Sidecars, https_api: PaidApi, ca_bundle: Path
+) -> None:
+    """The openai SDK times out (0.5 s) while the upstream works for 1.5 s, hangs up and retries in
+    the same attempt. The call it gave up on is finished as an orphan and its step given back, so
+    each retry is that step again: it waits for the orphan and gets its answer. One upstream call."""
+    sidecar = sidecars.start()
+    tls = ssl.create_default_context(cafile=str(ca_bundle))
+    http_client = httpx.Client(proxy=sidecar.proxy_url(new_run(), "a1"), verify=tls, trust_env=False)
+    client = openai.OpenAI(base_url=f"{https_api.url}/v1", api_key="sk-test", http_client=http_client,
+                           timeout=0.5, max_retries=6)
+    body = {"prompt": "retried"} if endpoint == "generate" else {"amount": 5}
+    answer = client.post(f"/{endpoint}", cast_to=httpx.Response, body=body, options={"params": {"delay_ms": 1500}})
+    assert answer.headers["Durable-Outcome"] == "replayed" and answer.headers["Durable-Step"] == "1"
+    assert https_api.books()["calls"] == 1  # the SDK sent it several times; the upstream saw it once
+    assert "(orphan #1)" in sidecar.log()
 
 
 def test_an_orphan_past_its_timeout_is_let_go_and_resent_with_its_key(

@@ -25,6 +25,7 @@ from mitmproxy import flow as mflow
 from mitmproxy import http
 from mitmproxy.test import tutils
 
+from durable_sidecar.proxy import httplayer
 from durable_sidecar.proxy.sidecar import META
 from durable_sidecar.steps import repairs
 from durable_sidecar.store.journal import JournalError
@@ -386,6 +387,45 @@ def test_a_waiter_whose_agent_hung_up_stops_waiting(pg_dsn: str) -> None:
             )
             assert body["step"] == 1
             await answer(one, sender)
+
+    asyncio.run(scenario())
+
+
+def test_an_sdk_retry_after_a_timeout_is_the_step_its_agent_gave_up_on(pg_dsn: str) -> None:
+    """An SDK times out and retries in the same attempt, maybe several times while the upstream still
+    works. The call it gave up on becomes an orphan and gives its step back, a retry that gives up
+    while it waits gives it back at once, and one whose answer came just as it hung up gives it back
+    too: every retry is that one step, and nothing is sent twice."""
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            sender = call(run, "a1")
+            await send(addon, sender)
+            httplayer.ORPHANS.adopt(sender)  # what mitmproxy's layer does when the agent hangs up mid-call
+            impatient = call(run, "a1")
+            waiting = asyncio.ensure_future(send(addon, impatient))
+            await asyncio.sleep(0.3)
+            assert not waiting.done()  # the same step: it waits for the orphan
+            impatient.client_conn.timestamp_end = 2.0  # its own timeout
+            assert await asyncio.wait_for(waiting, 2) == "refused"
+            late = call(run, "a1")
+            waiting = asyncio.ensure_future(send(addon, late))
+            await asyncio.sleep(0.3)
+            slots, leave = addon.lifecycle.in_flight, addon.lifecycle.in_flight.leave
+
+            def hang_up_then_leave(slot: Any) -> None:  # it hangs up as the orphan's answer comes
+                late.client_conn.timestamp_end = 2.0
+                leave(slot)
+
+            slots.leave = hang_up_then_leave  # type: ignore[method-assign]
+            await answer(addon, sender, body=b"generated once")
+            slots.leave = leave  # type: ignore[method-assign]
+            assert await asyncio.wait_for(waiting, 2) == "replayed"
+            last = call(run, "a1")
+            assert await send(addon, last) == "replayed" and last.metadata[META].seq == 1
+            assert last.response.content == b"generated once"
+        assert [seq for seq, *_ in sql(pg_dsn, STEPS, run)] == [1]
 
     asyncio.run(scenario())
 

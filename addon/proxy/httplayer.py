@@ -60,11 +60,13 @@ class Orphans:
     def __init__(self) -> None:
         self.timeout_s = 600.0  # durable_orphan_timeout, set by the addon
         self.on_expired: Callable[[mflow.Flow], None] = lambda flow: None  # the addon lets go of the step
+        self.on_adopted: Callable[[mflow.Flow], None] = lambda flow: None  # the addon gives the step back
         self._waiting: dict[Any, dict[mflow.Flow, asyncio.Event]] = {}  # by client connection
 
     def adopt(self, flow: Any) -> None:
         setattr(flow.request, ORPHANED, True)
         self._waiting.setdefault(flow.client_conn, {})[flow] = asyncio.Event()
+        self.on_adopted(flow)
 
     def done(self, flow: mflow.Flow) -> None:
         """The orphan's answer was journaled (or its exchange broke): it holds nothing up any more."""

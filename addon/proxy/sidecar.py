@@ -103,6 +103,7 @@ class DurableSidecar:
         lifecycle.journal.offload_bytes = new.offload_bytes
         httplayer.ORPHANS.timeout_s = new.orphan_timeout_s
         httplayer.ORPHANS.on_expired = self._orphan_expired
+        httplayer.ORPHANS.on_adopted = self._orphan_adopted
         if new.metrics_listen and self.metrics is None:
             self.metrics = self.reporter.metrics = Metrics()
         if new.replay_pacing and lifecycle.pacer is None:
@@ -350,6 +351,13 @@ class DurableSidecar:
 
     def _report(self, flow: http.HTTPFlow, step: Step) -> None:
         self._log(flow, step, flow.response.status_code if flow.response else None)
+
+    def _orphan_adopted(self, flow: mflow.Flow) -> None:
+        """The agent hung up mid-call (an SDK's timeout): its retry in this attempt is the same step,
+        which waits for the orphan's answer instead of going upstream a second time."""
+        step: Step | None = flow.metadata.get(META)
+        if step is not None and step.live and self.lifecycle is not None:
+            self.lifecycle.give_back(step)
 
     def _orphan_expired(self, flow: mflow.Flow) -> None:
         """An orphan ran past durable_orphan_timeout: mitmproxy drops its exchange; the step stays in doubt."""

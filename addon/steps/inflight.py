@@ -8,8 +8,10 @@ Across sidecars the journal decides (the step's owner and its lease, see lease.p
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 Slot = tuple[str, str, int]  # (run, match key, occurrence)
+GONE_POLL_S = 0.1
 
 
 class InFlight:
@@ -19,18 +21,20 @@ class InFlight:
     def __len__(self) -> int:
         return len(self._slots)
 
-    async def enter(self, slot: Slot, timeout_s: float) -> bool:
-        """Take `slot`, first waiting while another flow holds it; False if it is still held after `timeout_s`."""
+    async def enter(self, slot: Slot, timeout_s: float, gone: Callable[[], bool] = lambda: False) -> bool:
+        """Take `slot`, first waiting while another flow holds it; False if it is still held after
+        `timeout_s`, or once `gone()` says the waiting agent hung up (looked at every GONE_POLL_S):
+        its claim must go back before its retry claims the step, not when the holder is done."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while (held := self._slots.get(slot)) is not None:
             remaining = deadline - loop.time()
-            if remaining <= 0:
+            if remaining <= 0 or gone():
                 return False
             try:
-                await asyncio.wait_for(asyncio.shield(held), remaining)
+                await asyncio.wait_for(asyncio.shield(held), min(remaining, GONE_POLL_S))
             except TimeoutError:
-                return False
+                continue
         self._slots[slot] = loop.create_future()
         return True
 

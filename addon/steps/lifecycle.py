@@ -68,7 +68,7 @@ class Lifecycle:
 
     Over 300 lines, on purpose: the record, replay and settle paths share one claim on the
     attempt's cursor and one single-flight slot, which every path must give back on every exit,
-    and those rules (`_give_back`, `abandon`, `_hold`) are checked by reading them together.
+    and those rules (`give_back`, `abandon`, `_hold`) are checked by reading them together.
     Already apart: the attempts' positions (positions.py), held answers (repairs.py). The next
     seam, should it grow: journaling the answer (`finish`, `break_off`, `_hold`, `_answer`).
     """
@@ -121,7 +121,10 @@ class Lifecycle:
         except BaseException:
             cursor.release(claim.key, claim.occurrence, claim.step.seq if claim.step else None)
             raise
-        step.claim = claim
+        if not step.live and client_gone(flow):  # the agent hung up as its answer came: it reaches nobody
+            cursor.release(claim.key, claim.occurrence, step.seq)
+        else:
+            step.claim = claim
         return step
 
     async def _fp_version(self, run: str) -> int:
@@ -154,7 +157,7 @@ class Lifecycle:
         slot = (ident.run, claim.key, claim.occurrence)
         if slot in self.repairs.held:  # its answer is in hand: journal it now (or 503), then replay it
             await self.repairs.commit_now(slot)
-        if not await self.in_flight.enter(slot, self.settings.in_flight_wait_s):
+        if not await self.in_flight.enter(slot, self.settings.in_flight_wait_s, lambda: client_gone(flow)):
             raise self._still_in_flight(ident, journaled)
         try:
             if journaled is None:
@@ -201,7 +204,7 @@ class Lifecycle:
             step.cursor.mark(step.seq, state)
         self.in_flight.leave(step.slot)
         if truncated and step.tee is not None and not step.tee.finished():
-            self._give_back(step)  # the agent saw the stream cut: its retry is this step again
+            self.give_back(step)  # the agent saw the stream cut: its retry is this step again
 
     async def break_off(self, flow: http.HTTPFlow, step: Step, message: str) -> None:
         """The exchange broke. Journal `failed` only if the request provably never left (no
@@ -244,7 +247,7 @@ class Lifecycle:
             if not held:  # a held answer keeps its step in flight here until it is journaled
                 self.in_flight.leave(step.slot)
                 if state == "pending":
-                    self._give_back(step)
+                    self.give_back(step)
 
     def _hold(self, step: Step, resp: http.Response, state: str, commit: Callable[[], Awaitable[None]]) -> bool:
         """Keep an answer whose commit failed (repairs.py): the step stays in flight here, its claim
@@ -268,7 +271,7 @@ class Lifecycle:
             seq,
             len(self.repairs.held),
         )
-        self._give_back(step)
+        self.give_back(step)
         return True
 
     def abandon(self, step: Step) -> None:
@@ -276,9 +279,11 @@ class Lifecycle:
         journaled): nobody sends it now, and the agent's retry matches it again (and reissues it)."""
         step.live = False
         self.in_flight.leave(step.slot)
-        self._give_back(step)
+        self.give_back(step)
 
-    def _give_back(self, step: Step) -> None:
+    def give_back(self, step: Step) -> None:
+        """The agent will not get this step's answer on this request: its retry in this attempt
+        matches the same step (and waits for it while it is in flight, or replays it)."""
         if step.cursor is not None and step.claim is not None:
             step.cursor.release(step.claim.key, step.claim.occurrence, step.seq)
             step.claim = None
