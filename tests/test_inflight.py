@@ -103,3 +103,23 @@ def test_a_short_wait_still_gets_the_slot_when_it_frees_in_time() -> None:
         return await in_flight.enter(SLOT, 0.8)
 
     assert asyncio.run(scenario())
+
+
+def test_a_waiter_whose_agent_hung_up_gives_up_at_its_next_look() -> None:
+    """An agent that hung up while waiting (an SDK's timeout) gets False within a look or two, not
+    when the sender is done: its claim must go back before its retry claims the step."""
+
+    async def scenario() -> tuple[bool, float, bool]:
+        in_flight, hung_up = InFlight(), False
+        assert await in_flight.enter(SLOT, 5)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        waiting = asyncio.ensure_future(in_flight.enter(SLOT, 30, lambda: hung_up))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # still there while its agent is
+        hung_up = True
+        entered = await asyncio.wait_for(waiting, 5)
+        return entered, loop.time() - started, len(in_flight) == 1
+
+    entered, waited, still_held = asyncio.run(scenario())
+    assert not entered and waited < 10 and still_held  # not the 30 s wait; the sender keeps its slot
