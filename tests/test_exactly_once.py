@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -293,6 +294,29 @@ def test_an_sdk_retry_after_its_own_timeout_waits_for_the_orphan_instead_of_payi
     assert answer.headers["Durable-Outcome"] == "replayed" and answer.headers["Durable-Step"] == "1"
     assert https_api.books()["calls"] == 1  # the SDK sent it several times; the upstream saw it once
     assert "(orphan #1)" in sidecar.log()
+
+
+def test_an_http2_agent_that_hangs_up_mid_call_leaves_an_orphan_its_retry_gets(
+    sidecars: Sidecars, https_api: PaidApi, ca_bundle: Path, tmp_path: Path
+) -> None:
+    """curl speaks HTTP/2 to the sidecar and gives up after 0.5 s (closing its connection) while a
+    key-ignoring upstream works for 1.5 s; the same call again, in the same attempt, is answered with
+    the orphan's answer: one upstream call."""
+    sidecar = sidecars.start()
+    run, url = new_run(), f"{https_api.url}/v1/generate?delay_ms=1500"
+    answers = []
+    for give_up_after in ("0.5", "30"):
+        head = tmp_path / f"head-{give_up_after}"
+        curl = subprocess.run(
+            ["curl", "-s", "--http2", "-m", give_up_after, "-D", str(head), "-o", os.devnull, "--cacert", str(ca_bundle),
+             "-x", sidecar.proxy_url(run, "a1"), "-H", "Content-Type: application/json", "-d", '{"prompt": "h2"}', url],
+            timeout=60,
+        )
+        answers.append((curl.returncode, head.read_text().split("\n\n")[-2].lower()))
+    assert answers[0] == (28, "http/1.1 200 connection established")  # 28: curl's timeout; no answer
+    assert answers[1][0] == 0 and answers[1][1].startswith("http/2 200")
+    assert "durable-outcome: replayed" in answers[1][1] and "durable-step: 1" in answers[1][1]
+    assert https_api.books()["calls"] == 1 and "(orphan #1)" in sidecar.log()
 
 
 def test_an_orphan_past_its_timeout_is_let_go_and_resent_with_its_key(
