@@ -382,8 +382,8 @@ def test_a_waiter_whose_agent_hung_up_stops_waiting(pg_dsn: str) -> None:
             assert await asyncio.wait_for(waiting, 5) == "refused"
             status, body = refusal(waiter)
             assert status == 503 and body["reason"] == (
-                "this step is in flight in another attempt or sidecar and did not finish within "
-                "durable_in_flight_wait; nothing was forwarded, retry to wait again"
+                "this step is in flight in another attempt or sidecar and the agent hung up while it "
+                "waited; nothing was forwarded, retry to wait again"
             )
             assert body["step"] == 1
             await answer(one, sender)

@@ -158,7 +158,7 @@ class Lifecycle:
         if slot in self.repairs.held:  # its answer is in hand: journal it now (or 503), then replay it
             await self.repairs.commit_now(slot)
         if not await self.in_flight.enter(slot, self.settings.in_flight_wait_s, lambda: client_gone(flow)):
-            raise self._still_in_flight(ident, journaled)
+            raise self._still_in_flight(flow, ident, journaled)
         try:
             if journaled is None:
                 recorded = await self._record(flow, ident, cursor, claim, env, body)
@@ -467,7 +467,7 @@ class Lifecycle:
             dying = seen is not None and dead != seen
             if dying or taken.in_flight or taken.state == "failed":  # failed, not taken: taken just now
                 if time.monotonic() > deadline or client_gone(flow):
-                    raise self._still_in_flight(ident, step)
+                    raise self._still_in_flight(flow, ident, step)
                 await asyncio.sleep(POLL_S)
                 continue
             if policy == "reissue" and taken.age_s < s.in_doubt_window_s:
@@ -501,11 +501,14 @@ class Lifecycle:
             )
         return Refused(409, reason, run=ident.run, step=step.seq, resolve=resolve_hint)
 
-    def _still_in_flight(self, ident: identity.Identity, step: StepRef | None) -> Refused:
+    def _still_in_flight(self, flow: http.HTTPFlow, ident: identity.Identity, step: StepRef | None) -> Refused:
+        waited = (
+            "the agent hung up while it waited" if client_gone(flow) else "did not finish within durable_in_flight_wait"
+        )
         return Refused(
             503,
-            "this step is in flight in another attempt or sidecar and did not finish within "
-            "durable_in_flight_wait; nothing was forwarded, retry to wait again",
+            f"this step is in flight in another attempt or sidecar and {waited}; nothing was forwarded, "
+            "retry to wait again",
             run=ident.run,
             step=step.seq if step else None,
         )
