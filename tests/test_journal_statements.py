@@ -294,6 +294,21 @@ async def opened(dsn: str, **kwargs: Any) -> Journal:
     return journal
 
 
+def record_one(dsn: str, run: str, options: dict[str, Any] | None = None, **fields: Any) -> None:
+    """Journal one pending step of `run` with `fields` (through a Journal made with `options`), and
+    close: for tests that read back what was stored."""
+
+    async def scenario() -> None:
+        journal = await opened(dsn, **(options or {}))
+        try:
+            owner = await journal.owner()
+            assert await journal.record(bare_step(run, "v1:a", owner=owner, **fields)) is not None
+        finally:
+            await journal.close()
+
+    asyncio.run(scenario())
+
+
 def counted(journal: Journal) -> list[tuple[str, float, bool]]:
     """What the journal's metrics hook hears from now on: (statement, seconds, answered)."""
     seen: list[tuple[str, float, bool]] = []
@@ -469,15 +484,7 @@ def test_an_envelope_with_nul_characters_is_journaled_with_them_spelled_out(pg_d
     run = f"nul-{time.monotonic_ns()}"
     envelope = {"path": "/a\0b", "query": [["q", "x\0"], ["n", 1]], "body": {"k": ["\0", None, True]}}
 
-    async def scenario() -> None:
-        journal = await opened(pg_dsn)
-        try:
-            owner = await journal.owner()
-            assert await journal.record(bare_step(run, "v1:a", owner=owner, envelope=envelope)) is not None
-        finally:
-            await journal.close()
-
-    asyncio.run(scenario())
+    record_one(pg_dsn, run, envelope=envelope)
     assert sql(pg_dsn, "SELECT envelope FROM durable_steps WHERE run_id = %s", run) == [
         ({"path": "/a\\x00b", "query": [["q", "x\\x00"], ["n", 1]], "body": {"k": ["\\x00", None, True]}},)
     ]
@@ -697,15 +704,7 @@ def test_a_divergences_diff_is_sealed_like_the_body_it_quotes(fresh_dsn: str) ->
     run = f"diverged-{time.monotonic_ns()}"
     divergence = {"nearest": 1, "diff": [{"path": "/card", "was": "4111-old", "now": "4111-new"}]}
 
-    async def scenario() -> None:
-        journal = await opened(fresh_dsn, keyring=Keyring(new_key_spec()))
-        try:
-            owner = await journal.owner()
-            assert await journal.record(bare_step(run, "v1:a", owner=owner, divergence=divergence)) is not None
-        finally:
-            await journal.close()
-
-    asyncio.run(scenario())
+    record_one(fresh_dsn, run, {"keyring": Keyring(new_key_spec())}, divergence=divergence)
     ((stored,),) = sql(fresh_dsn, "SELECT divergence FROM durable_steps WHERE run_id = %s", run)
     assert set(stored) == {"nearest", "diff"} and stored["nearest"] == 1
     assert set(stored["diff"]) == {"sealed"} and "4111" not in json.dumps(stored)
