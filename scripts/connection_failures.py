@@ -19,6 +19,8 @@ Scenarios (tests/test_connection_failures.py runs each once):
   lease-idle-timeout   the same, the session ended by the database's idle_session_timeout of 2 s
   link-cut-mid-call    the journal's link is cut while the upstream works, and heals: the answer is held
   commit-reply-lost    the pending row commits but its reply is lost: the call was never forwarded
+  one-reply-lost       the same on one pooled connection while the others work (the journal's own
+                       retry finds the row): the call is sent once, at once, not called in doubt
   link-frozen          the link freezes (no reset): every call is answered within durable_db_timeout + 1 s
   run-drains           `durable run`'s agent dies mid-call: the launcher's sidecar drains before it exits
   same-shell-rerun     the agent is started twice under one exported attempt id
@@ -204,6 +206,27 @@ def commit_reply_lost(rig: Rig, endpoint: str) -> Result:
         return judge(rig, [answer.text, replayed.text], result)
 
 
+def one_reply_lost(rig: Rig, endpoint: str) -> Result:
+    """Only the pending commit's connection loses its reply; the journal retries on another one and
+    finds the row its first try made. The call was never forwarded: it is sent once, even under `fail`."""
+    with relayed(rig) as (relay, dsn):
+        sidecar = rig.sidecar(durable_dsn=dsn, durable_in_doubt="127.0.0.1=fail")
+        url, body = target(rig, endpoint)
+        run = f"one-{uuid.uuid4().hex[:8]}"
+        with rig.client(sidecar, run, "a1") as agent:
+            agent.get(f"{rig.api_url}/v1/search?q=warm")  # the run's index and the lease are in
+            relay.drop_reply_with(b"idempotency_key")  # the column durable_record's reply names
+            answer = retry_until_answered(agent, url, body)
+        with rig.client(sidecar, run, "a2") as later:
+            later.get(f"{rig.api_url}/v1/search?q=warm")
+            replayed = later.post(url, json=body)
+        result = Result()
+        if relay.mode != "pass":
+            result.notes.append("no reply was lost: the scenario did not happen")
+            result.stuck_steps += 1
+        return judge(rig, [answer.text, replayed.text], result)
+
+
 def link_frozen(rig: Rig, endpoint: str) -> Result:
     """The link freezes for 6 s: a new call, a replay read ahead and a call of another run are each
     answered (503 or the journaled answer) within durable_db_timeout + 1 s; after it heals, the
@@ -333,6 +356,7 @@ SCENARIOS: dict[str, Callable[[Rig, str], Result]] = {
     "lease-idle-timeout": lambda rig, endpoint: lease_lost(rig, endpoint, "idle-timeout"),
     "link-cut-mid-call": link_cut_mid_call,
     "commit-reply-lost": commit_reply_lost,
+    "one-reply-lost": one_reply_lost,
     "link-frozen": link_frozen,
     "run-drains": run_drains,
     "same-shell-rerun": same_shell_rerun,

@@ -5,6 +5,8 @@
     relay.cut()                    # every connection reset now; new ones refused until heal()
     relay.freeze()                 # bytes held both ways, no reset (a dead NAT entry, a paused VM)
     relay.drop_replies()           # what the server sends next is lost, then the connection dies
+    relay.drop_reply_with(b"x")    # the first reply holding b"x" is lost with its connection; the
+                                   # others pass (one pooled connection fails, the rest work)
     relay.heal()                   # new connections pass again (held ones stay as they are)
 
 Used by tests/test_connection_failures.py and scripts/connection_failures.py. One thread per
@@ -26,7 +28,8 @@ class Relay:
         self.port: int = self._listener.getsockname()[1]
         self._lock = threading.Lock()
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
-        self.mode = "pass"  # pass | cut | freeze | drop
+        self.mode = "pass"  # pass | cut | freeze | drop | drop-one
+        self._marker = b""  # drop-one: the reply that is lost holds these bytes
         self._flowing = threading.Event()
         self._flowing.set()
         self._closed = False
@@ -59,6 +62,13 @@ class Relay:
         """Lose the server's next bytes on every connection, then reset it: a reply that never arrives
         although the server did the work (a commit whose answer is lost)."""
         self.mode = "drop"
+        self._flowing.set()
+
+    def drop_reply_with(self, marker: bytes) -> None:
+        """Lose the first reply holding `marker` and reset its connection; every other connection,
+        and this one's earlier replies, pass. Then back to passing."""
+        self._marker = marker
+        self.mode = "drop-one"
         self._flowing.set()
 
     def heal(self) -> None:
@@ -121,6 +131,11 @@ class Relay:
                 self._flowing.wait()
                 if self.mode == "drop" and from_server:
                     break  # the reply is lost with the connection
+                if self.mode == "drop-one" and from_server and self._marker in data:
+                    with self._lock:
+                        if self.mode == "drop-one":  # only the first such reply
+                            self.mode = "pass"
+                            break
                 if self.mode == "cut":
                     break
                 sink.sendall(data)

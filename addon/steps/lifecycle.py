@@ -23,7 +23,7 @@ from mitmproxy import http
 from ..matching import bodies, fingerprint, identity, redaction
 from ..store import crypto, offload
 from ..store.cursor import Claim, RunCursor, StepRef
-from ..store.journal import Journal, JournalError, NewStep, NotOurs, encode_headers
+from ..store.journal import Journal, JournalError, NewStep, NotOurs, ReplyLost, encode_headers
 from . import divergence, faults, positions, responses, streams
 from .inflight import InFlight, Slot
 from .pacing import Pacer
@@ -338,10 +338,14 @@ class Lifecycle:
             divergence=diverged,
             owner=owner,
         )
+        slot = (ident.run, claim.key, claim.occurrence)
         try:
             recorded = await self.journal.record(new_step)
+        except ReplyLost:  # the row is most likely this call's own, never sent: _settle sends it once
+            self.repairs.not_sent(slot, owner)
+            recorded = None
         except JournalError:  # the row may exist, naming this sidecar, for a call it never sent
-            self.repairs.not_sent((ident.run, claim.key, claim.occurrence), owner)
+            self.repairs.not_sent(slot, owner)
             raise
         if recorded is None:
             existing = await self.journal.find(ident.run, claim.key, claim.occurrence)

@@ -111,13 +111,19 @@ class TakeOver:
     generation: int | None = None  # that owner's lease generation
 
 
-@dataclass(frozen=True)
+@dataclass
 class Statement:
     what: str  # for errors and metrics
     sql: str
     params: Any
     fetch: str = "none"  # none (row count) | one | all
     run: str = ""  # the run a write belongs to: a batch's order
+    retried: bool = False  # ran again on a fresh connection: its first try may have committed
+
+
+class ReplyLost(JournalError):
+    """A new step's first commit lost its reply and its retry found the step journaled: most likely
+    by that first try, so the call was never forwarded (repairs.py hands it back)."""
 
 
 async def _fetch(cursor: Any, fetch: str) -> Any:
@@ -198,7 +204,7 @@ WITH taken AS (
                              last_attempt = %(attempt)s, last_outcome = 'reissued'
     WHERE run_id = %(run)s AND seq = %(seq)s AND fingerprint = %(key)s AND occurrence = %(occ)s
       AND {_OWNER_GONE}
-      AND (state = 'failed' OR (state = 'pending' AND (approved OR %(unsent)s
+      AND (state = 'failed' OR (state = 'pending' AND (approved OR (%(unsent)s AND owner = %(me)s)
            OR (%(allowed)s AND created_at > now() - make_interval(secs => %(window)s)))))
     RETURNING idempotency_key
 )
@@ -336,8 +342,13 @@ class Journal:
     async def _execute(self, batch: list[Statement]) -> list[Any]:
         """Statements on one pooled connection: one alone in its own transaction (autocommit), several
         pipelined in ONE transaction, so they cost one round trip and one commit, all or none."""
+        tries: list[psycopg.AsyncConnection] = []
 
         async def execute(conn: psycopg.AsyncConnection) -> list[Any]:
+            if tries:  # a second run after a broken connection: the first's outcome is unknown
+                for s in batch:
+                    s.retried = True
+            tries.append(conn)
             if len(batch) == 1:
                 cursors = [await conn.cursor(row_factory=dict_row).execute(batch[0].sql, batch[0].params)]
             else:
@@ -414,8 +425,11 @@ class Journal:
         A batch is ordered by run (stable: a run's writes keep their order), so two batches always
         take the runs' row locks in the same order and cannot deadlock.
         """
+        return await self._write_statement(Statement(what, sql, params, fetch, run))
+
+    async def _write_statement(self, statement: Statement) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queued.append((Statement(what, sql, params, fetch, run), future))
+        self._queued.append((statement, future))
         self._next_batch()
         return await self._within(asyncio.shield(future))  # queued behind stuck batches: still on time
 
@@ -514,10 +528,17 @@ class Journal:
         }
 
     async def record(self, step: NewStep) -> Recorded | None:
-        """Commit a pending step; None if (run, key, occurrence) was journaled meanwhile by someone else."""
+        """Commit a pending step; None if (run, key, occurrence) was journaled meanwhile by someone else.
+        Raises ReplyLost when that someone is most likely this very call's first try."""
         body = await offload.run(len(step.request_body), self.offload_bytes, self.keyring.seal, step.request_body)
-        row = await self._write("record pending step", step.run, _RECORD, self._record_params(step, body), fetch="one")
-        return Recorded(row["seq"], row["idempotency_key"]) if row and row["seq"] is not None else None
+        statement = Statement("record pending step", _RECORD, self._record_params(step, body), "one", step.run)
+        row = await self._write_statement(statement)
+        if row and row["seq"] is not None:
+            return Recorded(row["seq"], row["idempotency_key"])
+        if statement.retried:
+            raise ReplyLost(f"record pending step: step {step.key}#{step.occurrence} of run {step.run} was journaled "
+                            "by a try whose reply was lost")
+        return None
 
     async def import_steps(self, run: str, steps: list[tuple[NewStep, Answer]]) -> int:
         """A new run of completed steps (an imported HAR or flow file), with COPY in one transaction:
