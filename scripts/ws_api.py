@@ -8,7 +8,7 @@ Paths (ws:// or, with a TLS directory, wss://):
                   Each answer's text names the ledger's call number, so a second charge shows.
   /rpc            JSON-RPC 2.0: a request is answered with {"result": {"echo": params, "call": N}}
   /echo           any message is echoed back with its call number (no end marker); after the
-                  message "close" the server closes the connection (1000)
+                  message "close" (or "close CODE") the server closes the connection (1000, or CODE)
   /greet          as /echo, after a greeting sent on connect
 Ledger: `ledger()` in-process, or GET /_books (HTTP, not WebSocket) when run as a script.
 
@@ -103,8 +103,8 @@ async def handler(ws: ServerConnection) -> None:
                 await ws.send(json.dumps({"jsonrpc": "2.0", "id": doc["id"], "result": result}))
         else:
             await ws.send(f"echo {call}: {text}")
-            if text == "close":
-                await ws.close(1000, "asked to")
+            if text.split(" ")[0] == "close":  # "close" or "close CODE"
+                await ws.close(int(text.split(" ")[1]) if " " in text else 1000, "asked to")
 
 
 def books_route(connection: ServerConnection, request: Request) -> Response | None:

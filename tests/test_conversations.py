@@ -21,7 +21,7 @@ from mitmproxy.test import tflow
 from mitmproxy.websocket import WebSocketData, WebSocketMessage
 from wsproto.frame_protocol import Opcode
 
-from durable_sidecar.proxy import conversations
+from durable_sidecar.proxy import conversations, ws_close
 from durable_sidecar.proxy import sidecar as sidecar_module
 from durable_sidecar.proxy.sidecar import META, DurableSidecar
 from durable_sidecar.store.journal import JournalError, NotOurs
@@ -40,7 +40,15 @@ def upstream() -> Iterator[ws_api.Server]:
 
 
 @pytest.fixture
-def agent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bytes, bool]]:
+def hung_up(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str]]:
+    """The closes the sidecar sends the agent, code and reason (ws_close.close needs the proxy core)."""
+    closes: list[tuple[int, str]] = []
+    monkeypatch.setattr(ws_close, "close", lambda flow, code, reason: closes.append((code, reason)))
+    return closes
+
+
+@pytest.fixture
+def agent(monkeypatch: pytest.MonkeyPatch, hung_up: list[tuple[int, str]]) -> list[tuple[bytes, bool]]:
     """What the sidecar injects toward the agent (mitmproxy's inject.websocket needs its proxy core)."""
     received: list[tuple[bytes, bool]] = []
     monkeypatch.setattr(sidecar_module, "inject", lambda flow, content, text: received.append((content, text)))
@@ -307,7 +315,7 @@ def test_binary_messages_are_journaled_in_base64_and_replayed_as_binary(
 
 
 def test_a_message_the_journal_cannot_take_is_dropped_and_the_connection_closed(
-    pg_dsn: str, upstream: ws_api.Server, agent: list, monkeypatch: pytest.MonkeyPatch
+    pg_dsn: str, upstream: ws_api.Server, agent: list, hung_up: list, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Nothing unjournaled leaves: the journal refuses the message's step, so the message is dropped
     and the agent's connection closed (its retry finds the journal back)."""
@@ -319,7 +327,7 @@ def test_a_message_the_journal_cannot_take_is_dropped_and_the_connection_closed(
             await ws.open()
             monkeypatch.setattr(addon.lifecycle.journal, "record", journal_down)
             message = await ws.client(turn(1))
-            assert message.dropped and ws.flow.error is not None and ws.flow.error.msg == "Connection killed."
+            assert message.dropped and hung_up == [(4503, "connection lost")]
             assert [r[1] for r in sql(pg_dsn, WS_STEPS, run)] == ["GET"]
 
     run_scenario(scenario)
@@ -330,7 +338,7 @@ async def journal_down(*args: Any, **kwargs: Any) -> None:
 
 
 def test_an_upstream_that_cannot_be_reached_after_a_replay_fails_the_new_turn_as_never_sent(
-    pg_dsn: str, upstream: ws_api.Server, agent: list
+    pg_dsn: str, upstream: ws_api.Server, agent: list, hung_up: list
 ) -> None:
     """The journal answers the handshake; the new turn needs the upstream, which is gone: the turn
     was journaled before the attempt to send it and provably never left (no connection), so it is
@@ -345,7 +353,8 @@ def test_an_upstream_that_cannot_be_reached_after_a_replay_fails_the_new_turn_as
             ws = Conversation(addon, run, "a2", gone.port)
             assert await ws.open() == "replayed"
             message = await ws.client(turn(2))
-            assert message.dropped and ws.flow.error is not None
+            assert message.dropped and [code for code, _ in hung_up] == [4502]
+            assert "could not be reached" in hung_up[0][1]
             rows = sql(pg_dsn, WS_STEPS, run)
             assert [r[:4] for r in rows][-1] == (3, "WS", "failed", None)
             (error,) = sql(pg_dsn, "SELECT error FROM durable_steps WHERE run_id = %s AND seq = 3", run)[0]
@@ -355,7 +364,7 @@ def test_an_upstream_that_cannot_be_reached_after_a_replay_fails_the_new_turn_as
 
 
 def test_the_upstream_closing_a_live_conversation_after_a_replay_completes_the_answer_in_hand(
-    pg_dsn: str, upstream: ws_api.Server, agent: list
+    pg_dsn: str, upstream: ws_api.Server, agent: list, hung_up: list
 ) -> None:
     """/echo has no end marker: the answer to a message runs until the next message or the close.
     When the sidecar's own upstream closes, the answer in hand is journaled complete, with the close
@@ -373,10 +382,11 @@ def test_the_upstream_closing_a_live_conversation_after_a_replay_completes_the_a
             await again.open()
             await again.client("one")
             await again.client("close")  # ws_api's /echo answers, then closes with 1000
-            await until(lambda: again.flow.error is not None)
-            assert again.flow.error is not None  # the agent's side is closed too
+            await until(lambda: bool(hung_up))
+            assert hung_up == [(1000, "asked to")]  # the server's close reaches the agent as it was
             body = json.loads(sql(pg_dsn, WS_STEPS, run)[-1][4])
-            assert body["closed"] == 1000 and sql(pg_dsn, WS_STEPS, run)[-1][2] == "completed"
+            assert (body["closed"], body["reason"]) == (1000, "asked to")
+            assert sql(pg_dsn, WS_STEPS, run)[-1][2] == "completed"
 
     run_scenario(scenario)
 
@@ -411,7 +421,7 @@ def test_binary_frames_and_text_that_is_not_json_end_nothing() -> None:
 def test_an_answer_is_journaled_as_readable_json_with_its_timing_to_a_tenth_of_a_millisecond() -> None:
     body = conversations.encode_answer(
         [frame("hé", at_ms=1.26), frame(b"\x00\xff", text=False, at_ms=2.34), frame(b"\xff bad", at_ms=0.0)],
-        closed=1001,
+        closed=conversations.Close(1001, "going away"),
     )
     assert json.loads(body) == {
         "messages": [
@@ -420,9 +430,21 @@ def test_an_answer_is_journaled_as_readable_json_with_its_timing_to_a_tenth_of_a
             {"at_ms": 0.0, "text": "\ufffd bad"},
         ],
         "closed": 1001,
+        "reason": "going away",
     }
     assert conversations.decode_answer(body)[1] == frame(b"\x00\xff", text=False, at_ms=2.3)
-    assert conversations.decode_answer(b"") == []
+    assert conversations.decode_close(body) == conversations.Close(1001, "going away")
+    assert conversations.decode_answer(b"") == [] and conversations.decode_close(b"") is None
+
+
+@pytest.mark.parametrize(
+    ("code", "sent"), [(4001, 4001), (1000, 1000), (1005, 1000), (1006, 4502), (None, 4502), (1015, 4502)]
+)
+def test_a_servers_close_reaches_the_agent_as_a_close_frame_may_carry_it(code: int | None, sent: int) -> None:
+    """1005, 1006 and 1015 may never be sent in a close frame (RFC 6455, 7.4.1)."""
+    assert conversations.sendable(code, "r").code == sent
+    assert ws_close.fit("é" * 100).encode().__len__() <= ws_close.REASON_MAX
+    assert ws_close.code_for(409) == 4409 and ws_close.code_for(0) == 1011
 
 
 def test_a_replayed_handshake_gets_the_framing_headers_and_its_greeting_leaves_the_body() -> None:
@@ -515,7 +537,7 @@ def test_an_agent_that_dies_after_a_message_went_live_on_the_sidecars_upstream_l
 
 
 def test_a_push_after_an_answer_reaches_the_agent_and_is_journaled_at_zero_ms(
-    pg_dsn: str, upstream: ws_api.Server, agent: list
+    pg_dsn: str, upstream: ws_api.Server, agent: list, hung_up: list
 ) -> None:
     run = new_run()
 
@@ -527,7 +549,7 @@ def test_a_push_after_an_answer_reaches_the_agent_and_is_journaled_at_zero_ms(
             for event in events(1):
                 await ws.server(event)
             push = await ws.server('{"type": "rate_limits.updated"}')
-            assert not push.dropped and ws.flow.error is None
+            assert not push.dropped and hung_up == []
             await ws.close()
             messages = json.loads(sql(pg_dsn, WS_STEPS, run)[1][4])["messages"]
             assert messages[-1] == {"at_ms": 0.0, "text": '{"type": "rate_limits.updated"}'}
@@ -557,7 +579,7 @@ def test_a_greeting_that_looks_like_an_end_event_does_not_end_the_handshake(
 
 
 def test_an_answer_the_journal_cannot_take_yet_is_held_and_its_end_still_reaches_the_agent(
-    pg_dsn: str, upstream: ws_api.Server, agent: list, monkeypatch: pytest.MonkeyPatch
+    pg_dsn: str, upstream: ws_api.Server, agent: list, hung_up: list, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The journal fails the end's commit (the link dropped): the sidecar holds the answer and
     journals it once it can, so the end event goes on to the agent; a step the journal says is no
@@ -572,14 +594,14 @@ def test_an_answer_the_journal_cannot_take_yet_is_held_and_its_end_still_reaches
             await ws.server(events(1)[0])
             monkeypatch.setattr(addon.lifecycle.journal, "complete", journal_down)
             end = await ws.server(events(1)[-1])
-            assert not end.dropped and ws.flow.error is None
+            assert not end.dropped and hung_up == []
 
             other = Conversation(addon, run, "b1", upstream.port, "/echo")
             await other.open()
             await other.client(turn(1))
             monkeypatch.setattr(addon.lifecycle.journal, "complete", not_ours)
             end = await other.server(events(1)[-1])
-            assert end.dropped and other.flow.error is not None
+            assert end.dropped and [code for code, _ in hung_up] == [4503]
 
     run_scenario(scenario)
 
@@ -604,7 +626,7 @@ def test_each_message_step_is_logged_once_and_the_handshake_once(
 
 
 def test_a_turn_journaled_with_no_answer_at_all_replays_as_no_messages(
-    pg_dsn: str, upstream: ws_api.Server, agent: list
+    pg_dsn: str, upstream: ws_api.Server, agent: list, hung_up: list
 ) -> None:
     """An operator's `durable resolve --complete-from` an empty file: the turn is answered with nothing."""
     run = new_run()
@@ -616,6 +638,6 @@ def test_a_turn_journaled_with_no_answer_at_all_replays_as_no_messages(
             ws = Conversation(addon, run, "a2", upstream.port)
             await ws.open()
             agent.clear()
-            assert (await ws.client(turn(1))).dropped and agent == [] and ws.flow.error is None
+            assert (await ws.client(turn(1))).dropped and agent == [] and hung_up == []
 
     run_scenario(scenario)

@@ -9,11 +9,13 @@ import json
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from conftest import PaidApi, Sidecars, eventually, new_run, sql
 
@@ -178,9 +180,85 @@ def test_a_sidecar_killed_mid_conversation_leaves_nothing_wedged(
     assert sql(pg_dsn, "SELECT count(*) FROM durable_steps WHERE run_id = %s AND state <> 'completed'", run) == [(0,)]
 
 
+def closed_with(url: str, proxy: str, ca_bundle: Path, messages: list[str]) -> tuple[list[str], int | None, str, float]:
+    """Send the messages, then read until the connection closes: what came, the close code and
+    reason the agent got, and how long the close took after the last message (a hung connection
+    fails the read after 20 s)."""
+
+    async def talk() -> tuple[list[str], int | None, str, float]:
+        context = ssl.create_default_context(cafile=str(ca_bundle))
+        got: list[str] = []
+        async with connect(url, proxy=proxy, ssl=context if url.startswith("wss") else None, open_timeout=20) as ws:
+            for message in messages:
+                await ws.send(message)
+            sent = time.monotonic()
+            try:
+                while True:
+                    got.append(str(await asyncio.wait_for(ws.recv(), 20)))
+            except ConnectionClosed:
+                pass
+            frame = ws.protocol.close_rcvd
+            return got, frame.code if frame else None, frame.reason if frame else "", time.monotonic() - sent
+
+    return asyncio.run(talk())
+
+
+def test_a_refused_message_closes_the_agents_connection_at_once_with_a_code_that_says_why(
+    sidecars: Sidecars, api: ws_api.Server, ca_bundle: Path, tmp_path: Path
+) -> None:
+    """Turn 2 is in doubt (the agent was killed mid-answer) and the host's policy is `fail`: the
+    resumed agent's turn 2 is refused and its connection closed within seconds, with 4409 (4000 +
+    the HTTP refusal's 409) and the reason, not left open until the agent's own timeout."""
+    run = new_run()
+    url = f"{api.url}/v1/responses"
+    killed = agent(tmp_path, url, sidecars.start().proxy_url(run, "a1"), ca_bundle, "2", "mid")
+    assert killed.returncode == -9, killed.stderr
+    strict = sidecars.start(durable_in_doubt="127.0.0.1=fail")
+    eventually(lambda: ws_api.LEDGER.books()["calls"], 2)
+    slow_turn_2 = json.dumps(json.loads(turn(2)) | {"x_delay_ms": 1000})  # as AGENT sends it
+    got, code, reason, waited = closed_with(url, strict.proxy_url(run, "a2"), ca_bundle, [turn(1), slow_turn_2])
+    assert code == 4409 and "in doubt" in reason and waited < 5, (code, reason, waited)
+    assert json.loads(got[-1])["type"] == "response.completed" and ws_api.LEDGER.books()["calls"] == 2
+
+
+def test_a_resumed_conversation_whose_server_is_gone_is_closed_with_a_code_that_says_why(
+    sidecars: Sidecars, ca_bundle: Path
+) -> None:
+    """Turn 1 replays; turn 2 must go live and the server is gone: the agent's connection closes
+    with 4502 within seconds, the turn journaled as never sent."""
+    gone = ws_api.Server()
+    sidecar = sidecars.start()
+    run = new_run()
+    url = f"{gone.url}/echo"
+    assert closed_with(url, sidecar.proxy_url(run, "a1"), ca_bundle, ["one", "close"])[1] == 1000
+    gone.stop()
+    got, code, reason, waited = closed_with(url, sidecar.proxy_url(run, "a2"), ca_bundle, ["one", "two"])
+    assert code == 4502 and "could not be reached" in reason and waited < 5, (code, reason, waited)
+
+
+def test_a_servers_close_reaches_the_agent_live_after_a_replay_and_again_when_replayed(
+    sidecars: Sidecars, api: ws_api.Server, ca_bundle: Path
+) -> None:
+    """Attempt 2 replays "one", then "close 4001" goes live on the sidecar's own upstream connection
+    and the server closes with 4001: the agent gets 4001 and its reason. Attempt 3 replays the whole
+    conversation, the close included, with no upstream connection."""
+    sidecar = sidecars.start()
+    run = new_run()
+    url = f"{api.url}/echo"
+    assert closed_with(url, sidecar.proxy_url(run, "a1"), ca_bundle, ["one", "close"])[1] == 1000
+    live = closed_with(url, sidecar.proxy_url(run, "a2"), ca_bundle, ["one", "close 4001"])
+    assert live[1:3] == (4001, "asked to") and live[3] < 5, live
+    books = ws_api.LEDGER.books()
+    assert (books["calls"], books["connections"]) == (3, 2)  # only "close 4001" went upstream
+    replayed = closed_with(url, sidecar.proxy_url(run, "a3"), ca_bundle, ["one", "close 4001"])
+    assert replayed[:3] == live[:3] and replayed[3] < 5, replayed
+    assert ws_api.LEDGER.books()["connections"] == 2
+
+
 AGENT = '''
 import asyncio, json, os, signal, ssl, sys
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 url, proxy, bundle, crash_after = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 mid = len(sys.argv) > 5 and sys.argv[5] == "mid"  # die on the first event of that turn, mid-answer
 async def main():

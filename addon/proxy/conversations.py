@@ -33,6 +33,7 @@ from ..matching import identity
 from ..steps.lifecycle import AnswerHeld, Lifecycle, Step
 from ..steps.responses import Refused
 from ..store.journal import JournalError
+from . import ws_close
 from .upstream_ws import Upstream
 
 logger = logging.getLogger("durable")
@@ -42,6 +43,7 @@ CONTENT_TYPE = "application/x-durable-websocket+json"
 END_TYPES = frozenset({"response.completed", "response.failed", "response.incomplete", "error"})
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455's, for Sec-WebSocket-Accept
 ABNORMAL = 1006  # no close frame: the peer's process or connection died
+UNJOURNALED = "the server's message could not be journaled, so it was not delivered"
 
 
 @dataclass
@@ -53,7 +55,15 @@ class Frame:
     text: bool
 
 
-def encode_answer(frames: list[Frame], closed: int | None = None) -> bytes:
+@dataclass(frozen=True)
+class Close:
+    """How the server closed the conversation after an answer: replayed to the agent as it was."""
+
+    code: int
+    reason: str = ""
+
+
+def encode_answer(frames: list[Frame], closed: Close | None = None) -> bytes:
     """An answer as journaled: JSON a person can read in `durable show` (binary messages in base64)."""
     messages = [
         {"at_ms": round(f.at_ms, 1), "text": f.content.decode("utf-8", "replace")}
@@ -61,7 +71,10 @@ def encode_answer(frames: list[Frame], closed: int | None = None) -> bytes:
         else {"at_ms": round(f.at_ms, 1), "binary": base64.b64encode(f.content).decode()}
         for f in frames
     ]
-    return json.dumps({"messages": messages, "closed": closed}).encode()
+    answer: dict = {"messages": messages, "closed": closed.code if closed else None}
+    if closed and closed.reason:
+        answer["reason"] = closed.reason
+    return json.dumps(answer).encode()
 
 
 def decode_answer(body: bytes) -> list[Frame]:
@@ -73,6 +86,23 @@ def decode_answer(body: bytes) -> list[Frame]:
         else Frame(m["at_ms"], base64.b64decode(m["binary"]), False)
         for m in json.loads(body)["messages"]
     ]
+
+
+def decode_close(body: bytes) -> Close | None:
+    """The server's close journaled with an answer, if it closed there."""
+    answer = json.loads(body) if body else {}
+    code = answer.get("closed")
+    return sendable(code, answer.get("reason", "")) if isinstance(code, int) else None
+
+
+def sendable(code: int | None, reason: str) -> Close:
+    """A server's close as a close frame the agent can be sent: 1005 (no code) is a plain 1000; a
+    connection that ended with no close frame at all (1006, None) or a TLS failure (1015) is named."""
+    if code == 1005:
+        return Close(1000, reason)
+    if code is None or code in (1006, 1015):
+        return Close(ws_close.code_for(502), "the upstream's connection ended without a close frame")
+    return Close(code, reason)
 
 
 def ends(request: bytes, frame: Frame) -> bool:
@@ -162,6 +192,7 @@ class Open:
 
 
 Inject = Callable[[http.HTTPFlow, bytes, bool], None]
+HangUp = Callable[[http.HTTPFlow, int, str], None]
 Report = Callable[[http.HTTPFlow, Step], None]
 
 
@@ -174,11 +205,13 @@ class Conversation:
         ident: identity.Identity,
         lifecycle: Lifecycle,
         inject: Inject,
+        hang_up: HangUp,
         report: Report,
         handshake: Step | None,
         greeting: list[Frame],
     ) -> None:
-        self.flow, self.lifecycle, self.inject, self.report = flow, lifecycle, inject, report
+        self.flow, self.lifecycle, self.inject, self.hang_up, self.report = flow, lifecycle, inject, hang_up, report
+        self.closed_here = False  # the sidecar closed the conversation: its close is not the server's
         self.ident = dataclasses.replace(ident, step_key=None)  # a step key names the handshake, not each message
         self.native = handshake is not None  # mitmproxy holds the upstream connection
         self.upstream: Upstream | None = None
@@ -204,14 +237,17 @@ class Conversation:
         try:
             step = await self.lifecycle.begin(fake, self.ident)
         except (Refused, JournalError) as e:
-            self._refuse(message, getattr(e, "reason", str(e)))
+            self._refuse(message, getattr(e, "reason", str(e)), getattr(e, "status", 503))
             return
         if not step.live:
             message.drop()
             assert fake.response is not None
-            for frame in decode_answer(fake.response.content or b""):
+            body = fake.response.content or b""
+            for frame in decode_answer(body):
                 self.inject(self.flow, frame.content, frame.text)
             self.report(fake, step)
+            if (closed := decode_close(body)) is not None:  # the server closed here: so does the replay
+                self._close(closed.code, closed.reason)
             return
         self.open = Open(step, fake)
         if not self.native:
@@ -223,7 +259,7 @@ class Conversation:
                 await self.upstream.send(message.content, message.is_text)
             except OSError as e:
                 await self._end_answer(complete=False, error=f"upstream WebSocket: {e}")
-                self.flow.kill()
+                self._close(ws_close.code_for(502), f"the upstream WebSocket could not be reached: {e}")
                 return
         fake.server_conn.timestamp_tcp_setup = time.time()  # it leaves as this hook returns
 
@@ -231,7 +267,7 @@ class Conversation:
         """A server message through mitmproxy's own upstream connection."""
         if not await self._answer(message.content, message.is_text):
             message.drop()
-            self.flow.kill()
+            self._close(ws_close.code_for(503), UNJOURNALED)
 
     async def _upstream_message(self, content: bytes, text: bool) -> None:
         """A server message on the upstream this sidecar opened after a replay."""
@@ -239,12 +275,14 @@ class Conversation:
             if await self._answer(content, text):
                 self.inject(self.flow, content, text)
             else:
-                self.flow.kill()
+                self._close(ws_close.code_for(503), UNJOURNALED)
 
-    async def _upstream_closed(self, code: int | None) -> None:
+    async def _upstream_closed(self, code: int | None, reason: str) -> None:
+        """The server closed the upstream this sidecar opened: its close reaches the agent."""
+        closed = sendable(code, reason)
         async with self.turn:
-            await self._end_answer(complete=True, closed=code)
-        self.flow.kill()
+            await self._end_answer(complete=True, closed=closed)
+        self._close(closed.code, closed.reason)
 
     async def _answer(self, content: bytes, text: bool) -> bool:
         """Add a server message to the answer arriving; False if it may not reach the agent."""
@@ -263,13 +301,14 @@ class Conversation:
         died = ws is not None and ws.closed_by_client and ws.close_code == ABNORMAL
         if self.upstream is not None:
             await self.upstream.close()
+        by_server = ws is not None and not ws.closed_by_client and not self.closed_here
         await self._end_answer(
             complete=not died,
-            closed=None if ws is None or ws.closed_by_client else ws.close_code,
+            closed=sendable(ws.close_code, ws.close_reason or "") if by_server and ws is not None else None,
             error="the agent's connection died mid-answer",
         )
 
-    async def _end_answer(self, complete: bool, closed: int | None = None, error: str = "") -> bool:
+    async def _end_answer(self, complete: bool, closed: Close | None = None, error: str = "") -> bool:
         """Journal the open answer (or, in doubt, leave it); True if journaled or nothing was open."""
         await self._append_pushes()
         current, self.open = self.open, None
@@ -310,14 +349,23 @@ class Conversation:
         except JournalError as e:
             logger.warning("durable: run=%s seq=%s server pushes not journaled: %s", last.step.run, last.step.seq, e)
 
-    def _refuse(self, message: WebSocketMessage, reason: str) -> None:
-        """Nothing unjournaled leaves: the message is dropped and the connection closed."""
+    def _refuse(self, message: WebSocketMessage, reason: str, status: int) -> None:
+        """Nothing unjournaled leaves: the message is dropped and the connection closed, with the
+        close code 4000 + the HTTP status the same refusal gets (ws_close.py)."""
+        code = ws_close.code_for(status)
         logger.warning(
-            "durable: refused run=%s attempt=%s WebSocket message to %s: %s; the connection is closed",
+            "durable: refused run=%s attempt=%s WebSocket message to %s: %s; the connection is closed (%d)",
             self.ident.run,
             self.ident.attempt,
             self.flow.request.pretty_host,
             reason,
+            code,
         )
         message.drop()
-        self.flow.kill()
+        self._close(code, reason)
+
+    def _close(self, code: int, reason: str) -> None:
+        """The agent's connection closed by the sidecar, once (the upstream's too, if mitmproxy holds it)."""
+        if not self.closed_here:
+            self.closed_here = True
+            self.hang_up(self.flow, code, reason)

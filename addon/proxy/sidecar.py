@@ -25,7 +25,18 @@ from ..steps.pacing import Pacer
 from ..steps.responses import Refused
 from ..store import crypto, database
 from ..store.journal import Journal, JournalError, SealedError
-from . import admission, conversations, dispatch, endpoints, httplayer, quietlog, reporting, sessions, upstream_ws
+from . import (
+    admission,
+    conversations,
+    dispatch,
+    endpoints,
+    httplayer,
+    quietlog,
+    reporting,
+    sessions,
+    upstream_ws,
+    ws_close,
+)
 from .metrics import Metrics
 
 logger = logging.getLogger("durable")
@@ -71,6 +82,11 @@ class DurableSidecar:
             logger.warning(
                 "durable: this mitmproxy's WebSocket layer is not the one expected: pings go unanswered "
                 "while a conversation is replayed"
+            )
+        if not ws_close.install():
+            logger.warning(
+                "durable: this mitmproxy's WebSocket layer is not the one expected: a refused conversation "
+                "stays open until the agent gives up"
             )
         if not dispatch.install():
             logger.info("durable: mitmproxy's own hook dispatch in use (this version's is not the one expected)")
@@ -330,7 +346,7 @@ class DurableSidecar:
             return  # passed through (an ignored host) or refused
         ident, greeting = flow.metadata.pop(HANDSHAKE)
         flow.metadata[CONVERSATION] = conversations.Conversation(
-            flow, ident, self.lifecycle, inject, self._report, step if step.live else None, greeting
+            flow, ident, self.lifecycle, inject, ws_close.close, self._report, step if step.live else None, greeting
         )
 
     async def websocket_message(self, flow: http.HTTPFlow) -> None:

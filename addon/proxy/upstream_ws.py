@@ -41,7 +41,7 @@ HANDSHAKE = frozenset(
 )
 
 OnMessage = Callable[[bytes, bool], Awaitable[None]]
-OnClosed = Callable[[int | None], Awaitable[None]]
+OnClosed = Callable[[int | None, str], Awaitable[None]]
 
 
 def tls_context() -> ssl.SSLContext:
@@ -97,7 +97,7 @@ class Upstream:
                 await on_message(message.encode() if text else message, text)
         except websockets.ConnectionClosed:
             pass
-        await on_closed(self.ws.close_code)
+        await on_closed(self.ws.close_code, self.ws.close_reason or "")
 
     async def close(self) -> None:
         self.reader.cancel()

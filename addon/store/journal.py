@@ -536,8 +536,10 @@ class Journal:
         if row and row["seq"] is not None:
             return Recorded(row["seq"], row["idempotency_key"])
         if statement.retried:
-            raise ReplyLost(f"record pending step: step {step.key}#{step.occurrence} of run {step.run} was journaled "
-                            "by a try whose reply was lost")
+            raise ReplyLost(
+                f"record pending step: step {step.key}#{step.occurrence} of run {step.run} was journaled "
+                "by a try whose reply was lost"
+            )
         return None
 
     async def import_steps(self, run: str, steps: list[tuple[NewStep, Answer]]) -> int:
