@@ -156,8 +156,8 @@ def test_a_live_conversation_journals_each_message_before_it_leaves_and_its_answ
             ws = Conversation(addon, run, "a1", upstream.port)
             assert await ws.open(greeting=['{"type": "hello"}']) == "recorded"
             assert sql(pg_dsn, "SELECT seq, method, state FROM durable_steps WHERE run_id = %s", run) == [
-                (1, "GET", "pending")
-            ]  # the greeting may go on until the first message
+                (1, "GET", "completed")
+            ]  # journaled before the greeting reached the agent
             first = await ws.client(turn(1))
             assert not first.dropped  # it leaves through mitmproxy's own connection
             rows = sql(pg_dsn, WS_STEPS, run)
@@ -561,15 +561,14 @@ def test_a_greeting_that_looks_like_an_end_event_does_not_end_the_handshake(
     pg_dsn: str, upstream: ws_api.Server, agent: list
 ) -> None:
     """The handshake's answer runs to the first client message: an `error` event in the greeting is
-    part of it, not its end."""
+    part of it, not its end; each greeting message is journaled before it is delivered."""
     run = new_run()
 
     async def scenario() -> None:
         async with sidecar(pg_dsn) as addon:
             ws = Conversation(addon, run, "a1", upstream.port)
             await ws.open(greeting=['{"type": "error", "message": "rate limited"}', '{"type": "hello"}'])
-            assert sql(pg_dsn, "SELECT state FROM durable_steps WHERE run_id = %s", run) == [("pending",)]
-            await ws.client(turn(1))
+            assert sql(pg_dsn, "SELECT state FROM durable_steps WHERE run_id = %s", run) == [("completed",)]
             assert answer_of(sql(pg_dsn, WS_STEPS, run)[0][4]) == [
                 '{"type": "error", "message": "rate limited"}',
                 '{"type": "hello"}',

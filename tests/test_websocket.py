@@ -255,6 +255,38 @@ def test_a_servers_close_reaches_the_agent_live_after_a_replay_and_again_when_re
     assert ws_api.LEDGER.books()["connections"] == 2
 
 
+def test_an_answer_with_no_end_marker_is_journaled_before_the_agent_has_it(
+    sidecars: Sidecars, api: ws_api.Server, ca_bundle: Path, pg_dsn: str, tmp_path: Path
+) -> None:
+    """/echo's answers have no end marker. The agent gets the answer to "pay 1" and is SIGKILLed
+    before it sends anything else: the answer it got was journaled before it got it, so the restart
+    is answered from the journal and the upstream charges "pay 1" once."""
+    sidecar = sidecars.start()
+    run = new_run()
+    url = f"{api.url}/echo"
+    script = tmp_path / "echo_agent.py"
+    script.write_text(ECHO_AGENT)
+    killed = subprocess.run([sys.executable, str(script), url, sidecar.proxy_url(run, "a1"), str(ca_bundle)],
+                            capture_output=True, text=True, timeout=60)
+    assert killed.returncode == -9 and killed.stdout.startswith("echo 1: pay 1"), killed.stderr
+    again = converse(url, sidecar, "a2", run, ca_bundle, ["pay 1", "pay 2"], read=1)
+    assert again == [["echo 1: pay 1"], ["echo 2: pay 2"]]
+    assert ws_api.LEDGER.books()["messages"] == ["pay 1", "pay 2"]  # nothing charged twice
+
+
+ECHO_AGENT = '''
+import asyncio, os, signal, ssl, sys
+from websockets.asyncio.client import connect
+url, proxy, bundle = sys.argv[1:4]
+async def main():
+    async with connect(url, proxy=proxy, ssl=ssl.create_default_context(cafile=bundle), open_timeout=20) as ws:
+        await ws.send("pay 1")
+        print(await asyncio.wait_for(ws.recv(), 30), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)  # got its answer, dies before its next message
+asyncio.run(main())
+'''
+
+
 AGENT = '''
 import asyncio, json, os, signal, ssl, sys
 from websockets.asyncio.client import connect

@@ -3,15 +3,19 @@ it are its answer.
 
 A client message is journaled like a request (`WS <url>`, the message as its body, fingerprinted
 like one, with its occurrence in the run) before it may leave; its answer (the server messages
-until the next client message, an end marker or the close, with their timing) is journaled before
-the end reaches the agent. The handshake is a step of its own, whose answer is the 101 and any
-greeting the server sends before the first client message. On resume the handshake and every
-matching message are answered from the journal with no upstream connection; the first message that
-matches nothing opens one (upstream_ws.py) and the conversation goes live, recorded from there.
+until the next client message or the close, with their timing) is journaled before it reaches the
+agent. The handshake is a step of its own, whose answer is the 101 and any greeting the server
+sends before the first client message. On resume the handshake and every matching message are
+answered from the journal with no upstream connection; the first message that matches nothing
+opens one (upstream_ws.py) and the conversation goes live, recorded from there.
 
-An answer ends early, committed at once, at a known end marker: the Responses API's
-`response.completed` (or `.failed`, `.incomplete`, `error`), or the JSON-RPC response to the
-message's id. Server pushes after that are appended to the step they follow.
+When is an answer journaled? A message whose answer has a known end marker (a Responses API
+`response.create`, ended by `response.completed`, `.failed`, `.incomplete` or `error`; a JSON-RPC
+request, ended by the response to its id) is journaled at that end, before the end is delivered:
+an agent that dies before it leaves the step in doubt, as a cut HTTP stream does. Any other
+answer has no known end, so its first server message completes the step before it is delivered
+and each later one is appended to it before it is delivered (one commit per server message): an
+agent that got an answer and died is replayed that answer, never charged again for it.
 """
 
 from __future__ import annotations
@@ -124,6 +128,19 @@ def ends(request: bytes, frame: Frame) -> bool:
     return False
 
 
+def has_end(request: bytes) -> bool:
+    """Does the answer to this client message have an end marker `ends` knows (a Responses API
+    `response.create`, a JSON-RPC request with an id)? Else each server message is journaled
+    before it is delivered: nothing says when such an answer is over."""
+    if not request.lstrip().startswith(b"{"):
+        return False
+    try:
+        doc = json.loads(request)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and (doc.get("type") == "response.create" or ("id" in doc and "method" in doc))
+
+
 def is_upgrade(request: http.Request) -> bool:
     return request.headers.get("upgrade", "").lower() == "websocket"
 
@@ -221,7 +238,6 @@ class Conversation:
             handshake_flow.response = flow.response.copy() if flow.response else None
             self.open = Open(handshake, handshake_flow, started=handshake.started)
         self.last: Open | None = None  # the answer last journaled, while pushes may follow it
-        self.pushes: list[Frame] = []
         self.turn = asyncio.Lock()  # the upstream's reader and mitmproxy's hooks take turns
         for frame in greeting:
             self.inject(flow, frame.content, frame.text)
@@ -285,14 +301,32 @@ class Conversation:
         self._close(closed.code, closed.reason)
 
     async def _answer(self, content: bytes, text: bool) -> bool:
-        """Add a server message to the answer arriving; False if it may not reach the agent."""
-        if self.open is None:
-            self.pushes.append(Frame(0.0, content, text))
-            return True
+        """Add a server message to the answer arriving, journaled before it may reach the agent
+        unless the answer has a known end still to come (then it is journaled at that end, and an
+        exchange broken before it leaves the step in doubt, as a cut HTTP stream does). False if it
+        may not reach the agent."""
+        if self.open is None:  # after its answer was journaled: appended to it first
+            return await self._push(Frame(0.0, content, text))
         frame = self.open.add(content, text)
-        if self.open.step.seq is not None and self.open.flow.request.method == METHOD:
-            if ends(self.open.flow.request.content or b"", frame):
-                return await self._end_answer(complete=True)
+        request = self.open.flow.request.content or b""
+        if self.open.flow.request.method == METHOD and has_end(request) and not ends(request, frame):
+            return True
+        return await self._end_answer(complete=True)
+
+    async def _push(self, frame: Frame) -> bool:
+        """A server message after the answer it follows was journaled: appended to that step's
+        answer before it is delivered. False when it cannot be (the agent must not have what a
+        replay would not give)."""
+        last = self.last
+        if last is None or last.step.run is None or last.step.seq is None:
+            return False
+        last.frames.append(frame)
+        try:
+            await self.lifecycle.journal.append_answer(last.step.run, last.step.seq, encode_answer(last.frames))
+        except JournalError as e:
+            last.frames.pop()
+            logger.error("durable: run=%s seq=%s server message not journaled: %s", last.step.run, last.step.seq, e)
+            return False
         return True
 
     async def ended(self) -> None:
@@ -309,10 +343,20 @@ class Conversation:
         )
 
     async def _end_answer(self, complete: bool, closed: Close | None = None, error: str = "") -> bool:
-        """Journal the open answer (or, in doubt, leave it); True if journaled or nothing was open."""
-        await self._append_pushes()
+        """Journal the open answer (or, in doubt, leave it); True if journaled or nothing was open.
+        A close with nothing open is journaled with the answer it follows."""
         current, self.open = self.open, None
         if current is None:
+            if closed is not None and self.last is not None and self.last.step.seq is not None:
+                last = self.last
+                try:
+                    await self.lifecycle.journal.append_answer(
+                        last.step.run, last.step.seq, encode_answer(last.frames, closed)
+                    )
+                except JournalError as e:
+                    logger.warning(
+                        "durable: run=%s seq=%s server close not journaled: %s", last.step.run, last.step.seq, e
+                    )
             return True
         fake, step = current.flow, current.step
         body = encode_answer(current.frames, closed)
@@ -320,6 +364,7 @@ class Conversation:
             fake.response.content = body
         else:
             fake.response = http.Response.make(200, body, {"content-type": CONTENT_TYPE})
+        self.last = None  # until this answer is journaled, nothing may be appended to an earlier one
         try:
             if complete:
                 await self.lifecycle.finish(fake, step)
@@ -336,18 +381,6 @@ class Conversation:
         if fake.request.method == METHOD:
             self.report(fake, step)
         return True
-
-    async def _append_pushes(self) -> None:
-        """Server messages that came after an answer was journaled: appended to that step."""
-        pushes, self.pushes = self.pushes, []
-        last = self.last
-        if not pushes or last is None or last.step.run is None or last.step.seq is None:
-            return
-        last.frames.extend(pushes)
-        try:
-            await self.lifecycle.journal.append_answer(last.step.run, last.step.seq, encode_answer(last.frames))
-        except JournalError as e:
-            logger.warning("durable: run=%s seq=%s server pushes not journaled: %s", last.step.run, last.step.seq, e)
 
     def _refuse(self, message: WebSocketMessage, reason: str, status: int) -> None:
         """Nothing unjournaled leaves: the message is dropped and the connection closed, with the
