@@ -317,16 +317,19 @@ class Conversation:
         """A server message after the answer it follows was journaled: appended to that step's
         answer before it is delivered. False when it cannot be (the agent must not have what a
         replay would not give)."""
+        return self.last is not None and await self._rewrite_last([*self.last.frames, frame])
+
+    async def _rewrite_last(self, frames: list[Frame], closed: Close | None = None) -> bool:
+        """The answer last journaled, grown to `frames` (and the server's close); False if not journaled."""
         last = self.last
         if last is None or last.step.run is None or last.step.seq is None:
             return False
-        last.frames.append(frame)
         try:
-            await self.lifecycle.journal.append_answer(last.step.run, last.step.seq, encode_answer(last.frames))
+            await self.lifecycle.journal.append_answer(last.step.run, last.step.seq, encode_answer(frames, closed))
         except JournalError as e:
-            last.frames.pop()
             logger.error("durable: run=%s seq=%s server message not journaled: %s", last.step.run, last.step.seq, e)
             return False
+        last.frames = frames
         return True
 
     async def ended(self) -> None:
@@ -347,16 +350,8 @@ class Conversation:
         A close with nothing open is journaled with the answer it follows."""
         current, self.open = self.open, None
         if current is None:
-            if closed is not None and self.last is not None and self.last.step.seq is not None:
-                last = self.last
-                try:
-                    await self.lifecycle.journal.append_answer(
-                        last.step.run, last.step.seq, encode_answer(last.frames, closed)
-                    )
-                except JournalError as e:
-                    logger.warning(
-                        "durable: run=%s seq=%s server close not journaled: %s", last.step.run, last.step.seq, e
-                    )
+            if closed is not None and self.last is not None:
+                await self._rewrite_last(self.last.frames, closed)
             return True
         fake, step = current.flow, current.step
         body = encode_answer(current.frames, closed)
