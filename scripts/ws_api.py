@@ -10,6 +10,9 @@ Paths (ws:// or, with a TLS directory, wss://):
   /echo           any message is echoed back with its call number (no end marker); after the
                   message "close" (or "close CODE") the server closes the connection (1000, or CODE)
   /greet          as /echo, after a greeting sent on connect
+  /sum            state per connection, as a Realtime session keeps it: "add N" is answered with the
+                  connection's running total, "total T" (and a JSON-RPC request {"method": "add",
+                  "params": {"n": N}} with {"result": {"total": T}})
 Ledger: `ledger()` in-process, or GET /_books (HTTP, not WebSocket) when run as a script.
 
 Run: python scripts/ws_api.py --port 0 --port-file PORT [--tls-dir DIR]
@@ -84,6 +87,7 @@ async def handler(ws: ServerConnection) -> None:
     with LEDGER.lock:
         LEDGER.connections += 1
     path = ws.request.path.split("?")[0] if ws.request else ""
+    total = 0  # /sum: this connection's state
     if path == "/greet":
         await ws.send(json.dumps({"type": "hello", "server": "ws_api"}))
     async for message in ws:
@@ -96,6 +100,11 @@ async def handler(ws: ServerConnection) -> None:
                 await ws.send(json.dumps(event))
             await asyncio.sleep(doc.get("x_delay_ms", 0) / 1000)
             await ws.send(json.dumps(events[-1]))
+        elif path == "/sum":
+            doc = json.loads(text) if text.startswith("{") else None
+            total += int(doc["params"]["n"] if doc else text.split(" ")[1])
+            answer = {"jsonrpc": "2.0", "id": doc["id"], "result": {"total": total}} if doc else None
+            await ws.send(json.dumps(answer) if answer else f"total {total}")
         elif path == "/rpc":
             doc = json.loads(text)
             if "id" in doc:

@@ -21,7 +21,7 @@ from mitmproxy.test import tflow
 from mitmproxy.websocket import WebSocketData, WebSocketMessage
 from wsproto.frame_protocol import Opcode
 
-from durable_sidecar.proxy import conversations, ws_close
+from durable_sidecar.proxy import conversations, ws_close, ws_resume
 from durable_sidecar.proxy import sidecar as sidecar_module
 from durable_sidecar.proxy.sidecar import META, DurableSidecar
 from durable_sidecar.store.journal import JournalError, NotOurs
@@ -372,7 +372,7 @@ def test_the_upstream_closing_a_live_conversation_after_a_replay_completes_the_a
     run = new_run()
 
     async def scenario() -> None:
-        async with sidecar(pg_dsn) as addon:
+        async with sidecar(pg_dsn, durable_ws_resume=["live"]) as addon:  # /echo keeps no state
             ws = Conversation(addon, run, "a1", upstream.port, "/echo")
             await ws.open()
             await ws.client("one")
@@ -640,3 +640,44 @@ def test_a_turn_journaled_with_no_answer_at_all_replays_as_no_messages(
             assert (await ws.client(turn(1))).dropped and agent == [] and hung_up == []
 
     run_scenario(scenario)
+
+
+REPLAYED = [ws_resume.Replayed(b"add 1", True, 1, False)]
+
+
+@pytest.mark.parametrize(
+    ("policy", "replayed", "message", "action"),
+    [
+        ("auto", [], b"add 3", "live"),  # only the handshake replayed: a new connection is what the agent had
+        ("auto", REPLAYED, b"add 3", "close"),
+        ("auto", REPLAYED, b'{"type": "response.create", "input": "hi"}', "live"),
+        ("auto", REPLAYED, b'{"type": "response.create", "previous_response_id": "r1"}', "live"),
+        ("auto", REPLAYED, b'{"type": "response.create", "previous_response_id": "r1", "store": false}', "close"),
+        ("auto", REPLAYED, b'{"type": "response.create", "response": {"modalities": ["text"]}}', "close"),  # Realtime
+        ("auto", REPLAYED, b'{"jsonrpc": "2.0", "id": 3, "method": "add"}', "close"),
+        ("auto", REPLAYED, b"{not json", "close"),
+        ("live", REPLAYED, b"add 3", "live"),
+        ("close", REPLAYED, b'{"type": "response.create", "input": "hi"}', "close"),
+        ("resend", REPLAYED, b"add 3", "resend"),
+        ("resend", [], b"add 3", "live"),
+    ],
+)
+def test_what_a_resumed_conversation_does_when_it_must_go_live(
+    policy: str, replayed: list, message: bytes, action: str
+) -> None:
+    assert ws_resume.decide(policy, replayed, message) == action
+
+
+def test_the_ws_resume_policy_is_per_host_and_a_bad_one_is_refused() -> None:
+    from types import SimpleNamespace
+
+    from mitmproxy import exceptions
+
+    from durable_sidecar.steps import settings
+
+    options = {name: default for name, _, default, _ in settings.OPTIONS}
+    chosen = settings.from_options(SimpleNamespace(**options | {"durable_ws_resume": ["api.x=resend", "live"]}))
+    assert (chosen.ws_resume_policy("API.X"), chosen.ws_resume_policy("other")) == ("resend", "live")
+    assert settings.DEFAULTS.ws_resume_policy("any") == "auto"
+    with pytest.raises(exceptions.OptionsError, match="durable_ws_resume"):
+        settings.from_options(SimpleNamespace(**options | {"durable_ws_resume": ["replay"]}))

@@ -227,7 +227,7 @@ def test_a_resumed_conversation_whose_server_is_gone_is_closed_with_a_code_that_
     """Turn 1 replays; turn 2 must go live and the server is gone: the agent's connection closes
     with 4502 within seconds, the turn journaled as never sent."""
     gone = ws_api.Server()
-    sidecar = sidecars.start()
+    sidecar = sidecars.start(durable_ws_resume="live")  # /echo keeps nothing per connection
     run = new_run()
     url = f"{gone.url}/echo"
     assert closed_with(url, sidecar.proxy_url(run, "a1"), ca_bundle, ["one", "close"])[1] == 1000
@@ -242,7 +242,7 @@ def test_a_servers_close_reaches_the_agent_live_after_a_replay_and_again_when_re
     """Attempt 2 replays "one", then "close 4001" goes live on the sidecar's own upstream connection
     and the server closes with 4001: the agent gets 4001 and its reason. Attempt 3 replays the whole
     conversation, the close included, with no upstream connection."""
-    sidecar = sidecars.start()
+    sidecar = sidecars.start(durable_ws_resume="live")  # /echo keeps nothing per connection
     run = new_run()
     url = f"{api.url}/echo"
     assert closed_with(url, sidecar.proxy_url(run, "a1"), ca_bundle, ["one", "close"])[1] == 1000
@@ -261,7 +261,7 @@ def test_an_answer_with_no_end_marker_is_journaled_before_the_agent_has_it(
     """/echo's answers have no end marker. The agent gets the answer to "pay 1" and is SIGKILLed
     before it sends anything else: the answer it got was journaled before it got it, so the restart
     is answered from the journal and the upstream charges "pay 1" once."""
-    sidecar = sidecars.start()
+    sidecar = sidecars.start(durable_ws_resume="live")  # /echo keeps nothing per connection
     run = new_run()
     url = f"{api.url}/echo"
     script = tmp_path / "echo_agent.py"
@@ -272,6 +272,35 @@ def test_an_answer_with_no_end_marker_is_journaled_before_the_agent_has_it(
     again = converse(url, sidecar, "a2", run, ca_bundle, ["pay 1", "pay 2"], read=1)
     assert again == [["echo 1: pay 1"], ["echo 2: pay 2"]]
     assert ws_api.LEDGER.books()["messages"] == ["pay 1", "pay 2"]  # nothing charged twice
+
+
+def add(n: int, rpc: bool) -> str:
+    return json.dumps({"jsonrpc": "2.0", "id": n, "method": "add", "params": {"n": n}}) if rpc else f"add {n}"
+
+
+@pytest.mark.parametrize("rpc", [False, True], ids=["plain", "json-rpc"])
+def test_a_stateful_server_never_answers_without_the_state_the_agent_believes_in(
+    sidecars: Sidecars, api: ws_api.Server, ca_bundle: Path, rpc: bool
+) -> None:
+    """/sum keeps a running total per connection. Attempt 1 adds 1 and 2; attempt 2 adds 1 to 4:
+    1 and 2 are replayed, 3 must go live on a new connection that never saw them. By default the
+    agent's connection is closed (4410, nothing sent, nothing charged) instead of 3 being answered
+    with a total of 3; with durable_ws_resume=resend, 1 and 2 are sent again on the new connection
+    first (paid again) and 3 and 4 get the right totals, 6 and 10."""
+    url = f"{api.url}/sum"
+    sidecar = sidecars.start()
+    run = new_run()
+    first = converse(url, sidecar, "a1", run, ca_bundle, [add(1, rpc), add(2, rpc)], read=1)
+    got, code, reason, waited = closed_with(url, sidecar.proxy_url(run, "a2"), ca_bundle,
+                                            [add(n, rpc) for n in (1, 2, 3, 4)])
+    assert got == [answer for [answer] in first] and code == 4410 and "durable_ws_resume" in reason, (got, code)
+    assert waited < 5 and ws_api.LEDGER.books()["calls"] == 2  # nothing sent, nothing charged
+
+    resending = sidecars.start(durable_ws_resume="127.0.0.1=resend")
+    again = converse(url, resending, "a3", run, ca_bundle, [add(n, rpc) for n in (1, 2, 3, 4)], read=1)
+    totals = [json.loads(a)["result"]["total"] if rpc else int(a.split()[1]) for [a] in again]
+    assert totals == [1, 3, 6, 10]
+    assert ws_api.LEDGER.books()["calls"] == 2 + 2 + 2  # 1 and 2 paid again by the re-send, as documented
 
 
 ECHO_AGENT = '''

@@ -37,7 +37,7 @@ from ..matching import identity
 from ..steps.lifecycle import AnswerHeld, Lifecycle, Step
 from ..steps.responses import Refused
 from ..store.journal import JournalError
-from . import ws_close
+from . import ws_close, ws_resume
 from .upstream_ws import Upstream
 
 logger = logging.getLogger("durable")
@@ -238,6 +238,9 @@ class Conversation:
             handshake_flow.response = flow.response.copy() if flow.response else None
             self.open = Open(handshake, handshake_flow, started=handshake.started)
         self.last: Open | None = None  # the answer last journaled, while pushes may follow it
+        self.replayed: list[ws_resume.Replayed] = []  # client messages answered from the journal here
+        self.went_live = False  # a message of this conversation was sent upstream
+        self.resyncing: asyncio.Queue[tuple[bytes, bool]] | None = None  # answers to re-sent messages
         self.turn = asyncio.Lock()  # the upstream's reader and mitmproxy's hooks take turns
         for frame in greeting:
             self.inject(flow, frame.content, frame.text)
@@ -248,6 +251,9 @@ class Conversation:
             await self._client_message(message)
 
     async def _client_message(self, message: WebSocketMessage) -> None:
+        if self.closed_here:  # sent before the agent saw the close: never journaled, never sent
+            message.drop()
+            return
         await self._end_answer(complete=True)
         fake = message_flow(self.flow, message)
         try:
@@ -259,18 +265,37 @@ class Conversation:
             message.drop()
             assert fake.response is not None
             body = fake.response.content or b""
-            for frame in decode_answer(body):
+            if fake.response.headers.get("content-type") != CONTENT_TYPE:  # a journaled failure, replayed
+                self.report(fake, step)
+                self._close(
+                    ws_close.code_for(fake.response.status_code), "a journaled failure of this message, replayed"
+                )
+                return
+            frames = decode_answer(body)
+            for frame in frames:
                 self.inject(self.flow, frame.content, frame.text)
+            self.replayed.append(
+                ws_resume.Replayed(message.content, message.is_text, len(frames), has_end(message.content))
+            )
             self.report(fake, step)
             if (closed := decode_close(body)) is not None:  # the server closed here: so does the replay
                 self._close(closed.code, closed.reason)
             return
         self.open = Open(step, fake)
+        resume = "live" if self.went_live else self._resume_policy(message.content)
+        if resume == "close":
+            message.drop()
+            await self._end_answer(complete=False, error="never sent: a resumed conversation (durable_ws_resume)")
+            self._close(ws_resume.GONE, ws_resume.refusal(len(self.replayed)))
+            return
+        self.went_live = True
         if not self.native:
             message.drop()
             try:
                 if self.upstream is None:
                     self.upstream = await Upstream.open(self.flow, self._upstream_message, self._upstream_closed)
+                    if resume == "resend":
+                        await self._resend(self.upstream)
                 fake.server_conn.timestamp_tcp_setup = time.time()
                 await self.upstream.send(message.content, message.is_text)
             except OSError as e:
@@ -278,6 +303,37 @@ class Conversation:
                 self._close(ws_close.code_for(502), f"the upstream WebSocket could not be reached: {e}")
                 return
         fake.server_conn.timestamp_tcp_setup = time.time()  # it leaves as this hook returns
+
+    def _resume_policy(self, message: bytes) -> str:
+        """What the first message to go live does after replayed ones (ws_resume.py): live, close or
+        resend; mitmproxy's own upstream connection (a live handshake) cannot be re-sent on: close."""
+        policy = self.lifecycle.settings.ws_resume_policy(self.flow.request.host)
+        action = ws_resume.decide(policy, self.replayed, message)
+        if action != "live":
+            logger.warning(
+                "durable: run=%s attempt=%s WebSocket to %s resumed after %d replayed messages: %s "
+                "(durable_ws_resume=%s)",
+                self.ident.run,
+                self.ident.attempt,
+                self.flow.request.pretty_host,
+                len(self.replayed),
+                "their messages re-sent on the new upstream" if action == "resend" and not self.native else "closed",
+                policy,
+            )
+        return "close" if action == "resend" and self.native else action
+
+    async def _resend(self, upstream: Upstream) -> None:
+        """Bring the new upstream to the state the agent believes in (ws_resume.resend)."""
+        self.resyncing = asyncio.Queue()
+        try:
+            await ws_resume.resend(
+                upstream,
+                self.replayed,
+                self.resyncing,
+                lambda request, content, text: ends(request, Frame(0, content, text)),
+            )
+        finally:
+            self.resyncing = None
 
     async def server_message(self, message: WebSocketMessage) -> None:
         """A server message through mitmproxy's own upstream connection."""
@@ -287,6 +343,9 @@ class Conversation:
 
     async def _upstream_message(self, content: bytes, text: bool) -> None:
         """A server message on the upstream this sidecar opened after a replay."""
+        if self.resyncing is not None:  # the answer to a re-sent message: the agent had it replayed
+            self.resyncing.put_nowait((content, text))
+            return
         async with self.turn:
             if await self._answer(content, text):
                 self.inject(self.flow, content, text)

@@ -16,6 +16,7 @@ from ..store import crypto
 from ..store.crypto import Keyring
 
 IN_DOUBT_POLICIES = ("reissue", "fail")
+WS_RESUME_POLICIES = ("auto", "live", "close", "resend")  # ws_resume.py (steps/ imports nothing from proxy/)
 OVERSIZE_POLICIES = ("refuse", "passthrough")
 
 # (name, type, default, help)
@@ -62,6 +63,15 @@ OPTIONS: list[tuple[str, Any, Any, str]] = [
         "operator resolves it); policy for all hosts, or host=policy for one (e.g. api.openai.com=fail).",
     ),
     ("durable_in_doubt_window", str, "24h", "Pending steps older than this are not reissued automatically."),
+    (
+        "durable_ws_resume",
+        Sequence[str],
+        ["auto"],
+        "A resumed WebSocket conversation whose next message must go live on a new upstream connection, which "
+        "never saw the replayed messages: auto (live for messages that carry their own state, like the Responses "
+        "API's response.create; else close), live, close (the agent's connection is closed with 4410, nothing "
+        "sent) or resend (the replayed messages are sent again first, at their price); for all hosts or host=policy.",
+    ),
     (
         "durable_in_flight_wait",
         str,
@@ -232,6 +242,7 @@ class Settings:
     idempotency_headers: dict[str | None, str]
     in_doubt: dict[str | None, str]  # policy by host; None: every other host
     in_doubt_window_s: float
+    ws_resume: dict[str | None, str]  # durable_ws_resume by host; None: every other host
     in_flight_wait_s: float
     transient_statuses: frozenset[int]
     db_timeout_s: float
@@ -262,6 +273,9 @@ class Settings:
 
     def in_doubt_policy(self, host: str) -> str:
         return self.in_doubt.get(host.lower()) or self.in_doubt[None]
+
+    def ws_resume_policy(self, host: str) -> str:
+        return self.ws_resume.get(host.lower()) or self.ws_resume[None]
 
     def ignored(self, host: str, path: str = "") -> bool:
         """Passes through unjournaled: an ignored host, or a HOST/PATH an ignore pattern matches."""
@@ -353,6 +367,7 @@ def from_options(o: Any) -> Settings:
             idempotency_headers=headers,
             in_doubt=in_doubt,
             in_doubt_window_s=parse_duration(o.durable_in_doubt_window),
+            ws_resume=per_host(o.durable_ws_resume, "auto", "durable_ws_resume", WS_RESUME_POLICIES),
             in_flight_wait_s=parse_duration(o.durable_in_flight_wait),
             transient_statuses=frozenset(int(s) for s in o.durable_transient_statuses),
             db_timeout_s=o.durable_db_timeout / 1000,
