@@ -17,8 +17,10 @@ gets the stored answer back and is not billed again):
   POST /v1/echo               the request body back, as application/octet-stream
   GET  /v1/download?mb=N      N MiB of bytes, with Content-Length, written in 64 KiB pieces
   POST /mcp                   an MCP-style server (Streamable HTTP): `initialize` opens a session
-                              (Mcp-Session-Id), any other method is a billed tool call of that session
-                              (404 for an unknown session); each answer is an event stream holding the
+                              (Mcp-Session-Id), `ping` is answered free, any other method is a billed
+                              tool call of that session (404 for an unknown session), answered with
+                              the session's cart (the tool `add_to_cart` {"item": X} adds to it: state
+                              the session keeps); each answer is an event stream holding the
                               JSON-RPC response, kept open `?hold_ms=N` (default 1500) after it, as
                               servers that push on the same stream do
   GET  /mcp                   the session's notification stream (open for 3 s, not billed)
@@ -67,7 +69,7 @@ class Ledger:
         self.keys: dict[str, dict] = {}  # idempotency key -> stored answer (or in flight)
         self.flaky_failures = 0  # how many more /v1/flaky calls answer 503
         self.streams_finished = 0  # chat streams written to their end
-        self.mcp_sessions: set[str] = set()
+        self.mcp_sessions: dict[str, list[str]] = {}  # session -> its cart (state the server keeps)
 
     def books(self) -> dict:
         return {
@@ -260,13 +262,21 @@ class Handler(BaseHTTPRequestHandler):
         if doc.get("method") == "initialize":
             session = f"sess-{uuid.uuid4().hex[:8]}"
             with LEDGER.lock:
-                LEDGER.mcp_sessions.add(session)
+                LEDGER.mcp_sessions[session] = []
             result: dict = {"protocolVersion": "2025-06-18", "serverInfo": {"name": "paid-mcp"}}
         elif session not in LEDGER.mcp_sessions:
             return self._json(404, {"jsonrpc": "2.0", "id": doc.get("id"), "error": {"code": -32001,
                                                                                    "message": "Session not found"}})
+        elif doc.get("method") == "ping":
+            result = {}  # MCP's ping: not billed
         else:
-            _, _, body, _ = self._book("tool", 1, lambda n: (200, [], json.dumps({"call": n}).encode()))
+            params = doc.get("params") or {}
+            with LEDGER.lock:
+                cart = LEDGER.mcp_sessions[session]
+                if params.get("name") == "add_to_cart":
+                    cart.append(params["arguments"]["item"])
+                held = list(cart)
+            _, _, body, _ = self._book("tool", 1, lambda n: (200, [], json.dumps({"call": n, "cart": held}).encode()))
             result = {"content": [{"type": "text", "text": body.decode()}]}
         event = f"event: message\ndata: {json.dumps({'jsonrpc': '2.0', 'id': doc.get('id'), 'result': result})}\n\n"
         self._event_stream([event.encode()], hold_s, [("Mcp-Session-Id", session)])

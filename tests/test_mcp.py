@@ -12,12 +12,14 @@ import requests
 from conftest import PaidApi, Sidecars, new_run, sql
 
 
-def rpc(sidecar, api: PaidApi, run: str, attempt: str, method: str, rpc_id: int, session: str | None = None):
+def rpc(sidecar, api: PaidApi, run: str, attempt: str, method: str, rpc_id: int, session: str | None = None,
+        params: dict | None = None):
     """What an MCP client does: POST, read the event stream up to the response to its id, hang up."""
     headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
     if session:
         headers["Mcp-Session-Id"] = session
-    r = requests.post(f"{api.url}/mcp", json={"jsonrpc": "2.0", "id": rpc_id, "method": method, "params": {}},
+    body = {"jsonrpc": "2.0", "id": rpc_id, "method": method, "params": params or {}}
+    r = requests.post(f"{api.url}/mcp", json=body,
                       headers=headers, stream=True, timeout=30, proxies={"http": sidecar.proxy_url(run, attempt)})
     if r.status_code != 200:
         return r, None
@@ -91,6 +93,36 @@ def test_a_replayed_session_is_reopened_upstream_after_a_redeploy(
     assert states == [(1, "completed"), (2, "completed"), (3, "completed")]
 
 
+def cart_of(answer: dict) -> list[str]:
+    return json.loads(answer["result"]["content"][0]["text"])["cart"]
+
+
+def test_a_replayed_session_the_server_still_holds_keeps_its_state(
+    sidecars: Sidecars, http_api: PaidApi, pg_dsn: str
+) -> None:
+    """The agent fills a cart in an MCP session and crashes; the server keeps running. On resume
+    the replayed `initialize` hands the agent the old session id, the cart calls replay, and the
+    live checkout reaches the server under that same session: it sees the cart (a reopened session
+    would check out an empty one), and each call is charged once."""
+    sidecar = sidecars.start()
+    run = new_run()
+    init, _ = rpc(sidecar, http_api, run, "a1", "initialize", 1)
+    session = init.headers["Mcp-Session-Id"]
+    for n, item in ((2, "apple"), (3, "pear")):
+        rpc(sidecar, http_api, run, "a1", "tools/call", n, session, {"name": "add_to_cart", "arguments": {"item": item}})
+    again, _ = rpc(sidecar, http_api, run, "a2", "initialize", 1)
+    assert again.headers["Durable-Outcome"] == "replayed" and again.headers["Mcp-Session-Id"] == session
+    for n, item in ((2, "apple"), (3, "pear")):
+        replayed, _ = rpc(sidecar, http_api, run, "a2", "tools/call", n, session,
+                          {"name": "add_to_cart", "arguments": {"item": item}})
+        assert replayed.headers["Durable-Outcome"] == "replayed"
+    live, checkout = rpc(sidecar, http_api, run, "a2", "tools/call", 4, session, {"name": "checkout"})
+    assert live.headers["Durable-Outcome"] == "recorded" and live.headers["Mcp-Session-Id"] == session
+    assert checkout is not None and cart_of(checkout) == ["apple", "pear"]
+    assert http_api.books()["charges"] == 3  # two cart calls and the checkout, each once
+    assert "still known upstream" in sidecar.log() and "reopened" not in sidecar.log()
+
+
 def test_a_reopened_session_sends_the_agents_credentials_and_no_hop_by_hop_header(mocker) -> None:
     """The sidecar's own initialize carries the live request's headers (its credentials), never the
     old session id, the proxy's credentials or the framing of the agent's request."""
@@ -100,7 +132,7 @@ def test_a_reopened_session_sends_the_agents_credentials_and_no_hop_by_hop_heade
 
     from durable_sidecar.proxy import sessions
 
-    post = mocker.patch.object(sessions, "_post", return_value="sess-new")
+    post = mocker.patch.object(sessions, "_post", return_value=(200, "sess-new"))
     initialize = tutils.treq(method=b"POST", content=b'{"method": "initialize"}')
     current = tutils.treq(method=b"POST", content=b'{"method": "tools/call"}')
     current.headers.clear()

@@ -38,15 +38,36 @@ def later(token: str | None) -> tflow.HTTPFlow:
 
 @pytest.fixture
 def upstream(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict[str, str], bytes]]:
-    """What `reopen` sends upstream, in order; each POST's answer carries the session "live-N"."""
+    """What `reopen` sends upstream, in order; each POST's answer carries the session "live-N". The
+    session check (a ping) is answered 404: the upstream no longer knows the replayed session."""
     sent: list[tuple[str, dict[str, str], bytes]] = []
 
-    def post(url: str, headers: dict[str, str], body: bytes) -> str | None:
+    def post(url: str, headers: dict[str, str], body: bytes) -> tuple[int, str | None]:
+        if body == sessions.PING:
+            return 404, None
         sent.append((url, headers, body))
-        return f"live-{len(sent)}"
+        return 200, f"live-{len(sent)}"
 
     monkeypatch.setattr(sessions, "_post", post)
     return sent
+
+
+@pytest.mark.parametrize("status", [200, 202, 401, 500])
+def test_a_replayed_session_the_upstream_still_knows_is_used_as_it_is(
+    monkeypatch: pytest.MonkeyPatch, status: int
+) -> None:
+    """Only a 404 to the session check (MCP's ping, under the replayed token, with the live request's
+    credentials) says the session is gone: anything else keeps it, and nothing is reopened."""
+    checks: list[tuple[dict[str, str], bytes]] = []
+    monkeypatch.setattr(sessions, "_post", lambda url, headers, body: checks.append((headers, body)) or (status, None))
+    kept = Sessions()
+    kept.replayed("run", handed_out("old"))
+    for _ in range(2):
+        request = later("old").request
+        assert asyncio.run(kept.outgoing("run", request)) is None
+        assert request.headers[HEADER] == "old"
+    assert checks == [({"header": "qvalue", "authorization": "Bearer live", HEADER: "old"}, sessions.PING)]  # once
+    assert json.loads(sessions.PING)["method"] == "ping"
 
 
 def test_only_a_token_the_answer_hands_out_is_remembered() -> None:
@@ -100,7 +121,8 @@ def test_requests_without_a_replayed_token_go_as_they_are(upstream: list) -> Non
 
 
 def test_a_session_that_cannot_be_reopened_sends_the_old_token(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sessions, "_post", lambda url, headers, body: None)  # no session header in the answer
+    # the session is gone, and the answer to initialize carries no session header
+    monkeypatch.setattr(sessions, "_post", lambda url, headers, body: (404 if body == sessions.PING else 200, None))
     kept = Sessions()
     kept.replayed("run", handed_out("old"))
     request = later("old").request
