@@ -681,3 +681,31 @@ def test_the_ws_resume_policy_is_per_host_and_a_bad_one_is_refused() -> None:
     assert settings.DEFAULTS.ws_resume_policy("any") == "auto"
     with pytest.raises(exceptions.OptionsError, match="durable_ws_resume"):
         settings.from_options(SimpleNamespace(**options | {"durable_ws_resume": ["replay"]}))
+
+
+def test_after_going_live_an_end_reaches_the_agent_only_once_journaled(
+    pg_dsn: str, upstream: ws_api.Server, agent: list, hung_up: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the sidecar's own upstream (after a replay), the event that ends an answer is journaled
+    before it is injected: when the journal refuses it (the step is no longer this sidecar's), the
+    agent never gets it and its connection is closed; the events before it came live, as a stream's do."""
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            await record(addon, run, upstream.port, turns=1)
+            ws = Conversation(addon, run, "a2", upstream.port)
+            await ws.open()
+            await ws.client(turn(1))
+            agent.clear()
+            monkeypatch.setattr(addon.lifecycle.journal, "complete", not_ours)
+            await ws.client(turn(2))
+            await until(lambda: bool(hung_up))
+            assert [json.loads(content)["type"] for content, _ in agent] == [
+                "response.created",
+                "response.output_text.delta",
+                "response.output_text.delta",
+            ]  # not response.completed: the journal never took it
+            assert [code for code, _ in hung_up] == [4503]
+
+    run_scenario(scenario)

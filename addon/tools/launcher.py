@@ -18,6 +18,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -174,8 +176,25 @@ def _wait_serving(sidecar: Sidecar, address: str, timeout: float, journal_requir
     )
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+@contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """Hold SIGTERM, SIGINT and SIGHUP in this process while it starts a sidecar: delivered as the
+    block ends, not while Popen runs its at-fork hooks, where Python swallows what a handler raises
+    (`durable run`'s stops its start-up so). The sidecar lets them through again (`_term_with_parent`)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _term_with_parent() -> None:
-    """In the sidecar's process, before exec: SIGTERM when the launcher dies (prctl PR_SET_PDEATHSIG)."""
+    """In the sidecar's process, before exec: SIGTERM when the launcher dies (prctl PR_SET_PDEATHSIG),
+    and the stop signals the launcher may hold while it forks let through."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     if sys.platform.startswith("linux"):
         import ctypes
 

@@ -184,7 +184,7 @@ def drain_timeout(options: dict[str, str]) -> float:
 class Outcome:
     status: int  # the agent's exit status, in the shell's convention
     attempt: str
-    journal: database.Target | None  # None when a signal came before the journal was checked
+    journal: database.Target | None  # None when a signal came before the agent started: nothing to sum up
 
 
 def execute(plan: Plan) -> Outcome:
@@ -201,9 +201,10 @@ def execute(plan: Plan) -> Outcome:
                 check_ca(pem, plan.confdir, address)
                 target = check_journal(plan.dsn)  # the summary reads it, and a sidecar elsewhere may not share it
             else:  # the sidecar boots (about a second, mostly imports) while the journal is checked
-                sidecar = launcher.start_sidecar(
-                    plan.confdir or launcher.confdir_default(), plan.options, die_with_parent=True, wait=False
-                )
+                with launcher.stop_signals_held():  # a signal meanwhile stops us below, the sidecar known
+                    sidecar = launcher.start_sidecar(
+                        plan.confdir or launcher.confdir_default(), plan.options, die_with_parent=True, wait=False
+                    )
                 try:
                     target = check_journal(plan.dsn)
                     sidecar.wait_serving()
@@ -226,6 +227,8 @@ def execute(plan: Plan) -> Outcome:
                 flush_replay_counts(address)  # the summary reads them: a sidecar of our own writes them as it stops
         except Interrupted as e:
             code = -e.signum
+            if not agent:
+                target = None
         finally:
             if tty is not None:
                 _give_terminal(tty, os.getpgrp())
