@@ -358,3 +358,30 @@ def test_under_fail_a_step_in_flight_elsewhere_is_waited_for_not_refused(
     sender.join()
     assert waiting.status_code == 200 and waiting.headers["Durable-Outcome"] == "replayed", waiting.text
     assert waiting.content == answers["a1"].content and http_api.books()["calls"] == 1
+
+
+def test_a_waiter_on_another_sidecar_whose_agent_hangs_up_gives_its_step_back(
+    sidecars: Sidecars, http_api: PaidApi
+) -> None:
+    """Sidecar A sends a slow call (3 s). Attempt 2 makes the same call on sidecar B, which waits
+    for A; its agent gives up after 0.5 s and retries. The waiter stops at its agent's hang-up and
+    gives its step back, so the retry is that step again: it waits and gets A's answer replayed.
+    A waiter that went on waiting would keep the step, and the retry would pay a second time."""
+    a, b = sidecars.start(), sidecars.start()
+    run = new_run()
+    url = f"{http_api.url}/v1/slow?ms=3000"
+    first: dict[str, requests.Response] = {}
+    thread = threading.Thread(target=lambda: first.setdefault("r", via(a, run, "a1").get(url, timeout=30)))
+    thread.start()
+    deadline = time.monotonic() + 10
+    while http_api.books()["calls"] < 1:
+        assert time.monotonic() < deadline, "A never sent the call"
+        time.sleep(0.02)
+    agent = via(b, run, "a2")
+    with pytest.raises(requests.Timeout):
+        agent.get(url, timeout=0.5)  # the SDK's timeout: it hangs up while B waits for A
+    time.sleep(0.5)  # B's next look (every 0.2 s) sees its agent gone
+    retry = agent.get(url, timeout=30)
+    thread.join()
+    assert retry.headers["Durable-Outcome"] == "replayed" and retry.content == first["r"].content
+    assert [c["kind"] for c in http_api.books()["booked"]] == ["slow"]  # one call, however many tries
