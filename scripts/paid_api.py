@@ -11,6 +11,9 @@ gets the stored answer back and is not billed again):
                               `"stream": true` an event stream (x_event_delay_ms between events)
   GET  /v1/chunked            a chunked response without Content-Length
   GET  /v1/slow?ms=N          answers after N ms
+  GET|POST /v1/whoami         billed; the answer names the headers that chose it (Authorization,
+                              X-Tenant, Accept, Accept-Language, Range, If-None-Match, Host,
+                              Content-Type) and a hash of the body
   GET  /v1/cut                announces a Content-Length of 1000 bytes, sends 400, and hangs up
   GET  /v1/flaky              503 (not billed) while failures configured by /_config remain, then billed
   GET  /v1/encoded?enc=E      a JSON body sent with Content-Encoding E (gzip, deflate, br, zstd)
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import json
 import secrets
 import ssl
@@ -54,6 +58,10 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from mitmproxy.net import encoding
+
+
+WHOAMI_HEADERS = frozenset({"authorization", "x-tenant", "accept", "accept-language", "range", "if-none-match",
+                            "host", "content-type"})
 
 
 class Ledger:
@@ -194,6 +202,8 @@ class Handler(BaseHTTPRequestHandler):
             with LEDGER.lock:
                 return self._json(200, LEDGER.books())
         self._note()
+        if url.path == "/v1/whoami":
+            return self._whoami(b"")
         if url.path == "/v1/search":
             q = query.get("q", [""])[0]
             _, headers, body, _ = self._book("search", 1, lambda n: (200, [], json.dumps(
@@ -256,6 +266,15 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, body, [("Content-Type", "application/json")])
         self._json(404, {"error": f"no route {url.path}"})
 
+    def _whoami(self, body: bytes) -> None:
+        """An answer chosen by the request's headers (whose data, what form, which bytes): billed
+        each time, and naming what it saw, so an answer replayed for another request shows."""
+        seen = {k.lower(): v for k, v in self.headers.items() if k.lower() in WHOAMI_HEADERS}
+        seen["body"] = hashlib.sha256(body).hexdigest()[:12]
+        _, _, answer, _ = self._book("whoami", 1, lambda n: (200, [], json.dumps({"call": n, "saw": seen}).encode()),
+                                     honour_key=False)
+        self._send(200, answer, [("Content-Type", "application/json")])
+
     def _mcp(self, doc: dict, hold_s: float) -> None:
         self._note()
         session = self.headers.get("Mcp-Session-Id")
@@ -316,6 +335,8 @@ class Handler(BaseHTTPRequestHandler):
                 LEDGER.flaky_failures = int(json.loads(raw or b"{}").get("flaky_failures", 0))
             return self._json(200, {"flaky_failures": LEDGER.flaky_failures})
         self._note()
+        if url.path == "/v1/whoami":
+            return self._whoami(raw)
         if url.path == "/v1/echo":
             _, _, body, _ = self._book("echo", 1, lambda n: (200, [], raw))
             return self._send(200, body, [("Content-Type", "application/octet-stream")])

@@ -183,3 +183,15 @@ def test_a_failed_step_at_the_tail_is_not_one_the_run_moved_past() -> None:
     agent already handled."""
     cursor = indexed([StepRef(1, "a", 0, "failed")])
     assert cursor.max_seq == 1 and not cursor.moved_past(1)
+
+
+def test_an_occurrence_chosen_by_its_headers_leaves_the_skipped_ones_to_be_taken_lowest_first() -> None:
+    cursor = journal("k", "k", "k", "k")
+    assert cursor.several("k", 0) and cursor.several("k", 3) and not journal("k").several("k", 0)
+    chosen = cursor.claim_occurrence("k", 2)
+    assert chosen is not None and (chosen.occurrence, chosen.step.seq) == (2, 3) and cursor.consumed(3)
+    assert cursor.claim_occurrence("k", 2) is None  # taken already
+    assert [cursor.claim("k").occurrence for _ in range(3)] == [0, 1, 3]
+    cursor.release("k", 1, 2)
+    again = cursor.claim_occurrence("k", 1)  # a given-back one can be chosen too
+    assert again is not None and again.step.seq == 2 and cursor.claim("k").occurrence == 4

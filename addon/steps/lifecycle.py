@@ -20,7 +20,7 @@ from typing import Any
 
 from mitmproxy import http
 
-from ..matching import bodies, fingerprint, identity, redaction
+from ..matching import bodies, choice, fingerprint, identity, redaction
 from ..store import crypto, offload
 from ..store.cursor import Claim, RunCursor, StepRef
 from ..store.journal import Journal, JournalError, NewStep, NotOurs, ReplyLost, encode_headers
@@ -113,11 +113,13 @@ class Lifecycle:
 
         position = self.positions.get(ident.run, ident.attempt, self.settings.max_attempts)
         cursor = position.cursor
+        chosen_by = choice.digest(req, body, s.choosers(req.host), self.redactor.digest)
         claim = cursor.claim(key)
         try:
             if not position.index.done():
                 claim = await self.positions.claim_while_loading(ident.run, position, claim)
-            step = await self._serve(flow, ident, cursor, claim, env, body)
+            claim = await self.positions.prefer(ident.run, position, claim, chosen_by)
+            step = await self._serve(flow, ident, cursor, claim, env, body, chosen_by)
         except BaseException:
             cursor.release(claim.key, claim.occurrence, claim.step.seq if claim.step else None)
             raise
@@ -150,6 +152,7 @@ class Lifecycle:
         claim: Claim,
         env: dict[str, Any],
         body: bytes,
+        chosen_by: str | None,
     ) -> Step:
         journaled = claim.step
         if journaled is not None and self._replayable(cursor, journaled):
@@ -161,7 +164,7 @@ class Lifecycle:
             raise self._still_in_flight(flow, ident, journaled)
         try:
             if journaled is None:
-                recorded = await self._record(flow, ident, cursor, claim, env, body)
+                recorded = await self._record(flow, ident, cursor, claim, env, body, chosen_by)
                 if isinstance(recorded, Step):
                     recorded.slot = slot
                     return recorded
@@ -296,6 +299,7 @@ class Lifecycle:
         claim: Claim,
         env: dict[str, Any],
         body: bytes,
+        chosen_by: str | None,
     ) -> Step | StepRef:
         """Nothing journaled for this request: commit it as pending, then let it go upstream.
 
@@ -337,6 +341,7 @@ class Lifecycle:
             outcome=outcome,
             divergence=diverged,
             owner=owner,
+            choice=chosen_by,
         )
         slot = (ident.run, claim.key, claim.occurrence)
         try:

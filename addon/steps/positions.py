@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..store.cursor import Claim, RunCursor
 from ..store.journal import Journal
@@ -27,6 +27,7 @@ class Position:
 
     cursor: RunCursor
     index: asyncio.Future[None]
+    choices: dict[str, dict[int, str | None]] = field(default_factory=dict)  # by key, read once per attempt
 
 
 class Positions:
@@ -80,6 +81,28 @@ class Positions:
             return claim
         await asyncio.shield(position.index)
         return position.cursor.resolve(claim)
+
+    async def prefer(self, run: str, position: Position, claim: Claim, choice: str | None) -> Claim:
+        """Among the journaled steps of the claim's key, the first this attempt has not taken whose
+        answer-choosing headers match the request's (matching/choice.py), when the claimed one's do
+        not; when none does (credentials rotated), the claim as occurrence order made it."""
+        cursor = position.cursor
+        if claim.step is None:
+            return claim
+        if position.index.done() and not cursor.several(claim.key, claim.occurrence):
+            return claim  # the common case, with no journal read: one step of this key (while the index
+            # streams in, the cursor cannot tell, and the journal is asked)
+        choices = position.choices.get(claim.key)
+        if choices is None:
+            choices = position.choices[claim.key] = await self.journal.choices(run, claim.key)
+        if choices.get(claim.occurrence) == choice:
+            return claim
+        for occurrence in sorted(o for o, c in choices.items() if c == choice):
+            chosen = cursor.claim_occurrence(claim.key, occurrence)
+            if chosen is not None:
+                cursor.release(claim.key, claim.occurrence, claim.step.seq)
+                return chosen
+        return claim
 
     def forget_idle(self, idle_s: float) -> int:
         """Drop the cursors of attempts unheard of for `idle_s`, so a long-lived sidecar's memory stays flat.

@@ -11,6 +11,7 @@ from typing import Any
 
 from mitmproxy import exceptions
 
+from ..matching import choice
 from ..matching.fingerprint import MatchRules, Rule
 from ..store import crypto
 from ..store.crypto import Keyring
@@ -43,6 +44,14 @@ OPTIONS: list[tuple[str, Any, Any, str]] = [
     ("durable_ignore_json", Sequence[str], [], "JSON pointers left out of the fingerprint, as /ptr or host=/ptr."),
     ("durable_ignore_query", Sequence[str], [], "Query parameters left out of the fingerprint, as name or host=name."),
     ("durable_match_headers", Sequence[str], [], "Request headers added to the fingerprint, as name or host=name."),
+    (
+        "durable_choice_headers",
+        Sequence[str],
+        list(choice.HEADERS),
+        "Request headers that choose the answer but not the fingerprint (credentials, tenant, Accept, Range, "
+        "conditionals): among journaled steps of one fingerprint, the one whose values (a keyed hash) match is "
+        "replayed first; occurrence order decides only when none does (rotated credentials). As name or host=name.",
+    ),
     (
         "durable_idempotency_methods",
         Sequence[str],
@@ -238,6 +247,7 @@ class Settings:
     ignore_paths: tuple[re.Pattern[str], ...]
     clear_paths: tuple[re.Pattern[str], ...]
     rules: MatchRules
+    choice_headers: tuple[Rule, ...]
     idempotency_methods: frozenset[str]
     idempotency_headers: dict[str | None, str]
     in_doubt: dict[str | None, str]  # policy by host; None: every other host
@@ -273,6 +283,10 @@ class Settings:
 
     def in_doubt_policy(self, host: str) -> str:
         return self.in_doubt.get(host.lower()) or self.in_doubt[None]
+
+    def choosers(self, host: str) -> frozenset[str]:
+        """The answer-choosing headers of requests to `host` (matching/choice.py)."""
+        return frozenset(r.name.lower() for r in self.choice_headers if r.applies(host.lower()))
 
     def ws_resume_policy(self, host: str) -> str:
         return self.ws_resume.get(host.lower()) or self.ws_resume[None]
@@ -363,6 +377,7 @@ def from_options(o: Any) -> Settings:
                 ignore_query=tuple(Rule.parse(s) for s in o.durable_ignore_query),
                 match_headers=tuple(Rule.parse(s) for s in o.durable_match_headers),
             ),
+            choice_headers=tuple(Rule.parse(s) for s in o.durable_choice_headers),
             idempotency_methods=frozenset(m.upper() for m in o.durable_idempotency_methods),
             idempotency_headers=headers,
             in_doubt=in_doubt,

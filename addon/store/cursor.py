@@ -130,6 +130,28 @@ class RunCursor:
             self.next_occurrence[key] = occurrence + 1
         return self.resolve(Claim(key, occurrence, None))
 
+    def claim_occurrence(self, key: str, occurrence: int) -> Claim | None:
+        """Take this occurrence of `key` (one chosen by its headers, choice.py) if this attempt has
+        not: the ones it skips stay to be taken, lowest first. None when it is taken already."""
+        returned = self.returned.setdefault(key, [])
+        start = self.next_occurrence.get(key, 0)
+        if occurrence in returned:
+            returned.remove(occurrence)
+            heapq.heapify(returned)
+        elif occurrence >= start:
+            for skipped in range(start, occurrence):
+                heapq.heappush(returned, skipped)
+            self.next_occurrence[key] = occurrence + 1
+        else:
+            return None
+        return self.resolve(Claim(key, occurrence, None))
+
+    def several(self, key: str, occurrence: int) -> bool:
+        """Does the index hold another occurrence of `key` than this one (next to it, or before)?"""
+        return any(
+            self._find(digest(key, other)) is not None for other in (occurrence + 1, occurrence - 1) if other >= 0
+        )
+
     def resolve(self, claim: Claim) -> Claim:
         """The claim with its journaled step, if the index holds one: a claim made while the index
         was still streaming in is resolved again once it is whole."""

@@ -63,6 +63,7 @@ class NewStep:
     outcome: str = "recorded"  # or "diverged"
     divergence: dict[str, Any] | None = None  # nearest journaled step and the diff against it
     owner: int | None = None  # the lease id of the sidecar that sends it (None: nobody, e.g. an import)
+    choice: str | None = None  # the keyed hash of what chooses its answer besides the fingerprint (choice.py)
 
 
 @dataclass(frozen=True)
@@ -168,12 +169,13 @@ def storable(value: Any) -> Any:
     return value
 
 
-# Recording a step: one call of durable_record (migration 7), which locks the run, checks the step
+# Recording a step: one call of durable_record (migrations 7, 9, 11), which locks the run, checks the step
 # is new and takes the next seq, in one round trip and one commit.
 _RECORD = """
 SELECT seq, idempotency_key FROM durable_record(
     %(run)s, %(key)s, %(fpv)s::smallint, %(occ)s, %(step_key)s, %(attempt)s, %(outcome)s, %(divergence)s,
-    %(key_id)s, %(owner)s, %(method)s, %(url)s, %(envelope)s, %(headers)s, %(body)s, %(agent_key)s, %(mint)s)
+    %(key_id)s, %(owner)s, %(method)s, %(url)s, %(envelope)s, %(headers)s, %(body)s, %(agent_key)s, %(mint)s,
+    %(choice)s)
 """
 
 # A step's answer: only a pending step this sidecar (owner) has in flight takes one
@@ -523,6 +525,7 @@ class Journal:
             "key_id": self.keyring.active,
             "agent_key": step.agent_idempotency_key,
             "mint": step.mint_idempotency_key,
+            "choice": step.choice,
             "outcome": step.outcome,
             "divergence": Jsonb(storable(self._sealed_diff(step.divergence))) if step.divergence is not None else None,
         }
@@ -599,6 +602,16 @@ class Journal:
             fetch="one",
         )
         return StepRef(row["seq"], row["fingerprint"], row["occurrence"], row["state"]) if row else None
+
+    async def choices(self, run: str, key: str) -> dict[int, str | None]:
+        """Each journaled occurrence of a match key in a run, with its choice digest (choice.py)."""
+        rows = await self._run(
+            "read step choices",
+            "SELECT occurrence, choice FROM durable_steps WHERE run_id = %s AND fingerprint = %s",
+            (run, key),
+            fetch="all",
+        )
+        return {row["occurrence"]: row["choice"] for row in rows}
 
     async def complete(
         self,

@@ -251,6 +251,47 @@ MIGRATIONS: list[tuple[int, str]] = [
         ALTER INDEX durable_steps_pending_seq RENAME TO durable_steps_pending;
         """,
     ),
+    (
+        11,
+        """
+        -- the keyed hash of what in the request chooses its answer but not its fingerprint
+        -- (matching/choice.py: credentials, tenant, Accept, Range...): among steps of one fingerprint
+        -- an attempt replays the one whose choice matches first. NULL: none (or journaled before)
+        ALTER TABLE durable_steps ADD COLUMN choice text;
+        DROP FUNCTION durable_record(text, text, smallint, integer, text, text, text, jsonb, text, integer, text,
+                                     text, jsonb, jsonb, bytea, text, boolean);
+        CREATE FUNCTION durable_record(
+            p_run text, p_key text, p_fpv smallint, p_occ integer, p_step_key text, p_attempt text,
+            p_outcome text, p_divergence jsonb, p_key_id text, p_owner integer, p_method text, p_url text,
+            p_envelope jsonb, p_headers jsonb, p_body bytea, p_agent_key text, p_mint boolean, p_choice text,
+            OUT seq integer, OUT idempotency_key text)
+        LANGUAGE plpgsql VOLATILE AS $$
+        #variable_conflict use_column
+        DECLARE
+            v_seq integer;
+        BEGIN
+            INSERT INTO durable_runs AS r (id, last_seq) VALUES (p_run, 1)
+            ON CONFLICT (id) DO UPDATE SET last_seq = r.last_seq + 1, updated_at = now()
+            RETURNING r.last_seq INTO v_seq;
+            INSERT INTO durable_steps (run_id, seq, fingerprint, fp_version, occurrence, step_key, state, attempt,
+                                       last_attempt, last_outcome, divergence, key_id, owner,
+                                       method, url, envelope, request_headers, request_body, idempotency_key,
+                                       choice)
+            VALUES (p_run, v_seq, p_key, p_fpv, p_occ, p_step_key, 'pending', p_attempt,
+                    p_attempt, p_outcome, p_divergence, p_key_id, p_owner,
+                    p_method, p_url, p_envelope, p_headers, p_body,
+                    COALESCE(p_agent_key, CASE WHEN p_mint THEN
+                        'durable-' || left(encode(sha256(convert_to(p_run || ':' || v_seq, 'UTF8')), 'hex'), 32)
+                    END),
+                    p_choice)
+            ON CONFLICT (run_id, digest, fingerprint, occurrence) DO NOTHING
+            RETURNING durable_steps.seq, durable_steps.idempotency_key INTO seq, idempotency_key;
+            IF seq IS NULL THEN
+                UPDATE durable_runs SET last_seq = last_seq - 1 WHERE id = p_run;
+            END IF;
+        END $$;
+        """,
+    ),
 ]
 
 

@@ -268,11 +268,11 @@ def fork(conn: Conn, run: str, at: int, to: str) -> int:
             INSERT INTO durable_steps (run_id, seq, fingerprint, fp_version, occurrence, step_key, state, attempt,
                 method, url, envelope, request_headers, request_body, idempotency_key, status, reason, http_version,
                 response_headers, response_body, response_trailers, error, streamed, truncated, created_at,
-                started_at, completed_at, duration_ms, last_attempt, last_outcome)
+                started_at, completed_at, duration_ms, last_attempt, last_outcome, choice)
             SELECT %s, seq, fingerprint, fp_version, occurrence, step_key, state, attempt,
                 method, url, envelope, request_headers, request_body, NULL, status, reason, http_version,
                 response_headers, response_body, response_trailers, error, streamed, truncated, created_at,
-                started_at, completed_at, duration_ms, 'fork', 'forked'
+                started_at, completed_at, duration_ms, 'fork', 'forked', choice
             FROM durable_steps WHERE run_id = %s AND seq <= %s
             """,
             (to, run, at),
