@@ -8,7 +8,8 @@ Paths (ws:// or, with a TLS directory, wss://):
                   Each answer's text names the ledger's call number, so a second charge shows.
   /rpc            JSON-RPC 2.0: a request is answered with {"result": {"echo": params, "call": N}}
   /echo           any message is echoed back with its call number (no end marker); after the
-                  message "close" (or "close CODE") the server closes the connection (1000, or CODE)
+                  message "close" (or "close CODE") the server closes the connection (1000, or CODE);
+                  "blob N SIZE" is answered with N binary messages of SIZE bytes
   /greet          as /echo, after a greeting sent on connect
   /sum            state per connection, as a Realtime session keeps it: "add N" is answered with the
                   connection's running total, "total T" (and a JSON-RPC request {"method": "add",
@@ -111,6 +112,11 @@ async def handler(ws: ServerConnection) -> None:
                 result = {"echo": doc.get("params"), "call": call}
                 await ws.send(json.dumps({"jsonrpc": "2.0", "id": doc["id"], "result": result}))
         else:
+            if text.startswith("blob "):  # "blob N SIZE": N binary messages of SIZE bytes
+                count, size = (int(x) for x in text.split()[1:3])
+                for n in range(count):
+                    await ws.send(bytes([n % 256]) * size)
+                continue
             await ws.send(f"echo {call}: {text}")
             if text.split(" ")[0] == "close":  # "close" or "close CODE"
                 await ws.close(int(text.split(" ")[1]) if " " in text else 1000, "asked to")

@@ -303,6 +303,50 @@ def test_a_stateful_server_never_answers_without_the_state_the_agent_believes_in
     assert ws_api.LEDGER.books()["calls"] == 2 + 2 + 2  # 1 and 2 paid again by the re-send, as documented
 
 
+def test_an_answer_past_the_body_cap_streams_through_in_bounded_memory_and_stays_in_doubt(
+    sidecars: Sidecars, api: ws_api.Server, ca_bundle: Path, pg_dsn: str
+) -> None:
+    """One message answered by 64 binary messages of 1 MiB: past durable_body_cap (16 MiB) the rest
+    streams through unjournaled, the agent gets all 64 intact, the step is left in doubt (as a
+    too-big HTTP answer is), and the sidecar's memory stays under 250 MB throughout (it grew to
+    410 MB recording this before the cap applied to WebSocket answers)."""
+    import threading
+
+    import psutil
+
+    sidecar = sidecars.start(durable_ws_resume="live")
+    process = psutil.Process(sidecar.process.pid)
+    peak = [process.memory_info().rss]
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            peak.append(process.memory_info().rss)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    run = new_run()
+
+    async def talk() -> list[bytes]:
+        proxy = sidecar.proxy_url(run, "a1")
+        context = ssl.create_default_context(cafile=str(ca_bundle))
+        async with connect(f"{api.url}/echo", proxy=proxy, ssl=context, open_timeout=20, max_size=None) as ws:
+            await ws.send("blob 64 1048576")
+            return [bytes(await asyncio.wait_for(ws.recv(), 30)) for _ in range(64)]
+
+    try:
+        got = asyncio.run(talk())
+    finally:
+        done.set()
+        watcher.join()
+    assert [(len(b), b[0]) for b in got] == [(1048576, n) for n in range(64)]
+    print(f"peak RSS {max(peak) / 2**20:.0f} MiB")
+    assert max(peak) < 250 * 1024 * 1024, f"peak RSS {max(peak) / 2**20:.0f} MiB"
+    query = "SELECT state, response_body IS NULL FROM durable_steps WHERE run_id = %s AND method = 'WS'"
+    assert eventually(lambda: sql(pg_dsn, query, run), [("pending", True)]) == [("pending", True)]
+
+
 ECHO_AGENT = '''
 import asyncio, os, signal, ssl, sys
 from websockets.asyncio.client import connect

@@ -201,11 +201,18 @@ class Open:
     flow: http.HTTPFlow
     frames: list[Frame] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+    size: int = 0  # bytes of the frames
+    over_cap: bool = False  # past durable_body_cap: the rest streams through, the step stays in doubt
 
     def add(self, content: bytes, text: bool) -> Frame:
         frame = Frame((time.monotonic() - self.started) * 1000, content, text)
         self.frames.append(frame)
+        self.size += len(content)
         return frame
+
+    def drop(self) -> None:
+        """Past the cap: nothing of it is kept in memory any more."""
+        self.frames, self.over_cap = [], True
 
 
 Inject = Callable[[http.HTTPFlow, bytes, bool], None]
@@ -366,7 +373,12 @@ class Conversation:
         may not reach the agent."""
         if self.open is None:  # after its answer was journaled: appended to it first
             return await self._push(Frame(0.0, content, text))
+        if self.open.over_cap:
+            return True
         frame = self.open.add(content, text)
+        if self.open.size > self.lifecycle.settings.body_cap:
+            self._over_cap(self.open)
+            return True
         request = self.open.flow.request.content or b""
         if self.open.flow.request.method == METHOD and has_end(request) and not ends(request, frame):
             return True
@@ -375,13 +387,43 @@ class Conversation:
     async def _push(self, frame: Frame) -> bool:
         """A server message after the answer it follows was journaled: appended to that step's
         answer before it is delivered. False when it cannot be (the agent must not have what a
-        replay would not give)."""
-        return self.last is not None and await self._rewrite_last([*self.last.frames, frame])
+        replay would not give). One that takes the answer past durable_body_cap takes the step
+        back into doubt (journal.take_back) and streams through, as the rest of that answer does."""
+        last = self.last
+        if last is not None and last.over_cap:
+            return True
+        if last is None or last.step.run is None or last.step.seq is None:
+            return False
+        if last.size + len(frame.content) > self.lifecycle.settings.body_cap:
+            try:
+                await self.lifecycle.journal.take_back(last.step.run, last.step.seq)
+            except JournalError as e:
+                logger.error(
+                    "durable: run=%s seq=%s answer past the cap not taken back: %s", last.step.run, last.step.seq, e
+                )
+                return False
+            if last.step.cursor is not None:
+                last.step.cursor.mark(last.step.seq, "pending")
+            self._over_cap(last)
+            return True
+        if not await self._rewrite_last([*last.frames, frame]):
+            return False
+        last.size += len(frame.content)
+        return True
+
+    def _over_cap(self, answer: Open) -> None:
+        answer.drop()
+        logger.warning(
+            "durable: run=%s seq=%s WebSocket answer over durable_body_cap: streamed through, not journaled; "
+            "the step stays in doubt and a later attempt re-sends it",
+            answer.step.run,
+            answer.step.seq,
+        )
 
     async def _rewrite_last(self, frames: list[Frame], closed: Close | None = None) -> bool:
         """The answer last journaled, grown to `frames` (and the server's close); False if not journaled."""
         last = self.last
-        if last is None or last.step.run is None or last.step.seq is None:
+        if last is None or last.over_cap or last.step.run is None or last.step.seq is None:
             return False
         try:
             await self.lifecycle.journal.append_answer(last.step.run, last.step.seq, encode_answer(frames, closed))
@@ -413,6 +455,8 @@ class Conversation:
                 await self._rewrite_last(self.last.frames, closed)
             return True
         fake, step = current.flow, current.step
+        if current.over_cap:  # streamed through: in doubt, as a too-big HTTP answer is
+            complete, error = False, "answer over durable_body_cap"
         body = encode_answer(current.frames, closed)
         if fake.response is not None and fake.response.status_code == 101:  # the handshake's answer
             fake.response.content = body

@@ -353,6 +353,7 @@ class DurableSidecar:
         conversation: conversations.Conversation | None = flow.metadata.get(CONVERSATION)
         assert flow.websocket is not None
         message = flow.websocket.messages[-1]
+        del flow.websocket.messages[:-1]  # mitmproxy keeps every message of a connection: memory grows with it
         if conversation is None or message.injected:
             return
         if message.from_client:

@@ -672,6 +672,18 @@ class Journal:
             (self.keyring.seal(body), run, seq),
         )
 
+    async def take_back(self, run: str, seq: int) -> None:
+        """A WebSocket answer journaled message by message (conversations.py) that grew past
+        durable_body_cap: in doubt again (pending, truncated, its partial answer dropped), as a
+        too-big HTTP answer is. The only completed step ever taken back, and only a WebSocket one."""
+        await self._write(
+            "take back an answer past the cap",
+            run,
+            "UPDATE durable_steps SET state = 'pending', truncated = true, response_body = NULL, completed_at = NULL,"
+            " owner = NULL WHERE run_id = %s AND seq = %s AND state = 'completed' AND method = 'WS'",
+            (run, seq),
+        )
+
     async def fail(self, run: str, seq: int, error: str, duration_ms: float, owner: int | None) -> None:
         """The request provably never left (or the upstream answered a transient status): `failed`."""
         await self._write(
