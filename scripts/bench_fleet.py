@@ -61,7 +61,7 @@ def floor_agent(conn: psycopg.Connection, run: str, upstream: int, calls: int) -
             "run": run, "key": key, "fpv": 2, "occ": 0, "step_key": None, "attempt": "a1", "outcome": "recorded",
             "divergence": None, "key_id": None, "owner": 1, "method": "POST", "url": url,
             "envelope": Jsonb(storable(envelope)), "headers": Jsonb(REQUEST_HEADERS), "body": body,
-            "agent_key": None, "mint": True,
+            "agent_key": None, "mint": True, "choice": None,
         }).fetchone()
         conn.execute(_COMPLETE, ("completed", 200, "OK", "HTTP/1.1", Jsonb(ANSWER_HEADERS), bench.ANSWER, 0.5,
                                  False, False, None, None, None, run, seq, 1))

@@ -108,6 +108,7 @@ def test_a_digest_shared_by_two_keys_is_refused_not_answered_with_the_other_step
     sidecar.lifecycle.journal.load_index = mocker.AsyncMock(side_effect=fill)
     other = StoredResponse("completed", 200, "OK", "HTTP/1.1", [], b"someone else's answer", None, key="v1:other")
     sidecar.lifecycle.journal.responses = mocker.AsyncMock(return_value={1: other})
+    sidecar.lifecycle.journal.choices = mocker.AsyncMock(return_value={})  # no header chooses among them
     flow = flow_with_run()
     asyncio.run(sidecar.request(flow))
     assert flow.response.status_code == 503 and b"someone else" not in flow.response.content
@@ -139,6 +140,7 @@ def test_a_completed_step_is_replayed_before_the_runs_index_has_loaded(sidecar, 
             }
         )
         journal.note_replay = mocker.Mock()
+        journal.choices = mocker.AsyncMock(return_value={0: None})  # one step, chosen by no header
         flow = flow_with_run()
         await asyncio.wait_for(sidecar.request(flow), 10)
         assert flow.response is not None and flow.response.content == b"journaled"
