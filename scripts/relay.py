@@ -33,6 +33,7 @@ class Relay:
         self._flowing = threading.Event()
         self._flowing.set()
         self._closed = False
+        self.accepted = 0  # connections that reached the relay
         threading.Thread(target=self._accept, daemon=True).start()
 
     @classmethod
@@ -104,6 +105,7 @@ class Relay:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            self.accepted += 1
             if self.mode == "cut":
                 client.close()
                 continue

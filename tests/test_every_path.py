@@ -150,3 +150,39 @@ def test_every_tunnel_authenticates_and_relays_only_http(
         assert received == []
     finally:
         relay.close()
+
+
+ALIASES = ["127.1", "2130706433", "0x7f000001", "0177.0.0.1", "0.0.0.0", "127.0.0.2", "localhost",
+           "[::ffff:127.0.0.1]", "[::ffff:7f00:1]"]
+
+
+@pytest.mark.parametrize("secret", [SECRET, ""], ids=["with-a-secret", "default-options"])
+def test_the_journal_is_no_destination_whatever_its_address_is_spelt(
+    secret: str, sidecars: Sidecars, fresh_dsn: str
+) -> None:
+    """Every spelling of the journal's address (short, decimal, octal, hex, unspecified, another
+    loopback, a name, IPv4-mapped IPv6), by CONNECT (raw TCP on) and by plain HTTP: 403, and no
+    connection reaches the database's port (the relay in front of it counts none)."""
+    from relay import Relay
+
+    relay, journal_dsn = Relay.for_dsn(fresh_dsn)
+    sidecar = sidecars.start(durable_auth_secret=secret, durable_dsn=journal_dsn, durable_raw_tcp=True)
+    run = new_run()
+    who = f"{run}:a1~{identity.run_token(SECRET, run)}" if secret else f"{run}:a1"
+    try:
+        time.sleep(1)  # the sidecar's own pool and lease are connected
+        before = relay.accepted
+        for alias in ALIASES:
+            status, sock = connect(sidecar.port, f"{alias}:{relay.port}", who)
+            sock.close()
+            assert b" 403 " in status, (alias, status)
+            plain = socket.create_connection(("127.0.0.1", sidecar.port), timeout=10)
+            auth = base64.b64encode(who.encode()).decode()
+            plain.sendall(f"GET http://{alias}:{relay.port}/ HTTP/1.1\r\nHost: {alias}:{relay.port}\r\n"
+                          f"Proxy-Authorization: Basic {auth}\r\n\r\n".encode())
+            assert b" 403 " in plain.recv(4096).split(b"\r\n", 1)[0], alias
+            plain.close()
+        assert relay.accepted == before, "a connection reached the journal's port"
+    finally:
+        relay.close()
+

@@ -7,18 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import weakref
 
 from mitmproxy import connection, http
-from psycopg.conninfo import conninfo_to_dict
 
 from ..matching import identity
 from ..steps.responses import Refused
 from ..steps.settings import Settings
 from ..store.journal import Journal
-from . import peers
+from . import journal_guard, peers
 
 logger = logging.getLogger("durable")
 
@@ -44,13 +42,13 @@ class Admission:
                 peers.start_of_connection, client.peername, client.sockname
             )
 
-    def connect(self, flow: http.HTTPFlow, s: Settings, journal: Journal | None) -> None:
+    async def connect(self, flow: http.HTTPFlow, s: Settings, journal: Journal | None) -> None:
         """HTTPS: the run credentials arrive on CONNECT and hold for the whole client connection.
         With durable_auth_secret, a CONNECT without them is refused before anything is relayed:
         what follows a tunnel may not be HTTP at all (raw TCP), so it cannot be checked later.
         Raises identity.IdentityError or Refused."""
         creds = identity.parse_proxy_authorization(flow.request.headers.get(identity.PROXY_AUTH_HEADER))
-        refuse_the_journal(flow, journal)
+        await refuse_the_journal(flow.request.host, flow.request.port, journal)
         if s.auth_secret:
             if not creds.run:
                 raise Refused(407, "CONNECT needs the run's credentials RUN:ATTEMPT~TOKEN (durable_auth_secret is set)")
@@ -102,17 +100,8 @@ def authorize(s: Settings, run: str, token: str | None) -> None:
         )
 
 
-def refuse_the_journal(flow: http.HTTPFlow, journal: Journal | None) -> None:
-    """The journal's own PostgreSQL is never a target: not through a tunnel, not in plain HTTP."""
-    if journal is not None and journal.target is not None:
-        if (flow.request.host.lower(), flow.request.port) in journal_addresses(journal.target.dsn):
-            raise Refused(403, "the journal's own database is not a destination of this proxy")
-
-
-@functools.lru_cache(maxsize=4)
-def journal_addresses(dsn: str) -> frozenset[tuple[str, int]]:
-    """The (host, port) pairs that reach the journal's server: parsed once per DSN, not per request."""
-    parts = conninfo_to_dict(dsn)
-    host, port = str(parts.get("host") or ""), int(parts.get("port") or 5432)
-    loopback = {"127.0.0.1", "localhost", "::1"}
-    return frozenset((h, port) for h in {host} | (loopback if host in loopback else set()))
+async def refuse_the_journal(host: str, port: int, journal: Journal | None) -> None:
+    """The journal's own PostgreSQL is never a target, however spelt (journal_guard.py)."""
+    dsn = journal.target.dsn if journal is not None and journal.target is not None else None
+    if await journal_guard.reaches(host, port, dsn):
+        raise Refused(403, journal_guard.REASON)

@@ -168,10 +168,10 @@ class DurableSidecar:
 
     # -- hooks ----------------------------------------------------------------------------------
 
-    def http_connect(self, flow: http.HTTPFlow) -> None:
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
         """HTTPS: the run's credentials arrive on CONNECT (admission.py); refused, nothing is relayed."""
         try:
-            self.admission.connect(flow, self.settings, self._journal())
+            await self.admission.connect(flow, self.settings, self._journal())
         except identity.IdentityError as e:
             logger.warning("durable: CONNECT refused: %s", e)
             flow.response = responses.refusal(400, str(e))
@@ -213,6 +213,16 @@ class DurableSidecar:
         flow.metadata[META] = Step(ident.run, None, "passthrough", ident.attempt)
         httplayer.label(flow.request, responses.labels(ident.run, None, "passthrough"))
 
+    async def server_connect(self, data: Any) -> None:
+        """Every connection mitmproxy is about to open (tunnels, raw TCP, transparent mode): never one
+        to the journal's own database (journal_guard.py); killed before it is opened."""
+        host, port = data.server.address or ("", 0)
+        try:
+            await admission.refuse_the_journal(str(host), int(port), self._journal())
+        except Refused as e:
+            logger.warning("durable: connection to %s:%s refused: %s", host, port, e.reason)
+            data.server.error = e.reason
+
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.is_replay or META in flow.metadata:
             return
@@ -225,7 +235,7 @@ class DurableSidecar:
         known: dict[str, str] = {}  # the run and attempt, once identified: every refusal names them
         await self.admission.trace_client(flow.client_conn, self.settings)
         try:
-            admission.refuse_the_journal(flow, self._journal())
+            await admission.refuse_the_journal(flow.request.host, flow.request.port, self._journal())
             ident = self.admission.identify(flow, self.settings)
             known = {"run": ident.run, "attempt": ident.attempt}
             if self.draining:
