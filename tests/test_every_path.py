@@ -186,3 +186,38 @@ def test_the_journal_is_no_destination_whatever_its_address_is_spelt(
     finally:
         relay.close()
 
+
+def test_with_a_secret_the_sidecars_own_endpoints_tell_strangers_only_that_it_is_alive(sidecars: Sidecars) -> None:
+    """/flush (which writes to the journal) and /ca.pem need a run's token; /health tells a
+    stranger ready or not, nothing of the lease, the journal or the calls in flight."""
+    sidecar = sidecars.start(durable_auth_secret=SECRET)
+    run = new_run()
+    stranger = {"http": f"http://127.0.0.1:{sidecar.port}"}
+    operator = {"http": sidecar.proxy_url(run, "a1", identity.run_token(SECRET, run))}
+    wrong = {"http": sidecar.proxy_url(run, "a1", identity.run_token("another secret", run))}
+    for who in (stranger, wrong):
+        for path in ("/flush", "/ca.pem"):
+            r = requests.get(f"http://durable.sidecar{path}", proxies=who, timeout=10)
+            assert r.status_code == 407 and "Proxy-Authenticate" in r.headers, (path, r.status_code)
+        health = requests.get("http://durable.sidecar/health", proxies=who, timeout=10)
+        assert health.status_code == 200 and health.json() == {"ready": True}
+    assert requests.get("http://durable.sidecar/flush", proxies=operator, timeout=10).status_code == 204
+    assert b"BEGIN CERTIFICATE" in requests.get("http://durable.sidecar/ca.pem", proxies=operator, timeout=10).content
+    assert set(requests.get("http://durable.sidecar/health", proxies=operator, timeout=10).json()) == {
+        "ready", "journal", "lease", "in_flight"}
+
+
+def test_durable_env_takes_a_secret_sidecars_ca_with_the_runs_token(sidecars: Sidecars) -> None:
+    import os
+    import subprocess
+
+    from durable_sidecar.tools import launcher
+
+    sidecar = sidecars.start(durable_auth_secret=SECRET)
+    durable = str(launcher.mitmdump()).replace("mitmdump", "durable")
+    command = [durable, "env", "--run", new_run(), "--proxy", f"http://127.0.0.1:{sidecar.port}"]
+    env = {k: v for k, v in os.environ.items() if k != "DURABLE_AUTH_SECRET"}
+    told = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env | {"DURABLE_AUTH_SECRET": SECRET})
+    assert told.returncode == 0 and "export HTTPS_PROXY=" in told.stdout, told.stderr
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    assert refused.returncode != 0 and "set DURABLE_AUTH_SECRET" in refused.stderr

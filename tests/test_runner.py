@@ -70,7 +70,7 @@ def test_a_journal_that_answers_is_returned_with_where_it_came_from(pg_dsn: str)
 def test_no_sidecar_at_the_proxy_address_says_how_to_start_one() -> None:
     address = f"127.0.0.1:{launcher.free_port()}"
     with pytest.raises(runner.Failure) as failed:
-        runner.fetch_ca(address)
+        runner.fetch_ca(address, f"http://{address}")
     message = str(failed.value)
     assert message.startswith(f"no serving sidecar at {address} (") and "refused" in message
     assert message.endswith("; start one with `durable proxy --port PORT`")
@@ -159,16 +159,16 @@ def test_a_sidecar_that_answers_hands_out_its_ca_or_says_why_not(fake_sidecar: C
     address, answers = fake_sidecar.address, fake_sidecar.answers
     answers[launcher.HEALTH_URL] = (503, b"journal unavailable")
     with pytest.raises(runner.Failure) as failed:
-        runner.fetch_ca(address)
+        runner.fetch_ca(address, f"http://{address}")
     assert str(failed.value) == f"no serving sidecar at {address} (503: journal unavailable); see its log"
     answers[launcher.HEALTH_URL] = (200, b"ok")
     with pytest.raises(runner.Failure) as failed:
-        runner.fetch_ca(address)
+        runner.fetch_ca(address, f"http://{address}")
     assert str(failed.value) == (
         f"the sidecar at {address} did not hand out its CA (HTTP Error 404: Not Found); is it a durable-sidecar?"
     )
     answers[launcher.CA_URL] = (200, b"-----BEGIN CERTIFICATE-----\n")
-    assert runner.fetch_ca(address) == b"-----BEGIN CERTIFICATE-----\n"
+    assert runner.fetch_ca(address, f"http://{address}") == b"-----BEGIN CERTIFICATE-----\n"
 
 
 def test_a_sidecar_that_never_answers_is_a_sidecar_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -178,7 +178,7 @@ def test_a_sidecar_that_never_answers_is_a_sidecar_to_start(monkeypatch: pytest.
         silent.listen()
         address = f"127.0.0.1:{silent.getsockname()[1]}"
         with pytest.raises(runner.Failure) as failed:
-            runner.fetch_ca(address)
+            runner.fetch_ca(address, f"http://{address}")
     assert "timed out" in str(failed.value) and str(failed.value).endswith("start one with `durable proxy --port PORT`")
 
 

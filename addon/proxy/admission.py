@@ -100,6 +100,21 @@ def authorize(s: Settings, run: str, token: str | None) -> None:
         )
 
 
+def operator(request: http.Request, s: Settings) -> bool:
+    """May this request see more of the sidecar than whether it is alive (its CA, its lease, a
+    flush)? Always without durable_auth_secret; with it, only with some run's token: proxy
+    credentials RUN:ATTEMPT~TOKEN, or the Durable-Run-Id and Durable-Token headers."""
+    if not s.auth_secret:
+        return True
+    try:
+        creds = identity.parse_proxy_authorization(request.headers.get(identity.PROXY_AUTH_HEADER))
+    except identity.IdentityError:
+        return False
+    run = creds.run or request.headers.get(identity.RUN_HEADER)
+    token = creds.token or request.headers.get(identity.TOKEN_HEADER)
+    return run is not None and identity.token_ok(s.auth_secret, run, token)
+
+
 async def refuse_the_journal(host: str, port: int, journal: Journal | None) -> None:
     """The journal's own PostgreSQL is never a target, however spelt (journal_guard.py)."""
     dsn = journal.target.dsn if journal is not None and journal.target is not None else None

@@ -1,5 +1,9 @@
 """What the sidecar answers itself, at http://durable.sidecar/: `/health` (serving means journaling),
-`/ca.pem` (the CA it signs with) and `/flush` (the replay counts written now)."""
+`/ca.pem` (the CA it signs with) and `/flush` (the replay counts written now).
+
+With durable_auth_secret set, a caller without some run's token gets only whether the sidecar is
+ready (`/health`'s status and `{"ready": ...}`): the CA, the flush and the health details (the
+journal's origin, the lease id, the calls in flight) answer 407 to it."""
 
 from __future__ import annotations
 
@@ -25,13 +29,20 @@ def addressed(request: http.Request) -> bool:
     return header == HOST or header.startswith(HOST + ":")
 
 
-async def answer(flow: http.HTTPFlow, lifecycle: Lifecycle, draining: bool) -> None:
-    if flow.request.path == "/ca.pem":
+async def answer(flow: http.HTTPFlow, lifecycle: Lifecycle, draining: bool, operator: bool) -> None:
+    """`operator`: the caller may see more than liveness (admission.operator)."""
+    path = flow.request.path
+    if path not in ("/ca.pem", "/flush"):
+        await health(flow, lifecycle, draining, operator)
+    elif not operator:
+        flow.response = responses.refusal(
+            407, f"{path} needs a run's token (durable_auth_secret is set): proxy credentials RUN:ATTEMPT~TOKEN"
+        )
+        flow.response.headers["Proxy-Authenticate"] = 'Basic realm="durable-sidecar"'
+    elif path == "/ca.pem":
         ca(flow)
-    elif flow.request.path == "/flush":
-        await flush(flow, lifecycle)
     else:
-        await health(flow, lifecycle, draining)
+        await flush(flow, lifecycle)
 
 
 def ca(flow: http.HTTPFlow) -> None:
@@ -50,9 +61,9 @@ async def flush(flow: http.HTTPFlow, lifecycle: Lifecycle) -> None:
     flow.response = http.Response.make(204)
 
 
-async def health(flow: http.HTTPFlow, lifecycle: Lifecycle, draining: bool) -> None:
+async def health(flow: http.HTTPFlow, lifecycle: Lifecycle, draining: bool, operator: bool) -> None:
     """Serving means journaling: the answer is 200 only once the journal is reachable and this
-    sidecar holds its lease (the launcher starts no agent before that)."""
+    sidecar holds its lease (the launcher starts no agent before that). Its details only to an operator."""
     journal = lifecycle.journal
     try:
         if draining:
@@ -60,13 +71,18 @@ async def health(flow: http.HTTPFlow, lifecycle: Lifecycle, draining: bool) -> N
         lease_id = await journal.owner()
         await journal.ping()  # a frozen link keeps the lease's socket open: ask the journal itself
     except JournalError as e:
-        flow.response = responses.refusal(503, "journal unavailable", failed=str(e))
+        details = {"failed": str(e)} if operator else {}  # the journal's address, perhaps: not for anyone
+        flow.response = responses.refusal(503, "journal unavailable", **details)
         return
     target = journal.target
-    body = {
-        "ready": True,
-        "journal": target.origin if target else None,
-        "lease": lease_id,
-        "in_flight": len(lifecycle.in_flight),
-    }
+    body = (
+        {"ready": True}
+        if not operator
+        else {
+            "ready": True,
+            "journal": target.origin if target else None,
+            "lease": lease_id,
+            "in_flight": len(lifecycle.in_flight),
+        }
+    )
     flow.response = http.Response.make(200, json.dumps(body).encode(), {"Content-Type": "application/json"})

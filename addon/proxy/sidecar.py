@@ -228,7 +228,8 @@ class DurableSidecar:
             return
         if endpoints.addressed(flow.request):
             assert self.lifecycle is not None
-            await endpoints.answer(flow, self.lifecycle, self.draining)
+            operator = admission.operator(flow.request, self.settings)
+            await endpoints.answer(flow, self.lifecycle, self.draining, operator)
             outcome = "passthrough" if flow.response and flow.response.status_code < 300 else "refused"
             flow.metadata[META] = Step(None, None, outcome)
             return

@@ -172,10 +172,6 @@ def cmd_env(args: argparse.Namespace) -> int:
     """Shell lines that put this shell's next commands behind a running sidecar, with a fresh attempt."""
     identity.validate_id(args.run, "run id")
     address = runner.host_port(args.proxy)
-    try:
-        bundle = launcher.bundle_for(runner.fetch_ca(address))
-    except runner.Failure as e:
-        raise SystemExit(f"durable env: {e}") from e
     secret = os.environ.get("DURABLE_AUTH_SECRET")
     url = launcher.proxy_url(
         address,
@@ -183,6 +179,10 @@ def cmd_env(args: argparse.Namespace) -> int:
         args.attempt or identity.mint_id("attempt"),
         identity.run_token(secret, args.run) if secret else None,
     )
+    try:
+        bundle = launcher.bundle_for(runner.fetch_ca(address, url))
+    except runner.Failure as e:
+        raise SystemExit(f"durable env: {e}") from e
     print(f"unset {' '.join(launcher.CLEARED)}")
     for name, value in launcher.agent_variables(url, bundle).items():
         print(f"export {name}={shlex.quote(value)}")

@@ -76,16 +76,24 @@ def host_port(proxy: str) -> str:
     return proxy.split("://")[-1].split("@")[-1].rstrip("/")
 
 
-def fetch_ca(address: str) -> bytes:
-    """The CA the sidecar at `address` signs with, asked of that sidecar (after its health check)."""
+def fetch_ca(address: str, proxy: str) -> bytes:
+    """The CA the sidecar at `address` signs with, asked of that sidecar (after its health check)
+    through `proxy`, its URL with the run's credentials (a sidecar with a secret asks for them)."""
     ready, why = launcher.health(address, timeout=PROXY_CHECK_S)
     if not ready:
         hint = "start one with `durable proxy --port PORT`" if "refused" in why or "timed out" in why else "see its log"
         raise Failure(f"no serving sidecar at {address} ({why}); {hint}")
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": f"http://{address}"}))
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy}))
     try:
         with opener.open(launcher.CA_URL, timeout=PROXY_CHECK_S) as answer:
             return answer.read()
+    except urllib.error.HTTPError as e:
+        if e.code == 407:
+            raise Failure(
+                f"the sidecar at {address} has an auth secret and hands its CA only with a run's token: "
+                "set DURABLE_AUTH_SECRET to its secret"
+            ) from e
+        raise Failure(f"the sidecar at {address} did not hand out its CA ({e}); is it a durable-sidecar?") from e
     except (urllib.error.URLError, OSError) as e:
         raise Failure(f"the sidecar at {address} did not hand out its CA ({e}); is it a durable-sidecar?") from e
 
@@ -165,8 +173,8 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def flush_replay_counts(address: str) -> None:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": f"http://{address}"}))
+def flush_replay_counts(proxy: str) -> None:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy}))
     try:
         opener.open(launcher.FLUSH_URL, timeout=PROXY_CHECK_S).close()
     except (urllib.error.URLError, OSError):
@@ -197,7 +205,7 @@ def execute(plan: Plan) -> Outcome:
         try:
             if plan.proxy:
                 address = host_port(plan.proxy)
-                pem = fetch_ca(address)
+                pem = fetch_ca(address, launcher.proxy_url(address, plan.run, plan.attempt, plan.token))
                 check_ca(pem, plan.confdir, address)
                 target = check_journal(plan.dsn)  # the summary reads it, and a sidecar elsewhere may not share it
             else:  # the sidecar boots (about a second, mostly imports) while the journal is checked
@@ -224,7 +232,7 @@ def execute(plan: Plan) -> Outcome:
             agent.append(start_agent(plan.command, launcher.agent_env(url, bundle)))
             code = agent[0].wait()  # a signal meanwhile is passed on by the handler, and the wait goes on
             if plan.proxy:
-                flush_replay_counts(address)  # the summary reads them: a sidecar of our own writes them as it stops
+                flush_replay_counts(url)  # the summary reads them: a sidecar of our own writes them as it stops
         except Interrupted as e:
             code = -e.signum
             if not agent:
