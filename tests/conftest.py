@@ -196,14 +196,16 @@ class Sidecars:
         self.confdir, self.dsn, self.upstream_ca = confdir, dsn, upstream_ca
         self.started: list[launcher.Sidecar] = []
 
-    def start(self, env: dict[str, str] | None = None, journal_required: bool = True, **options: Any) -> launcher.Sidecar:
+    def start(self, env: dict[str, str] | None = None, journal_required: bool = True, listen_host: str = "127.0.0.1",
+              **options: Any) -> launcher.Sidecar:
         # a 2 s lease grace instead of 10 s: these tests take over the steps of sidecars they SIGKILL,
         # and the grace's length is not what they test (tests/test_connection_failures.py runs the default)
         opts = {"durable_dsn": self.dsn, "ssl_verify_upstream_trusted_ca": str(self.upstream_ca),
                 "durable_lease_grace": "2s"}
         opts.update({k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in options.items()})
         opts = {k: v for k, v in opts.items() if v != ""}
-        sidecar = launcher.start_sidecar(self.confdir, opts, env=env, journal_required=journal_required)
+        sidecar = launcher.start_sidecar(self.confdir, opts, env=env, journal_required=journal_required,
+                                         listen_host=listen_host)
         self.started.append(sidecar)
         return sidecar
 

@@ -221,3 +221,45 @@ def test_durable_env_takes_a_secret_sidecars_ca_with_the_runs_token(sidecars: Si
     assert told.returncode == 0 and "export HTTPS_PROXY=" in told.stdout, told.stderr
     refused = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
     assert refused.returncode != 0 and "set DURABLE_AUTH_SECRET" in refused.stderr
+
+
+def outward_address() -> str | None:
+    """This host's address on its default route: a client there is not on loopback."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("10.255.255.255", 1))
+        address = probe.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        probe.close()
+    return None if address.startswith("127.") else address
+
+
+@pytest.mark.parametrize("options", [{}, {"durable_auth_secret": SECRET}, {"durable_allow_remote_clients": True}],
+                         ids=["protected", "secret", "allowed"])
+def test_a_sidecar_on_every_interface_serves_remote_clients_only_when_told(
+    options: dict, sidecars: Sidecars, http_api: PaidApi
+) -> None:
+    """Protected mode, as Redis's: loaded on all interfaces with no secret, the sidecar refuses a
+    client that is not on loopback (403 naming both ways out), nothing forwarded or journaled, and
+    serves loopback as ever; a secret or durable_allow_remote_clients lets remote clients in."""
+    address = outward_address()
+    if address is None:
+        pytest.skip("this host has no address beyond loopback")
+    from durable_sidecar.tools import launcher
+
+    sidecar = sidecars.start(listen_host="0.0.0.0", **options)
+    run = new_run()
+    token = identity.run_token(SECRET, run) if options.get("durable_auth_secret") else None
+    calls = http_api.books()["calls"]
+    for host, served in ((address, bool(options)), ("127.0.0.1", True)):
+        proxy = launcher.proxy_url(f"{host}:{sidecar.port}", run, f"a-{host}", token)
+        answer = requests.get(f"{http_api.url}/v1/search?q=who", proxies={"http": proxy}, timeout=10)
+        if served:
+            assert answer.status_code == 200, (host, answer.text)
+        else:
+            assert answer.status_code == 403 and "durable_allow_remote_clients" in answer.json()["reason"]
+    assert http_api.books()["calls"] == calls + 1  # one call went upstream (replayed to the second when served)
+    if not options:
+        assert "protected mode" in sidecar.log()

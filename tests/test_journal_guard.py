@@ -41,7 +41,8 @@ def test_an_upstream_connection_to_the_journal_is_killed_before_it_opens(pg_dsn:
         async with sidecar(pg_dsn) as addon:
             found = []
             for address in (("0x7f000001", port), ("127.0.0.1", port + 1)):
-                data = SimpleNamespace(server=SimpleNamespace(address=address, error=None))
+                data = SimpleNamespace(server=SimpleNamespace(address=address, error=None),
+                                       client=SimpleNamespace(peername=("127.0.0.1", 50000)))
                 await addon.server_connect(data)
                 found.append(data.server.error)
             return found

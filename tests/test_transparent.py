@@ -80,7 +80,8 @@ def test_transparent_mode_records_and_replays_a_proxy_unaware_client(
         for attempt in ("t1", "t2"):  # the sidecar restarted with a new attempt: the agent restarted
             sidecar = launcher.start_sidecar(
                 confdir,
-                {"mode": "transparent", "durable_dsn": pg_dsn, "durable_run": run, "durable_attempt": attempt},
+                {"mode": "transparent", "durable_dsn": pg_dsn, "durable_run": run, "durable_attempt": attempt,
+                 "durable_allow_remote_clients": "true"},  # the agent is in another namespace: not loopback
                 port=sidecar_port, listen_host=host_ip,
             )
             started.append(sidecar)

@@ -100,6 +100,21 @@ def authorize(s: Settings, run: str, token: str | None) -> None:
         )
 
 
+PROTECTED = (
+    "protected mode: this sidecar has no durable_auth_secret, so it serves only clients on its own host's "
+    "loopback; set durable_auth_secret (clients then need a run's token) or durable_allow_remote_clients=true"
+)
+
+
+def refuse_remote(client: connection.Client, s: Settings) -> None:
+    """Protected mode (as Redis's): without a secret, anyone who reaches the port could replay any run's
+    journaled answers by naming its run id, so only clients on loopback are served unless told otherwise."""
+    if s.auth_secret or s.allow_remote_clients or client.peername is None:
+        return
+    if not journal_guard.loopback(str(client.peername[0])):
+        raise Refused(403, PROTECTED)
+
+
 def operator(request: http.Request, s: Settings) -> bool:
     """May this request see more of the sidecar than whether it is alive (its CA, its lease, a
     flush)? Always without durable_auth_secret; with it, only with some run's token: proxy

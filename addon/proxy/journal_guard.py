@@ -78,6 +78,14 @@ async def reaches(host: str, port: int, dsn: str | None) -> bool:
     return any(a in server.addresses or (server.local and _local(a)) for a in addresses)
 
 
+def loopback(host: str) -> bool:
+    """Is this client address this host's loopback (IPv4-mapped included)?"""
+    addresses = literal(host)
+    return addresses is not None and any(
+        (a.ipv4_mapped if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped else a).is_loopback for a in addresses
+    )
+
+
 def _local(address: Address) -> bool:
     """An address that reaches this host's own servers from this host."""
     mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None

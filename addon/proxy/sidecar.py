@@ -31,6 +31,7 @@ from . import (
     dispatch,
     endpoints,
     httplayer,
+    journal_guard,
     quietlog,
     reporting,
     sessions,
@@ -143,6 +144,9 @@ class DurableSidecar:
                 "durable: mitmproxy's flow dump is off (it prints credentials); one redacted line per flow "
                 "replaces it (--set durable_log_secrets=true keeps it)"
             )
+        if not self.settings.auth_secret and not self.settings.allow_remote_clients:
+            if not journal_guard.loopback(ctx.options.listen_host or "0.0.0.0"):  # "": every interface
+                logger.warning("durable: listening beyond loopback in %s", admission.PROTECTED)
         logger.info(
             "durable: runs without an id go to run %s, attempt %s",
             self.admission.default_run,
@@ -171,6 +175,7 @@ class DurableSidecar:
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         """HTTPS: the run's credentials arrive on CONNECT (admission.py); refused, nothing is relayed."""
         try:
+            admission.refuse_remote(flow.client_conn, self.settings)
             await self.admission.connect(flow, self.settings, self._journal())
         except identity.IdentityError as e:
             logger.warning("durable: CONNECT refused: %s", e)
@@ -218,6 +223,7 @@ class DurableSidecar:
         to the journal's own database (journal_guard.py); killed before it is opened."""
         host, port = data.server.address or ("", 0)
         try:
+            admission.refuse_remote(data.client, self.settings)
             await admission.refuse_the_journal(str(host), int(port), self._journal())
         except Refused as e:
             logger.warning("durable: connection to %s:%s refused: %s", host, port, e.reason)
@@ -225,6 +231,11 @@ class DurableSidecar:
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.is_replay or META in flow.metadata:
+            return
+        try:
+            admission.refuse_remote(flow.client_conn, self.settings)
+        except Refused as e:
+            self._refuse(flow, e.status, e.reason)
             return
         if endpoints.addressed(flow.request):
             assert self.lifecycle is not None
@@ -234,8 +245,8 @@ class DurableSidecar:
             flow.metadata[META] = Step(None, None, outcome)
             return
         known: dict[str, str] = {}  # the run and attempt, once identified: every refusal names them
-        await self.admission.trace_client(flow.client_conn, self.settings)
         try:
+            await self.admission.trace_client(flow.client_conn, self.settings)
             await admission.refuse_the_journal(flow.request.host, flow.request.port, self._journal())
             ident = self.admission.identify(flow, self.settings)
             known = {"run": ident.run, "attempt": ident.attempt}

@@ -101,6 +101,14 @@ OPTIONS: list[tuple[str, Any, Any, str]] = [
         "statement_timeout is a second longer).",
     ),
     (
+        "durable_allow_remote_clients",
+        bool,
+        False,
+        "Serve clients that are not on this host's loopback although durable_auth_secret is not set (protected "
+        "mode, as Redis's, refuses them by default: anyone who reaches the port could replay any run's answers). "
+        "For transparent mode from other hosts or namespaces, or a container port published on the host's loopback.",
+    ),
+    (
         "durable_raw_tcp",
         bool,
         False,
@@ -260,6 +268,7 @@ class Settings:
     drain_timeout_s: float
     attempt_per_start: bool
     raw_tcp: bool
+    allow_remote_clients: bool
     body_cap: int
     oversize_request: str
     redact_headers: tuple[str, ...]
@@ -390,6 +399,7 @@ def from_options(o: Any) -> Settings:
             drain_timeout_s=parse_duration(o.durable_drain_timeout),
             attempt_per_start=o.durable_attempt_per_start,
             raw_tcp=o.durable_raw_tcp,
+            allow_remote_clients=o.durable_allow_remote_clients,
             body_cap=o.durable_body_cap,
             oversize_request=o.durable_oversize_request,
             redact_headers=tuple(o.durable_redact_headers),
