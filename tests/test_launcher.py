@@ -268,3 +268,15 @@ def test_the_agent_is_told_to_use_the_proxy_even_from_node_fetch() -> None:
     env = launcher.agent_env("http://r:a@127.0.0.1:1", Path("/b.pem"), base={"NO_PROXY": "*"})
     assert env["NODE_USE_ENV_PROXY"] == "1" and env["HTTPS_PROXY"] == env["HTTP_PROXY"] == "http://r:a@127.0.0.1:1"
     assert "NO_PROXY" not in env and env["NODE_EXTRA_CA_CERTS"] == "/b.pem"
+
+
+def test_an_upstream_certificate_failure_is_named_in_the_summary_with_the_flag_that_fixes_it(
+    https_api: PaidApi, pg_dsn: str
+) -> None:
+    """An upstream with a private CA and no --upstream-ca: the agent gets mitmproxy's 502, and the
+    summary counts it as a TLS failure (not as a recorded call) and names --upstream-ca."""
+    out = durable_run("--dsn", pg_dsn, "--", "curl", "-s", "-o", "/dev/null", f"{https_api.url}/v1/search?q=tls")
+    summary = next(line for line in out.stderr.splitlines() if "recorded," in line)
+    assert "0 recorded" in summary and "1 upstream TLS failure" in summary, out.stderr
+    assert "--upstream-ca" in out.stderr
+    assert https_api.books()["calls"] == 0

@@ -133,6 +133,11 @@ NO_CALLS_HINT = """durable: the agent made no call through the sidecar. Clients 
   trust_env=False or an explicit proxy=None. See docs/cli.md, "Clients that ignore proxy variables"."""
 
 
+TLS_HINT = """durable: the sidecar did not trust an upstream's certificate, so those calls never reached it (the agent
+  got 502 Certificate verify failed): an upstream with a private or self-signed CA needs it given to the
+  sidecar with --upstream-ca FILE (docs/cli.md)."""
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if not args.command:
         raise SystemExit("durable run: give the agent's command after --")
@@ -158,11 +163,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         return outcome.status
     with operations.connect(outcome.journal.dsn, migrate=False) as conn:  # the sidecar migrated it
         s = operations.attempt_summary(conn, args.run, attempt)
+    tls = f", {s['tls_failed']} upstream TLS failure{'s' if s['tls_failed'] != 1 else ''}" if s["tls_failed"] else ""
     err.print(
         f"durable: run {args.run} attempt {attempt}: {s['recorded']} recorded, {s['replayed']} replayed, "
-        f"{s['reissued']} reissued, {s['diverged']} diverged; replay saved {s['replayed']} upstream calls "
+        f"{s['reissued']} reissued, {s['diverged']} diverged{tls}; replay saved {s['replayed']} upstream calls "
         f"and {s['tokens_saved']} LLM tokens"
     )
+    if s["tls_failed"]:
+        err.print(TLS_HINT)
     if not any(v for k, v in s.items() if k != "tokens_saved"):
         err.print(NO_CALLS_HINT)
     return outcome.status

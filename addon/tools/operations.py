@@ -8,6 +8,7 @@ applies migrations first.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -214,16 +215,23 @@ def step_rows(conn: Conn, run: str) -> list[dict[str, Any]]:
     ]
 
 
+TLS_FAILURE = re.compile(r"certificate verify failed|TLS handshake|SSL", re.IGNORECASE)  # mitmproxy's words
+
+
 def attempt_summary(conn: Conn, run: str, attempt: str) -> dict[str, int]:
-    """What one attempt did: steps per outcome, and the calls and tokens its replays did not re-spend."""
-    summary = {"recorded": 0, "replayed": 0, "reissued": 0, "diverged": 0, "tokens_saved": 0}
+    """What one attempt did: steps per outcome, and the calls and tokens its replays did not re-spend.
+    Calls whose upstream's certificate was not trusted (no call reached it) are counted apart, as
+    `tls_failed`: they are not recorded answers."""
+    summary = {"recorded": 0, "replayed": 0, "reissued": 0, "diverged": 0, "tokens_saved": 0, "tls_failed": 0}
     keys = keyring()
     for row in conn.execute(
-        "SELECT last_outcome, response_headers, response_body FROM durable_steps"
+        "SELECT last_outcome, state, error, response_headers, response_body FROM durable_steps"
         " WHERE run_id = %s AND last_attempt = %s",
         (run, attempt),
     ):
         outcome = row["last_outcome"]
+        if row["state"] == "failed" and TLS_FAILURE.search(row["error"] or ""):
+            outcome = "tls_failed"
         summary[outcome] = summary.get(outcome, 0) + 1
         if outcome == "replayed" and row["response_body"]:
             open_row(keys, row)
