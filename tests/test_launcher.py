@@ -65,6 +65,17 @@ def test_a_signal_to_durable_run_reaches_the_agents_children_too(sig: signal.Sig
     assert gone(children) == [] and gone(started) == []
 
 
+def test_durable_run_killed_with_sigkill_leaves_no_agent(pg_dsn: str, tmp_path: Path) -> None:
+    """SIGKILL cannot be passed on: the watchdog sees durable run die and ends the agent's whole
+    process group (a shell and its child here); the sidecar stops by its parent-death signal."""
+    proc, agent, started = start_run(tmp_path, pg_dsn, env_without_proxy(), "sleep 60 & echo $$ > PIDFILE; wait")
+    children = [c.pid for c in psutil.Process(agent).children()]
+    assert children
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert gone([agent, *children]) == [] and gone(started) == []
+
+
 def test_embedded_postgres_stops_with_the_last_launcher(embedded_home: Path, tmp_path: Path) -> None:
     """No --dsn, no DATABASE_URL: the embedded PostgreSQL the launcher started stops when it exits."""
     home = embedded_home

@@ -24,7 +24,7 @@ from pathlib import Path
 import psycopg
 
 from ..store import database
-from . import launcher
+from . import launcher, watchdog
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 PROXY_CHECK_S = 1.5  # a sidecar on this machine or the next answers its health check well within this
@@ -230,7 +230,9 @@ def execute(plan: Plan) -> Outcome:
                 file=sys.stderr,
             )
             agent.append(start_agent(plan.command, launcher.agent_env(url, bundle)))
+            dog = watchdog.watch(agent[0].pid)  # should durable run be killed, the agent's group goes too
             code = agent[0].wait()  # a signal meanwhile is passed on by the handler, and the wait goes on
+            watchdog.release(dog)
             if plan.proxy:
                 flush_replay_counts(url)  # the summary reads them: a sidecar of our own writes them as it stops
         except Interrupted as e:
