@@ -27,6 +27,9 @@ DURABLE = str(Path(sys.executable).with_name("durable"))
         ("durable_in_doubt", "maybe", "maybe"),
         ("durable_in_doubt_window", "soon", "soon"),
         ("durable_strictt", "true", "unknown option durable_strictt"),
+        ("durable_encryption_key", "k1:not-base64", "encryption key 'k1'"),
+        ("durable_ws_resume", "replay", "durable_ws_resume"),
+        ("durable_allow_remote_clients", "maybe", "durable_allow_remote_clients"),
     ],
 )
 def test_a_bad_option_stops_the_sidecar_at_start(sidecars: Sidecars, option: str, value: str, said: str) -> None:
@@ -76,3 +79,16 @@ def test_requests_without_an_attempt_are_warned_about_once_per_run(sidecars: Sid
         assert out.returncode == 0
     warnings = [line for line in sidecar.log().splitlines() if "name no attempt" in line]
     assert len(warnings) == 1 and bare in warnings[0] and "recorded (and paid) again" in warnings[0]
+
+
+def test_a_malformed_key_in_the_environment_stops_the_sidecar_at_start(sidecars: Sidecars) -> None:
+    """DURABLE_ENCRYPTION_KEY is read where the options are: a malformed one is a configuration
+    error (one line, exit 2), not an addon that fails to load, nor a sidecar answering 503s."""
+    import os
+
+    with pytest.raises(RuntimeError) as failure:
+        sidecars.start(env={**os.environ, "DURABLE_ENCRYPTION_KEY": "k1:abc"})
+    assert "exited with 2" in str(failure.value)
+    reasons = [line for line in str(failure.value).splitlines() if line.startswith("durable: configuration error")]
+    assert len(reasons) == 1 and "encryption key 'k1'" in reasons[0]
+

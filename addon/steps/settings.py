@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -346,8 +346,9 @@ def per_host(
     return values
 
 
-def from_options(o: Any) -> Settings:
-    """Validate the options into Settings; raises OptionsError with the offending option named."""
+def from_options(o: Any, environ: Mapping[str, str] = os.environ) -> Settings:
+    """Validate the options (and the environment's DURABLE_ENCRYPTION_KEY, DURABLE_AUTH_SECRET) into
+    Settings; raises OptionsError with the offending option named."""
     from ..matching.identity import IdentityError, validate_id
 
     try:
@@ -367,7 +368,7 @@ def from_options(o: Any) -> Settings:
             raise ValueError("durable_offload_bytes must be >= 0")
         if o.durable_max_attempts < 1:
             raise ValueError("durable_max_attempts must be >= 1")
-        encryption_key = o.durable_encryption_key or os.environ.get(crypto.ENV, "")
+        encryption_key = o.durable_encryption_key or environ.get(crypto.ENV, "")
         Keyring(encryption_key)  # a malformed key fails here, at start, not on the first call
         headers = per_host(o.durable_idempotency_header, "Idempotency-Key", "durable_idempotency_header")
         return Settings(
@@ -406,7 +407,7 @@ def from_options(o: Any) -> Settings:
             redact_json=tuple(o.durable_redact_json),
             redact_key=o.durable_redact_key,
             encryption_key=encryption_key,
-            auth_secret=o.durable_auth_secret or os.environ.get("DURABLE_AUTH_SECRET", ""),
+            auth_secret=o.durable_auth_secret or environ.get("DURABLE_AUTH_SECRET", ""),
             log_secrets=o.durable_log_secrets,
             metrics_listen=o.durable_metrics_listen,
             replay_pacing=o.durable_replay_pacing,
@@ -422,5 +423,6 @@ def from_options(o: Any) -> Settings:
         raise exceptions.OptionsError(f"durable: {e}") from e
 
 
-DEFAULTS = from_options(SimpleNamespace(**{name: default for name, _, default, _ in OPTIONS}))
-"""Settings with every option at its default, until mitmproxy configures the addon."""
+DEFAULTS = from_options(SimpleNamespace(**{name: default for name, _, default, _ in OPTIONS}), environ={})
+"""Settings with every option at its default, until mitmproxy configures the addon (the environment's
+key is read then: a malformed one must stop the start with one line, not fail this module's import)."""
