@@ -263,3 +263,20 @@ def test_a_sidecar_on_every_interface_serves_remote_clients_only_when_told(
     assert http_api.books()["calls"] == calls + 1  # one call went upstream (replayed to the second when served)
     if not options:
         assert "protected mode" in sidecar.log()
+
+
+def test_calls_to_the_sidecar_itself_are_not_steps(sidecars: Sidecars, pg_dsn: str) -> None:
+    """After `durable env` (which unsets NO_PROXY) an agent's curl of the sidecar's own metrics goes
+    through the proxy: answered, never journaled as a step of the run."""
+    from conftest import sql
+    from durable_sidecar.tools import launcher
+
+    metrics = launcher.free_port()
+    sidecar = sidecars.start(durable_metrics_listen=f"127.0.0.1:{metrics}")
+    run = new_run()
+    proxies = {"http": sidecar.proxy_url(run, "a1")}
+    for url in (f"http://127.0.0.1:{metrics}/metrics", f"http://localhost:{metrics}/metrics",
+                f"http://127.0.0.1:{sidecar.port}/"):
+        answer = requests.get(url, proxies=proxies, timeout=10)
+        assert answer.headers.get("Durable-Outcome") in ("passthrough", None), (url, answer.headers)
+    assert sql(pg_dsn, "SELECT count(*) FROM durable_steps WHERE run_id = %s", run) == [(0,)]

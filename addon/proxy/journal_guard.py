@@ -78,6 +78,13 @@ async def reaches(host: str, port: int, dsn: str | None) -> bool:
     return any(a in server.addresses or (server.local and _local(a)) for a in addresses)
 
 
+def this_host(host: str) -> bool:
+    """Does a destination spelt `host` name this host (a loopback or the unspecified address, however
+    spelt, or `localhost`)? Not resolved: a sidecar's own ports are reached by these names."""
+    addresses = literal(host)
+    return host.lower().rstrip(".") == "localhost" or (addresses is not None and any(_local(a) for a in addresses))
+
+
 def loopback(host: str) -> bool:
     """Is this client address this host's loopback (IPv4-mapped included)?"""
     addresses = literal(host)

@@ -252,7 +252,11 @@ class DurableSidecar:
             known = {"run": ident.run, "attempt": ident.attempt}
             if self.draining:
                 raise Refused(503, "the sidecar is stopping (draining its calls in flight): nothing was forwarded")
-            if self.settings.ignored(flow.request.host, flow.request.path) or mcp_notifications(flow.request):
+            if (
+                self.settings.ignored(flow.request.host, flow.request.path)
+                or mcp_notifications(flow.request)
+                or self._own(flow.request)
+            ):
                 step = Step(ident.run, None, "passthrough", ident.attempt)
             else:
                 assert self.lifecycle is not None
@@ -467,6 +471,13 @@ class DurableSidecar:
         )
         flow.response = responses.refusal(status, reason, **details)
         flow.metadata[META] = Step(details.get("run"), details.get("step"), "refused", details.get("attempt"))
+
+    def _own(self, request: http.Request) -> bool:
+        """A call to this sidecar itself (its proxy or metrics port on this host): never a step."""
+        ports = {ctx.options.listen_port or 8080}
+        if self.settings.metrics_listen:
+            ports.add(int(self.settings.metrics_listen.rsplit(":", 1)[1]))
+        return request.port in ports and journal_guard.this_host(request.host)
 
     def _journal(self) -> Journal | None:
         return self.lifecycle.journal if self.lifecycle else None
