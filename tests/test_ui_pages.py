@@ -189,6 +189,8 @@ def test_each_action_changes_the_journal_as_the_cli_would(
     ]
     fork_step = web.get(f"{base}/runs/{fork}/steps/1", timeout=10).text
     assert f"<title>run {fork} · step 1 · durable</title>" in fork_step
+    assert "copied here by <code>durable fork</code>" in fork_step and "attempt fork" not in fork_step
+    assert "a fork does not copy the original run's keys" in fork_step
     assert f'action="/runs/{fork}/steps/1/edit"' in fork_step  # a fork's answers can be edited...
     assert f'action="/runs/{run}/steps/1/edit"' not in web.get(f"{base}/runs/{run}/steps/1", timeout=10).text
     answer = "SELECT status, response_headers, response_body FROM durable_steps WHERE run_id = %s AND seq = 1"

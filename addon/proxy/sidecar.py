@@ -149,8 +149,8 @@ class DurableSidecar:
                 logger.warning("durable: listening beyond loopback in %s", admission.PROTECTED)
         logger.info(
             "durable: runs without an id go to run %s, attempt %s",
-            self.admission.default_run,
-            self.admission.default_attempt,
+            self.settings.run or self.admission.default_run,  # durable_run / durable_attempt when given
+            self.settings.attempt or self.admission.default_attempt,
         )
         assert self.lifecycle is not None
         try:

@@ -206,6 +206,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     with operations.connect(args.dsn) as conn:
         steps = operations.steps(conn, args.run)
+    if not args.json:  # an answer encrypted at rest, no key here: its tokens are not blank, they are sealed
+        steps = [{**row, "tokens": "sealed"} if row.get("sealed") else row for row in steps]
     data = {"run": args.run, "steps": steps}
     columns = ["seq", "method", "url", "state", "status", "last_outcome", "replays", "duration_ms", "tokens"]
     emit(args, data, columns, f"run {args.run}")
@@ -392,7 +394,14 @@ def cmd_db(args: argparse.Namespace) -> int:
     print(f"  log:     {data['log']}")
     users = data["users"] or []
     print(
-        f"  users:   {len(users)}" + ("" if users else " (it stops a second after its last user exits, unless pinned)")
+        f"  users:   {len(users)}"
+        + (
+            ""
+            if users
+            else " (pinned: it runs until `durable db stop`)"
+            if data["pinned"]
+            else " (it stops a second after its last user exits)"
+        )
     )
     for user in users:
         print(f"    {user['pid']}  {user['command'][:100]}")
