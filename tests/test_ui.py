@@ -153,6 +153,11 @@ def test_fork_edit_resolve_delete_and_download_from_the_browser(
     assert sql(pg_dsn, "SELECT seq FROM durable_steps WHERE run_id = %s ORDER BY seq", run) == [(1,), (2,), (3,)]
 
     page.goto(f"{ui}/runs/{fork}")
+    page.locator("form[action$='/delete'] button").click()  # not ticked: the page says so, nothing is deleted
+    page.wait_for_load_state()
+    assert "not confirmed: tick the confirm box" in page.inner_text("body")
+    assert sql(pg_dsn, "SELECT count(*) FROM durable_runs WHERE id = %s", fork) == [(1,)]
+    page.goto(f"{ui}/runs/{fork}")
     page.locator("form[action$='/delete'] input[name=confirm]").check()
     page.locator("form[action$='/delete'] button").click()
     page.wait_for_url(f"{ui}/")
