@@ -48,7 +48,7 @@ def table(stacks: list[dict], outcome: dict[str, str]) -> str:
     lines = ["| stack | packages | crash after a paid tool call, resumed with `durable run` |", "|---|---|---|"]
     for stack in stacks:
         result = outcome.get(stack["name"], "not run")
-        mark = "0 extra upstream calls, same output, 0 divergences" if result == "passed" else f"**{result}**"
+        mark = "0 extra calls, same output, 0 divergences" if result == "passed" else f"**{result}**"
         packages = ", ".join(f"{name} {version}" for name, version in stack["packages"].items())
         lines.append(f"| {stack['name']} | {packages} | {mark} |")
     return "\n".join(lines)

@@ -47,6 +47,8 @@ STACKS = [
           ("openai-agents", "websockets")),
     Stack("LangGraph ReAct agent, langchain-openai", ("langgraph_agent.py",), ("langgraph", "langchain-openai")),
     Stack("anthropic, messages.create tool use", ("anthropic_agent.py",), ("anthropic",)),
+    Stack("pydantic-ai, OpenAIChatModel with a tool", ("pydantic_ai_agent.py",), ("pydantic-ai-slim", "openai")),
+    Stack("aiohttp (trust_env=True), Chat Completions by hand", ("aiohttp_agent.py",), ("aiohttp",)),
     Stack("websockets client, Responses API frames", ("websockets_agent.py",), ("websockets",)),
     Stack("mcp client and server, initialize handshake (stateful)", ("mcp_agent.py", "{mcp}", "legacy"), ("mcp",),
           model_calls=0, mcp="stateful"),

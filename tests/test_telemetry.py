@@ -39,3 +39,12 @@ def test_the_builtin_list_can_be_turned_off_and_patterns_added(sidecars: Sidecar
     assert post(sidecar, run, "a1", f"{http_api.url}/v1/traces").headers["Durable-Outcome"] == "recorded"
     assert post(sidecar, run, "a1", f"{http_api.url}/telemetry/x?y=1").headers["Durable-Outcome"] == "passthrough"
     assert post(sidecar, run, "a1", f"{http_api.url}/telemetryx").headers["Durable-Outcome"] == "recorded"
+
+
+def test_litellms_cost_map_fetch_is_on_the_builtin_list() -> None:
+    """litellm GETs its model cost map from GitHub when it is imported: not the agent's call."""
+    from durable_sidecar.steps import settings
+
+    cost_map = "/BerriAI/litellm/main/model_prices_and_context_window.json"
+    assert settings.DEFAULTS.ignored("raw.githubusercontent.com", cost_map)
+    assert not settings.DEFAULTS.ignored("raw.githubusercontent.com", "/someone/else/main/data.json")

@@ -325,6 +325,9 @@ BUILTIN_IGNORES = (
     "*/v1/logs",
     "*/v1/metrics",
     "*smith.langchain.com/*",  # LangSmith's run exporter (/runs/multipart, /runs/batch)
+    # litellm's import-time fetch of its model cost map: no call of the agent's (LITELLM_LOCAL_MODEL_COST_MAP=True
+    # turns it off in litellm itself)
+    "raw.githubusercontent.com/berriai/litellm/*",
 )
 
 
