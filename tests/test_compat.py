@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from conftest import PaidApi, env_without_proxy, new_run, sql
 
 DURABLE = str(Path(sys.executable).with_name("durable"))
 AGENTS = Path(__file__).parent / "agents"
+NODE = AGENTS / "node"
 SCRIPTS = Path(__file__).parent.parent / "scripts"
 
 
@@ -38,6 +40,13 @@ class Stack:
     packages: tuple[str, ...]
     model_calls: int = 2  # a tool call, then the final answer
     mcp: str | None = None  # the MCP server's mode, for the MCP rows
+    node: bool = False  # a Node agent in tests/agents/node (npm packages, pinned in its package.json)
+
+    def command(self, mcp_url: str) -> list[str]:
+        agent = [a.format(mcp=mcp_url) for a in self.agent]
+        if self.node:  # Node 20's fetch ignores HTTPS_PROXY: docs/cli.md's undici preload
+            return ["node", "--import", str(NODE / "durable-proxy.mjs"), str(NODE / agent[0]), *agent[1:]]
+        return [sys.executable, str(AGENTS / agent[0]), *agent[1:]]
 
 
 STACKS = [
@@ -50,6 +59,8 @@ STACKS = [
     Stack("pydantic-ai, OpenAIChatModel with a tool", ("pydantic_ai_agent.py",), ("pydantic-ai-slim", "openai")),
     Stack("aiohttp (trust_env=True), Chat Completions by hand", ("aiohttp_agent.py",), ("aiohttp",)),
     Stack("websockets client, Responses API frames", ("websockets_agent.py",), ("websockets",)),
+    Stack("Node: the npm openai package, its fetch through undici", ("openai_agent.mjs",), ("openai", "undici"),
+          node=True),
     Stack("mcp client and server, initialize handshake (stateful)", ("mcp_agent.py", "{mcp}", "legacy"), ("mcp",),
           model_calls=0, mcp="stateful"),
     Stack("mcp client and server, 2026-07 protocol (stateless)", ("mcp_agent.py", "{mcp}", "auto"), ("mcp",),
@@ -116,12 +127,27 @@ class McpServer:
 
 def durable_run(run: str, stack: Stack, env: dict[str, str], dsn: str, confdir: Path, ca: Path,
                 mcp_url: str = "") -> subprocess.CompletedProcess[str]:
-    agent = [a.format(mcp=mcp_url) for a in stack.agent]
     return subprocess.run(
         [DURABLE, "run", "--run", run, "--dsn", dsn, "--confdir", str(confdir), "--upstream-ca", str(ca), "--",
-         sys.executable, str(AGENTS / agent[0]), *agent[1:]],
+         *stack.command(mcp_url)],
         env=env, capture_output=True, text=True, timeout=180,
     )
+
+
+def node_packages() -> None:
+    """The Node agents' packages, as package-lock.json pins them (npm ci: once, then kept); skips the
+    Node rows where Node or npm is missing or the registry cannot be reached."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("Node rows need node and npm")
+    lock = NODE / "package-lock.json"
+    stamp = NODE / "node_modules" / ".installed"
+    if stamp.exists() and stamp.read_text() == lock.read_text():
+        return
+    out = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NODE, capture_output=True, text=True,
+                         timeout=300)
+    if out.returncode != 0:
+        pytest.skip(f"npm ci failed (no registry?): {out.stderr.strip()[-300:]}")
+    stamp.write_text(lock.read_text())
 
 
 def final_line(out: str) -> str | None:
@@ -132,6 +158,8 @@ def final_line(out: str) -> str | None:
 def test_a_crash_after_a_paid_tool_call_resumes_at_no_extra_cost(
     stack: Stack, fake_llm: str, https_api: PaidApi, pg_dsn: str, confdir: Path, tmp_path: Path
 ) -> None:
+    if stack.node:
+        node_packages()
     mcp = McpServer(tmp_path, stack.mcp) if stack.mcp else None
     reset(fake_llm, https_api, mcp)
     mcp_url = f"http://127.0.0.1:{mcp.port}/mcp" if mcp else ""
@@ -182,7 +210,12 @@ def books(fake_llm: str, api: PaidApi, mcp: McpServer | None) -> tuple[int, int,
 if __name__ == "__main__":  # the stacks, their packages at the versions installed: scripts/compat_table.py
     from importlib.metadata import version
 
-    print(json.dumps([{"name": s.name, "packages": {p: version(p) for p in s.packages}} for s in STACKS]))
+    def installed(stack: Stack, package: str) -> str:
+        if stack.node:  # what package-lock.json pins
+            return json.loads((NODE / "package-lock.json").read_text())["packages"][f"node_modules/{package}"]["version"]
+        return version(package)
+
+    print(json.dumps([{"name": s.name, "packages": {p: installed(s, p) for p in s.packages}} for s in STACKS]))
 
 
 def test_the_readme_lists_every_stack_of_the_suite() -> None:
