@@ -709,3 +709,30 @@ def test_after_going_live_an_end_reaches_the_agent_only_once_journaled(
             assert [code for code, _ in hung_up] == [4503]
 
     run_scenario(scenario)
+
+
+def test_a_chatty_answer_with_no_end_marker_costs_bounded_writes_then_streams_in_doubt(
+    pg_dsn: str, upstream: ws_api.Server, agent: list, hung_up: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each message of an answer with no end marker is journaled (the answer rewritten whole) before
+    it is delivered; past REWRITE_BUDGET bytes written for one answer the step is taken back into
+    doubt and the rest streams through: the writes stay bounded, nothing is refused."""
+    monkeypatch.setattr(conversations, "REWRITE_BUDGET", 1000)
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            ws = Conversation(addon, run, "a1", upstream.port, "/echo")
+            await ws.open()
+            await ws.client("stream")
+            writes = []
+            journal = addon.lifecycle.journal
+            original = journal.append_answer
+            monkeypatch.setattr(journal, "append_answer", lambda *a: writes.append(a) or original(*a))
+            sent = [await ws.server("x" * 100) for _ in range(20)]
+            assert not any(m.dropped for m in sent) and hung_up == []  # all delivered, none refused
+            assert len(writes) < 5  # 100, 200, 300... bytes rewritten: the budget of 1000 is spent by the 4th
+            assert sql(pg_dsn, "SELECT state FROM durable_steps WHERE run_id = %s AND method = 'WS'", run) == [
+                ("pending",)]  # in doubt, as a too-big answer is
+
+    run_scenario(scenario)

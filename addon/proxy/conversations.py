@@ -48,6 +48,11 @@ END_TYPES = frozenset({"response.completed", "response.failed", "response.incomp
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455's, for Sec-WebSocket-Accept
 ABNORMAL = 1006  # no close frame: the peer's process or connection died
 UNJOURNALED = "the server's message could not be journaled, so it was not delivered"
+# An answer with no end marker is journaled again whole at each server message (the journal keeps it
+# as one document): past this many bytes written for one answer (about 1,100 messages of 100 bytes,
+# or 11 of 1 MiB), it is taken back into doubt and the rest streams through, so a chatty answer
+# costs bounded writes, not the square of its length.
+REWRITE_BUDGET = 64 * 1024 * 1024
 
 
 @dataclass
@@ -202,6 +207,7 @@ class Open:
     frames: list[Frame] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     size: int = 0  # bytes of the frames
+    rewritten: int = 0  # bytes of answer written so far, message by message (REWRITE_BUDGET)
     over_cap: bool = False  # past durable_body_cap: the rest streams through, the step stays in doubt
 
     def add(self, content: bytes, text: bool) -> Frame:
@@ -394,7 +400,8 @@ class Conversation:
             return True
         if last is None or last.step.run is None or last.step.seq is None:
             return False
-        if last.size + len(frame.content) > self.lifecycle.settings.body_cap:
+        grown = last.size + len(frame.content)
+        if grown > self.lifecycle.settings.body_cap or last.rewritten + grown > REWRITE_BUDGET:
             try:
                 await self.lifecycle.journal.take_back(last.step.run, last.step.seq)
             except JournalError as e:
@@ -408,13 +415,15 @@ class Conversation:
             return True
         if not await self._rewrite_last([*last.frames, frame]):
             return False
-        last.size += len(frame.content)
+        last.size = grown
+        last.rewritten += grown
         return True
 
     def _over_cap(self, answer: Open) -> None:
         answer.drop()
         logger.warning(
-            "durable: run=%s seq=%s WebSocket answer over durable_body_cap: streamed through, not journaled; "
+            "durable: run=%s seq=%s WebSocket answer over durable_body_cap (or, with no end marker, past the "
+            "rewriting budget): streamed through, not journaled; "
             "the step stays in doubt and a later attempt re-sends it",
             answer.step.run,
             answer.step.seq,
