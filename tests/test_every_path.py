@@ -266,17 +266,22 @@ def test_a_sidecar_on_every_interface_serves_remote_clients_only_when_told(
 
 
 def test_calls_to_the_sidecar_itself_are_not_steps(sidecars: Sidecars, pg_dsn: str) -> None:
-    """After `durable env` (which unsets NO_PROXY) an agent's curl of the sidecar's own metrics goes
-    through the proxy: answered, never journaled as a step of the run."""
+    """After `durable env` (which unsets NO_PROXY) an agent's curl of the sidecar's own metrics, its
+    proxy port or a `durable ui` running here goes through the proxy: answered, never a step."""
     from conftest import sql
     from durable_sidecar.tools import launcher
+    from test_ui import start_ui
 
     metrics = launcher.free_port()
     sidecar = sidecars.start(durable_metrics_listen=f"127.0.0.1:{metrics}")
+    ui = start_ui(pg_dsn)
+    ui_base = next(ui)
     run = new_run()
     proxies = {"http": sidecar.proxy_url(run, "a1")}
+    time.sleep(1.1)  # the sidecar looks for running UIs at most once a second
     for url in (f"http://127.0.0.1:{metrics}/metrics", f"http://localhost:{metrics}/metrics",
-                f"http://127.0.0.1:{sidecar.port}/"):
+                f"http://127.0.0.1:{sidecar.port}/", f"{ui_base}/"):
         answer = requests.get(url, proxies=proxies, timeout=10)
         assert answer.headers.get("Durable-Outcome") in ("passthrough", None), (url, answer.headers)
+    ui.close()
     assert sql(pg_dsn, "SELECT count(*) FROM durable_steps WHERE run_id = %s", run) == [(0,)]

@@ -23,7 +23,7 @@ from ..steps import responses, settings, streams
 from ..steps.lifecycle import AnswerHeld, Lifecycle, Step
 from ..steps.pacing import Pacer
 from ..steps.responses import Refused
-from ..store import crypto, database
+from ..store import crypto, database, registry
 from ..store.journal import Journal, JournalError, SealedError
 from . import (
     admission,
@@ -68,6 +68,7 @@ class DurableSidecar:
         self.admission = admission.Admission()
         self.reporter = reporting.Reporter(self._url)
         self.sessions = sessions.Sessions()
+        self.services = registry.Ports()  # durable ui's ports on this host
         self.orphans_finished = 0  # calls finished and journaled after their agent hung up
 
     # -- mitmproxy life cycle ---------------------------------------------------------------
@@ -473,8 +474,9 @@ class DurableSidecar:
         flow.metadata[META] = Step(details.get("run"), details.get("step"), "refused", details.get("attempt"))
 
     def _own(self, request: http.Request) -> bool:
-        """A call to this sidecar itself (its proxy or metrics port on this host): never a step."""
-        ports = {ctx.options.listen_port or 8080}
+        """A call to this sidecar itself (its proxy or metrics port on this host) or to a `durable ui`
+        running here (store/registry.py): never a step."""
+        ports = {ctx.options.listen_port or 8080, *self.services.now()}
         if self.settings.metrics_listen:
             ports.add(int(self.settings.metrics_listen.rsplit(":", 1)[1]))
         return request.port in ports and journal_guard.this_host(request.host)

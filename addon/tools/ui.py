@@ -32,7 +32,7 @@ import tornado.web
 from tornado.template import Loader
 
 from ..matching import identity
-from ..store import database
+from ..store import database, registry
 from . import operations
 
 PAGE_SIZE = 50
@@ -368,6 +368,7 @@ def serve(dsn: str | None, host: str, port: int, allow_hosts: list[str] | None =
         await asyncio.Event().wait()
 
     try:
-        asyncio.run(main())
+        with registry.serving("ui", port):  # a sidecar never journals a call to it
+            asyncio.run(main())
     except KeyboardInterrupt:
         pass
