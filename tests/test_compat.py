@@ -61,6 +61,8 @@ STACKS = [
     Stack("websockets client, Responses API frames", ("websockets_agent.py",), ("websockets",)),
     Stack("Node: the npm openai package, its fetch through undici", ("openai_agent.mjs",), ("openai", "undici"),
           node=True),
+    Stack("Node: Vercel's AI SDK, generateText with a tool", ("vercel_ai_agent.mjs",), ("ai", "@ai-sdk/openai"),
+          node=True),
     Stack("mcp client and server, initialize handshake (stateful)", ("mcp_agent.py", "{mcp}", "legacy"), ("mcp",),
           model_calls=0, mcp="stateful"),
     Stack("mcp client and server, 2026-07 protocol (stateless)", ("mcp_agent.py", "{mcp}", "auto"), ("mcp",),

@@ -2,19 +2,11 @@
 // Configured as the Python agents are (tests/agents/common.py): FAKE_LLM, PAID_API, CRASH=1.
 import OpenAI from "openai";
 
+import { charge } from "./paid_tool.mjs";
+
 const client = new OpenAI({ baseURL: `${process.env.FAKE_LLM}/v1`, apiKey: "sk-test", maxRetries: 0 });
 const tools = [{ type: "function", function: { name: "charge", description: "Charge the customer.",
   parameters: { type: "object", properties: { amount: { type: "integer" } }, required: ["amount"] } } }];
-
-async function charge(amount) {
-  const answer = await fetch(`${process.env.PAID_API}/v1/payments`, {
-    method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ amount }) });
-  if (!answer.ok) throw new Error(`charge: ${answer.status}`);
-  const result = (await answer.text()).trim();
-  process.stdout.write(`tool: ${result}\n`);
-  if (process.env.CRASH === "1") process.kill(process.pid, "SIGKILL"); // right after the paid call
-  return result;
-}
 
 const messages = [{ role: "user", content: "Please bill the customer." }];
 for (;;) {
