@@ -58,6 +58,7 @@ STACKS = [
     Stack("anthropic, messages.create tool use", ("anthropic_agent.py",), ("anthropic",)),
     Stack("pydantic-ai, OpenAIChatModel with a tool", ("pydantic_ai_agent.py",), ("pydantic-ai-slim", "openai")),
     Stack("aiohttp (trust_env=True), Chat Completions by hand", ("aiohttp_agent.py",), ("aiohttp",)),
+    Stack("litellm, completion() with tools", ("litellm_agent.py",), ("litellm",)),
     Stack("websockets client, Responses API frames", ("websockets_agent.py",), ("websockets",)),
     Stack("Node: the npm openai package, its fetch through undici", ("openai_agent.mjs",), ("openai", "undici"),
           node=True),

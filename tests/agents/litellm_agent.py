@@ -1,13 +1,16 @@
 """litellm's completion() with tools, an OpenAI-compatible model at the fake LLM. Its import-time
-fetch of the model cost map passes through the sidecar unjournaled (the built-in list)."""
+fetch of the model cost map would pass through the sidecar unjournaled (the built-in list), and with
+no internet here it retries for seconds: litellm's own switch turns it off."""
 
 from __future__ import annotations
 
 import json
+import os
 
-import litellm
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+import litellm  # noqa: E402
 
-import common
+import common  # noqa: E402
 
 TOOLS = [{"type": "function", "function": {"name": "charge", "description": "Charge the customer.", "parameters": {
     "type": "object", "properties": {"amount": {"type": "integer"}}, "required": ["amount"]}}}]
