@@ -185,43 +185,31 @@ def link_cut_mid_call(rig: Rig, endpoint: str) -> Result:
         return judge(rig, [answer.text, replayed.text], result)
 
 
-def commit_reply_lost(rig: Rig, endpoint: str) -> Result:
-    """The pending commit's reply is lost: the sidecar never forwarded the call; the retry sends it once."""
+def commit_reply_lost(rig: Rig, endpoint: str, only_one: bool) -> Result:
+    """The pending commit's reply is lost: the sidecar never forwarded the call; it is sent once,
+    even under `fail`. On every connection until the link heals (the agent gets a 503 and retries),
+    or `only_one`: on its own connection while the pool's others work, so that the journal's own
+    retry finds the row its first try made."""
     with relayed(rig) as (relay, dsn):
         sidecar = rig.sidecar(durable_dsn=dsn, durable_in_doubt="127.0.0.1=fail")
         url, body = target(rig, endpoint)
         run = f"lost-{uuid.uuid4().hex[:8]}"
+        result = Result()
         with rig.client(sidecar, run, "a1") as agent:
             agent.get(f"{rig.api_url}/v1/search?q=warm")  # the run's index and the lease are in
-            relay.drop_replies()
-            lost = agent.post(url, json=body)
-            relay.heal()
+            if only_one:
+                relay.drop_reply_with(b"idempotency_key")  # the column durable_record's reply names
+            else:
+                relay.drop_replies()
+                lost = agent.post(url, json=body)
+                relay.heal()
+                if lost.status_code != 503:
+                    result.notes.append(f"the lost commit answered {lost.status_code}")
             answer = retry_until_answered(agent, url, body)
         with rig.client(sidecar, run, "a2") as later:
             later.get(f"{rig.api_url}/v1/search?q=warm")
             replayed = later.post(url, json=body)
-        result = Result()
-        if lost.status_code != 503:
-            result.notes.append(f"the lost commit answered {lost.status_code}")
-        return judge(rig, [answer.text, replayed.text], result)
-
-
-def one_reply_lost(rig: Rig, endpoint: str) -> Result:
-    """Only the pending commit's connection loses its reply; the journal retries on another one and
-    finds the row its first try made. The call was never forwarded: it is sent once, even under `fail`."""
-    with relayed(rig) as (relay, dsn):
-        sidecar = rig.sidecar(durable_dsn=dsn, durable_in_doubt="127.0.0.1=fail")
-        url, body = target(rig, endpoint)
-        run = f"one-{uuid.uuid4().hex[:8]}"
-        with rig.client(sidecar, run, "a1") as agent:
-            agent.get(f"{rig.api_url}/v1/search?q=warm")  # the run's index and the lease are in
-            relay.drop_reply_with(b"idempotency_key")  # the column durable_record's reply names
-            answer = retry_until_answered(agent, url, body)
-        with rig.client(sidecar, run, "a2") as later:
-            later.get(f"{rig.api_url}/v1/search?q=warm")
-            replayed = later.post(url, json=body)
-        result = Result()
-        if relay.mode != "pass":
+        if only_one and relay.mode != "pass":
             result.notes.append("no reply was lost: the scenario did not happen")
             result.stuck_steps += 1
         return judge(rig, [answer.text, replayed.text], result)
@@ -355,8 +343,8 @@ SCENARIOS: dict[str, Callable[[Rig, str], Result]] = {
     "lease-terminated": lambda rig, endpoint: lease_lost(rig, endpoint, "terminated"),
     "lease-idle-timeout": lambda rig, endpoint: lease_lost(rig, endpoint, "idle-timeout"),
     "link-cut-mid-call": link_cut_mid_call,
-    "commit-reply-lost": commit_reply_lost,
-    "one-reply-lost": one_reply_lost,
+    "commit-reply-lost": lambda rig, endpoint: commit_reply_lost(rig, endpoint, only_one=False),
+    "one-reply-lost": lambda rig, endpoint: commit_reply_lost(rig, endpoint, only_one=True),
     "link-frozen": link_frozen,
     "run-drains": run_drains,
     "same-shell-rerun": same_shell_rerun,

@@ -184,6 +184,16 @@ async def record(addon: DurableSidecar, run: str, port: int, turns: int, path: s
     await ws.close()
 
 
+async def resumed_after_turn_1(addon: DurableSidecar, run: str, port: int) -> Conversation:
+    """Attempt a2 of a run whose a1 had one turn, that turn answered from the journal: the next
+    turn goes live on the sidecar's own upstream."""
+    await record(addon, run, port, turns=1)
+    ws = Conversation(addon, run, "a2", port)
+    await ws.open()
+    await ws.client(turn(1))
+    return ws
+
+
 def test_a_resumed_conversation_is_answered_from_the_journal_then_goes_live_on_its_own_upstream(
     pg_dsn: str, upstream: ws_api.Server, agent: list
 ) -> None:
@@ -522,10 +532,7 @@ def test_an_agent_that_dies_after_a_message_went_live_on_the_sidecars_upstream_l
 
     async def scenario() -> None:
         async with sidecar(pg_dsn) as addon:
-            await record(addon, run, upstream.port, turns=1)
-            ws = Conversation(addon, run, "a2", upstream.port)
-            await ws.open()
-            await ws.client(turn(1))
+            ws = await resumed_after_turn_1(addon, run, upstream.port)
             slow = json.loads(turn(2)) | {"x_delay_ms": 3000}  # its end comes after the agent is gone
             await ws.client(json.dumps(slow))
             await until(lambda: bool(agent))
@@ -693,10 +700,7 @@ def test_after_going_live_an_end_reaches_the_agent_only_once_journaled(
 
     async def scenario() -> None:
         async with sidecar(pg_dsn) as addon:
-            await record(addon, run, upstream.port, turns=1)
-            ws = Conversation(addon, run, "a2", upstream.port)
-            await ws.open()
-            await ws.client(turn(1))
+            ws = await resumed_after_turn_1(addon, run, upstream.port)
             agent.clear()
             monkeypatch.setattr(addon.lifecycle.journal, "complete", not_ours)
             await ws.client(turn(2))

@@ -8,8 +8,10 @@ inflates past the cap. The second is counted as it arrives (see httplayer.py).
 
 from __future__ import annotations
 
+import json
 import zlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import brotli
 
@@ -124,3 +126,15 @@ def decode(raw: bytes, coding: str, cap: int) -> bytes:
     if len(body) > cap:
         raise OverCap(f"request body is more than durable_body_cap ({cap} bytes)")
     return body
+
+
+def json_object(data: bytes) -> dict[str, Any] | None:
+    """`data` parsed when it is a JSON object (a WebSocket message, say); None for anything else,
+    without a parse unless it starts with `{`."""
+    if not data.lstrip().startswith(b"{"):
+        return None
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None

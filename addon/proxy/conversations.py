@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from mitmproxy import connection, http
 from mitmproxy.websocket import WebSocketMessage
 
-from ..matching import identity
+from ..matching import bodies, identity
 from ..steps.lifecycle import AnswerHeld, Lifecycle, Step
 from ..steps.responses import Refused
 from ..store.journal import JournalError
@@ -116,20 +116,14 @@ def sendable(code: int | None, reason: str) -> Close:
 
 def ends(request: bytes, frame: Frame) -> bool:
     """Does this server message end the answer to `request`? (Responses API events; JSON-RPC.)"""
-    if not frame.text or not frame.content.lstrip().startswith(b"{"):
-        return False
-    try:
-        doc = json.loads(frame.content)
-    except ValueError:
+    doc = bodies.json_object(frame.content) if frame.text else None
+    if doc is None:
         return False
     if doc.get("type") in END_TYPES:
         return True
     if "id" in doc and ("result" in doc or "error" in doc):
-        try:
-            asked = json.loads(request)
-        except ValueError:
-            return False
-        return isinstance(asked, dict) and asked.get("id") == doc["id"]
+        asked = bodies.json_object(request)
+        return asked is not None and asked.get("id") == doc["id"]
     return False
 
 
@@ -137,13 +131,8 @@ def has_end(request: bytes) -> bool:
     """Does the answer to this client message have an end marker `ends` knows (a Responses API
     `response.create`, a JSON-RPC request with an id)? Else each server message is journaled
     before it is delivered: nothing says when such an answer is over."""
-    if not request.lstrip().startswith(b"{"):
-        return False
-    try:
-        doc = json.loads(request)
-    except ValueError:
-        return False
-    return isinstance(doc, dict) and (doc.get("type") == "response.create" or ("id" in doc and "method" in doc))
+    doc = bodies.json_object(request)
+    return doc is not None and (doc.get("type") == "response.create" or ("id" in doc and "method" in doc))
 
 
 def is_upgrade(request: http.Request) -> bool:

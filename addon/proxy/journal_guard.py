@@ -86,17 +86,15 @@ def this_host(host: str) -> bool:
 
 
 def loopback(host: str) -> bool:
-    """Is this client address this host's loopback (IPv4-mapped included)?"""
+    """Is this client address this host's loopback (IPv4-mapped included: `literal` adds the IPv4 form)?"""
     addresses = literal(host)
-    return addresses is not None and any(
-        (a.ipv4_mapped if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped else a).is_loopback for a in addresses
-    )
+    return addresses is not None and any(a.is_loopback for a in addresses)
 
 
 def _local(address: Address) -> bool:
-    """An address that reaches this host's own servers from this host."""
-    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
-    return (mapped or address).is_loopback or (mapped or address).is_unspecified
+    """An address that reaches this host's own servers from this host (of `literal`'s sets, which
+    hold an IPv4-mapped address's IPv4 form too)."""
+    return address.is_loopback or address.is_unspecified
 
 
 def _resolve_now(host: str) -> set[Address]:

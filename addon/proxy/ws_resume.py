@@ -25,11 +25,12 @@ state the agent believes in, and the message always goes live.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
+
+from ..matching import bodies
 
 logger = logging.getLogger("durable")
 
@@ -57,13 +58,8 @@ def self_contained(message: bytes) -> bool:
     it continues a response kept only on the connection it was made on (`store: false`). The
     Realtime API's `response.create` (its fields under `response`) answers from the session the
     connection holds: it does not."""
-    if not message.lstrip().startswith(b"{"):
-        return False
-    try:
-        doc = json.loads(message)
-    except ValueError:
-        return False
-    if not isinstance(doc, dict) or doc.get("type") != "response.create" or "response" in doc:
+    doc = bodies.json_object(message)
+    if doc is None or doc.get("type") != "response.create" or "response" in doc:
         return False
     return not (doc.get("previous_response_id") and doc.get("store") is False)
 
