@@ -19,6 +19,7 @@ gets the stored answer back and is not billed again):
   GET  /v1/encoded?enc=E      a JSON body sent with Content-Encoding E (gzip, deflate, br, zstd)
   POST /v1/echo               the request body back, as application/octet-stream
   GET  /v1/download?mb=N      N MiB of bytes, with Content-Length, written in 64 KiB pieces
+                              (`&delay_ms=N`: booked, then N ms before answering)
   POST /mcp                   an MCP-style server (Streamable HTTP): `initialize` opens a session
                               (Mcp-Session-Id), `ping` is answered free, any other method is a billed
                               tool call of that session (404 for an unknown session), answered with
@@ -231,6 +232,7 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/v1/download":
             size = int(query.get("mb", ["1"])[0]) * 1024 * 1024
             self._book("download", 1, lambda n: (200, [], b""))
+            time.sleep(int(query.get("delay_ms", ["0"])[0]) / 1000)
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(size))

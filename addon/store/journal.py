@@ -120,6 +120,7 @@ class Statement:
     fetch: str = "none"  # none (row count) | one | all
     run: str = ""  # the run a write belongs to: a batch's order
     retried: bool = False  # ran again on a fresh connection: its first try may have committed
+    binary: bool = False  # results in binary: a bytea arrives as its bytes, not as hex text twice its size
 
 
 class ReplyLost(JournalError):
@@ -337,9 +338,9 @@ class Journal:
             await self._pool.close()
             self._pool = None
 
-    async def _run(self, what: str, sql: str, params: Any, fetch: str = "none") -> Any:
+    async def _run(self, what: str, sql: str, params: Any, fetch: str = "none", binary: bool = False) -> Any:
         """One statement on a pooled connection, in its own transaction (autocommit)."""
-        return (await self._execute([Statement(what, sql, params, fetch)]))[0]
+        return (await self._execute([Statement(what, sql, params, fetch, binary=binary)]))[0]
 
     async def _execute(self, batch: list[Statement]) -> list[Any]:
         """Statements on one pooled connection: one alone in its own transaction (autocommit), several
@@ -352,12 +353,16 @@ class Journal:
                     s.retried = True
             tries.append(conn)
             if len(batch) == 1:
-                cursors = [await conn.cursor(row_factory=dict_row).execute(batch[0].sql, batch[0].params)]
+                cursors = [
+                    await conn.cursor(row_factory=dict_row).execute(batch[0].sql, batch[0].params, binary=batch[0].binary)
+                ]
             else:
                 cursors = []
                 async with conn.pipeline(), conn.transaction():
                     for s in batch:
-                        cursors.append(await conn.cursor(row_factory=dict_row).execute(s.sql, s.params))
+                        cursors.append(
+                            await conn.cursor(row_factory=dict_row).execute(s.sql, s.params, binary=s.binary)
+                        )
             return [await _fetch(cur, s.fetch) for cur, s in zip(cursors, batch, strict=True)]
 
         return await self._on_connection([s.what for s in batch], execute)
@@ -737,6 +742,7 @@ class Journal:
             " AND (%s::int IS NULL OR coalesce(octet_length(response_body), 0) <= %s::int)",
             (run, seqs, max_body, max_body),
             fetch="all",
+            binary=True,  # a 15 MiB answer costs 15 MiB in libpq's buffer, not 30 of hex
         )
         size = sum(len(row["response_body"] or b"") for row in rows)
         try:
