@@ -353,9 +353,8 @@ class Journal:
                     s.retried = True
             tries.append(conn)
             if len(batch) == 1:
-                cursors = [
-                    await conn.cursor(row_factory=dict_row).execute(batch[0].sql, batch[0].params, binary=batch[0].binary)
-                ]
+                alone = batch[0]
+                cursors = [await conn.cursor(row_factory=dict_row).execute(alone.sql, alone.params, binary=alone.binary)]
             else:
                 cursors = []
                 async with conn.pipeline(), conn.transaction():
