@@ -128,6 +128,10 @@ class ReplyLost(JournalError):
     by that first try, so the call was never forwarded (repairs.py hands it back)."""
 
 
+async def _cursor(conn: psycopg.AsyncConnection, s: Statement) -> Any:
+    return await conn.cursor(row_factory=dict_row).execute(s.sql, s.params, binary=s.binary)
+
+
 async def _fetch(cursor: Any, fetch: str) -> Any:
     if fetch == "one":
         return await cursor.fetchone()
@@ -353,15 +357,12 @@ class Journal:
                     s.retried = True
             tries.append(conn)
             if len(batch) == 1:
-                alone = batch[0]
-                cursors = [await conn.cursor(row_factory=dict_row).execute(alone.sql, alone.params, binary=alone.binary)]
+                cursors = [await _cursor(conn, batch[0])]
             else:
                 cursors = []
                 async with conn.pipeline(), conn.transaction():
                     for s in batch:
-                        cursors.append(
-                            await conn.cursor(row_factory=dict_row).execute(s.sql, s.params, binary=s.binary)
-                        )
+                        cursors.append(await _cursor(conn, s))
             return [await _fetch(cur, s.fetch) for cur, s in zip(cursors, batch, strict=True)]
 
         return await self._on_connection([s.what for s in batch], execute)
