@@ -9,7 +9,9 @@ Paths (ws:// or, with a TLS directory, wss://):
   /rpc            JSON-RPC 2.0: a request is answered with {"result": {"echo": params, "call": N}}
   /echo           any message is echoed back with its call number (no end marker); after the
                   message "close" (or "close CODE") the server closes the connection (1000, or CODE);
-                  "blob N SIZE" is answered with N binary messages of SIZE bytes
+                  "blob N SIZE" is answered with N binary messages of SIZE bytes; "burst N [CODE]" with
+                  N text messages back to back (a read holds many), then a close with CODE if given;
+                  "wait MS" is echoed MS ms after it was booked
   /greet          as /echo, after a greeting sent on connect
   /sum            state per connection, as a Realtime session keeps it: "add N" is answered with the
                   connection's running total, "total T" (and a JSON-RPC request {"method": "add",
@@ -117,6 +119,15 @@ async def handler(ws: ServerConnection) -> None:
                 for n in range(count):
                     await ws.send(bytes([n % 256]) * size)
                 continue
+            if text.startswith("burst "):  # "burst N [CODE]": N messages back to back, then maybe a close
+                words = text.split()
+                for n in range(int(words[1])):
+                    await ws.send(f"part {n} of {text}")
+                if len(words) > 2:
+                    await ws.close(int(words[2]), "after a burst")
+                continue
+            if text.startswith("wait "):  # "wait MS": booked, then echoed MS ms later
+                await asyncio.sleep(int(text.split()[1]) / 1000)
             await ws.send(f"echo {call}: {text}")
             if text.split(" ")[0] == "close":  # "close" or "close CODE"
                 await ws.close(int(text.split(" ")[1]) if " " in text else 1000, "asked to")

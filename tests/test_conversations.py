@@ -21,7 +21,7 @@ from mitmproxy.test import tflow
 from mitmproxy.websocket import WebSocketData, WebSocketMessage
 from wsproto.frame_protocol import Opcode
 
-from durable_sidecar.proxy import conversations, ws_close, ws_resume
+from durable_sidecar.proxy import conversations, ws_batch, ws_close, ws_resume
 from durable_sidecar.proxy import sidecar as sidecar_module
 from durable_sidecar.proxy.sidecar import META, DurableSidecar
 from durable_sidecar.store.journal import JournalError, NotOurs
@@ -37,6 +37,12 @@ def upstream() -> Iterator[ws_api.Server]:
     server = ws_api.Server()  # plain ws://: what the sidecar opens after a replay
     yield server
     server.stop()
+
+
+@pytest.fixture(autouse=True)
+def batched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in mitmdump, where the addon's load installs ws_batch's layer (played by Conversation._message)."""
+    monkeypatch.setattr(ws_batch, "installed", True)
 
 
 @pytest.fixture
@@ -107,6 +113,10 @@ class Conversation:
         message = WebSocketMessage(Opcode.TEXT if text else Opcode.BINARY, from_client, data)
         self.flow.websocket.messages.append(message)
         await self.addon.websocket_message(self.flow)
+        if self.flow.metadata.pop(ws_batch.DUE, False):  # as ws_batch's layer does once the read is handled
+            await self.addon.durable_websocket_commit(self.flow)
+            if self.flow.metadata.pop(ws_batch.REFUSED, False):
+                message.drop()  # held back by the layer: it never reaches the agent
         return message
 
     async def close(self, by_client: bool = True, code: int = 1000) -> None:

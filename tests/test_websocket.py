@@ -9,15 +9,19 @@ import json
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from conftest import PaidApi, Sidecars, eventually, new_run, sql
+
+from durable_sidecar.tools import launcher
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
 import ws_api  # noqa: E402
@@ -253,6 +257,66 @@ def test_a_servers_close_reaches_the_agent_live_after_a_replay_and_again_when_re
     replayed = closed_with(url, sidecar.proxy_url(run, "a3"), ca_bundle, ["one", "close 4001"])
     assert replayed[:3] == live[:3] and replayed[3] < 5, replayed
     assert ws_api.LEDGER.books()["connections"] == 2
+
+
+def journal_writes(metrics: int, statement: str) -> float:
+    """How many times the sidecar ran a journal statement (its Prometheus histogram's count)."""
+    text = requests.get(f"http://127.0.0.1:{metrics}/metrics", timeout=10).text
+    label = f'durable_journal_write_seconds_count{{statement="{statement}"}} '
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(label))
+
+
+@pytest.mark.parametrize("connection", ["mitmproxy's", "the sidecar's own"])
+def test_a_burst_with_no_end_marker_costs_a_commit_per_read_and_arrives_whole_before_the_close(
+    sidecars: Sidecars, api: ws_api.Server, ca_bundle: Path, pg_dsn: str, connection: str
+) -> None:
+    """/echo answers "burst 60 4001" with 60 messages back to back, then closes with 4001. Each is
+    journaled before the agent has it, but a read's messages share one commit (ws_batch.py; the
+    flusher on the sidecar's own upstream after a replay): far fewer commits than messages, all 60
+    delivered in order, then the close, and the journal holds all 60 and the close."""
+    metrics = launcher.free_port()
+    sidecar = sidecars.start(durable_ws_resume="live", durable_metrics_listen=f"127.0.0.1:{metrics}")
+    run, url, burst = new_run(), f"{api.url}/echo", "burst 60 4001"
+    messages = [burst]
+    if connection == "the sidecar's own":  # "one" replays; the burst goes live on a connection of the sidecar's
+        assert closed_with(url, sidecar.proxy_url(run, "a1"), ca_bundle, ["one", "close"])[1] == 1000
+        messages = ["one", burst]
+    before = journal_writes(metrics, "journal server pushes") + journal_writes(metrics, "journal response")
+    got, code, reason, _ = closed_with(url, sidecar.proxy_url(run, "a2"), ca_bundle, messages)
+    parts = [f"part {n} of {burst}" for n in range(60)]
+    assert got[-60:] == parts and (code, reason) == (4001, "after a burst")
+    commits = journal_writes(metrics, "journal server pushes") + journal_writes(metrics, "journal response") - before
+    assert 1 <= commits <= 20, commits  # 60 on one commit per message (plus the steps' own answers)
+    body = sql(pg_dsn, "SELECT response_body FROM durable_steps WHERE run_id = %s AND method = 'WS'"
+                       " ORDER BY seq DESC LIMIT 1", run)[0][0]
+    answer = json.loads(bytes(body))
+    assert [m["text"] for m in answer["messages"]] == parts and answer["closed"] == 4001
+
+
+@pytest.mark.parametrize("connection", ["mitmproxy's", "the sidecar's own"])
+def test_a_message_whose_commit_is_refused_never_reaches_the_agent(
+    sidecars: Sidecars, api: ws_api.Server, ca_bundle: Path, pg_dsn: str, connection: str
+) -> None:
+    """The run's steps are deleted while the server works on "wait 1500": its answer (no end marker)
+    cannot be journaled (the step is gone), so it is held back (ws_batch.py's layer, or the flusher
+    on the sidecar's own upstream after a replay) and the agent gets the 4503 close, never an answer
+    the journal does not have."""
+    sidecar = sidecars.start(durable_ws_resume="live")  # /echo keeps nothing per connection
+    run, url, messages, replayed = new_run(), f"{api.url}/echo", ["wait 1500"], []
+    if connection == "the sidecar's own":  # "one" and its answer journaled, then replayed
+        assert converse(url, sidecar, "a1", run, ca_bundle, ["one"], read=1) == [["echo 1: one"]]
+        messages, replayed = ["one", "wait 1500"], ["echo 1: one"]
+    calls = ws_api.LEDGER.books()["calls"] + 1
+
+    def delete_when_booked() -> None:
+        eventually(lambda: ws_api.LEDGER.books()["calls"], calls)
+        sql(pg_dsn, "DELETE FROM durable_steps WHERE run_id = %s", run)
+
+    deleter = threading.Thread(target=delete_when_booked)
+    deleter.start()
+    got, code, _, waited = closed_with(url, sidecar.proxy_url(run, "a2"), ca_bundle, messages)
+    deleter.join()
+    assert (got, code) == (replayed, 4503) and waited < 5, (got, code, waited)
 
 
 def test_an_answer_with_no_end_marker_is_journaled_before_the_agent_has_it(

@@ -14,8 +14,10 @@ When is an answer journaled? A message whose answer has a known end marker (a Re
 request, ended by the response to its id) is journaled at that end, before the end is delivered:
 an agent that dies before it leaves the step in doubt, as a cut HTTP stream does. Any other
 answer has no known end, so its first server message completes the step before it is delivered
-and each later one is appended to it before it is delivered (one commit per server message): an
-agent that got an answer and died is replayed that answer, never charged again for it.
+and each later one is appended to it before it is delivered: an agent that got an answer and died
+is replayed that answer, never charged again for it. The messages of one read are journaled in one
+commit (ws_batch.py on mitmproxy's connection, the flusher here on the sidecar's own), so a burst
+costs one commit, not one per message.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from ..matching import bodies, identity
 from ..steps.lifecycle import AnswerHeld, Lifecycle, Step
 from ..steps.responses import Refused
 from ..store.journal import JournalError
-from . import ws_close, ws_resume
+from . import ws_batch, ws_close, ws_resume
 from .upstream_ws import Upstream
 
 logger = logging.getLogger("durable")
@@ -198,6 +200,8 @@ class Open:
     size: int = 0  # bytes of the frames
     rewritten: int = 0  # bytes of answer written so far, message by message (REWRITE_BUDGET)
     over_cap: bool = False  # past durable_body_cap: the rest streams through, the step stays in doubt
+    due: bool = False  # a message of it waits for the commit that journals the answer
+    ended: bool = False  # its end marker came: what follows joins it, journaled before delivery
 
     def add(self, content: bytes, text: bool) -> Frame:
         frame = Frame((time.monotonic() - self.started) * 1000, content, text)
@@ -244,6 +248,10 @@ class Conversation:
         self.went_live = False  # a message of this conversation was sent upstream
         self.resyncing: asyncio.Queue[tuple[bytes, bool]] | None = None  # answers to re-sent messages
         self.turn = asyncio.Lock()  # the upstream's reader and mitmproxy's hooks take turns
+        self.pushes: list[Frame] = []  # messages after the last journaled answer, due to join it
+        self.committing = asyncio.Lock()  # one commit of due messages at a time
+        self.outbox: list[tuple[bytes, bool]] = []  # the sidecar's own upstream: messages to deliver, in order
+        self.flusher: asyncio.Task[None] | None = None  # journals the outbox's due messages, then delivers them
         for frame in greeting:
             self.inject(flow, frame.content, frame.text)
 
@@ -254,6 +262,9 @@ class Conversation:
 
     async def _client_message(self, message: WebSocketMessage) -> None:
         if self.closed_here:  # sent before the agent saw the close: never journaled, never sent
+            message.drop()
+            return
+        if not await self._drained():
             message.drop()
             return
         await self._end_answer(complete=True)
@@ -338,58 +349,115 @@ class Conversation:
             self.resyncing = None
 
     async def server_message(self, message: WebSocketMessage) -> None:
-        """A server message through mitmproxy's own upstream connection."""
-        if not await self._answer(message.content, message.is_text):
+        """A server message through mitmproxy's own upstream connection: delivered at once, or (due)
+        after the commit that ws_batch.py asks for once the read is handled, or dropped."""
+        verdict = self._note(message.content, message.is_text)
+        if verdict == "due" and ws_batch.installed:
+            self.flow.metadata[ws_batch.DUE] = True
+        elif verdict == "due" and not await self._commit_due():
+            message.drop()
+            self._close(ws_close.code_for(503), UNJOURNALED)
+        elif verdict == "refused":
             message.drop()
             self._close(ws_close.code_for(503), UNJOURNALED)
 
+    async def commit(self) -> None:
+        """The messages of one read noted as due are journaled now (ws_batch.py); if they cannot be,
+        none of them reaches the agent and the conversation is closed."""
+        if not await self._commit_due():
+            self.flow.metadata[ws_batch.REFUSED] = True
+            self._close(ws_close.code_for(503), UNJOURNALED)
+
     async def _upstream_message(self, content: bytes, text: bool) -> None:
-        """A server message on the upstream this sidecar opened after a replay."""
+        """A server message on the upstream this sidecar opened after a replay: delivered by the
+        flusher, after the commit that journals it and the messages read with it."""
         if self.resyncing is not None:  # the answer to a re-sent message: the agent had it replayed
             self.resyncing.put_nowait((content, text))
             return
         async with self.turn:
-            if await self._answer(content, text):
-                self.inject(self.flow, content, text)
-            else:
+            verdict = self._note(content, text)
+        if verdict == "refused":
+            self._close(ws_close.code_for(503), UNJOURNALED)
+        elif verdict == "now" and not self.outbox and not self.committing.locked():
+            self.inject(self.flow, content, text)
+        else:
+            self.outbox.append((content, text))
+            if self.flusher is None or self.flusher.done():
+                self.flusher = asyncio.ensure_future(self._flush())
+
+    async def _flush(self) -> None:
+        """Deliver the outbox, each batch after the commit that journals it (messages read meanwhile
+        wait for the next one: a burst costs one commit)."""
+        while self.outbox and not self.closed_here:
+            sending, self.outbox = self.outbox, []
+            if not await self._commit_due():
+                self.outbox = []
                 self._close(ws_close.code_for(503), UNJOURNALED)
+                return
+            for content, text in sending:
+                self.inject(self.flow, content, text)
+
+    async def _drained(self) -> bool:
+        """Every server message read so far journaled (and, on the sidecar's own upstream, delivered);
+        False if the journal refused them (the conversation is closed)."""
+        if self.flusher is not None:
+            await asyncio.shield(self.flusher)
+        return not self.closed_here and await self._commit_due()
 
     async def _upstream_closed(self, code: int | None, reason: str) -> None:
         """The server closed the upstream this sidecar opened: its close reaches the agent."""
         closed = sendable(code, reason)
         async with self.turn:
-            await self._end_answer(complete=True, closed=closed)
+            if await self._drained():
+                await self._end_answer(complete=True, closed=closed)
         self._close(closed.code, closed.reason)
 
-    async def _answer(self, content: bytes, text: bool) -> bool:
-        """Add a server message to the answer arriving, journaled before it may reach the agent
-        unless the answer has a known end still to come (then it is journaled at that end, and an
-        exchange broken before it leaves the step in doubt, as a cut HTTP stream does). False if it
-        may not reach the agent."""
-        if self.open is None:  # after its answer was journaled: appended to it first
-            return await self._push(Frame(0.0, content, text))
-        if self.open.over_cap:
-            return True
-        frame = self.open.add(content, text)
-        if self.open.size > self.lifecycle.settings.body_cap:
-            self._over_cap(self.open)
-            return True
-        request = self.open.flow.request.content or b""
-        if self.open.flow.request.method == METHOD and has_end(request) and not ends(request, frame):
-            return True
-        return await self._end_answer(complete=True)
+    def _note(self, content: bytes, text: bool) -> str:
+        """Add a server message to the answer arriving (or, after it was journaled, to its pushes).
+        `now`: it may reach the agent at once (a known end is still to come, and an exchange broken
+        before it leaves the step in doubt, as a cut HTTP stream does; or it streams through past the
+        cap). `due`: only once journaled (_commit_due). `refused`: never (nothing to join it to)."""
+        answer = self.open
+        if answer is None:  # after its answer was journaled (or while it is): it joins that answer
+            if self.last is not None and self.last.over_cap:
+                return "now"
+            if self.last is None and not self.committing.locked():
+                return "refused"
+            self.pushes.append(Frame(0.0, content, text))
+            return "due"
+        if answer.over_cap:
+            return "now"
+        frame = answer.add(content, text)
+        if answer.size > self.lifecycle.settings.body_cap:
+            self._over_cap(answer)
+            return "now"
+        request = answer.flow.request.content or b""
+        if answer.flow.request.method == METHOD and has_end(request) and not answer.ended:
+            if not ends(request, frame):
+                return "now"
+            answer.ended = True
+        answer.due = True
+        return "due"
 
-    async def _push(self, frame: Frame) -> bool:
-        """A server message after the answer it follows was journaled: appended to that step's
-        answer before it is delivered. False when it cannot be (the agent must not have what a
-        replay would not give). One that takes the answer past durable_body_cap takes the step
-        back into doubt (journal.take_back) and streams through, as the rest of that answer does."""
+    async def _commit_due(self) -> bool:
+        """Journal what is due: the answer that waits for it (completing its step) and the messages
+        that joined the last journaled answer, in one commit each at most. False if not journaled."""
+        async with self.committing:
+            pushes, self.pushes = self.pushes, []
+            if self.open is not None and self.open.due and not await self._end_answer(complete=True):
+                return False
+            return await self._append(pushes) if pushes else True
+
+    async def _append(self, pushes: list[Frame]) -> bool:
+        """Messages after the answer they follow was journaled: appended to that step's answer.
+        Those that take the answer past durable_body_cap take the step back into doubt
+        (journal.take_back) and stream through, as the rest of that answer does."""
         last = self.last
         if last is not None and last.over_cap:
             return True
         if last is None or last.step.run is None or last.step.seq is None:
             return False
-        grown = last.size + len(frame.content)
+        grown = last.size + sum(len(frame.content) for frame in pushes)
         if grown > self.lifecycle.settings.body_cap or last.rewritten + grown > REWRITE_BUDGET:
             try:
                 await self.lifecycle.journal.take_back(last.step.run, last.step.seq)
@@ -402,7 +470,7 @@ class Conversation:
                 last.step.cursor.mark(last.step.seq, "pending")
             self._over_cap(last)
             return True
-        if not await self._rewrite_last([*last.frames, frame]):
+        if not await self._rewrite_last([*last.frames, *pushes]):
             return False
         last.size = grown
         last.rewritten += grown
@@ -437,6 +505,9 @@ class Conversation:
         died = ws is not None and ws.closed_by_client and ws.close_code == ABNORMAL
         if self.upstream is not None:
             await self.upstream.close()
+        if self.flusher is not None:  # journaled; the agent that closed no longer takes them
+            await asyncio.shield(self.flusher)
+        await self._commit_due()
         by_server = ws is not None and not ws.closed_by_client and not self.closed_here
         await self._end_answer(
             complete=not died,

@@ -36,6 +36,7 @@ from . import (
     reporting,
     sessions,
     upstream_ws,
+    ws_batch,
     ws_close,
 )
 from .metrics import Metrics
@@ -89,6 +90,11 @@ class DurableSidecar:
             logger.warning(
                 "durable: this mitmproxy's WebSocket layer is not the one expected: a refused conversation "
                 "stays open until the agent gives up"
+            )
+        if not ws_batch.install():
+            logger.warning(
+                "durable: this mitmproxy's WebSocket layer is not the one expected: server messages that "
+                "must be journaled first may reach the agent before their commit"
             )
         if not dispatch.install():
             logger.info("durable: mitmproxy's own hook dispatch in use (this version's is not the one expected)")
@@ -387,6 +393,12 @@ class DurableSidecar:
             await conversation.client_message(message)
         else:
             await conversation.server_message(message)
+
+    async def durable_websocket_commit(self, flow: http.HTTPFlow) -> None:
+        """A read's server messages that must be journaled before delivery (ws_batch.py): one commit."""
+        conversation: conversations.Conversation | None = flow.metadata.get(CONVERSATION)
+        if conversation is not None:
+            await conversation.commit()
 
     async def websocket_end(self, flow: http.HTTPFlow) -> None:
         conversation: conversations.Conversation | None = flow.metadata.pop(CONVERSATION, None)
