@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from mitmproxy import http
 
@@ -61,6 +61,7 @@ class AnswerHeld(JournalError):
 
 
 POLL_S = 0.2  # how often a step in flight in another sidecar is looked at
+NOT_RECORDED = "not in the recording (durable_offline): never forwarded"
 
 
 class Lifecycle:
@@ -157,6 +158,8 @@ class Lifecycle:
         journaled = claim.step
         if journaled is not None and self._replayable(cursor, journaled):
             return await self._replay(flow, ident, journaled)
+        if self.settings.offline:
+            await self._not_recorded(flow, ident, cursor, claim, env, body, chosen_by)
         slot = (ident.run, claim.key, claim.occurrence)
         if slot in self.repairs.held:  # its answer is in hand: journal it now (or 503), then replay it
             await self.repairs.commit_now(slot)
@@ -363,6 +366,30 @@ class Lifecycle:
             req.headers[header] = recorded.idempotency_key
         faults.crash_point("after-pending-commit")
         return Step(ident.run, recorded.seq, outcome, ident.attempt, live=True, cursor=cursor, owner=owner)
+
+    async def _not_recorded(
+        self,
+        flow: http.HTTPFlow,
+        ident: identity.Identity,
+        cursor: RunCursor,
+        claim: Claim,
+        env: dict[str, Any],
+        body: bytes,
+        chosen_by: str | None,
+    ) -> NoReturn:
+        """durable_offline (`durable test`): nothing leaves. A request the journal cannot answer is
+        journaled as a failed step, never forwarded, so the test's report can name it and diff it
+        against the recording; then it is refused with a 404 the agent does not retry."""
+        slot = (ident.run, claim.key, claim.occurrence)
+        if claim.step is None and await self.in_flight.enter(slot, 0):
+            try:
+                recorded = await self._record(flow, ident, cursor, claim, env, body, chosen_by)
+                if isinstance(recorded, Step) and recorded.seq is not None:
+                    await self.journal.fail(ident.run, recorded.seq, NOT_RECORDED, 0.0, recorded.owner)
+                    cursor.mark(recorded.seq, "failed")
+            finally:
+                self.in_flight.leave(slot)
+        raise Refused(404, NOT_RECORDED, run=ident.run, attempt=ident.attempt)
 
     async def _report_divergence(
         self,

@@ -26,6 +26,13 @@ OPTIONS: list[tuple[str, Any, Any, str]] = [
     ("durable_run", str, "", "Run id for requests that carry none (header or proxy credentials)."),
     ("durable_attempt", str, "", "Attempt id for requests that carry none. Empty: one per proxy process."),
     ("durable_strict", bool, False, "Answer 409 to a request that diverges from the journal instead of recording it."),
+    (
+        "durable_offline",
+        bool,
+        False,
+        "Forward nothing: a call the journal cannot answer is journaled as never sent and answered 404 "
+        "'not in the recording' (what `durable test` replays a fixture with).",
+    ),
     ("durable_ignore_hosts", Sequence[str], [], "Regexes of hosts whose traffic passes through unjournaled."),
     (
         "durable_ignore_paths",
@@ -251,6 +258,7 @@ class Settings:
     run: str | None
     attempt: str | None
     strict: bool
+    offline: bool
     ignore_hosts: tuple[re.Pattern[str], ...]
     ignore_paths: tuple[re.Pattern[str], ...]
     clear_paths: tuple[re.Pattern[str], ...]
@@ -379,6 +387,7 @@ def from_options(o: Any, environ: Mapping[str, str] = os.environ) -> Settings:
             run=o.durable_run or None,
             attempt=o.durable_attempt or None,
             strict=o.durable_strict,
+            offline=o.durable_offline,
             ignore_hosts=tuple(re.compile(p, re.IGNORECASE) for p in o.durable_ignore_hosts),
             ignore_paths=tuple(
                 path_pattern(p)

@@ -176,6 +176,42 @@ def cmd_run(args: argparse.Namespace) -> int:
     return outcome.status
 
 
+def cmd_test(args: argparse.Namespace) -> int:
+    from . import fixture, testing
+
+    if not args.command:
+        raise SystemExit("durable test: give the agent's command after --")
+    if bool(args.record) == bool(args.file):
+        raise SystemExit("durable test: give a fixture to replay (durable test FILE -- CMD) or --record FILE")
+    opts = testing.Options(
+        args.command, args.dsn, set_options(args), Path(args.confdir) if args.confdir else None, args.keep
+    )
+    path = Path(args.record or args.file)
+    mode = "all" if args.record else args.record_mode
+    if mode == "once":
+        mode = "none" if path.exists() else "all"
+    try:
+        if mode == "all":
+            status, steps = testing.record(path, opts)
+            err.print(f"durable test: recorded {steps} steps into {path}; the command exited {status}")
+            return status
+        result = testing.replay(path, opts, mode, args.live_after_divergence)
+    except runner.Failure as e:
+        raise SystemExit(f"durable test: {e}; the agent was not started") from e
+    except (fixture.FixtureError, FileNotFoundError) as e:
+        raise SystemExit(f"durable test: {e}") from e
+    err.print(result.text(), highlight=False, markup=False)
+    if args.junit:
+        Path(args.junit).write_bytes(result.junit())
+    if args.json_report:
+        Path(args.json_report).write_text(json.dumps(result.as_json(), indent=2))
+    if mode == "new_episodes":
+        if result.extra:
+            err.print(f"durable test: {len(result.extra)} new calls recorded into {path}")
+        return 0 if result.status == 0 else 1
+    return 0 if result.passed else 1
+
+
 def cmd_env(args: argparse.Namespace) -> int:
     """Shell lines that put this shell's next commands behind a running sidecar, with a fresh attempt."""
     identity.validate_id(args.run, "run id")
@@ -348,8 +384,15 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from . import exchange
+    from . import exchange, fixture
 
+    if args.fixture:
+        with err.status(f"writing run {args.run} to {args.fixture}"), operations.connect(args.dsn) as conn:
+            operations.run_row(conn, args.run)  # an unknown run is an error, not an empty fixture
+            rows = fixture.raw_rows(conn, args.run)
+            fixture.write(Path(args.fixture), args.run, rows)
+        print(f"exported {len(rows)} steps of run {args.run} to {args.fixture} (replay it: durable test FILE -- CMD)")
+        return 0
     with err.status(f"reading run {args.run}"), operations.connect(args.dsn) as conn:
         rows = operations.step_rows(conn, args.run)
     with err.status(f"writing {len(rows)} steps to {args.har or args.flows}"):
@@ -365,11 +408,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     import asyncio
 
-    from . import exchange
+    from . import exchange, fixture
 
     identity.validate_id(args.run, "run id")
+    path = Path(args.file)
+    if fixture.is_fixture(path):
+        loaded = fixture.read(path)
+        with err.status(f"journaling {len(loaded.steps)} steps into run {args.run}"), operations.connect(args.dsn) as c:
+            count = fixture.load(c, args.run, loaded, labels={"fixture": str(path)})
+        print(f"imported {count} steps into run {args.run}")
+        return 0
     with err.status(f"reading {args.file}"):
-        flows = exchange.read(Path(args.file))
+        flows = exchange.read(path)
     with err.status(f"journaling {len(flows)} steps into run {args.run}"):
         count = asyncio.run(exchange.import_flows(args.dsn, args.run, flows))
     print(f"imported {count} steps into run {args.run}")
@@ -556,6 +606,34 @@ def parser() -> argparse.ArgumentParser:
     )
     s.add_argument("command", nargs=argparse.REMAINDER, help="the agent's command, after --")
 
+    s = command(
+        "test",
+        cmd_test,
+        "replay a recorded run to a command, offline, as a test: durable test FILE -- CMD "
+        "(record one with --record FILE -- CMD)",
+        journal,
+        certs,
+        sidecar_opts,
+    )
+    s.add_argument("file", nargs="?", help="the fixture to replay (durable export RUN --fixture FILE writes one)")
+    s.add_argument("--record", metavar="FILE", help="run the command live and write its run to FILE")
+    s.add_argument(
+        "--record-mode",
+        choices=["none", "once", "new_episodes", "all"],
+        default="none",
+        help="vcrpy's modes: none (offline, the default), once (record when FILE does not exist), "
+        "new_episodes (calls FILE lacks go live and are added to it), all (record afresh)",
+    )
+    s.add_argument(
+        "--live-after-divergence",
+        action="store_true",
+        help="a call the recording does not answer goes live (and is paid) instead of failing; FILE is not changed",
+    )
+    s.add_argument("--junit", metavar="FILE", help="also write the result as JUnit XML (one test case)")
+    s.add_argument("--json", dest="json_report", metavar="FILE", help="also write the report as JSON")
+    s.add_argument("--keep", action="store_true", help="keep the scratch run in the journal (durable show it)")
+    s.set_defaults(command=[])  # the agent's command: what follows `--` (main)
+
     s = command("env", cmd_env, 'shell lines for an agent behind a running sidecar: eval "$(durable env --run R)"')
     s.add_argument("--run", required=True, help="the run id: the same on every restart of one task")
     s.add_argument("--attempt", help="this attempt's id (default: a fresh one, so run it again on every restart)")
@@ -610,14 +688,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
     s.add_argument("--yes", action="store_true", help="delete without asking (for scripts)")
 
-    s = command("export", cmd_export, "a run as HAR 1.2 or a mitmproxy flow file", journal)
+    s = command("export", cmd_export, "a run as a fixture (durable test), HAR 1.2 or a mitmproxy flow file", journal)
     run_arg(s)
     out = s.add_mutually_exclusive_group(required=True)
+    out.add_argument(
+        "--fixture", metavar="FILE", help="write a fixture here: every step as journaled, for durable test"
+    )
     out.add_argument("--har", metavar="FILE", help="write HAR 1.2 here")
     out.add_argument("--flows", metavar="FILE", help="write a mitmproxy flow file here (mitmweb -r FILE)")
 
-    s = command("import", cmd_import, "a HAR or flow file as a new run", journal)
-    s.add_argument("file", help="a .har or mitmproxy flow file")
+    s = command("import", cmd_import, "a fixture, HAR or flow file as a new run", journal)
+    s.add_argument("file", help="a fixture (durable export --fixture), .har or mitmproxy flow file")
     s.add_argument("--run", required=True, help="the new run's id")
 
     s = command(
@@ -674,11 +755,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
-    if getattr(args, "command", None) and args.command[:1] == ["--"]:
-        args.command = args.command[1:]
-    if getattr(args, "curl", None) and args.curl[:1] == ["--"]:
-        args.curl = args.curl[1:]
+    argv = sys.argv[1:] if argv is None else argv
+    # what follows the first `--` is the agent's command (or curl's), whatever precedes it
+    head, dashes, tail = (
+        (argv[: argv.index("--")], True, argv[argv.index("--") + 1 :]) if "--" in argv else (argv, False, [])
+    )
+    args = parser().parse_args(head)
+    for name in ("command", "curl"):
+        if dashes and hasattr(args, name):
+            setattr(args, name, tail)
     try:
         code = args.func(args)
         sys.stdout.flush()  # here, not at exit: a reader that left (`| head -1`) is handled below
