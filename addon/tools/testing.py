@@ -53,7 +53,7 @@ class Call:
 @dataclass
 class Report:
     fixture: str
-    status: int  # the command's exit status
+    status: int | None  # the command's exit status (None: a test in the same process, pytest_plugin.py)
     recorded: int  # steps in the fixture
     matched: int  # recorded steps this attempt was answered from
     extra: list[Call]  # calls that matched nothing (refused offline; live with --live-after-divergence)
@@ -64,7 +64,7 @@ class Report:
 
     @property
     def passed(self) -> bool:
-        return self.status == 0 and not self.extra and not self.missing
+        return self.status in (0, None) and not self.extra and not self.missing
 
     def first_divergence(self) -> str | None:
         """Where the attempt first left the recording, in one line."""
@@ -82,7 +82,7 @@ class Report:
         lines = [
             f"durable test {self.fixture}: {verdict}: {self.matched} of {self.recorded} recorded calls answered "
             f"from the recording, {len(self.extra)} not in it{' (sent live)' if self.live else ''}, "
-            f"{len(self.missing)} never made; the command exited {self.status}",
+            f"{len(self.missing)} never made" + ("" if self.status is None else f"; the command exited {self.status}"),
         ]
         if (first := self.first_divergence()) is not None:
             lines.append(f"first divergence: {first}")
@@ -128,7 +128,7 @@ def _calls(rows: list[dict[str, Any]]) -> list[Call]:
     return [Call(row["seq"], row["method"], row["url"]) for row in rows]
 
 
-def report(conn: operations.Conn, run: str, recorded: int, name: str, status: int, live: bool) -> Report:
+def report(conn: operations.Conn, run: str, recorded: int, name: str, status: int | None, live: bool) -> Report:
     """What the attempt did with the recording (steps 1..recorded of `run`), read from the journal."""
     keys = operations.keyring()
     rows = conn.execute(
