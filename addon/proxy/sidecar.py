@@ -264,6 +264,8 @@ class DurableSidecar:
                 or mcp_notifications(flow.request)
                 or self._own(flow.request)
             ):
+                if self.settings.offline and not self._own(flow.request):
+                    raise Refused(404, "passes through unjournaled, so it is not in the recording (durable_offline)")
                 step = Step(ident.run, None, "passthrough", ident.attempt)
             else:
                 assert self.lifecycle is not None
