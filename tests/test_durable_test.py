@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import PaidApi, env_without_proxy, new_run
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
@@ -61,10 +60,11 @@ def upstreams(_https_api: PaidApi, ws_server: ws_api.Server, mcp_server: McpServ
 
 
 def durable(args: list[str], upstreams: Upstreams, dsn: str, confdir: Path, variant: str = "",
-            extra_env: dict[str, str] | None = None, command: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+            extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`durable ARGS -- the agent`, its key planted, changed by `variant`."""
     env = env_without_proxy(OPENAI_API_KEY=PLANTED, VARIANT=variant, **(extra_env or {}))
     argv = [DURABLE, *args, "--dsn", dsn, "--confdir", str(confdir), "--upstream-ca", str(upstreams.api.ca),
-            "--", *(command or upstreams.agent())]
+            "--", *upstreams.agent()]
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
 
 
