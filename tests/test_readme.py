@@ -30,9 +30,9 @@ for amount in (1, 2):
 """
 
 
-def readme_blocks() -> list[str]:
+def readme_blocks(heading: str = SECTION) -> list[str]:
     text = (ROOT / "README.md").read_text()
-    section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
+    section = text.split(heading, 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```bash\n(.*?)```", section, re.S)
 
 
@@ -66,3 +66,28 @@ def test_the_readme_blocks_put_an_agent_behind_the_sidecar_as_written(
         os.killpg(sidecar.pid, 9)
         sidecar.wait()
     assert https_api.books()["charges"] == 2  # one per payment: the crash cost nothing twice
+
+
+PAYING_AGENT = """\
+import os, requests
+r = requests.post(os.environ["API_URL"] + "/v1/payments", json={"amount": 5}, timeout=30)
+assert r.status_code == 201, r.text
+"""
+
+
+def test_the_readme_turns_a_run_into_a_regression_test_as_written(
+    http_api: PaidApi, fresh_dsn: str, tmp_path: Path
+) -> None:
+    """The README's "A recorded run as a regression test" block, line by line as written, with an
+    agent.py that pays once: recorded live (one charge), then replayed offline (no second one),
+    passing, with its JUnit file written."""
+    [block] = readme_blocks("## A recorded run as a regression test")
+    (tmp_path / "agent.py").write_text(PAYING_AGENT)
+    env = env_without_proxy()
+    env |= {"DURABLE_HOME": str(tmp_path / "home"), "DATABASE_URL": fresh_dsn, "API_URL": http_api.url,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}
+    for line in (line.split("#")[0].strip() for line in block.splitlines()):
+        done = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, (line, done.stderr)
+    assert http_api.books()["charges"] == 1
+    assert (tmp_path / "agent.jsonl").exists() and "<failure" not in (tmp_path / "out.xml").read_text()
