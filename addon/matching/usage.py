@@ -30,20 +30,16 @@ def _total(counts: dict[str, int]) -> int:
     return sum(counts.get(k, 0) for k in (*_INPUT, *_OUTPUT))
 
 
-def tokens(body: bytes, headers: list[tuple[bytes, bytes]]) -> int:
-    """Total tokens an answer reports; 0 when it reports none or cannot be read.
-
-    A stream's (or a WebSocket answer's) counters are running totals, not increments (Anthropic
-    repeats `output_tokens` in `message_start` and again, cumulatively, in `message_delta`), so each
-    counter's highest value counts.
-    """
+def documents(body: bytes, headers: list[tuple[bytes, bytes]]) -> list[Any]:
+    """The JSON documents an answer holds: the body, a stream's events, or a WebSocket answer's
+    server messages; none when it cannot be read."""
     fields = {k.lower(): v for k, v in headers}
     coding = fields.get(b"content-encoding", b"").decode("latin-1")
     try:
         raw = encoding.decode(body, coding) if coding else body
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
     except (ValueError, UnicodeDecodeError):
-        return 0
+        return []
     content_type = fields.get(b"content-type", b"")
     if b"text/event-stream" in content_type:
         events = [line[5:] for line in text.splitlines() if line.startswith("data:")]
@@ -51,18 +47,27 @@ def tokens(body: bytes, headers: list[tuple[bytes, bytes]]) -> int:
         try:
             events = [m["text"] for m in json.loads(text)["messages"] if "text" in m]
         except (ValueError, KeyError, TypeError):
-            return 0
+            return []
     else:
-        try:
-            return _total(_counts(json.loads(text)))
-        except ValueError:
-            return 0
-    highest: dict[str, int] = {}
+        events = [text]
+    docs = []
     for event in events:
         try:
-            counts = _counts(json.loads(event))
+            docs.append(json.loads(event))
         except ValueError:
             continue
-        for name, value in counts.items():
+    return docs
+
+
+def tokens(body: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+    """Total tokens an answer reports; 0 when it reports none or cannot be read.
+
+    A stream's (or a WebSocket answer's) counters are running totals, not increments (Anthropic
+    repeats `output_tokens` in `message_start` and again, cumulatively, in `message_delta`), so each
+    counter's highest value counts.
+    """
+    highest: dict[str, int] = {}
+    for doc in documents(body, headers):
+        for name, value in _counts(doc).items():
             highest[name] = max(highest.get(name, 0), value)
     return _total(highest)

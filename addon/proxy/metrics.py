@@ -65,6 +65,11 @@ class Metrics:
             "Upstream answers held in memory because their journal commit failed, retried until journaled",
             registry=self.registry,
         )
+        self.spans_dropped = Counter(
+            "durable_otlp_spans_dropped",
+            "Spans not exported: the export queue was full or the collector did not take them",
+            registry=self.registry,
+        )
         self._server: object | None = None
 
     def serve(

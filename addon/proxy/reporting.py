@@ -1,10 +1,12 @@
 """What the sidecar says about its flows: one log line per flow (redacted; JSON with
-durable_log_json) and the Prometheus metrics, counted as the flows go by."""
+durable_log_json), the Prometheus metrics, counted as the flows go by, and a span per step when
+OTLP export is on (tracing.py)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 
 import psycopg
@@ -13,6 +15,7 @@ from mitmproxy import ctx, http
 from ..matching import usage
 from ..steps.lifecycle import Step, elapsed_ms
 from ..store.journal import Journal
+from . import tracing
 from .metrics import Metrics
 
 logger = logging.getLogger("durable")
@@ -24,13 +27,28 @@ class Reporter:
         self.metrics: Metrics | None = None
         self.lines = True  # one log line per flow, when the terminal log shows INFO
         self.json = False
+        self.tracing: tracing.Tracing | None = None
+        self._drops_told = 0.0  # when dropped spans were last logged
 
     def log(self, flow: http.HTTPFlow, step: Step, status: int | None, note: str = "") -> None:
         """Formatted only if a handler emits it: the hot path pays for a log record, not a string,
         and for nothing when the terminal log would not show it."""
         self.count(flow, step)
+        if self.tracing is not None:
+            self.tracing.record(tracing.finished(flow, step, status, self.url(flow)))
         if self.lines:
             logger.info("%s", FlowLine(self, flow, step, status, note))
+
+    def spans_dropped(self, count: int) -> None:
+        """From the export thread: counted, and said at most every 30 s."""
+        if self.metrics is not None:
+            self.metrics.spans_dropped.inc(count)
+        if time.monotonic() - self._drops_told > 30:
+            self._drops_told = time.monotonic()
+            total = self.tracing.dropped if self.tracing is not None else count
+            logger.warning(
+                "durable: %d spans dropped so far (the OTLP collector is slow, down, or refused them)", total
+            )
 
     def count(self, flow: http.HTTPFlow, step: Step) -> None:
         if self.metrics is None:

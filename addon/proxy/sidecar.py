@@ -35,6 +35,7 @@ from . import (
     quietlog,
     reporting,
     sessions,
+    tracing,
     upstream_ws,
     ws_batch,
     ws_close,
@@ -130,12 +131,30 @@ class DurableSidecar:
         httplayer.ORPHANS.on_adopted = self._orphan_adopted
         if new.metrics_listen and self.metrics is None:
             self.metrics = self.reporter.metrics = Metrics()
+        if tracing.wanted(new.otlp_endpoint) and self.reporter.tracing is None:
+            self._start_tracing(new.otlp_endpoint, first=old is None)
         if new.replay_pacing and lifecycle.pacer is None:
             lifecycle.pacer = Pacer()
         if self.metrics is not None:
             lifecycle.journal.observe = self.reporter.observe_journal
             lifecycle.journal.on_commit = self.metrics.commit_writes.observe
             lifecycle.on_divergence = self.metrics.divergences.inc
+
+    def _start_tracing(self, endpoint: str, first: bool) -> None:
+        """A span per step over OTLP/HTTP (tracing.py); the SDK is an extra: without it, one warning."""
+        try:
+            self.reporter.tracing = tracing.Tracing(endpoint, self.reporter.spans_dropped)
+        except ImportError:
+            logger.warning(
+                "durable: an OTLP endpoint is set but the OpenTelemetry SDK is not installed "
+                "(pip install 'durable-sidecar[otel]'): no spans are exported"
+            )
+        except ValueError as e:
+            if first:
+                fatal(str(e))
+            raise exceptions.OptionsError(str(e)) from e
+        else:
+            logger.info("durable: a span per step exported over OTLP/HTTP (%s)", tracing.describe(endpoint))
 
     async def running(self) -> None:
         if ctx.options.rawtcp != self.settings.raw_tcp:
@@ -449,6 +468,8 @@ class DurableSidecar:
             else:
                 logger.info("durable: drained: every call in flight was journaled")
         await self.lifecycle.journal.flush_replays()
+        if self.reporter.tracing is not None:
+            await asyncio.to_thread(self.reporter.tracing.close)
 
     async def _housekeeping(self, every_s: float = 600) -> None:
         """Neither the journal nor the sidecar's memory grows without bound: every 10 minutes, delete

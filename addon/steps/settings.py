@@ -161,6 +161,13 @@ OPTIONS: list[tuple[str, Any, Any, str]] = [
         False,
         "Replay journaled streams with their recorded inter-chunk timing instead of all at once.",
     ),
+    (
+        "durable_otlp_endpoint",
+        str,
+        "",
+        "OTLP/HTTP base URL to export a span per step to (e.g. http://127.0.0.1:4318). Empty: "
+        "$OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or $OTEL_EXPORTER_OTLP_ENDPOINT, else no export.",
+    ),
     ("durable_metrics_listen", str, "", "Serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9464)."),
     ("durable_log_json", bool, False, "Log one JSON object per flow instead of a text line."),
     (
@@ -286,6 +293,7 @@ class Settings:
     auth_secret: str
     log_secrets: bool
     metrics_listen: str
+    otlp_endpoint: str
     replay_pacing: bool
     log_json: bool
     retention_s: float
@@ -422,6 +430,7 @@ def from_options(o: Any, environ: Mapping[str, str] = os.environ) -> Settings:
             auth_secret=o.durable_auth_secret or environ.get("DURABLE_AUTH_SECRET", ""),
             log_secrets=o.durable_log_secrets,
             metrics_listen=o.durable_metrics_listen,
+            otlp_endpoint=o.durable_otlp_endpoint,
             replay_pacing=o.durable_replay_pacing,
             log_json=o.durable_log_json,
             retention_s=parse_duration(o.durable_retention),
