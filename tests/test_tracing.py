@@ -6,6 +6,7 @@ asserted. Real processes: the sidecar, the paid API, the openai SDK and requests
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -161,3 +162,66 @@ def test_a_collector_that_is_down_costs_the_agent_nothing_and_the_drops_are_coun
     while dropped() < 5 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert dropped() >= 5  # the 5 steps (and the attempt's root)
+
+
+PHOENIX = Path(os.environ.get("DURABLE_PHOENIX") or Path(__file__).parent.parent / ".venv-phoenix" / "bin" / "phoenix")
+
+
+@pytest.fixture
+def phoenix(tmp_path: Path) -> Iterator[str]:
+    """Arize Phoenix serving its UI and OTLP/HTTP receiver on a free port, its data in tmp_path."""
+    if not PHOENIX.exists():
+        pytest.skip("Arize Phoenix is not installed: scripts/phoenix.sh puts it in .venv-phoenix (CI runs it)")
+    port, grpc = launcher.free_port(), launcher.free_port()
+    env = {**os.environ, "PHOENIX_PORT": str(port), "PHOENIX_GRPC_PORT": str(grpc), "PHOENIX_HOST": "127.0.0.1",
+           "PHOENIX_WORKING_DIR": str(tmp_path / "phoenix")}
+    log = (tmp_path / "phoenix.log").open("wb")
+    server = subprocess.Popen([str(PHOENIX), "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if requests.get(f"{url}/healthz", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "phoenix.log").read_text()[-3000:]
+            time.sleep(0.5)
+        yield url
+    finally:
+        server.kill()
+        server.wait()
+
+
+def phoenix_spans(url: str, run: str, count: int) -> list[dict[str, Any]]:
+    """The run's step spans as Phoenix stores them (its REST API), attributes as plain values."""
+    deadline = time.monotonic() + 30
+    while True:
+        data = requests.get(f"{url}/v1/projects/default/spans/otlpv1", params={"limit": 1000}, timeout=10).json()["data"]
+        spans = []
+        for span in data:
+            attrs = {a["key"]: next((v for v in a["value"].values() if v is not None), None) for a in span["attributes"]}
+            if attrs.get("durable.run_id") == run and "durable.step" in attrs:
+                spans.append({"name": span["name"], "attributes": attrs})
+        if len(spans) >= count or time.monotonic() > deadline:
+            return spans
+        time.sleep(0.5)
+
+
+def test_arize_phoenix_shows_the_agents_llm_calls_and_what_the_resume_saved(
+    sidecars: Sidecars, https_api: PaidApi, ca_bundle: Path, phoenix: str
+) -> None:
+    """A real tracing backend: Phoenix receives the spans over OTLP/HTTP and stores them with their
+    GenAI attributes; the resumed attempt's completions are there as replayed, their tokens saved."""
+    sidecar = sidecars.start(env={**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": phoenix})
+    run = new_run()
+    agent(sidecar, run, "a1", https_api, ca_bundle)
+    agent(sidecar, run, "a2", https_api, ca_bundle)
+    spans = phoenix_spans(phoenix, run, 6)
+    by_name: dict[tuple[str, str], dict[str, Any]] = {(s["name"], s["attributes"]["durable.outcome"]): s for s in spans}
+    recorded, replayed = by_name[("chat gpt-4o", "recorded")]["attributes"], by_name[("chat gpt-4o", "replayed")]["attributes"]
+    assert (recorded["gen_ai.request.model"], recorded["gen_ai.usage.input_tokens"]) == ("gpt-4o", 12)
+    assert recorded["gen_ai.usage.output_tokens"] == 8 and recorded["durable.attempt"] == "a1"
+    assert replayed["durable.saved.input_tokens"] == 12 and "gen_ai.usage.input_tokens" not in replayed
+    assert ("chat gpt-4o-mini", "replayed") in by_name
