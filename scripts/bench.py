@@ -122,13 +122,13 @@ def postgres_cpu_s() -> float:
     return total
 
 
-def start_proxy(args: list[str], confdir: Path, log: Path) -> Proxy:
+def start_proxy(args: list[str], confdir: Path, log: Path, env: dict[str, str] | None = None) -> Proxy:
     port = launcher.free_port()
     with open(log, "ab") as out:
         process = subprocess.Popen(
             [launcher.mitmdump(), "--set", f"confdir={confdir}", "--listen-host", "127.0.0.1", "-p", str(port),
              "--set", "termlog_verbosity=warn", "--set", "flow_detail=0", *args],
-            stdout=out, stderr=subprocess.STDOUT,
+            stdout=out, stderr=subprocess.STDOUT, env=env,
         )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -232,10 +232,10 @@ def plain_paths(dsn: str, recorder: Path | None = None) -> dict[str, list[str]]:
     }
 
 
-def warm(args: list[str], work: Path, name: str, upstream: int) -> Proxy:
+def warm(args: list[str], work: Path, name: str, upstream: int, env: dict[str, str] | None = None) -> Proxy:
     """A fresh proxy, warmed by 50 calls nobody measures (its imports, connections, the journal's
     pool): each round starts its own, so no path keeps an unlucky process for the whole run."""
-    proxy = start_proxy(args, work / "conf", work / f"{name.replace(', ', '-').replace(' ', '-')}.log")
+    proxy = start_proxy(args, work / "conf", work / f"{name.replace(', ', '-').replace(' ', '-')}.log", env)
     drive(proxy, upstream, f"warm-{uuid.uuid4().hex[:8]}", "warm", 50)
     return proxy
 
