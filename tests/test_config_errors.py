@@ -92,3 +92,14 @@ def test_a_malformed_key_in_the_environment_stops_the_sidecar_at_start(sidecars:
     reasons = [line for line in str(failure.value).splitlines() if line.startswith("durable: configuration error")]
     assert len(reasons) == 1 and "encryption key 'k1'" in reasons[0]
 
+
+
+def test_an_otlp_protocol_the_sidecar_does_not_speak_stops_it_at_start(sidecars: Sidecars) -> None:
+    """OTEL_EXPORTER_OTLP_PROTOCOL=grpc with an endpoint: the sidecar speaks http/protobuf only, and
+    says so at start instead of exporting to a port that does not understand it."""
+    import os
+
+    env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+    with pytest.raises(RuntimeError) as failure:
+        sidecars.start(env=env)
+    assert "exited with 2" in str(failure.value) and "http/protobuf only" in str(failure.value)
