@@ -5,6 +5,7 @@ asserted. Real processes: the sidecar, the paid API, the openai SDK and requests
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -225,3 +226,29 @@ def test_arize_phoenix_shows_the_agents_llm_calls_and_what_the_resume_saved(
     assert recorded["gen_ai.usage.output_tokens"] == 8 and recorded["durable.attempt"] == "a1"
     assert replayed["durable.saved.input_tokens"] == 12 and "gen_ai.usage.input_tokens" not in replayed
     assert ("chat gpt-4o-mini", "replayed") in by_name
+
+
+def test_a_websocket_message_of_the_responses_api_is_a_chat_span(
+    sidecars: Sidecars, ca_bundle: Path, receiver: Receiver
+) -> None:
+    """Each WebSocket message is a step and a span: a Responses API `response.create` is named
+    `chat MODEL`, with the response's id, status and usage read from the server's events."""
+    from test_websocket import converse, turn
+
+    import ws_api
+
+    server = ws_api.Server()
+    try:
+        sidecar = sidecars.start(env={**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url})
+        run = new_run()
+        [answer] = converse(f"{server.url}/v1/responses", sidecar, "a1", run, ca_bundle, [turn(1)])
+        assert json.loads(answer[-1])["type"] == "response.completed"
+    finally:
+        server.stop()
+    message = next(s for s in spans_where(receiver, run, 2) if s["attributes"].get("durable.websocket.message"))
+    assert message["name"] == "chat m"
+    assert {k: message["attributes"][k] for k in ("gen_ai.operation.name", "gen_ai.response.id",
+                                                  "gen_ai.response.finish_reasons", "gen_ai.usage.input_tokens",
+                                                  "gen_ai.usage.output_tokens")} == {
+        "gen_ai.operation.name": "chat", "gen_ai.response.id": "resp_1", "gen_ai.response.finish_reasons": ["completed"],
+        "gen_ai.usage.input_tokens": 10, "gen_ai.usage.output_tokens": 5}

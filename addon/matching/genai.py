@@ -126,7 +126,8 @@ def response_attributes(docs: list[Any]) -> Attributes:
                 function = call.get("function") if isinstance(call, dict) else None
                 if isinstance(function, dict) and isinstance(function.get("name"), str):
                     tools.append((function["name"], str(call.get("id") or "")))
-        for reason in (body.get("stop_reason"), (doc.get("delta") or {}).get("stop_reason")):
+        delta = doc.get("delta")  # Anthropic's message_delta: an object; the Responses API's deltas: text
+        for reason in (body.get("stop_reason"), delta.get("stop_reason") if isinstance(delta, dict) else None):
             if isinstance(reason, str):  # Anthropic
                 finish.append(reason)
         if doc.get("type") in ("response.completed", "response.incomplete", "response.failed"):

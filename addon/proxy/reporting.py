@@ -34,7 +34,7 @@ class Reporter:
         """Formatted only if a handler emits it: the hot path pays for a log record, not a string,
         and for nothing when the terminal log would not show it."""
         self.count(flow, step)
-        if self.tracing is not None:
+        if self.tracing is not None and step.run is not None:  # a step, not the sidecar's own endpoints
             self.tracing.record(tracing.finished(flow, step, status, self.url(flow)))
         if self.lines:
             logger.info("%s", FlowLine(self, flow, step, status, note))

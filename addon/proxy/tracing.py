@@ -279,9 +279,13 @@ class Tracing:
         if step.session:
             attributes["mcp.session.id"] = step.session
         name = f"{step.method} {step.host}"
-        described = genai.attributes(
-            step.method, step.host, step.path, step.request_body, step.response_body(), step.response_headers
-        )
+        try:
+            described = genai.attributes(
+                step.method, step.host, step.path, step.request_body, step.response_body(), step.response_headers
+            )
+        except Exception:  # a body of an unexpected shape: the span goes out without GenAI attributes
+            logger.debug("durable: GenAI attributes of run=%s seq=%s not read", step.run, step.seq, exc_info=True)
+            described = None
         if described is not None:
             name, found = described
             if step.outcome == "replayed":  # saved, not spent: a cost view must not count a resume twice
