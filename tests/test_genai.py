@@ -81,3 +81,33 @@ def test_other_steps_have_none_and_odd_shapes_do_not_raise() -> None:
     name, attrs = genai.attributes("POST", "h", "/v1/chat/completions", request,
                                    b"".join(b"data: " + json.dumps(o).encode() + b"\n\n" for o in odd), SSE)
     assert name == "chat m" and attrs["gen_ai.request.model"] == "m"
+
+
+def test_contents_only_when_asked_in_the_conventions_parts() -> None:
+    request = {"model": "gpt-4o", "messages": [{"role": "system", "content": "be brief"},
+                                               {"role": "user", "content": [{"type": "text", "text": "plan"}]}]}
+    answer = sse({"choices": [{"delta": {"content": "Day 1"}}]}, {"choices": [{"delta": {"content": ": Paris"}}]})
+    body = json.dumps(request).encode()
+    _, plain = genai.attributes("POST", "h", "/v1/chat/completions", body, answer, SSE)
+    assert not any(k in plain for k in ("gen_ai.input.messages", "gen_ai.output.messages"))
+    _, attrs = genai.attributes("POST", "h", "/v1/chat/completions", body, answer, SSE, contents=True)
+    assert json.loads(attrs["gen_ai.input.messages"]) == [{"role": "user", "parts": [{"type": "text", "content": "plan"}]}]
+    assert json.loads(attrs["gen_ai.system_instructions"]) == [{"type": "text", "content": "be brief"}]
+    assert json.loads(attrs["gen_ai.output.messages"]) == [
+        {"role": "assistant", "parts": [{"type": "text", "content": "Day 1: Paris"}]}]
+
+
+def test_anthropic_and_responses_contents() -> None:
+    request = {"model": "claude", "max_tokens": 10, "system": "terse", "messages": [{"role": "user", "content": "hi"}]}
+    stream = sse({"type": "content_block_delta", "delta": {"type": "text_delta", "text": "Hel"}},
+                 {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "lo"}})
+    _, attrs = genai.attributes("POST", "api.anthropic.com", "/v1/messages", json.dumps(request).encode(), stream,
+                                SSE, contents=True)
+    assert json.loads(attrs["gen_ai.output.messages"])[0]["parts"][0]["content"] == "Hello"
+    assert json.loads(attrs["gen_ai.system_instructions"]) == [{"type": "text", "content": "terse"}]
+    responses = {"model": "gpt-5", "input": "weather?", "instructions": "be kind"}
+    answer = {"object": "response", "output": [{"type": "message", "content": [{"type": "output_text", "text": "Sunny"}]}]}
+    _, attrs = genai.attributes("POST", "h", "/v1/responses", json.dumps(responses).encode(),
+                                json.dumps(answer).encode(), JSON, contents=True)
+    assert json.loads(attrs["gen_ai.input.messages"]) == [{"role": "user", "parts": [{"type": "text", "content": "weather?"}]}]
+    assert "Sunny" in attrs["gen_ai.output.messages"] and "be kind" in attrs["gen_ai.system_instructions"]

@@ -91,6 +91,7 @@ def test_every_step_is_a_span_with_its_genai_attributes_and_a_resume_is_marked_s
         "gen_ai.response.finish_reasons": ["stop"], "gen_ai.usage.input_tokens": 12,
         "gen_ai.usage.output_tokens": 8, "http.response.status_code": 200, "durable.step": 1}
     assert a["gen_ai.response.id"].startswith("chatcmpl-") and a["url.full"].endswith("/v1/chat/completions")
+    assert "gen_ai.input.messages" not in a and "gen_ai.output.messages" not in a  # contents: opt-in only
     s = streamed["attributes"]
     assert streamed["name"] == "chat gpt-4o-mini" and s["gen_ai.response.finish_reasons"] == ["stop"]
     assert s["gen_ai.usage.input_tokens"] == 12 and s["gen_ai.usage.output_tokens"] > 0
@@ -252,3 +253,32 @@ def test_a_websocket_message_of_the_responses_api_is_a_chat_span(
                                                   "gen_ai.usage.output_tokens")} == {
         "gen_ai.operation.name": "chat", "gen_ai.response.id": "resp_1", "gen_ai.response.finish_reasons": ["completed"],
         "gen_ai.usage.input_tokens": 10, "gen_ai.usage.output_tokens": 5}
+
+
+@pytest.mark.parametrize("sealed", [False, True], ids=["redacted", "encrypted"])
+def test_message_contents_only_when_opted_in_and_never_what_the_journal_hides(
+    sidecars: Sidecars, https_api: PaidApi, ca_bundle: Path, receiver: Receiver, sealed: bool
+) -> None:
+    """With OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true the chat span carries the prompt
+    and the answer, the field durable_redact_json hides as its keyed hash only; with an encryption
+    key (the journal sealed at rest) no content at all. (Without the switch: the first test.)"""
+    env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+           "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "true"}
+    if sealed:
+        env["DURABLE_ENCRYPTION_KEY"] = subprocess.run([str(Path(sys.executable).with_name("durable")), "keygen"],
+                                                       capture_output=True, text=True, check=True).stdout.strip()
+    sidecar = sidecars.start(env=env, durable_redact_json="/messages/1/content")
+    run = new_run()
+    client = llm(sidecar, run, "a1", https_api, ca_bundle)
+    client.chat.completions.create(model="gpt-4o", messages=[{"role": "system", "content": "be brief"},
+                                                             {"role": "user", "content": "my card is 4242"}])
+    [span] = spans_where(receiver, run, 1)
+    attrs = span["attributes"]
+    if sealed:
+        assert not any(k in attrs for k in ("gen_ai.input.messages", "gen_ai.output.messages"))
+        assert attrs["gen_ai.usage.input_tokens"] == 12  # the counters still go out
+        return
+    # the request's field as the journal stores it: hashed (the fake model's answer echoes it, as stored)
+    assert "4242" not in attrs["gen_ai.input.messages"] and "redacted:hmac-sha256:" in attrs["gen_ai.input.messages"]
+    assert json.loads(attrs["gen_ai.system_instructions"]) == [{"type": "text", "content": "be brief"}]
+    assert json.loads(attrs["gen_ai.output.messages"])[0]["role"] == "assistant"

@@ -7,7 +7,9 @@ answer's messages): `gen_ai.response.model`, `.id`, `.finish_reasons`, `gen_ai.u
 `.output_tokens`, the cached and reasoning token counts, and the tools the model asked for. Shapes:
 OpenAI Chat Completions (`choices`, `usage.prompt_tokens`...), the Responses API (`response.*`
 events, a `response` object), Anthropic Messages (`message_start`, `message_delta`, `stop_reason`).
-MCP's `tools/call` is an `execute_tool` operation. Contents are never read into attributes.
+MCP's `tools/call` is an `execute_tool` operation. Contents (`gen_ai.input.messages`,
+`gen_ai.system_instructions`, `gen_ai.output.messages`, in the conventions' parts structure) only
+when the caller asks (tracing.py: the conventions' own opt-in), from a request already redacted.
 """
 
 from __future__ import annotations
@@ -154,6 +156,84 @@ def response_attributes(docs: list[Any]) -> Attributes:
     return attrs
 
 
+def _parts(content: Any) -> list[dict[str, Any]]:
+    """A message's content as the conventions' parts: text, and tool calls or results by name."""
+    if isinstance(content, str):
+        return [{"type": "text", "content": content}]
+    parts: list[dict[str, Any]] = []
+    for block in content if isinstance(content, list) else []:
+        if not isinstance(block, dict):
+            continue
+        if isinstance(block.get("text"), str):
+            parts.append({"type": "text", "content": block["text"]})
+        elif block.get("type") == "tool_use":
+            parts.append({"type": "tool_call", "id": block.get("id"), "name": block.get("name")})
+        elif block.get("type") == "tool_result":
+            parts.append(
+                {"type": "tool_call_response", "id": block.get("tool_use_id"), "response": block.get("content")}
+            )
+    return parts
+
+
+def input_contents(doc: dict[str, Any]) -> Attributes:
+    """The request's messages and system instructions (Chat Completions, Responses, Messages)."""
+    if doc.get("type") == "response.create" and isinstance(doc.get("response"), dict):
+        doc = doc["response"]
+    messages = doc.get("messages") if isinstance(doc.get("messages"), list) else doc.get("input")
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    system: list[dict[str, Any]] = _parts(doc.get("system")) + _parts(doc.get("instructions"))
+    out = []
+    for message in messages if isinstance(messages, list) else []:
+        if not isinstance(message, dict):
+            continue
+        if message.get("role") in ("system", "developer"):
+            system += _parts(message.get("content"))
+            continue
+        parts = _parts(message.get("content"))
+        for call in message.get("tool_calls") or []:
+            if isinstance(call, dict) and isinstance(call.get("function"), dict):
+                parts.append({"type": "tool_call", "id": call.get("id"), "name": call["function"].get("name")})
+        out.append({"role": message.get("role") or message.get("type") or "user", "parts": parts})
+    attrs: Attributes = {}
+    if out:
+        attrs["gen_ai.input.messages"] = json.dumps(out)
+    if system:
+        attrs["gen_ai.system_instructions"] = json.dumps(system)
+    return attrs
+
+
+def output_contents(docs: list[Any]) -> Attributes:
+    """The answer's text (joined across a stream's deltas) as one assistant message."""
+    text: list[str] = []
+    for doc in docs:
+        if not isinstance(doc, dict):
+            continue
+        for choice in doc.get("choices") or []:
+            message = (choice.get("message") or choice.get("delta")) if isinstance(choice, dict) else None
+            if isinstance(message, dict) and isinstance(message.get("content"), str):
+                text.append(message["content"])
+        delta = doc.get("delta")
+        if doc.get("type") == "response.output_text.delta" and isinstance(delta, str):
+            text.append(delta)
+        if isinstance(delta, dict) and isinstance(delta.get("text"), str):  # Anthropic's content_block_delta
+            text.append(delta["text"])
+        if doc.get("object") == "response" or "choices" not in doc and "type" not in doc:
+            for item in doc.get("output") or [] if isinstance(doc.get("output"), list) else []:
+                for part in item.get("content") or [] if isinstance(item, dict) else []:
+                    if isinstance(part, dict) and isinstance(part.get("text"), str):
+                        text.append(part["text"])
+        if doc.get("type") == "message":  # Anthropic, not streamed
+            text += [p["content"] for p in _parts(doc.get("content")) if p["type"] == "text"]
+    if not text:
+        return {}
+    return {
+        "gen_ai.output.messages": json.dumps(
+            [{"role": "assistant", "parts": [{"type": "text", "content": "".join(text)}]}]
+        )
+    }
+
+
 def attributes(
     method: str,
     host: str,
@@ -161,18 +241,23 @@ def attributes(
     request_body: bytes,
     response_body: bytes,
     response_headers: list[tuple[bytes, bytes]],
+    contents: bool = False,
 ) -> tuple[str, Attributes] | None:
-    """(span name, GenAI attributes) of an LLM or MCP tool call; None for any other step."""
+    """(span name, GenAI attributes) of an LLM or MCP tool call; None for any other step. With
+    `contents`, the messages too (give a request already redacted)."""
     doc = request_doc(request_body)
     found = operation(method, host, path, doc)
     if found is None or doc is None:
         return None
     op, provider = found
     attrs = request_attributes(op, provider, doc)
-    if response_body:
-        answer = response_attributes(usage.documents(response_body, response_headers))
-        if op == "execute_tool":
-            answer = {k: v for k, v in answer.items() if not k.startswith("gen_ai.tool")}
-        attrs.update(answer)
+    docs = usage.documents(response_body, response_headers) if response_body else []
+    answer = response_attributes(docs)
+    if op == "execute_tool":
+        answer = {k: v for k, v in answer.items() if not k.startswith("gen_ai.tool")}
+    attrs.update(answer)
+    if contents and op == "chat":
+        attrs.update(input_contents(doc))
+        attrs.update(output_contents(docs))
     subject = attrs.get("gen_ai.tool.name") if op == "execute_tool" else attrs.get("gen_ai.request.model")
     return (f"{op} {subject}" if subject else op), attrs

@@ -133,6 +133,11 @@ class DurableSidecar:
             self.metrics = self.reporter.metrics = Metrics()
         if tracing.wanted(new.otlp_endpoint) and self.reporter.tracing is None:
             self._start_tracing(new.otlp_endpoint, first=old is None)
+        if self.reporter.tracing is not None:
+            self.reporter.tracing.redact = redactor.body
+            if self.reporter.tracing.contents and new.encryption_key:
+                self.reporter.tracing.contents = False
+                logger.warning("durable: the journal is encrypted at rest: message contents are not exported in spans")
         if new.replay_pacing and lifecycle.pacer is None:
             lifecycle.pacer = Pacer()
         if self.metrics is not None:

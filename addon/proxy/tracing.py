@@ -7,6 +7,11 @@ of OpenTelemetry is even imported. The exporter reads the other standard variabl
 reads `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`, the provider's sampler reads
 `OTEL_TRACES_SAMPLER`. Only `http/protobuf` is spoken.
 
+Contents (prompts, completions) only with the conventions' own switch,
+`OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true`, from the request as the journal stores it
+(`durable_redact_json` applied), and never while the journal is encrypted at rest: what is sealed
+there does not leave in clear here.
+
 Off the hot path: the event loop hands each finished step over as references (its flow's bodies
 are immutable bytes) to a bounded queue; one thread builds the spans (and reads the bodies for the
 GenAI attributes, matching/genai.py), and exports them in batches. A full queue drops the span and
@@ -81,6 +86,7 @@ class Finished:
     traceparent: str | None
     tracestate: str | None
     session: str | None  # MCP's Mcp-Session-Id
+    request_type: str  # its Content-Type (what redaction goes by)
     request_body: bytes
     response_body: Callable[[], bytes]  # read on the export thread (a stream's tee joins its chunks there)
     response_headers: list[tuple[bytes, bytes]]
@@ -114,6 +120,7 @@ def finished(flow: http.HTTPFlow, step: Any, status: int | None, url: str) -> Fi
         traceparent=req.headers.get("traceparent"),
         tracestate=req.headers.get("tracestate"),
         session=req.headers.get("mcp-session-id"),
+        request_type=req.headers.get("content-type", ""),
         request_body=req.raw_content or b"",
         response_body=body,
         response_headers=list(resp.headers.fields) if resp is not None else [],
@@ -168,6 +175,9 @@ class Tracing:
         self.exporter = OTLPSpanExporter(endpoint=explicit, session=session)
         self.propagator = TraceContextTextMapPropagator()
         self.on_drop = on_drop
+        capture = environ.get("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "").lower()
+        self.contents = capture in ("true", "span_only", "span_and_event")  # the conventions' own opt-in
+        self.redact: Callable[[bytes, str], bytes] = lambda body, _type: body  # the journal's redaction (configure)
         self.queue: queue.Queue[Finished | None] = queue.Queue(QUEUE_MAX)
         self.dropped = 0
         self.roots: OrderedDict[tuple[str, str], None] = OrderedDict()
@@ -280,8 +290,9 @@ class Tracing:
             attributes["mcp.session.id"] = step.session
         name = f"{step.method} {step.host}"
         try:
+            request = self.redact(step.request_body, step.request_type) if self.contents else step.request_body
             described = genai.attributes(
-                step.method, step.host, step.path, step.request_body, step.response_body(), step.response_headers
+                step.method, step.host, step.path, request, step.response_body(), step.response_headers, self.contents
             )
         except Exception:  # a body of an unexpected shape: the span goes out without GenAI attributes
             logger.debug("durable: GenAI attributes of run=%s seq=%s not read", step.run, step.seq, exc_info=True)
