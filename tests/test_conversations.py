@@ -750,3 +750,27 @@ def test_a_chatty_answer_with_no_end_marker_costs_bounded_writes_then_streams_in
                 ("pending",)]  # in doubt, as a too-big answer is
 
     run_scenario(scenario)
+
+
+def test_offline_a_message_the_journal_lacks_is_never_sent_and_closes_with_4404(
+    pg_dsn: str, upstream: ws_api.Server, agent: list, hung_up: list
+) -> None:
+    """durable_offline (durable test): turn 1 replays; turn 2 matches nothing, so it is dropped (no
+    upstream connection is opened, nothing charged), journaled as never sent, and the agent's
+    connection closes with 4404 (4000 + the 404 an HTTP call gets)."""
+    run = new_run()
+
+    async def scenario() -> None:
+        async with sidecar(pg_dsn) as addon:
+            await record(addon, run, upstream.port, turns=1)
+        ws_api.LEDGER.__init__()
+        async with sidecar(pg_dsn, durable_offline=True) as addon:
+            ws = Conversation(addon, run, "a2", upstream.port)
+            assert await ws.open() == "replayed"
+            assert (await ws.client(turn(1))).dropped
+            assert (await ws.client(turn(2))).dropped
+            assert [code for code, _ in hung_up] == [4404] and ws_api.LEDGER.books()["connections"] == 0
+            assert sql(pg_dsn, "SELECT state, error FROM durable_steps WHERE run_id = %s ORDER BY seq DESC LIMIT 1",
+                       run) == [("failed", "not in the recording (durable_offline): never forwarded")]
+
+    run_scenario(scenario)
