@@ -243,7 +243,8 @@ def test_a_websocket_message_of_the_responses_api_is_a_chat_span(
         sidecar = sidecars.start(env={**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url})
         run = new_run()
         [answer] = converse(f"{server.url}/v1/responses", sidecar, "a1", run, ca_bundle, [turn(1)])
-        assert json.loads(answer[-1])["type"] == "response.completed"
+        completed = json.loads(answer[-1])
+        assert completed["type"] == "response.completed"
     finally:
         server.stop()
     message = next(s for s in spans_where(receiver, run, 2) if s["attributes"].get("durable.websocket.message"))
@@ -251,7 +252,8 @@ def test_a_websocket_message_of_the_responses_api_is_a_chat_span(
     assert {k: message["attributes"][k] for k in ("gen_ai.operation.name", "gen_ai.response.id",
                                                   "gen_ai.response.finish_reasons", "gen_ai.usage.input_tokens",
                                                   "gen_ai.usage.output_tokens")} == {
-        "gen_ai.operation.name": "chat", "gen_ai.response.id": "resp_1", "gen_ai.response.finish_reasons": ["completed"],
+        "gen_ai.operation.name": "chat", "gen_ai.response.id": completed["response"]["id"],
+        "gen_ai.response.finish_reasons": ["completed"],
         "gen_ai.usage.input_tokens": 10, "gen_ai.usage.output_tokens": 5}
 
 
