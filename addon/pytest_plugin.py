@@ -87,11 +87,11 @@ class Durable:
         runner.flush_replay_counts(self.proxy_url)  # the report reads which steps this attempt used
         with operations.connect(self.dsn, migrate=False) as conn:
             if self.mode == "all":
-                fixture.write(self.path, self.run, fixture.raw_rows(conn, self.run))
+                fixture.save(conn, self.run, self.path)
                 return None
             result = testing.report(conn, self.run, self.recorded, str(self.path), None, self.mode == "new_episodes")
             if self.mode == "new_episodes" and result.extra:
-                fixture.write(self.path, self.run, fixture.raw_rows(conn, self.run))
+                fixture.save(conn, self.run, self.path)
         return result
 
 

@@ -283,12 +283,9 @@ class DurableSidecar:
             known = {"run": ident.run, "attempt": ident.attempt}
             if self.draining:
                 raise Refused(503, "the sidecar is stopping (draining its calls in flight): nothing was forwarded")
-            if (
-                self.settings.ignored(flow.request.host, flow.request.path)
-                or mcp_notifications(flow.request)
-                or self._own(flow.request)
-            ):
-                if self.settings.offline and not self._own(flow.request):
+            own = self._own(flow.request)
+            if own or self.settings.ignored(flow.request.host, flow.request.path) or mcp_notifications(flow.request):
+                if self.settings.offline and not own:
                     raise Refused(404, "passes through unjournaled, so it is not in the recording (durable_offline)")
                 step = Step(ident.run, None, "passthrough", ident.attempt)
             else:

@@ -389,9 +389,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.fixture:
         with err.status(f"writing run {args.run} to {args.fixture}"), operations.connect(args.dsn) as conn:
             operations.run_row(conn, args.run)  # an unknown run is an error, not an empty fixture
-            rows = fixture.raw_rows(conn, args.run)
-            fixture.write(Path(args.fixture), args.run, rows)
-        print(f"exported {len(rows)} steps of run {args.run} to {args.fixture} (replay it: durable test FILE -- CMD)")
+            count = fixture.save(conn, args.run, Path(args.fixture))
+        print(f"exported {count} steps of run {args.run} to {args.fixture} (replay it: durable test FILE -- CMD)")
         return 0
     with err.status(f"reading run {args.run}"), operations.connect(args.dsn) as conn:
         rows = operations.step_rows(conn, args.run)

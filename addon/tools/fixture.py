@@ -145,8 +145,11 @@ def loads(text: str, source: str = "fixture") -> Fixture:
     return Fixture(header, sorted(steps, key=lambda step: step["seq"]))
 
 
-def write(path: Path, run: str, rows: list[dict[str, Any]]) -> None:
-    path.write_text(dumps(run, rows), encoding="utf-8")
+def save(conn: Any, run: str, path: Path, name: str | None = None) -> int:
+    """Write `run` as stored in the journal to `path` (its header naming it `name`); how many steps."""
+    rows = raw_rows(conn, run)
+    path.write_text(dumps(name or run, rows), encoding="utf-8")
+    return len(rows)
 
 
 def read(path: Path) -> Fixture:

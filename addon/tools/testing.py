@@ -205,10 +205,9 @@ def record(path: Path, opts: Options) -> tuple[int, int]:
     if outcome.journal is None:  # a signal before the command started: nothing to write
         return outcome.status, 0
     with operations.connect(outcome.journal.dsn, migrate=False) as conn:
-        rows = fixture.raw_rows(conn, run)
-        fixture.write(path, run, rows)
+        steps = fixture.save(conn, run, path)
     _finish(opts, run)
-    return outcome.status, len(rows)
+    return outcome.status, steps
 
 
 def replay(path: Path, opts: Options, mode: str = "none", live_after_divergence: bool = False) -> Report:
@@ -225,7 +224,7 @@ def replay(path: Path, opts: Options, mode: str = "none", live_after_divergence:
         with operations.connect(opts.dsn, migrate=False) as conn:
             result = report(conn, run, loaded.last_seq, str(path), outcome.status, live)
             if mode == "new_episodes" and result.extra:
-                fixture.write(path, str(loaded.header.get("run", run)), fixture.raw_rows(conn, run))
+                fixture.save(conn, run, path, str(loaded.header.get("run", run)))
     finally:
         _finish(opts, run)
     result.seconds = time.monotonic() - started
