@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from durable_sidecar.store.cursor import RunCursor, StepRef, digest
-from durable_sidecar.store.journal import _COMPLETE, INDEX, Journal, JournalError, NewStep
+from durable_sidecar.store.journal import _COMPLETE, INDEX, Journal, JournalError, NewStep, TakeOver
 from durable_sidecar.store.migrations import MIGRATIONS
 from conftest import sql
 from durable_sidecar.tools.launcher import free_port
@@ -399,14 +399,18 @@ def test_a_step_never_sent_is_handed_back_only_by_its_owner_and_its_state_names_
             ref = await mine.record(bare_step(run, "v1:a", owner=them))
             assert ref is not None
             step = StepRef(ref.seq, "v1:a", 0, "pending")
-            assert await mine.step_state(run, step) == ("pending", True)  # in flight in a live sidecar
-            assert await theirs.step_state(run, step) == ("pending", False)  # its own
+            seen = await mine.take_over(run, step, "a2", True, 60.0)
+            assert (seen.state, seen.in_flight, seen.taken, seen.owner) == ("pending", True, False, them)
+            seen = await theirs.take_over(run, step, "a2", False, 60.0)  # its own, but the policy keeps it
+            assert (seen.state, seen.in_flight, seen.taken, seen.owner) == ("pending", False, False, None)
             await mine.give_back(run, "v1:a", 0, me)  # not the owner: nothing changes
             assert sql(pg_dsn, "SELECT owner, approved FROM durable_steps WHERE run_id = %s", run) == [(them, False)]
             await theirs.give_back(run, "v1:a", 0, them)
             assert sql(pg_dsn, "SELECT owner, approved FROM durable_steps WHERE run_id = %s", run) == [(None, True)]
-            assert await mine.step_state(run, step) == ("pending", False)
-            assert await mine.step_state(run, StepRef(ref.seq, "v1:other", 0, "pending")) == (None, False)
+            seen = await mine.take_over(run, step, "a2", False, 60.0)  # nobody's, approved: mine now
+            assert (seen.state, seen.in_flight, seen.taken, seen.owner) == ("pending", False, True, None)
+            seen = await mine.take_over(run, StepRef(ref.seq, "v1:other", 0, "pending"), "a2", True, 60.0)
+            assert seen == TakeOver(None, False, False)
         finally:
             await mine.close()
             await theirs.close()
@@ -516,9 +520,8 @@ def test_a_failed_statement_names_what_failed(fresh_dsn: str) -> None:
                 "journal failure": lambda: journal.fail(run, ref.seq, "reset", 1.0, owner),
                 "leave step in doubt": lambda: journal.let_go(run, ref.seq, owner),
                 "hand back unsent step": lambda: journal.give_back(run, "v1:a", 0, owner),
-                "read step state": lambda: journal.step_state(run, step),
-                "read journaled responses": lambda: journal.responses(run, [ref.seq]),
                 "take over step": lambda: journal.take_over(run, step, "a2", True, 60.0),
+                "read journaled responses": lambda: journal.responses(run, [ref.seq]),
                 "read journaled requests": lambda: journal.requests(run, [ref.seq]),
                 "load run": lambda: journal.load_index(run, RunCursor()),
                 "find idle runs": lambda: journal.gc(0),

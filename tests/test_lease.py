@@ -1,5 +1,5 @@
 """The lease (store/lease.py) on a real PostgreSQL: the advisory lock that says a sidecar is alive,
-as other sidecars read it (`ALIVE`, `GENERATION`), held through idle timeouts, re-taken under the
+as other sidecars read it (`LIVE`: the leases held and one's generation), held through idle timeouts, re-taken under the
 same id with a new generation when its session is ended, and given up at once on close."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from conftest import sql
 
 from durable_sidecar.store import lease as lease_module
 from durable_sidecar.store.journal import Journal
-from durable_sidecar.store.lease import ALIVE, CLASS, GENERATION, Lease
+from durable_sidecar.store.lease import CLASS, LIVE, Lease
 
 
 @pytest.fixture
@@ -29,11 +29,17 @@ def dsn(fresh_dsn: str) -> str:
 
 def alive(dsn: str, owner: int) -> bool:
     """What another sidecar's statements see of lease `owner`."""
-    return sql(dsn, f"SELECT {ALIVE} FROM (VALUES (%s)) AS s(owner)", owner)[0][0]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return looks_alive(conn, owner)
+
+
+def looks_alive(conn: psycopg.Connection, owner: int) -> bool:
+    return owner in conn.execute(LIVE, {"lease": owner}).fetchone()[0]
 
 
 def generation(dsn: str, owner: int) -> int | None:
-    return sql(dsn, f"SELECT {GENERATION} FROM (VALUES (%s)) AS s(owner)", owner)[0][0]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(LIVE, {"lease": owner}).fetchone()[1]
 
 
 def test_a_held_lease_is_seen_alive_under_its_own_id_and_generation(dsn: str) -> None:
@@ -65,9 +71,6 @@ def test_a_closed_lease_is_dead_at_once(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as other_sidecar:
         seen: list[bool] = []
 
-        def looks_alive(owner: int) -> bool:
-            return other_sidecar.execute(f"SELECT {ALIVE} FROM (VALUES (%s)) AS s(owner)", (owner,)).fetchone()[0]
-
         async def scenario() -> None:
             lease = Lease()
             owner = await lease.ensure(dsn, 5)
@@ -76,12 +79,12 @@ def test_a_closed_lease_is_dead_at_once(dsn: str) -> None:
             close_session = conn.close
 
             async def close_and_look() -> None:
-                seen.append(looks_alive(owner))
+                seen.append(looks_alive(other_sidecar, owner))
                 await close_session()
 
             conn.close = close_and_look  # type: ignore[method-assign]
             await lease.close()
-            seen.append(looks_alive(owner))
+            seen.append(looks_alive(other_sidecar, owner))
             assert not lease.held
 
         asyncio.run(scenario())

@@ -18,7 +18,7 @@ import platformdirs
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from . import embedded
+from . import citus, embedded
 
 
 @dataclass(frozen=True)
@@ -50,16 +50,19 @@ def describe(dsn: str) -> str:
 
 
 def create_database(server_dsn: str, prefix: str) -> str:
-    """A new, empty database on the server behind `server_dsn` (for tests and benchmarks); its DSN."""
+    """A new, empty database on the server behind `server_dsn` (for tests and benchmarks); its DSN.
+    On a Citus coordinator, a Citus database on every node of its cluster."""
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(server_dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+    if not citus.create_database(server_dsn, name):
+        with psycopg.connect(server_dsn, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
     return make_conninfo(server_dsn, dbname=name)
 
 
 def drop_database(server_dsn: str, dsn: str) -> None:
-    with psycopg.connect(server_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{conninfo_to_dict(dsn)["dbname"]}" WITH (FORCE)')
+    if not citus.drop_database(server_dsn, dsn):
+        with psycopg.connect(server_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{conninfo_to_dict(dsn)["dbname"]}" WITH (FORCE)')
 
 
 # -- connections that notice a broken link -------------------------------------------------------

@@ -203,22 +203,22 @@ COPY durable_steps (run_id, seq, fingerprint, fp_version, occurrence, state, att
 # Never a completed step; never one whose owner is alive (in flight there) or may be (its lock free,
 # but not yet with the generation the caller saw free for a whole grace period: see lease.py); a
 # pending one only if an operator approved it or the policy allows it and it is younger than the window.
-_OWNER_GONE = f"""(owner IS NULL OR owner = %(me)s
-    OR (NOT {lease.ALIVE} AND owner = %(dead_owner)s AND {lease.GENERATION} IS NOT DISTINCT FROM %(dead_gen)s))"""
-_TAKE_OVER = f"""
+# The leases alive (%(live)s) and whether the dead owner is still so (%(dead_still)s) were read just
+# before from lease.LIVE: one statement on one run, so on Citus it runs whole on the run's worker.
+_TAKE_OVER = """
 WITH taken AS (
     UPDATE durable_steps SET state = 'pending', owner = %(me)s, attempt = %(attempt)s, started_at = now(),
                              last_attempt = %(attempt)s, last_outcome = 'reissued'
     WHERE run_id = %(run)s AND seq = %(seq)s AND fingerprint = %(key)s AND occurrence = %(occ)s
-      AND {_OWNER_GONE}
+      AND (owner IS NULL OR owner = %(me)s OR (owner = %(dead_owner)s AND %(dead_still)s))
       AND (state = 'failed' OR (state = 'pending' AND (approved OR (%(unsent)s AND owner = %(me)s)
            OR (%(allowed)s AND created_at > now() - make_interval(secs => %(window)s)))))
     RETURNING idempotency_key
 )
-SELECT s.state, (s.owner IS NOT NULL AND s.owner <> %(me)s AND {lease.ALIVE}) AS in_flight,
+SELECT s.state, (s.owner IS NOT NULL AND s.owner <> %(me)s AND s.owner = ANY(%(live)s::bigint[])) AS in_flight,
        EXISTS (SELECT 1 FROM taken) AS taken, (SELECT idempotency_key FROM taken) AS idempotency_key,
        extract(epoch FROM now() - s.created_at)::float8 AS age_s, s.approved,
-       CASE WHEN s.owner <> %(me)s THEN s.owner END AS owner, {lease.GENERATION} AS generation
+       CASE WHEN s.owner <> %(me)s THEN s.owner END AS owner
 FROM durable_steps s
 WHERE s.run_id = %(run)s AND s.seq = %(seq)s AND s.fingerprint = %(key)s AND s.occurrence = %(occ)s
 """
@@ -721,18 +721,6 @@ class Journal:
             (run, digest(key, occurrence), key, occurrence, owner),
         )
 
-    async def step_state(self, run: str, step: StepRef) -> tuple[str | None, bool]:
-        """(state, in flight in another live sidecar) of a journaled step; (None, False) when it is gone."""
-        row = await self._run(
-            "read step state",
-            f"SELECT state, (owner IS NOT NULL AND owner <> %(me)s AND {lease.ALIVE}) AS in_flight"
-            " FROM durable_steps WHERE run_id = %(run)s AND seq = %(seq)s AND fingerprint = %(key)s"
-            " AND occurrence = %(occ)s",
-            {"me": self.lease.id, "run": run, "seq": step.seq, "key": step.key, "occ": step.occurrence},
-            fetch="one",
-        )
-        return (row["state"], row["in_flight"]) if row else (None, False)
-
     async def responses(self, run: str, seqs: list[int], max_body: int | None = None) -> dict[int, StoredResponse]:
         """Journaled answers of some steps, by seq; with max_body, larger bodies are left out."""
         rows = await self._run(
@@ -822,6 +810,8 @@ class Journal:
         """
         me = await self.owner()
         dead_owner, dead_gen = dead if dead is not None else (None, None)
+        leases = await self._run("read live leases", lease.LIVE, {"lease": dead_owner}, fetch="one")
+        dead_still = dead_owner is not None and dead_owner not in leases["live"] and leases["generation"] == dead_gen
         row = await self._run(
             "take over step",
             _TAKE_OVER,
@@ -834,14 +824,19 @@ class Journal:
                 "occ": step.occurrence,
                 "allowed": pending_allowed,
                 "window": window_s,
+                "live": leases["live"],
                 "dead_owner": dead_owner,
-                "dead_gen": dead_gen,
+                "dead_still": dead_still,
                 "unsent": unsent,
             },
             fetch="one",
         )
         if row is None:
             return TakeOver(None, False, False)
+        generation = None
+        if row["owner"] is not None and not row["in_flight"] and not row["taken"]:  # a suspect: its generation
+            seen = await self._run("read live leases", lease.LIVE, {"lease": row["owner"]}, fetch="one")
+            generation = seen["generation"]
         return TakeOver(
             row["state"],
             row["in_flight"],
@@ -850,7 +845,7 @@ class Journal:
             row["age_s"],
             row["approved"],
             row["owner"],
-            row["generation"],
+            generation,
         )
 
     async def requests(self, run: str, seqs: list[int]) -> list[dict[str, Any]]:

@@ -4,7 +4,7 @@ Single flight across sidecars needs one fact: is the process that sent a pending
 A heartbeat row answers it late (a dead sidecar looks alive until its lease expires) and a clock
 decides it. An advisory lock answers it at once: the sidecar holds `pg_advisory_lock(CLASS, id)` on
 a connection of its own, and PostgreSQL drops the lock the moment that connection closes, SIGKILL
-included. A pending step names its owner's id; `ALIVE` asks `pg_locks` whether that id is held.
+included. A pending step names its owner's id; `LIVE` asks `pg_locks` whether that id is held.
 
 The id is drawn at random and claimed with `pg_try_advisory_lock`, so two live sidecars never share
 one. The lock needs a session connection (not a transaction-pooling PgBouncer).
@@ -34,14 +34,17 @@ CLASS = 0x6475  # the advisory lock class of sidecar leases ("du")
 HEARTBEAT_S = 1.0  # how often the lease's connection is asked whether it still lives
 RETAKE_S = 0.5  # how often a lost lease is tried again
 
-# SQL: is the sidecar whose lease id is in column `owner` alive? (pg_locks holds every database's locks)
-ALIVE = (
-    "EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2"
-    f" AND l.classid = {CLASS} AND l.objid = owner::oid"
-    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))"
+# SQL: the ids of the sidecar leases held now, and the generation of lease %(lease)s. pg_locks is
+# the locks of the node this session is connected to (every database's: narrowed to this one), so
+# it is asked on its own, where the leases are, and its answer passed into the statements that
+# need it: on a Citus cluster a statement on a run's steps runs on a worker, whose pg_locks holds
+# none of the sidecars' leases (citus.py)
+LIVE = (
+    "SELECT coalesce(array_agg(l.objid::bigint), '{}') AS live,"
+    " (SELECT generation FROM durable_leases WHERE id = %(lease)s) AS generation"
+    f" FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.classid = {CLASS}"
+    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
 )
-# SQL: the generation of the lease named in column `owner` (NULL: taken before leases had one)
-GENERATION = "(SELECT generation FROM durable_leases WHERE id = owner)"
 
 
 class LeaseLost(RuntimeError):

@@ -6,7 +6,11 @@ them apply migrations one after another, and each skips the versions already rec
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import psycopg
+
+from . import citus
 
 LOCK_ID = 0x6475726162  # "durab": one advisory lock id for the whole schema
 
@@ -292,6 +296,44 @@ MIGRATIONS: list[tuple[int, str]] = [
         END $$;
         """,
     ),
+    (
+        12,
+        """
+        -- durable_record as in migration 11, but the run's upsert takes its time from the row it
+        -- proposes (its default, now()) rather than calling now() in DO UPDATE SET: the same instant,
+        -- and Citus (citus.py) accepts only immutable expressions there on a distributed table
+        CREATE OR REPLACE FUNCTION durable_record(
+            p_run text, p_key text, p_fpv smallint, p_occ integer, p_step_key text, p_attempt text,
+            p_outcome text, p_divergence jsonb, p_key_id text, p_owner integer, p_method text, p_url text,
+            p_envelope jsonb, p_headers jsonb, p_body bytea, p_agent_key text, p_mint boolean, p_choice text,
+            OUT seq integer, OUT idempotency_key text)
+        LANGUAGE plpgsql VOLATILE AS $$
+        #variable_conflict use_column
+        DECLARE
+            v_seq integer;
+        BEGIN
+            INSERT INTO durable_runs AS r (id, last_seq) VALUES (p_run, 1)
+            ON CONFLICT (id) DO UPDATE SET last_seq = r.last_seq + 1, updated_at = EXCLUDED.updated_at
+            RETURNING r.last_seq INTO v_seq;
+            INSERT INTO durable_steps (run_id, seq, fingerprint, fp_version, occurrence, step_key, state, attempt,
+                                       last_attempt, last_outcome, divergence, key_id, owner,
+                                       method, url, envelope, request_headers, request_body, idempotency_key,
+                                       choice)
+            VALUES (p_run, v_seq, p_key, p_fpv, p_occ, p_step_key, 'pending', p_attempt,
+                    p_attempt, p_outcome, p_divergence, p_key_id, p_owner,
+                    p_method, p_url, p_envelope, p_headers, p_body,
+                    COALESCE(p_agent_key, CASE WHEN p_mint THEN
+                        'durable-' || left(encode(sha256(convert_to(p_run || ':' || v_seq, 'UTF8')), 'hex'), 32)
+                    END),
+                    p_choice)
+            ON CONFLICT (run_id, digest, fingerprint, occurrence) DO NOTHING
+            RETURNING durable_steps.seq, durable_steps.idempotency_key INTO seq, idempotency_key;
+            IF seq IS NULL THEN
+                UPDATE durable_runs SET last_seq = last_seq - 1 WHERE id = p_run;
+            END IF;
+        END $$;
+        """,
+    ),
 ]
 
 
@@ -310,20 +352,50 @@ def partitioned(sql: str, partitions: int) -> str:
     return sql.replace(PARTITIONING, "PARTITION BY HASH (run_id)") + tables
 
 
-async def layout(conn: psycopg.AsyncConnection) -> int | None:
-    """The journal's layout: how many partitions durable_steps has (0: one table), None: no journal yet."""
+@dataclass(frozen=True)
+class Layout:
+    """How durable_steps is laid out: one table, hash partitions, or distributed over a Citus cluster."""
+
+    partitions: int = 0  # hash partitions on one PostgreSQL (0: none)
+    shards: int = 0  # Citus shards (0: not distributed)
+    workers: int = 0  # the Citus nodes holding them
+
+    def __str__(self) -> str:
+        if self.shards:
+            return f"distributed by run over {self.shards} shards on {self.workers} Citus workers"
+        if self.partitions:
+            return f"hash-partitioned by run into {self.partitions} tables"
+        return "one table"
+
+
+async def layout(conn: psycopg.AsyncConnection) -> Layout | None:
+    """The journal's layout; None: no journal yet."""
     cur = await conn.execute(
         "SELECT c.relkind, (SELECT count(*) FROM pg_inherits WHERE inhparent = c.oid)"
         " FROM pg_class c WHERE c.oid = to_regclass('durable_steps')"
     )
     row = await cur.fetchone()
-    return None if row is None else (int(row[1]) if row[0] == "p" else 0)
+    if row is None:
+        return None
+    if await citus.installed(conn):
+        cluster = await citus.describe(conn)
+        if cluster.shards:
+            return Layout(shards=cluster.shards, workers=cluster.workers)
+    return Layout(partitions=int(row[1]) if row[0] == "p" else 0)
+
+
+class LayoutError(ValueError):
+    """A layout this database cannot have."""
 
 
 async def apply(conn: psycopg.AsyncConnection, partitions: int = 0) -> list[int]:
     """Apply pending migrations; returns the versions applied by this call. `partitions` counts only
-    when this call creates the journal (see `partitioned`); an existing journal keeps its layout."""
+    when this call creates the journal (see `partitioned`); an existing journal keeps its layout.
+    On a Citus coordinator the journal is distributed by run as it is created (citus.py)."""
     applied_now = []
+    on_citus = await citus.installed(conn)
+    if on_citus:
+        await citus.check_node(conn)
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_ID,))
         await conn.execute(
@@ -332,10 +404,18 @@ async def apply(conn: psycopg.AsyncConnection, partitions: int = 0) -> list[int]
         )
         cur = await conn.execute("SELECT version FROM durable_schema_version")
         done = {row[0] for row in await cur.fetchall()}
+        creating = 1 not in done
+        if creating and on_citus and partitions > 0:
+            raise LayoutError(
+                "this database is a Citus coordinator: the journal is distributed by run over its workers,"
+                " not hash-partitioned (drop --partitions)"
+            )
         for version, sql in MIGRATIONS:
             if version in done:
                 continue
             await conn.execute(partitioned(sql, partitions) if version == 1 and partitions > 0 else sql)
             await conn.execute("INSERT INTO durable_schema_version (version) VALUES (%s)", (version,))
             applied_now.append(version)
+        if creating and on_citus:
+            await citus.distribute(conn)
     return applied_now
