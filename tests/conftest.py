@@ -110,6 +110,12 @@ def sql(dsn: str, query: str, *params: Any) -> list[tuple]:
         return cur.fetchall() if cur.description else []
 
 
+def on_citus(dsn: str) -> bool:
+    """Is this database on a Citus cluster (CI reruns the journal's tests on one, DATABASE_URL naming
+    its coordinator: see tests/test_citus.py)?"""
+    return bool(sql(dsn, "SELECT 1 FROM pg_extension WHERE extname = 'citus'"))
+
+
 # -- the paid API ---------------------------------------------------------------------------------
 
 

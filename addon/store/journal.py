@@ -558,7 +558,7 @@ class Journal:
             async with conn.transaction():
                 await conn.execute(
                     "INSERT INTO durable_runs (id, last_seq) VALUES (%s, %s) ON CONFLICT (id) DO UPDATE"
-                    " SET last_seq = excluded.last_seq, updated_at = now()",
+                    " SET last_seq = excluded.last_seq, updated_at = excluded.updated_at",
                     (run, len(steps)),
                 )
                 now = datetime.now(UTC)

@@ -464,9 +464,8 @@ def db_init(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(created, indent=2))
         return 0
-    layout = f"hash-partitioned by run into {created['partitions']} tables" if created["partitions"] else "one table"
     done = f"created (migrations {created['applied']})" if created["applied"] else "already up to date"
-    print(f"journal at {created['journal']}: {done}; durable_steps is {layout}")
+    print(f"journal at {created['journal']}: {done}; durable_steps is {created['layout']}")
     return 0
 
 

@@ -72,18 +72,25 @@ def create_journal(dsn: str | None, partitions: int) -> dict[str, Any]:
     async def create() -> dict[str, Any]:
         async with await psycopg.AsyncConnection.connect(target.dsn, autocommit=True) as conn:
             existing = await migrations.layout(conn)
-            if existing is not None and partitions and existing != partitions:
+            if existing is not None and partitions and existing.partitions != partitions:
                 raise OperatorError(
-                    f"the journal at {database.describe(target.dsn)} already exists "
-                    + (f"with {existing} partitions" if existing else "as one table")
-                    + f", not {partitions}: its layout is chosen when it is created (run `durable db init"
+                    f"the journal at {database.describe(target.dsn)} already exists ({existing}), not"
+                    f" partitioned into {partitions}: its layout is chosen when it is created (run `durable db init"
                     " --partitions N` on an empty database, and move runs there with export/import)"
                 )
-            applied = await migrations.apply(conn, partitions)
+            try:
+                applied = await migrations.apply(conn, partitions)
+            except migrations.LayoutError as e:
+                raise OperatorError(str(e)) from e
+            made = await migrations.layout(conn)
+            assert made is not None
             return {
                 "journal": database.describe(target.dsn),
                 "applied": applied,
-                "partitions": await migrations.layout(conn),
+                "layout": str(made),
+                "partitions": made.partitions,
+                "shards": made.shards,
+                "workers": made.workers,
             }
 
     return asyncio.run(create())
