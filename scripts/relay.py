@@ -38,13 +38,14 @@ class Relay:
 
     @classmethod
     def for_dsn(cls, dsn: str) -> tuple[Relay, str]:
-        """A relay in front of the server `dsn` names, and the DSN that goes through it."""
+        """A relay in front of the server `dsn` names, and the DSN that goes through it: in clear,
+        so `drop_reply_with` can read replies (a Citus node turns TLS on for itself)."""
         from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
         parts = conninfo_to_dict(dsn)
         host, port = str(parts.get("host") or "127.0.0.1"), int(parts.get("port") or 5432)
         relay = cls(f"{host}/.s.PGSQL.{port}" if host.startswith("/") else (host, port))
-        return relay, make_conninfo(dsn, host="127.0.0.1", port=str(relay.port))
+        return relay, make_conninfo(dsn, host="127.0.0.1", port=str(relay.port), sslmode="disable")
 
     # -- what the tests do --------------------------------------------------------------------
 
