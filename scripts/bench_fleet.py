@@ -1,17 +1,18 @@
 #!/usr/bin/env python3
 """Scale out: several sidecar processes share one PostgreSQL, each serving concurrent agents (runs),
-once per journal layout: one durable_steps table, and hash-partitioned by run (`durable db init
---partitions N`), each on a database of its own, side by side; and beside each, the fleet's floor:
+once per journal layout: one durable_steps table, hash-partitioned by run (`durable db init
+--partitions N`), and with --citus, distributed over a Citus cluster's workers; each on a database
+of its own, side by side, interleaved; and beside each, the fleet's floor:
 as many clients making the journal's own two commits per step (durable_record, then the answer's
 UPDATE, with the same rows) straight to PostgreSQL, no proxy.
 
 Measures steps/s and journal writes/s across the fleet, the ratio to the floor, latency, the CPU
-per step of the proxies, of PostgreSQL and of this process (the clients and the upstream), the
-journal's bytes per step, and extrapolates what a fleet of N agents costs (writes per second,
+per step of the proxies, of PostgreSQL (on Citus: the coordinator's and the workers') and of this
+process (the clients and the upstream), the journal's bytes per step, and extrapolates what a fleet of N agents costs (writes per second,
 storage per day).
 
 Usage: .venv/bin/python scripts/bench_fleet.py [--sidecars 4] [--agents 8,32] [--calls 200]
-       [--layouts 0,16] [--rounds 2] [--fleet 1000] [--call-every 5] [--dsn DSN]
+       [--layouts 0,16] [--rounds 2] [--fleet 1000] [--call-every 5] [--dsn DSN] [--citus COORDINATOR_DSN]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import uuid
 from pathlib import Path
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 from psycopg.types.json import Jsonb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,6 +46,32 @@ ANSWER_HEADERS = [["Content-Type", "application/json"], ["Content-Length", str(l
 def self_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def server_cpu_s(dsn: str) -> float:
+    """CPU seconds of the PostgreSQL server behind `dsn`: its postmaster, its live processes, and the
+    ones it has reaped (a backend that exited leaves its CPU in the postmaster's cutime/cstime)."""
+    with psycopg.connect(dsn) as conn:
+        postmaster = int(conn.execute("SELECT pg_read_file('postmaster.pid')").fetchone()[0].split()[0])
+    fields = Path(f"/proc/{postmaster}/stat").read_text().rsplit(")", 1)[1].split()
+    total = sum(int(fields[i]) for i in (11, 12, 13, 14)) / bench.CLOCK_TICKS
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
+                total += bench.process_cpu_s(entry.name)
+        except (OSError, ValueError):
+            pass  # exited meanwhile
+    return total
+
+
+def nodes(dsn: str) -> list[str]:
+    """The DSNs of the servers a journal lives on: on Citus the coordinator first, then the workers."""
+    with psycopg.connect(dsn) as conn:
+        if conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'citus'").fetchone() is None:
+            return [dsn]
+        rows = conn.execute("SELECT nodename, nodeport FROM pg_dist_node WHERE noderole = 'primary'"
+                            " ORDER BY groupid").fetchall()
+    return [make_conninfo(dsn, host=host, port=port) for host, port in rows]
 
 
 def floor_agent(conn: psycopg.Connection, run: str, upstream: int, calls: int) -> list[float]:
@@ -69,13 +97,15 @@ def floor_agent(conn: psycopg.Connection, run: str, upstream: int, calls: int) -
     return latencies
 
 
-def fleet(server: str, partitions: int, agents: int, floor: bool, args: argparse.Namespace, upstream: int
-          ) -> dict[str, float]:
-    """One fleet run on a fresh journal with this layout (0: one table): `agents` runs spread over
-    the sidecars, or with `floor`, as many clients committing straight to PostgreSQL."""
+def fleet(layout: str, agents: int, floor: bool, args: argparse.Namespace, upstream: int) -> dict[str, float]:
+    """One fleet run on a fresh journal with this layout ("0": one table, "N": N hash partitions,
+    "citus": distributed on the --citus cluster): `agents` runs spread over the sidecars, or with
+    `floor`, as many clients committing straight to PostgreSQL."""
+    server = args.citus if layout == "citus" else database.resolve(args.dsn).dsn
     dsn = database.create_database(server, "durable_fleet")
     try:
-        operations.create_journal(dsn, partitions)
+        operations.create_journal(dsn, 0 if layout == "citus" else int(layout))
+        servers = nodes(dsn)
         with tempfile.TemporaryDirectory(prefix="durable-fleet-") as tmp:
             work = Path(tmp)
             proxies = [] if floor else [
@@ -93,11 +123,11 @@ def fleet(server: str, partitions: int, agents: int, floor: bool, args: argparse
                 with lock:
                     p50s.append(statistics.median(latencies))
 
-            cpu = (sum(p.cpu_s() for p in proxies), bench.postgres_cpu_s(), self_cpu_s())
+            cpu = [sum(p.cpu_s() for p in proxies), self_cpu_s(), *map(server_cpu_s, servers)]
             try:
                 elapsed = bench.run_threads([threading.Thread(target=agent, args=(n,)) for n in range(agents)])
-                cpu = (sum(p.cpu_s() for p in proxies) - cpu[0], bench.postgres_cpu_s() - cpu[1],
-                       self_cpu_s() - cpu[2])
+                after = [sum(p.cpu_s() for p in proxies), self_cpu_s(), *map(server_cpu_s, servers)]
+                cpu = [b - a for a, b in zip(cpu, after, strict=True)]
             finally:
                 for p in proxies:
                     p.stop()
@@ -106,6 +136,7 @@ def fleet(server: str, partitions: int, agents: int, floor: bool, args: argparse
         with psycopg.connect(dsn) as conn:
             steps, = conn.execute("SELECT count(*) FROM durable_steps").fetchone()
             table_bytes, = conn.execute(
+                "SELECT citus_total_relation_size('durable_steps')" if layout == "citus" else
                 "SELECT sum(pg_total_relation_size(c)) FROM (SELECT 'durable_steps'::regclass AS c"
                 " UNION ALL SELECT inhrelid FROM pg_inherits WHERE inhparent = 'durable_steps'::regclass) t"
             ).fetchone()
@@ -123,8 +154,9 @@ def fleet(server: str, partitions: int, agents: int, floor: bool, args: argparse
     per_step_ms = 1000 / max(steps, 1)
     return {"steps": steps, "elapsed": elapsed, "rate": steps / elapsed, "p50": statistics.median(p50s),
             "per_step": float(table_bytes) / max(steps, 1), "body": float(body_bytes or 0), "dense": seqs_ok,
-            "tables_used": used, "proxy_cpu": cpu[0] * per_step_ms, "pg_cpu": cpu[1] * per_step_ms,
-            "client_cpu": cpu[2] * per_step_ms}
+            "tables_used": used, "proxy_cpu": cpu[0] * per_step_ms, "client_cpu": cpu[1] * per_step_ms,
+            "pg_cpu": sum(cpu[2:]) * per_step_ms, "coordinator_cpu": cpu[2] * per_step_ms,
+            "workers_cpu": sum(cpu[3:]) * per_step_ms, "workers": len(servers) - 1}
 
 
 def main() -> None:
@@ -136,30 +168,32 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per configuration (medians)")
     parser.add_argument("--fleet", type=int, default=1000, help="agents to extrapolate to")
     parser.add_argument("--call-every", type=float, default=5.0, help="seconds between an agent's calls, for the estimate")
-    parser.add_argument("--dsn")
+    parser.add_argument("--dsn", help="the PostgreSQL of the one-table and partitioned layouts")
+    parser.add_argument("--citus", metavar="DSN", help="a Citus coordinator: adds the distributed layout")
     args = parser.parse_args()
 
-    server = database.resolve(args.dsn).dsn
     upstream = bench.start_upstream()
-    layouts = [int(n) for n in args.layouts.split(",")]
+    layouts = args.layouts.split(",") + (["citus"] if args.citus else [])
     agent_counts = [int(n) for n in args.agents.split(",")]
     configs = [(n, agents, floor) for agents in agent_counts for n in layouts for floor in (True, False)]
-    samples: dict[tuple[int, int, bool], list[dict[str, float]]] = {c: [] for c in configs}
+    samples: dict[tuple[str, int, bool], list[dict[str, float]]] = {c: [] for c in configs}
     for _ in range(args.rounds):
         for config in configs:
-            samples[config].append(fleet(server, *config, args, upstream))
+            samples[config].append(fleet(*config, args, upstream))
     results = {c: {k: statistics.median(float(r[k]) for r in rs) for k in rs[0]} for c, rs in samples.items()}
 
     print(f"\n{args.sidecars} sidecars; the floor: as many clients making the journal's two commits per step "
           f"straight to PostgreSQL; {args.calls} calls per agent, median of {args.rounds} interleaved rounds")
     print(f"{'agents':>6} {'layout':<20} {'path':<9} {'steps':>6} {'steps/s':>8} {'/ floor':>8} {'writes/s':>9} {'agent p50 ms':>13}"
-          f" {'CPU ms/step: proxies':>21} {'PostgreSQL':>11} {'clients':>8} {'bytes/step':>11} {'tables':>7}"
-          f" {'seqs dense':>11}")
-    for (n, agents, floor), r in results.items():
-        name = f"{n} hash partitions" if n else "one table"
-        ratio = r["rate"] / results[(n, agents, True)]["rate"]
+          f" {'CPU ms/step: proxies':>21} {'PostgreSQL':>11} {'(coord.':>8} {'workers)':>9} {'clients':>8}"
+          f" {'bytes/step':>11} {'tables':>7} {'seqs dense':>11}")
+    for (layout, agents, floor), r in results.items():
+        name = (f"Citus, {r['workers']:.0f} workers" if layout == "citus" else
+                f"{layout} hash partitions" if layout != "0" else "one table")
+        ratio = r["rate"] / results[(layout, agents, True)]["rate"]
+        split = (f"{r['coordinator_cpu']:>8.2f} {r['workers_cpu']:>9.2f}" if layout == "citus" else f"{'':>8} {'':>9}")
         print(f"{agents:>6} {name:<20} {'floor' if floor else 'sidecars':<9} {r['steps']:>6.0f} {r['rate']:>8.0f} {ratio:>8.2f}"
-              f" {2 * r['rate']:>9.0f} {r['p50']:>13.2f} {r['proxy_cpu']:>21.2f} {r['pg_cpu']:>11.2f}"
+              f" {2 * r['rate']:>9.0f} {r['p50']:>13.2f} {r['proxy_cpu']:>21.2f} {r['pg_cpu']:>11.2f} {split}"
               f" {r['client_cpu']:>8.2f} {r['per_step']:>11.0f} {r['tables_used']:>7.0f} {bool(r['dense'])!s:>11}")
 
     base = results[(layouts[0], agent_counts[0], False)]
