@@ -14,6 +14,7 @@ to be on one node. `check_node` refuses a worker.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import psycopg
@@ -121,6 +122,13 @@ def drop_database(server_dsn: str, dsn: str) -> bool:
         return False
     name = conninfo_to_dict(dsn)["dbname"]
     for node in _nodes(server_dsn, cluster[0]):
-        with psycopg.connect(node, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        for last in (False, False, True):
+            try:
+                with psycopg.connect(node, autocommit=True) as conn:
+                    conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                break
+            except psycopg.errors.ObjectInUse:  # a session FORCE ended had not exited yet (Citus's daemon)
+                if last:
+                    raise
+                time.sleep(1)
     return True
