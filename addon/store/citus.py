@@ -122,7 +122,7 @@ def drop_database(server_dsn: str, dsn: str) -> bool:
         return False
     name = conninfo_to_dict(dsn)["dbname"]
     for node in _nodes(server_dsn, cluster[0]):
-        for last in (False, False, True):
+        for last in (False, False, False, False, True):
             try:
                 with psycopg.connect(node, autocommit=True) as conn:
                     conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
