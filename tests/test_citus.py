@@ -99,6 +99,8 @@ def test_the_journal_is_distributed_by_run_and_a_runs_steps_live_on_one_worker(
     assert tables[0][3] == tables[1][3]  # co-located
     assert sql(cluster.dsn, "SELECT distribution_argument_index, colocationid FROM pg_dist_object"
                             " WHERE objid = 'durable_record'::regproc") == [(0, tables[0][3])]
+    status = subprocess.run([DURABLE, "db", "status", "--dsn", cluster.dsn], capture_output=True, text=True, check=True)
+    assert f"durable_steps is {layout['layout']}" in status.stdout
     partitioned = subprocess.run([DURABLE, "db", "init", "--partitions", "4", "--dsn", cluster.dsn],
                                  capture_output=True, text=True)
     assert partitioned.returncode == 1 and "already exists (distributed by run" in partitioned.stderr

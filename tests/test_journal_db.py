@@ -169,6 +169,8 @@ def test_the_journal_can_be_created_hash_partitioned_by_run(
                               capture_output=True, text=True, check=True)
         assert json.loads(made.stdout)["partitions"] == 4 and json.loads(made.stdout)["applied"][0] == 1
         assert sql(dsn, "SELECT relkind FROM pg_class WHERE relname = 'durable_steps'") == [("p",)]
+        status = subprocess.run([durable, "db", "status", "--dsn", dsn], capture_output=True, text=True, check=True)
+        assert "durable_steps is hash-partitioned by run into 4 tables" in status.stdout
         sidecar = sidecars.start(durable_dsn=dsn)
         runs = [new_run() for _ in range(8)]
         for run in runs:

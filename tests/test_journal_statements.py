@@ -211,7 +211,7 @@ def test_racing_records_of_one_step_keep_seqs_dense(fresh_dsn: str) -> None:
 
 def test_a_batch_of_group_committed_writes_is_all_or_nothing(fresh_dsn: str) -> None:
     """Writes that share a commit share its fate: one failing statement leaves none of the batch."""
-    from durable_sidecar.store.journal import JournalError, Statement
+    from durable_sidecar.store.execution import JournalError, Statement
 
     async def batch() -> None:
         journal = Journal(fresh_dsn)
@@ -451,7 +451,7 @@ def test_a_statement_that_gets_no_answer_in_time_fails_and_the_next_one_answers(
     """A lock held elsewhere stands for a frozen link: the write waits, and after durable_db_timeout
     the agent's call is refused (JournalTimeout) instead of hanging; the stuck connection is thrown
     away, so the journal answers again as soon as the lock goes."""
-    from durable_sidecar.store.journal import JournalTimeout
+    from durable_sidecar.store.execution import JournalTimeout
 
     run = f"frozen-{time.monotonic_ns()}"
 

@@ -430,9 +430,15 @@ def cmd_db(args: argparse.Namespace) -> int:
         return db_init(args)
     home = database.durable_home()
     data = {"status": embedded.status, "start": embedded.pin, "stop": embedded.stop}[args.action](home)
+    if args.action == "status" and (args.dsn or os.environ.get("DATABASE_URL")):
+        data["journal"] = operations.journal_layout(args.dsn)
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
+    if "journal" in data:
+        found = data["journal"]
+        layout = f"durable_steps is {found['layout']}" if found["layout"] else "none yet"
+        print(f"journal at {found['journal']}: {layout}")
     state = f"running (pid {data['pid']})" if data["running"] else "stopped"
     print(f"embedded PostgreSQL: {state}" + (", pinned by `durable db start`" if data["pinned"] else ""))
     print(

@@ -96,6 +96,18 @@ def create_journal(dsn: str | None, partitions: int) -> dict[str, Any]:
     return asyncio.run(create())
 
 
+def journal_layout(dsn: str | None) -> dict[str, Any]:
+    """`durable db status`: the layout of the journal `dsn` names (layout None: none yet), unmigrated."""
+    target = database.resolve(dsn)
+
+    async def read() -> migrations.Layout | None:
+        async with await psycopg.AsyncConnection.connect(target.dsn, autocommit=True) as conn:
+            return await migrations.layout(conn)
+
+    found = asyncio.run(read())
+    return {"journal": database.describe(target.dsn), "layout": str(found) if found else None}
+
+
 RUN_STATES = ("ok", "in doubt", "failed steps")
 
 
