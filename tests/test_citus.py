@@ -126,6 +126,17 @@ def test_the_journal_is_distributed_by_run_and_a_runs_steps_live_on_one_worker(
     assert {homes[run][0][0] for run in runs} == set(cluster.ports[1:])  # both workers, not the coordinator
 
 
+def test_a_sidecar_pointed_at_a_worker_forwards_nothing_and_says_why(
+    cluster: citus_cluster.Cluster, on_cluster: Sidecars, http_api: PaidApi
+) -> None:
+    """Its lease would be an advisory lock on that worker, where no other sidecar looks: single
+    flight would not hold. So every call is answered 503 with the reason, and none goes upstream."""
+    sidecar = on_cluster.start(durable_dsn=cluster.node_dsn(cluster.ports[1]), journal_required=False)
+    refused = via(sidecar, new_run(), "a1").post(f"{http_api.url}/v1/generate", json={"p": 1})
+    assert refused.status_code == 503 and "this database is a Citus worker" in refused.json()["failed"], refused.text
+    assert http_api.books()["calls"] == 0
+
+
 def test_two_sidecars_keep_single_flight_on_a_key_ignoring_upstream(
     cluster: citus_cluster.Cluster, on_cluster: Sidecars, http_api: PaidApi
 ) -> None:

@@ -73,7 +73,7 @@ async def check_node(conn: psycopg.AsyncConnection) -> None:
 
 
 class NotCoordinator(RuntimeError):
-    pass
+    """The journal's DSN names a Citus worker: the sidecar answers 503 with this reason, forwarding nothing."""
 
 
 def _workers(server_dsn: str) -> tuple[list[tuple[str, int]], tuple[str, int] | None] | None:
