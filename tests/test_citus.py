@@ -7,6 +7,7 @@ why, where Citus is not installed in the machine's PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -17,11 +18,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 import requests
 
 import citus_cluster
 from conftest import PaidApi, Sidecars, new_run, sql
+from durable_sidecar.store import database, migrations
 from durable_sidecar.store.lease import CLASS
 from durable_sidecar.tools import launcher
 
@@ -124,6 +127,40 @@ def test_the_journal_is_distributed_by_run_and_a_runs_steps_live_on_one_worker(
             homes.setdefault(run, []).append((port, steps))
     assert all(len(homes[run]) == 1 and homes[run][0][1] == 3 for run in runs), homes
     assert {homes[run][0][0] for run in runs} == set(cluster.ports[1:])  # both workers, not the coordinator
+
+
+def test_a_sidecars_first_start_distributes_the_journal_and_later_migrations_reach_every_shard(
+    cluster: citus_cluster.Cluster, on_cluster: Sidecars, http_api: PaidApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No `durable db init`: the first sidecar on an empty Citus database creates the journal
+    distributed. A migration after that (a column and an index, as a future version would add) is
+    applied on the coordinator and reaches every shard on the workers."""
+    dsn = database.create_database(cluster.dsn, "durable_citus")
+    try:
+        sidecar = on_cluster.start(durable_dsn=dsn)
+        run = new_run()
+        assert via(sidecar, run, "a1").get(f"{http_api.url}/v1/search?q=first").headers["Durable-Outcome"] == "recorded"
+        sidecar.stop()
+        assert sql(dsn, "SELECT table_name::text, distribution_column FROM citus_tables ORDER BY 1") == [
+            ("durable_runs", "id"), ("durable_steps", "run_id")]
+        later = (len(migrations.MIGRATIONS) + 1, ["ALTER TABLE durable_steps ADD COLUMN later integer",
+                                                  "CREATE INDEX durable_steps_later ON durable_steps (run_id, later)"])
+        monkeypatch.setattr(migrations, "MIGRATIONS", [*migrations.MIGRATIONS, later])
+
+        async def migrate() -> list[int]:
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                return await migrations.apply(conn)
+
+        assert asyncio.run(migrate()) == [later[0]]
+        shards = sql(dsn, "SELECT result FROM run_command_on_shards('durable_steps', $$SELECT count(*) FROM"
+                          " pg_attribute a JOIN pg_index i ON i.indrelid = a.attrelid AND a.attnum = ANY(i.indkey)"
+                          " WHERE a.attrelid = '%%s'::regclass AND a.attname = 'later'$$)")
+        assert len(shards) > 1 and all(count == "1" for (count,) in shards), shards  # the column, indexed
+        assert via(on_cluster.start(durable_dsn=dsn), run, "a2").get(
+            f"{http_api.url}/v1/search?q=first").headers["Durable-Outcome"] == "replayed"
+    finally:
+        on_cluster.close()
+        database.drop_database(cluster.dsn, dsn)
 
 
 def test_a_sidecar_pointed_at_a_worker_forwards_nothing_and_says_why(

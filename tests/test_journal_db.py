@@ -191,3 +191,15 @@ def test_the_journal_can_be_created_hash_partitioned_by_run(
     finally:
         sidecars.close()
         database.drop_database(pg_server, dsn)
+
+
+def test_migrations_after_12_are_lists_of_single_statements() -> None:
+    """Citus refuses DDL that reaches a worker as a string of several statements, so every migration
+    a distributed journal may receive is a list of single ones (store/migrations.py)."""
+    from durable_sidecar.store.migrations import single_statements
+
+    assert single_statements("CREATE FUNCTION f() RETURNS int LANGUAGE sql AS $$ SELECT 1; $$;")
+    assert single_statements("COMMENT ON TABLE t IS 'a; b'")
+    assert not single_statements("ALTER TABLE t ADD COLUMN x int; CREATE INDEX i ON t (x)")
+    later = [(version, sql) for version, sql in MIGRATIONS if version > 12]
+    assert all(isinstance(sql, list) and all(single_statements(s) for s in sql) for _, sql in later), later

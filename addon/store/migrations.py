@@ -6,6 +6,7 @@ them apply migrations one after another, and each skips the versions already rec
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import psycopg
@@ -14,7 +15,12 @@ from . import citus
 
 LOCK_ID = 0x6475726162  # "durab": one advisory lock id for the whole schema
 
-MIGRATIONS: list[tuple[int, str]] = [
+# From version 13 on, a migration is a list of single statements, run one at a time: on a Citus
+# cluster (citus.py) DDL on the distributed journal reaches the workers as the query string it came
+# in, and a string of several statements is refused there (tests/test_citus.py; single_statements
+# below holds them to it). Up to 12, a migration is one string: those run before the journal is
+# distributed, or on one PostgreSQL.
+MIGRATIONS: list[tuple[int, str | list[str]]] = [
     (
         1,
         """
@@ -337,6 +343,13 @@ MIGRATIONS: list[tuple[int, str]] = [
 ]
 
 
+def single_statements(sql: str) -> bool:
+    """Is `sql` one statement (a trailing `;` allowed)? Dollar-quoted bodies and string literals are
+    skipped; enough for migrations, which hold no comments with `;` in them."""
+    outside = re.sub(r"(\$\w*\$).*?\1|'(?:[^']|'')*'", "", sql, flags=re.S)
+    return ";" not in outside.strip().rstrip(";")
+
+
 PARTITIONING = "/*partitioning*/"
 
 
@@ -413,7 +426,8 @@ async def apply(conn: psycopg.AsyncConnection, partitions: int = 0) -> list[int]
         for version, sql in MIGRATIONS:
             if version in done:
                 continue
-            await conn.execute(partitioned(sql, partitions) if version == 1 and partitions > 0 else sql)
+            for statement in [sql] if isinstance(sql, str) else sql:
+                await conn.execute(partitioned(statement, partitions) if version == 1 and partitions > 0 else statement)
             await conn.execute("INSERT INTO durable_schema_version (version) VALUES (%s)", (version,))
             applied_now.append(version)
         if creating and on_citus:
