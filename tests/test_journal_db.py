@@ -193,6 +193,21 @@ def test_the_journal_can_be_created_hash_partitioned_by_run(
         database.drop_database(pg_server, dsn)
 
 
+def test_the_suites_journal_has_the_layout_ci_asked_for(sidecars: Sidecars, http_api: PaidApi, pg_dsn: str) -> None:
+    """CI reruns the journal's suites on hash partitions and on a Citus cluster: this says they ran
+    on that layout, not on a plain table by mistake (the journal a sidecar created on first start)."""
+    sidecar = sidecars.start()
+    assert get(sidecar, f"{http_api.url}/v1/search?q=layout", new_run(), "a1").status_code == 200
+    if on_citus(pg_dsn):
+        assert sql(pg_dsn, "SELECT table_name::text, distribution_column FROM citus_tables ORDER BY 1") == [
+            ("durable_runs", "id"), ("durable_steps", "run_id")]
+        assert sql(pg_dsn, "SELECT count(DISTINCT nodeport) FROM citus_shards")[0][0] >= 2
+    else:
+        partitions = int(os.environ.get("DURABLE_TEST_PARTITIONS") or 0)
+        assert sql(pg_dsn, "SELECT count(*) FROM pg_inherits WHERE inhparent = 'durable_steps'::regclass") == [
+            (partitions,)]
+
+
 def test_migrations_after_12_are_lists_of_single_statements() -> None:
     """Citus refuses DDL that reaches a worker as a string of several statements, so every migration
     a distributed journal may receive is a list of single ones (store/migrations.py)."""
