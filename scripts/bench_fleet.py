@@ -28,14 +28,13 @@ import uuid
 from pathlib import Path
 
 import psycopg
-from psycopg.conninfo import make_conninfo
 from psycopg.types.json import Jsonb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (its upstream, proxies and client)
 
 from durable_sidecar.matching.fingerprint import MatchRules, RequestParts, match
-from durable_sidecar.store import database
+from durable_sidecar.store import citus, database
 from durable_sidecar.store.journal import _COMPLETE, _RECORD, storable
 from durable_sidecar.tools import operations
 
@@ -62,16 +61,6 @@ def server_cpu_s(dsn: str) -> float:
         except (OSError, ValueError):
             pass  # exited meanwhile
     return total
-
-
-def nodes(dsn: str) -> list[str]:
-    """The DSNs of the servers a journal lives on: on Citus the coordinator first, then the workers."""
-    with psycopg.connect(dsn) as conn:
-        if conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'citus'").fetchone() is None:
-            return [dsn]
-        rows = conn.execute("SELECT nodename, nodeport FROM pg_dist_node WHERE noderole = 'primary'"
-                            " ORDER BY groupid").fetchall()
-    return [make_conninfo(dsn, host=host, port=port) for host, port in rows]
 
 
 def floor_agent(conn: psycopg.Connection, run: str, upstream: int, calls: int) -> list[float]:
@@ -105,7 +94,7 @@ def fleet(layout: str, agents: int, floor: bool, args: argparse.Namespace, upstr
     dsn = database.create_database(server, "durable_fleet")
     try:
         operations.create_journal(dsn, 0 if layout == "citus" else int(layout))
-        servers = nodes(dsn)
+        servers = citus.node_dsns(dsn)
         with tempfile.TemporaryDirectory(prefix="durable-fleet-") as tmp:
             work = Path(tmp)
             proxies = [] if floor else [

@@ -15,8 +15,6 @@ import psycopg
 
 from durable_sidecar.tools import launcher
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def _bin() -> Path | None:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(p.split("/")[4]))

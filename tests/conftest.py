@@ -116,6 +116,18 @@ def on_citus(dsn: str) -> bool:
     return bool(sql(dsn, "SELECT 1 FROM pg_extension WHERE extname = 'citus'"))
 
 
+def fleet_benchmark(*args: str) -> tuple[dict[tuple[str, str], list[str]], str]:
+    """scripts/bench_fleet.py with `args`: its table's rows by (layout, path), each the columns after
+    those two (steps, steps/s, / floor, writes/s, p50, the CPU columns, bytes/step, tables, dense),
+    and its whole output."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_fleet.py"), *args],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = {(line[7:27].strip(), line[28:37].strip()): line[38:].split() for line in out.stdout.splitlines()
+            if line[:6].strip().isdigit()}
+    return rows, out.stdout
+
+
 # -- the paid API ---------------------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ import pytest
 import requests
 
 import citus_cluster
-from conftest import PaidApi, Sidecars, new_run, sql
+from conftest import PaidApi, Sidecars, fleet_benchmark, new_run, sql
 from durable_sidecar.store import database, migrations
 from durable_sidecar.store.lease import CLASS
 from durable_sidecar.tools import launcher
@@ -284,16 +284,10 @@ def test_the_fleet_benchmark_compares_citus_with_one_postgresql(cluster: citus_c
     """scripts/bench_fleet.py --citus: the distributed layout beside one PostgreSQL's, each with its
     floor; every step journaled once with dense seqs, and the CPU split between the coordinator and
     the workers printed."""
-    out = subprocess.run(
-        [sys.executable, str(citus_cluster.ROOT / "scripts" / "bench_fleet.py"), "--sidecars", "1", "--agents", "2",
-         "--calls", "5", "--layouts", "0", "--rounds", "1", "--dsn", pg_dsn, "--citus", cluster.dsn],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert out.returncode == 0, out.stderr
-    rows = {(line[7:27].strip(), line[28:37].strip()): line[38:].split() for line in out.stdout.splitlines()
-            if line.startswith("     2 ")}
+    rows, out = fleet_benchmark("--sidecars", "1", "--agents", "2", "--calls", "5", "--layouts", "0", "--rounds", "1",
+                                "--dsn", pg_dsn, "--citus", cluster.dsn)
     assert set(rows) == {(layout, path) for layout in ("one table", "Citus, 2 workers")
-                         for path in ("floor", "sidecars")}, out.stdout
-    assert all(row[0] == "10" and row[-1] == "True" for row in rows.values()), out.stdout  # steps, seqs dense
+                         for path in ("floor", "sidecars")}, out
+    assert all(row[0] == "10" and row[-1] == "True" for row in rows.values()), out  # steps, seqs dense
     coordinator, workers = (float(v) for v in rows[("Citus, 2 workers", "sidecars")][7:9])
-    assert coordinator > 0 and workers > 0, out.stdout  # each side's CPU per step, measured
+    assert coordinator > 0 and workers > 0, out  # each side's CPU per step, measured

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, on_citus
+from conftest import ROOT, fleet_benchmark, on_citus
 
 
 def test_download_benchmark_smoke(pg_dsn: str) -> None:
@@ -36,20 +36,13 @@ def test_fleet_benchmark_smoke(pg_dsn: str) -> None:
     journaled once, seqs dense, the ratio to the floor and the CPU split printed."""
     if on_citus(pg_dsn):
         pytest.skip("hash partitions are for one PostgreSQL; test_citus.py runs this benchmark's --citus")
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_fleet.py"), "--sidecars", "2", "--agents", "4",
-         "--calls", "10", "--layouts", "0,2", "--rounds", "1", "--dsn", pg_dsn],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert out.returncode == 0, out.stderr
-    # agents, layout, path, then: steps, steps/s, / floor, writes/s, p50, CPU x3, bytes/step, tables, dense
-    rows = {(line[7:27].strip(), line[28:37].strip()): line[38:].split() for line in out.stdout.splitlines()
-            if line.startswith("     4 ")}
+    rows, out = fleet_benchmark("--sidecars", "2", "--agents", "4", "--calls", "10", "--layouts", "0,2", "--rounds", "1",
+                                "--dsn", pg_dsn)
     assert set(rows) == {(layout, path) for layout in ("one table", "2 hash partitions")
-                         for path in ("floor", "sidecars")}, out.stdout
-    assert all(row[0] == "40" and row[-1] == "True" for row in rows.values()), out.stdout  # steps, seqs dense
-    assert all(float(row[2]) > 0 for row in rows.values()), out.stdout  # the ratio to the floor
-    assert "CPU ms/step: proxies" in out.stdout
+                         for path in ("floor", "sidecars")}, out
+    assert all(row[0] == "40" and row[-1] == "True" for row in rows.values()), out  # steps, seqs dense
+    assert all(float(row[2]) > 0 for row in rows.values()), out  # the ratio to the floor
+    assert "CPU ms/step: proxies" in out
 
 
 def test_fuzz_short_run(pg_server: str) -> None:

@@ -94,6 +94,12 @@ def _nodes(server_dsn: str, workers: list[tuple[str, int]]) -> list[str]:
     return [server_dsn, *(make_conninfo(server_dsn, host=host, port=port) for host, port in workers)]
 
 
+def node_dsns(dsn: str) -> list[str]:
+    """The servers a database lives on: its own, then on a cluster each worker's (for benchmarks)."""
+    cluster = _workers(dsn)
+    return _nodes(dsn, cluster[0] if cluster else [])
+
+
 def create_database(server_dsn: str, name: str) -> bool:
     """CREATE DATABASE `name` on a Citus cluster, when `server_dsn` is a coordinator with workers:
     Citus's metadata is per database, so the new one gets the extension on every node and the
